@@ -1,0 +1,1 @@
+//! loopguard: enforce the IPv6 loopback firewall baseline on every node.
