@@ -1,1 +1,21 @@
-fn main() {}
+use clap::Parser;
+use loopguard::cli::{Cli, Command};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    loopguard::telemetry::init(cli.log_format, "info");
+    let result = match cli.command {
+        Command::Node(node) => node
+            .target()
+            .netns
+            .clone()
+            .map_or(Ok(()), |name| loopguard::node::netns::enter(&name))
+            .and_then(|()| loopguard::cli::run_node(node)),
+        Command::Demo => loopguard::demo::run(),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("loopguard: error: {e}");
+        ExitCode::from(2)
+    })
+}

@@ -1,0 +1,363 @@
+//! The command line: flags for every subcommand, and the `node` commands' output and exit codes.
+
+use crate::node::facts::{ApplicabilityMode, BackendChoice, NodeFacts};
+use crate::node::watch::{DriftWatch, Trigger, run_pass};
+use crate::node::{Engine, EngineConfig, Report};
+use crate::rules::{Family, Placement};
+use crate::telemetry::LogFormat;
+use crate::{Error, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loopguard",
+    version,
+    about = "Enforce the CIS/PCI-DSS IPv6 loopback firewall baseline on every node"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = "LOOPGUARD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check, enforce, clean up or watch the rules of this node (or of a network namespace).
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// A guided tour in a throwaway network namespace (needs root, no cluster).
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Report whether the node is compliant. Exit 0 compliant, 1 not compliant, 3 not applicable, 2 error.
+    Check(CheckArgs),
+    /// Make the node compliant with the smallest change. Exit 0 done, 3 not applicable, 2 error.
+    Enforce(EnforceArgs),
+    /// Remove exactly the rules loopguard inserted (adopted rules stay). Exit 0 done, 2 error.
+    Cleanup(CleanupArgs),
+    /// Enforce, then repair drift until SIGINT/SIGTERM (rules stay in place on exit).
+    Watch(WatchArgs),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IpFamily {
+    Ipv6,
+    Ipv4,
+}
+
+/// Flags shared by every node command.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// Enter /run/netns/NAME first (the network namespace whose ip6tables to use).
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// iptables backend: detect it like kubernetes-sigs/iptables-wrappers, or force one.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Seconds to wait for the xtables lock before giving up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub wait: u64,
+    /// Where rules loopguard inserted are recorded.
+    #[arg(long, value_name = "PATH", default_value = crate::node::state_file::DEFAULT_PATH, env = "LOOPGUARD_STATE_FILE")]
+    pub state_file: PathBuf,
+}
+
+/// Flags that say what the node must enforce.
+#[derive(Debug, Args)]
+pub struct Desired {
+    /// IP families to check and enforce; IPv6 is required, ipv4 adds the CIS IPv4 sibling rule.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ipv6")]
+    pub ip_families: Vec<IpFamily>,
+    /// auto: only where the CIS rule applies (iptables installed, nftables and ufw not); always: whenever IPv6 is on.
+    #[arg(long, value_enum, default_value_t = ApplicabilityMode::Auto)]
+    pub applicability: ApplicabilityMode,
+    /// Where the host's filesystem is (its dpkg database tells which firewall managers are installed).
+    #[arg(long, value_name = "PATH", default_value = "/")]
+    pub host_root: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub desired: Desired,
+}
+
+#[derive(Debug, Args)]
+pub struct EnforceArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub desired: Desired,
+    /// insert: missing rules go to the top of the chain; append: to the end, as the seed script does.
+    #[arg(long, value_enum, default_value_t = PlacementArg::Insert)]
+    pub placement: PlacementArg,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub enforce: EnforceArgs,
+    /// Only report; never write.
+    #[arg(long)]
+    pub audit: bool,
+    /// Seconds between full re-checks (and polls, with the legacy backend, which has no events).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub resync: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlacementArg {
+    Insert,
+    Append,
+}
+
+impl From<PlacementArg> for Placement {
+    fn from(p: PlacementArg) -> Placement {
+        match p {
+            PlacementArg::Insert => Placement::Insert,
+            PlacementArg::Append => Placement::Append,
+        }
+    }
+}
+
+impl NodeCommand {
+    pub fn target(&self) -> &Target {
+        match self {
+            NodeCommand::Check(a) => &a.target,
+            NodeCommand::Enforce(a) => &a.target,
+            NodeCommand::Cleanup(a) => &a.target,
+            NodeCommand::Watch(a) => &a.enforce.target,
+        }
+    }
+
+    fn config(&self) -> Result<EngineConfig> {
+        let target = self.target();
+        let mut config = EngineConfig {
+            state_file: target.state_file.clone(),
+            backend: target.backend,
+            wait: Duration::from_secs(target.wait),
+            ..EngineConfig::default()
+        };
+        let (desired, placement) = match self {
+            NodeCommand::Check(a) => (Some(&a.desired), None),
+            NodeCommand::Enforce(a) => (Some(&a.desired), Some(a.placement)),
+            NodeCommand::Watch(a) => (Some(&a.enforce.desired), Some(a.enforce.placement)),
+            NodeCommand::Cleanup(_) => (None, None),
+        };
+        if let Some(desired) = desired {
+            if !desired.ip_families.contains(&IpFamily::Ipv6) {
+                return Err(Error::Invalid(
+                    "--ip-families must include ipv6: the baseline is the IPv6 loopback rule (use ipv6,ipv4 to add the IPv4 sibling)".into(),
+                ));
+            }
+            config.families = crate::rules::families(desired.ip_families.contains(&IpFamily::Ipv4));
+            config.applicability = desired.applicability;
+            config.host_root = desired.host_root.clone();
+        }
+        if let Some(p) = placement {
+            config.placement = p.into();
+        }
+        Ok(config)
+    }
+}
+
+/// Runs a node command (after `--netns` was entered) and returns its exit code.
+pub fn run_node(command: NodeCommand) -> Result<ExitCode> {
+    let engine = Engine::new(command.config()?)?;
+    let output = command.target().output;
+    match &command {
+        NodeCommand::Check(_) => {
+            let report = engine.check()?;
+            print_report(output, engine.facts(), &report);
+            Ok(ExitCode::from(if !report.applicable {
+                3
+            } else if report.compliant {
+                0
+            } else {
+                1
+            }))
+        }
+        NodeCommand::Enforce(_) => {
+            let report = engine.enforce()?;
+            print_report(output, engine.facts(), &report);
+            Ok(ExitCode::from(if report.applicable { 0 } else { 3 }))
+        }
+        NodeCommand::Cleanup(_) => {
+            let report = engine.cleanup()?;
+            print_report(output, engine.facts(), &report);
+            Ok(ExitCode::SUCCESS)
+        }
+        NodeCommand::Watch(args) => {
+            if args.resync.is_nan() || args.resync <= 0.0 {
+                return Err(Error::Invalid(
+                    "--resync must be a positive number of seconds".into(),
+                ));
+            }
+            let resync = Duration::from_secs_f64(args.resync);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("starting the async runtime", e))?;
+            runtime.block_on(watch(engine, output, args.audit, resync))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM handler", e))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT handler", e))?;
+    // Subscribe before the first pass so that no change after it goes unseen.
+    let mut drift = DriftWatch::new(engine.facts().backend, resync);
+    let first = run_pass(
+        &engine,
+        audit,
+        Trigger::Resync {
+            at: std::time::Instant::now(),
+        },
+    )
+    .await?;
+    print_report(output, engine.facts(), &first.report);
+    tracing::info!(
+        backend = %engine.facts().backend,
+        event_driven = drift.event_driven(),
+        resync_s = resync.as_secs_f64(),
+        audit,
+        "watching for drift"
+    );
+    let mut last = first.report;
+    loop {
+        let trigger = tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            trigger = drift.next() => trigger,
+        };
+        if let Trigger::Resync { .. } = trigger {
+            engine.refresh_facts();
+        }
+        match run_pass(&engine, audit, trigger).await {
+            Ok(pass) => {
+                if pass.report.wrote() || !pass.report.same_state(&last) {
+                    print_report(output, engine.facts(), &pass.report);
+                }
+                last = pass.report;
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+    tracing::info!("stopping; the rules stay in place");
+    Ok(())
+}
+
+fn print_report(output: Output, facts: &NodeFacts, report: &Report) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string(report).expect("report serializes")
+        ),
+        Output::Text => print!("{}", render_text(facts, report)),
+    }
+}
+
+/// The human-readable report.
+pub fn render_text(facts: &NodeFacts, report: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let managers: Vec<String> = facts
+        .firewall_managers
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    let _ = writeln!(
+        s,
+        "backend:    {} ({})",
+        facts.backend, facts.backend_reason
+    );
+    let _ = writeln!(
+        s,
+        "ipv6:       {}",
+        if facts.ipv6_enabled {
+            "enabled"
+        } else {
+            "disabled"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "firewalls:  {} (from {})",
+        if managers.is_empty() {
+            "none".to_string()
+        } else {
+            managers.join(", ")
+        },
+        facts.managers_source
+    );
+    for f in &report.findings {
+        let who = if f.owned {
+            "inserted by loopguard"
+        } else if f.finding.state == crate::rules::RuleState::Missing {
+            ""
+        } else {
+            "adopted"
+        };
+        let _ = writeln!(
+            s,
+            "  {:<5} {:<34} {:<10} {}",
+            f.finding.family.to_string(),
+            f.finding.rule,
+            f.finding.state.as_str(),
+            who
+        );
+    }
+    if let Some(changes) = &report.changes {
+        if changes.is_empty() {
+            let _ = writeln!(s, "changes:    none (nothing written)");
+        } else {
+            let _ = writeln!(s, "changes:");
+            for edit in changes {
+                let _ = writeln!(s, "  {edit}");
+            }
+        }
+    }
+    let verdict = if !report.applicable {
+        "NOT APPLICABLE"
+    } else if report.compliant {
+        "COMPLIANT"
+    } else {
+        "NOT COMPLIANT"
+    };
+    let _ = writeln!(s, "result:     {verdict} ({})", report.reason);
+    s
+}
+
+/// `--ip-families` values as rule families (kept for the agent's flags).
+pub fn to_families(values: &[IpFamily]) -> Vec<Family> {
+    crate::rules::families(values.contains(&IpFamily::Ipv4))
+}

@@ -1,0 +1,318 @@
+//! The node engine: check, enforce and clean up the baseline on one node, owning only what it adds.
+
+use super::facts::{
+    self, Applicability, ApplicabilityMode, BackendChoice, FirewallManager, NodeFacts,
+};
+use super::iptables::{Backend, Xtables};
+use super::state_file::{State, StateFile};
+use crate::rules::{
+    self, Edit, EditKind, Family, Finding, Ownership, Placement, Rule, RulePlan, RuleState, Tables,
+};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the engine behaves; one value per node (the agent changes it when its policy changes).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub families: Vec<Family>,
+    pub applicability: ApplicabilityMode,
+    pub placement: Placement,
+    pub state_file: PathBuf,
+    pub host_root: PathBuf,
+    pub backend: BackendChoice,
+    /// How long to wait for the xtables lock.
+    pub wait: Duration,
+    pub lock_path: PathBuf,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            families: vec![Family::Ipv6],
+            applicability: ApplicabilityMode::Auto,
+            placement: Placement::Insert,
+            state_file: super::state_file::DEFAULT_PATH.into(),
+            host_root: "/".into(),
+            backend: BackendChoice::Auto,
+            wait: Duration::from_secs(5),
+            lock_path: super::iptables::default_lock_path(),
+        }
+    }
+}
+
+/// A finding plus whether loopguard inserted (a copy of) that rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleReport {
+    #[serde(flatten)]
+    pub finding: Finding,
+    /// True when at least one copy of the rule was inserted by loopguard; false when adopted.
+    pub owned: bool,
+}
+
+/// The outcome of a check, enforce or cleanup: what `--output json` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub compliant: bool,
+    pub applicable: bool,
+    pub reason: String,
+    pub backend: Backend,
+    pub ipv6_enabled: bool,
+    pub firewall_managers: Vec<FirewallManager>,
+    pub findings: Vec<RuleReport>,
+    /// The edits applied (enforce and cleanup only); empty when nothing was written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Vec<Edit>>,
+}
+
+impl Report {
+    /// The rules that were missing before an enforce re-inserted them.
+    pub fn inserted(&self) -> Vec<String> {
+        self.changes
+            .iter()
+            .flatten()
+            .filter(|e| !matches!(e.kind, EditKind::Delete(_)))
+            .map(|e| format!("{} {}", e.family, e.rule))
+            .collect()
+    }
+
+    /// Same verdict and findings (what was written aside).
+    pub fn same_state(&self, other: &Report) -> bool {
+        (
+            self.compliant,
+            self.applicable,
+            &self.reason,
+            &self.findings,
+        ) == (
+            other.compliant,
+            other.applicable,
+            &other.reason,
+            &other.findings,
+        )
+    }
+
+    pub fn wrote(&self) -> bool {
+        self.changes.as_ref().is_some_and(|c| !c.is_empty())
+    }
+}
+
+/// The engine for one node.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    facts: NodeFacts,
+    xtables: Xtables,
+    state_file: StateFile,
+}
+
+impl Engine {
+    /// Learns the node's facts and makes sure the backend's binaries are there.
+    pub fn new(config: EngineConfig) -> Result<Engine> {
+        let facts = facts::discover(&config.host_root, config.backend);
+        let xtables = Xtables::new(facts.backend, config.wait, config.lock_path.clone());
+        xtables.require_binaries(&[Family::Ipv6, Family::Ipv4])?;
+        let state_file = StateFile::new(config.state_file.clone());
+        Ok(Engine {
+            config,
+            facts,
+            xtables,
+            state_file,
+        })
+    }
+
+    pub fn facts(&self) -> &NodeFacts {
+        &self.facts
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Re-reads the node facts (the periodic full re-check).
+    pub fn refresh_facts(&mut self) {
+        self.facts = facts::discover(&self.config.host_root, self.config.backend);
+        self.xtables.backend = self.facts.backend;
+    }
+
+    /// Changes what the engine enforces from now on (families, applicability, placement).
+    pub fn reconfigure(
+        &mut self,
+        families: Vec<Family>,
+        applicability: ApplicabilityMode,
+        placement: Placement,
+    ) {
+        self.config.families = families;
+        self.config.applicability = applicability;
+        self.config.placement = placement;
+    }
+
+    pub fn applicability(&self) -> Applicability {
+        facts::applicability(&self.facts, self.config.applicability)
+    }
+
+    /// Reads and evaluates; never writes (not even the state file). An unreadable state file
+    /// only costs the `owned` annotations, with a warning.
+    pub fn check(&self) -> Result<Report> {
+        let mut ownership = match self.load_ownership() {
+            Ok(ownership) => ownership,
+            Err(e) => {
+                tracing::warn!("{e}");
+                Ownership::default()
+            }
+        };
+        let families = self.read_families(&ownership);
+        let tables = self.xtables.read(&families)?;
+        ownership.reconcile(&tables, &families);
+        Ok(self.report(&tables, &ownership, None))
+    }
+
+    /// Makes the node compliant with the smallest plan, in one restore per family; writes nothing
+    /// when it already is. Rules owned in families no longer enforced are removed.
+    pub fn enforce(&self) -> Result<Report> {
+        let mut ownership = self.load_ownership()?;
+        let families = self.read_families(&ownership);
+        let tables = self.xtables.read(&families)?;
+        let recorded = ownership.clone();
+        ownership.reconcile(&tables, &families);
+
+        let mut plan = RulePlan::default();
+        if self.applicability().applicable {
+            plan = rules::plan_enforce(&tables, &self.config.families, self.config.placement);
+        }
+        let dropped: Vec<Family> = ownership
+            .families()
+            .into_iter()
+            .filter(|f| !self.config.families.contains(f))
+            .collect();
+        plan.extend(rules::plan_cleanup(&tables, &ownership, &dropped));
+
+        if plan.is_empty() {
+            if ownership != recorded {
+                self.store(&ownership)?;
+            }
+            return Ok(self.report(&tables, &ownership, Some(Vec::new())));
+        }
+        self.apply(&plan, &tables, &mut ownership)?;
+        let after = self.xtables.read(&families)?;
+        ownership.reconcile(&after, &families);
+        self.store(&ownership)?;
+        Ok(self.report(&after, &ownership, Some(plan.edits)))
+    }
+
+    /// Removes exactly the rules loopguard inserted, in every family it owns rules in.
+    pub fn cleanup(&self) -> Result<Report> {
+        let mut ownership = self.load_ownership()?;
+        let families = self.read_families(&ownership);
+        let tables = self.xtables.read(&families)?;
+        ownership.reconcile(&tables, &families);
+        let plan = rules::plan_cleanup(&tables, &ownership, &ownership.families());
+        if plan.is_empty() {
+            self.store(&ownership)?;
+            return Ok(self.report(&tables, &ownership, Some(Vec::new())));
+        }
+        self.apply(&plan, &tables, &mut ownership)?;
+        let after = self.xtables.read(&families)?;
+        ownership.reconcile(&after, &families);
+        self.store(&ownership)?;
+        Ok(self.report(&after, &ownership, Some(plan.edits)))
+    }
+
+    /// Applies a plan family by family; the ownership follows every restore that succeeded, and is
+    /// stored before an error is returned so that nothing inserted is ever forgotten.
+    fn apply(&self, plan: &RulePlan, before: &Tables, ownership: &mut Ownership) -> Result<()> {
+        for family in plan.families() {
+            let script = plan
+                .restore_script(family)
+                .expect("plan has edits for family");
+            if let Err(e) = self.xtables.restore(family, &script) {
+                self.store(ownership)?;
+                return Err(e);
+            }
+            for edit in plan.edits.iter().filter(|e| e.family == family) {
+                match edit.kind {
+                    EditKind::Delete(_) => ownership.record_delete(edit.target),
+                    _ => ownership.record_insert(
+                        edit.target,
+                        before.count(edit.target),
+                        self.config.placement,
+                    ),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_families(&self, ownership: &Ownership) -> Vec<Family> {
+        let mut families = self.config.families.clone();
+        families.extend(ownership.families());
+        families.sort();
+        families.dedup();
+        families
+    }
+
+    fn load_ownership(&self) -> Result<Ownership> {
+        let Some(state) = self.state_file.load()? else {
+            return Ok(Ownership::default());
+        };
+        if state.backend != self.facts.backend && !state.ownership.is_empty() {
+            return Err(Error::StateBackendMismatch {
+                path: self.state_file.path.clone(),
+                recorded: state.backend.to_string(),
+                recorded_flag: state.backend.suffix().into(),
+                detected: self.facts.backend.to_string(),
+            });
+        }
+        Ok(state.ownership)
+    }
+
+    fn store(&self, ownership: &Ownership) -> Result<()> {
+        self.state_file
+            .store(&State::new(self.facts.backend, ownership.clone()))
+    }
+
+    fn report(&self, tables: &Tables, ownership: &Ownership, changes: Option<Vec<Edit>>) -> Report {
+        let applicability = self.applicability();
+        let evaluation = rules::evaluate(tables, &self.config.families);
+        let findings: Vec<RuleReport> = evaluation
+            .findings
+            .into_iter()
+            .map(|finding| {
+                let owned = Rule::from_save_syntax(finding.family, &finding.rule)
+                    .is_some_and(|rule| ownership.owned(rule) > 0);
+                RuleReport { finding, owned }
+            })
+            .collect();
+        let compliant = applicability.applicable && evaluation.compliant;
+        let reason = if !applicability.applicable {
+            applicability.reason
+        } else if compliant {
+            "in INPUT the loopback ACCEPT is immediately followed by the loopback-source DROP, and OUTPUT accepts loopback".into()
+        } else {
+            let problems: Vec<String> = findings
+                .iter()
+                .filter(|f| matches!(f.finding.state, RuleState::Missing | RuleState::Misplaced))
+                .map(|f| {
+                    format!(
+                        "{} {} {}",
+                        f.finding.family,
+                        f.finding.rule,
+                        f.finding.state.as_str()
+                    )
+                })
+                .collect();
+            problems.join("; ")
+        };
+        Report {
+            compliant,
+            applicable: applicability.applicable,
+            reason,
+            backend: self.facts.backend,
+            ipv6_enabled: self.facts.ipv6_enabled,
+            firewall_managers: self.facts.firewall_managers.clone(),
+            findings,
+            changes,
+        }
+    }
+}

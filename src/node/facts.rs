@@ -1,0 +1,350 @@
+//! What loopguard needs to know about a node before it touches anything: is IPv6 on, which
+//! iptables backend the host uses, and which firewall managers are installed.
+
+use super::iptables::{Backend, Xtables};
+use crate::rules::Family;
+use serde::Serialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// How the backend is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// Detect it the way kubernetes-sigs/iptables-wrappers does.
+    #[default]
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// Whether the seed rule's own platform conditions decide applicability.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplicabilityMode {
+    /// Exactly the seed rule: iptables installed, nftables and ufw not, IPv6 on.
+    #[default]
+    Auto,
+    /// Whenever ip6tables works and IPv6 is on.
+    Always,
+}
+
+/// A firewall manager whose presence matters to the seed rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirewallManager {
+    Iptables,
+    Nftables,
+    Ufw,
+    Firewalld,
+}
+
+impl FirewallManager {
+    const ALL: [FirewallManager; 4] = [
+        FirewallManager::Iptables,
+        FirewallManager::Nftables,
+        FirewallManager::Ufw,
+        FirewallManager::Firewalld,
+    ];
+
+    /// The Debian package name.
+    pub fn package(self) -> &'static str {
+        match self {
+            FirewallManager::Iptables => "iptables",
+            FirewallManager::Nftables => "nftables",
+            FirewallManager::Ufw => "ufw",
+            FirewallManager::Firewalld => "firewalld",
+        }
+    }
+
+    /// Binaries that betray the manager where there is no dpkg database.
+    fn binaries(self) -> &'static [&'static str] {
+        match self {
+            FirewallManager::Iptables => &["iptables", "ip6tables"],
+            FirewallManager::Nftables => &["nft"],
+            FirewallManager::Ufw => &["ufw"],
+            FirewallManager::Firewalld => &["firewalld"],
+        }
+    }
+}
+
+impl fmt::Display for FirewallManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.package())
+    }
+}
+
+/// The facts about one node (one network namespace and the host root it belongs to).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFacts {
+    pub ipv6_enabled: bool,
+    pub backend: Backend,
+    /// Why that backend was chosen.
+    pub backend_reason: String,
+    pub firewall_managers: Vec<FirewallManager>,
+    /// Where the firewall managers were read from.
+    pub managers_source: String,
+}
+
+/// Whether the baseline applies to a node, and why (not).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Applicability {
+    pub applicable: bool,
+    pub reason: String,
+}
+
+/// Decides applicability from the facts (pure).
+pub fn applicability(facts: &NodeFacts, mode: ApplicabilityMode) -> Applicability {
+    let not = |reason: String| Applicability {
+        applicable: false,
+        reason,
+    };
+    if !facts.ipv6_enabled {
+        return not("IPv6 is disabled (net.ipv6.conf.all.disable_ipv6 = 1)".into());
+    }
+    let has = |m| facts.firewall_managers.contains(&m);
+    if mode == ApplicabilityMode::Auto {
+        if !has(FirewallManager::Iptables) {
+            return not(format!(
+                "iptables is not installed ({}); the CIS rule applies only to iptables hosts (use applicability Always to enforce anyway)",
+                facts.managers_source
+            ));
+        }
+        for manager in [FirewallManager::Nftables, FirewallManager::Ufw] {
+            if has(manager) {
+                return not(format!(
+                    "{manager} is installed ({}); the CIS rule applies only where neither nftables nor ufw is (use applicability Always to enforce anyway)",
+                    facts.managers_source
+                ));
+            }
+        }
+        return Applicability {
+            applicable: true,
+            reason: "iptables is installed, nftables and ufw are not, and IPv6 is on".into(),
+        };
+    }
+    Applicability {
+        applicable: true,
+        reason: "applicability Always, and IPv6 is on".into(),
+    }
+}
+
+/// Reads the node facts. `host_root` is where the host's filesystem is visible (`/` on the host,
+/// a hostPath mount inside the agent's container).
+pub fn discover(host_root: &Path, choice: BackendChoice) -> NodeFacts {
+    let (backend, backend_reason) = match choice {
+        BackendChoice::Nft => (Backend::Nft, "chosen with --backend".to_string()),
+        BackendChoice::Legacy => (Backend::Legacy, "chosen with --backend".to_string()),
+        BackendChoice::Auto => detect_backend(),
+    };
+    let (firewall_managers, managers_source) = firewall_managers(host_root);
+    NodeFacts {
+        ipv6_enabled: ipv6_enabled(),
+        backend,
+        backend_reason,
+        firewall_managers,
+        managers_source,
+    }
+}
+
+/// `net.ipv6.conf.all.disable_ipv6` of the current network namespace; no IPv6 at all counts as off.
+pub fn ipv6_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .map(|v| v.trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The chains kubelet (1.17+) creates in the mangle table of the backend it uses.
+const KUBELET_HINT_CHAINS: [&str; 2] = ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"];
+
+/// Detects the backend like kubernetes-sigs/iptables-wrappers: kubelet's hint chains in the nft
+/// tables; else hint chains or any rules in the legacy tables; else nft. The legacy tables are
+/// read only when the kernel already has them (`/proc/net/ip*_tables_names`), so probing never
+/// loads legacy modules or creates tables.
+pub fn detect_backend() -> (Backend, String) {
+    let nft = Xtables::probe(Backend::Nft);
+    for family in [Family::Ipv4, Family::Ipv6] {
+        for chain in KUBELET_HINT_CHAINS {
+            if nft.chain_exists(family, "mangle", chain) {
+                return (
+                    Backend::Nft,
+                    format!("kubelet's {chain} chain is in the nft {family} mangle table"),
+                );
+            }
+        }
+    }
+    let legacy = Xtables::probe(Backend::Legacy);
+    let mut legacy_rules = 0;
+    for family in [Family::Ipv4, Family::Ipv6] {
+        if legacy_tables(family).is_empty() {
+            continue;
+        }
+        let Ok(save) = legacy.save(family) else {
+            continue;
+        };
+        if let Some(chain) = KUBELET_HINT_CHAINS
+            .iter()
+            .find(|c| save.lines().any(|l| l.starts_with(&format!(":{c} "))))
+        {
+            return (
+                Backend::Legacy,
+                format!("kubelet's {chain} chain is in the legacy {family} tables"),
+            );
+        }
+        legacy_rules += save.lines().filter(|l| l.starts_with('-')).count();
+    }
+    if legacy_rules > 0 {
+        return (
+            Backend::Legacy,
+            format!("no kubelet hint chains; the legacy tables hold {legacy_rules} rules"),
+        );
+    }
+    (
+        Backend::Nft,
+        "no kubelet hint chains and no legacy rules: nft is the default".into(),
+    )
+}
+
+/// The legacy tables the kernel has instantiated in this network namespace.
+fn legacy_tables(family: Family) -> Vec<String> {
+    let file = match family {
+        Family::Ipv6 => "/proc/net/ip6_tables_names",
+        Family::Ipv4 => "/proc/net/ip_tables_names",
+    };
+    std::fs::read_to_string(file)
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// The firewall managers installed under `host_root`, from the dpkg database, or where there is
+/// none, from the binaries present.
+pub fn firewall_managers(host_root: &Path) -> (Vec<FirewallManager>, String) {
+    let status = host_root.join("var/lib/dpkg/status");
+    if let Ok(text) = std::fs::read_to_string(&status) {
+        return (
+            installed_packages(&text),
+            format!("dpkg status {}", status.display()),
+        );
+    }
+    let found = FirewallManager::ALL
+        .into_iter()
+        .filter(|m| m.binaries().iter().any(|b| binary_present(host_root, b)))
+        .collect();
+    (
+        found,
+        format!("binaries under {} (no dpkg database)", host_root.display()),
+    )
+}
+
+fn binary_present(root: &Path, name: &str) -> bool {
+    ["usr/sbin", "sbin", "usr/bin", "bin", "usr/local/sbin"]
+        .iter()
+        .map(|dir| root.join(dir).join(name))
+        // symlink_metadata: an absolute symlink under a mounted host root points into our own
+        // filesystem, so its presence is the fact, not its target.
+        .any(|path: PathBuf| std::fs::symlink_metadata(path).is_ok())
+}
+
+/// Parses a dpkg status file: a manager counts when its package's status is `installed`, the
+/// same test as the seed's `dpkg-query --showformat='${db:Status-Status}'`.
+pub fn installed_packages(status_file: &str) -> Vec<FirewallManager> {
+    let mut found = Vec::new();
+    for paragraph in status_file.split("\n\n") {
+        let field = |name: &str| {
+            paragraph
+                .lines()
+                .find_map(|l| l.strip_prefix(name).map(str::trim))
+        };
+        let (Some(package), Some(status)) = (field("Package:"), field("Status:")) else {
+            continue;
+        };
+        let installed = status.split_whitespace().nth(2) == Some("installed");
+        if let Some(m) = FirewallManager::ALL
+            .into_iter()
+            .find(|m| m.package() == package)
+            && installed
+        {
+            found.push(m);
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Package: iptables\nStatus: install ok installed\nVersion: 1.8.9\n\n\
+        Package: nftables\nStatus: deinstall ok config-files\n\n\
+        Package: ufw\nStatus: install ok unpacked\n\n\
+        Package: libnftables1\nStatus: install ok installed\n";
+
+    fn facts(managers: &[FirewallManager], ipv6: bool) -> NodeFacts {
+        NodeFacts {
+            ipv6_enabled: ipv6,
+            backend: Backend::Nft,
+            backend_reason: String::new(),
+            firewall_managers: managers.to_vec(),
+            managers_source: "test".into(),
+        }
+    }
+
+    #[test]
+    fn dpkg_status_counts_only_installed_packages() {
+        assert_eq!(installed_packages(STATUS), vec![FirewallManager::Iptables]);
+    }
+
+    #[test]
+    fn seed_conditions_decide_auto_applicability() {
+        use FirewallManager::*;
+        assert!(applicability(&facts(&[Iptables], true), ApplicabilityMode::Auto).applicable);
+        let nft = applicability(&facts(&[Iptables, Nftables], true), ApplicabilityMode::Auto);
+        assert!(!nft.applicable);
+        assert!(
+            nft.reason.contains("nftables is installed"),
+            "{}",
+            nft.reason
+        );
+        let ufw = applicability(&facts(&[Iptables, Ufw], true), ApplicabilityMode::Auto);
+        assert!(ufw.reason.contains("ufw is installed"));
+        let none = applicability(&facts(&[], true), ApplicabilityMode::Auto);
+        assert!(none.reason.contains("iptables is not installed"));
+        // firewalld is reported but does not change the seed's verdict.
+        assert!(
+            applicability(
+                &facts(&[Iptables, Firewalld], true),
+                ApplicabilityMode::Auto
+            )
+            .applicable
+        );
+    }
+
+    #[test]
+    fn always_ignores_managers_but_not_ipv6() {
+        use FirewallManager::*;
+        assert!(applicability(&facts(&[Nftables], true), ApplicabilityMode::Always).applicable);
+        let off = applicability(&facts(&[Iptables], false), ApplicabilityMode::Always);
+        assert!(!off.applicable);
+        assert!(off.reason.contains("IPv6 is disabled"));
+    }
+
+    #[test]
+    fn binaries_are_the_fallback_without_dpkg() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("usr/sbin")).unwrap();
+        std::os::unix::fs::symlink(
+            "/nonexistent/xtables-nft-multi",
+            root.path().join("usr/sbin/ip6tables"),
+        )
+        .unwrap();
+        std::fs::write(root.path().join("usr/sbin/nft"), "").unwrap();
+        let (found, source) = firewall_managers(root.path());
+        assert_eq!(
+            found,
+            vec![FirewallManager::Iptables, FirewallManager::Nftables]
+        );
+        assert!(source.contains("no dpkg database"));
+    }
+}

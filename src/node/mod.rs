@@ -1,0 +1,10 @@
+//! Effects on one node: facts, iptables processes, the state file, netlink drift events.
+
+pub mod engine;
+pub mod facts;
+pub mod iptables;
+pub mod netns;
+pub mod state_file;
+pub mod watch;
+
+pub use engine::{Engine, EngineConfig, Report};

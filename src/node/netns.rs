@@ -1,0 +1,34 @@
+//! Entering a named network namespace (`/run/netns/NAME`, as made by `ip netns add`).
+
+use crate::{Error, Result};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+/// Moves the calling thread into the network namespace `name`. Call it before any other thread
+/// starts: threads spawned afterwards, and every child process, inherit it.
+pub fn enter(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(Error::Invalid(format!(
+            "invalid network namespace name {name:?}: give the name shown by `ip netns list`"
+        )));
+    }
+    let path = PathBuf::from("/run/netns").join(name);
+    let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NetnsNotFound {
+            name: name.to_string(),
+            path: path.clone(),
+        },
+        _ => Error::NetnsEnter {
+            name: name.to_string(),
+            source: e,
+        },
+    })?;
+    // SAFETY: setns on a file descriptor we own; it only changes this thread's namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(Error::NetnsEnter {
+            name: name.to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Drift detection: nftables netlink events (nft backend) and a periodic full re-check (both
+//! backends; the only signal with the legacy backend, whose kernel interface has no events).
+
+use super::engine::{Engine, Report};
+use super::iptables::Backend;
+use crate::Result;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
+
+/// A subscription to the nftables ruleset change notifications (group `NFNLGRP_NFTABLES`) of the
+/// network namespace the calling thread is in.
+pub struct NftEvents {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl NftEvents {
+    pub fn subscribe() -> std::io::Result<NftEvents> {
+        // SAFETY: plain socket syscalls on a descriptor we create and own; the structs passed are
+        // fully initialised and their sizes given.
+        unsafe {
+            let raw = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_NETFILTER,
+            );
+            if raw < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(raw);
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as u16;
+            let len = std::mem::size_of::<libc::sockaddr_nl>() as u32;
+            if libc::bind(raw, &addr as *const _ as *const libc::sockaddr, len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let group: libc::c_int = libc::NFNLGRP_NFTABLES;
+            let size = std::mem::size_of::<libc::c_int>() as u32;
+            if libc::setsockopt(
+                raw,
+                libc::SOL_NETLINK,
+                libc::NETLINK_ADD_MEMBERSHIP,
+                &group as *const _ as *const _,
+                size,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(NftEvents {
+                fd: AsyncFd::register(fd)?,
+            })
+        }
+    }
+
+    /// Waits until at least one notification arrived, then drains what is queued. A receive
+    /// buffer overflow (ENOBUFS) means events were lost: that too is a change.
+    pub async fn changed(&self) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match self.drain() {
+                Ok(0) => guard.clear_ready(),
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads every queued message without waiting; returns how many datagrams it read.
+    fn drain(&self) -> std::io::Result<usize> {
+        let mut buf = [0u8; 16 * 1024];
+        let mut count = 0;
+        loop {
+            // SAFETY: recv into a buffer we own, with its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr() as *mut _,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                count += 1;
+                continue;
+            }
+            let err = std::io::Error::last_os_error();
+            return match err.kind() {
+                std::io::ErrorKind::WouldBlock => Ok(count),
+                _ if n == 0 => Ok(count),
+                _ => Err(err),
+            };
+        }
+    }
+}
+
+/// Why the engine should look again.
+#[derive(Clone, Copy, Debug)]
+pub enum Trigger {
+    /// The first pass, when the watch starts: what it writes is enforcement, not a repair.
+    Start { at: Instant },
+    /// The ruleset changed (nft event); `at` is when the first event of the burst arrived.
+    Changed { at: Instant },
+    /// The periodic full re-check (and, with the legacy backend, the poll).
+    Resync { at: Instant },
+}
+
+impl Trigger {
+    pub fn at(self) -> Instant {
+        match self {
+            Trigger::Start { at } | Trigger::Changed { at } | Trigger::Resync { at } => at,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Trigger::Start { .. } => "start",
+            Trigger::Changed { .. } => "nft event",
+            Trigger::Resync { .. } => "periodic re-check",
+        }
+    }
+}
+
+/// Produces triggers: events (debounced) when the backend has them, and a periodic resync.
+pub struct DriftWatch {
+    events: Option<NftEvents>,
+    resync: tokio::time::Interval,
+    debounce: Duration,
+}
+
+impl DriftWatch {
+    /// Subscribes to events for the nft backend (falling back to polling, with a warning, when
+    /// the kernel refuses the subscription); polls every `resync` in any case.
+    pub fn new(backend: Backend, resync: Duration) -> DriftWatch {
+        let events = match backend {
+            Backend::Legacy => None,
+            Backend::Nft => match NftEvents::subscribe() {
+                Ok(events) => Some(events),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to nftables events; falling back to polling every {resync:?}");
+                    None
+                }
+            },
+        };
+        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        DriftWatch {
+            events,
+            resync,
+            debounce: Duration::from_millis(3),
+        }
+    }
+
+    pub fn event_driven(&self) -> bool {
+        self.events.is_some()
+    }
+
+    /// The next reason to look again.
+    pub async fn next(&mut self) -> Trigger {
+        let events = self.events.as_ref();
+        tokio::select! {
+            _ = self.resync.tick() => Trigger::Resync { at: Instant::now() },
+            result = async { events.expect("guarded").changed().await }, if events.is_some() => {
+                let at = Instant::now();
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "nftables event socket failed; relying on the periodic re-check");
+                    self.events = None;
+                    return Trigger::Changed { at };
+                }
+                // Coalesce a burst (one iptables-restore is several messages) into one check.
+                let events = self.events.as_ref().expect("still subscribed");
+                while tokio::time::timeout(self.debounce, events.changed()).await.is_ok() {}
+                Trigger::Changed { at }
+            }
+        }
+    }
+}
+
+/// What one pass of the watch loop did.
+#[derive(Debug)]
+pub struct Pass {
+    pub report: Report,
+    /// Set when the pass wrote: time from the trigger to the rules being back.
+    pub repair_latency: Option<Duration>,
+}
+
+/// Runs one check (audit) or enforce on a blocking thread, and logs a repair with its latency.
+pub async fn run_pass(engine: &Engine, audit: bool, trigger: Trigger) -> Result<Pass> {
+    let worker = engine.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        if audit {
+            worker.check()
+        } else {
+            worker.enforce()
+        }
+    })
+    .await
+    .expect("engine pass does not panic")?;
+    if let Trigger::Start { .. } = trigger {
+        if report.wrote() {
+            tracing::info!(inserted = ?report.inserted(), "enforced: {}", report.inserted().join(", "));
+        }
+        return Ok(Pass {
+            report,
+            repair_latency: None,
+        });
+    }
+    let repair_latency = report.wrote().then(|| trigger.at().elapsed());
+    if let Some(latency) = repair_latency {
+        tracing::info!(
+            trigger = trigger.describe(),
+            latency_ms = format!("{:.1}", latency.as_secs_f64() * 1000.0),
+            repaired = ?report.inserted(),
+            "repaired drift: {} back {:.1} ms after the {}",
+            report.inserted().join(", "),
+            latency.as_secs_f64() * 1000.0,
+            trigger.describe(),
+        );
+    }
+    Ok(Pass {
+        report,
+        repair_latency,
+    })
+}
