@@ -1,0 +1,121 @@
+//! Throwaway network namespaces for tests: created with `ip netns add`, always deleted on drop
+//! (also when the test panics), so the machine's own firewall is never touched.
+
+#![allow(dead_code)]
+
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A network namespace owned by one test.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    /// Creates `lgt-<tag>-<pid>-<n>` with `lo` up. Panics with a clear message when not root.
+    pub fn new(tag: &str) -> TestNetns {
+        let name = format!(
+            "lgt-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "`ip netns add {name}` failed (these tests need root and iproute2): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = TestNetns { name };
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace; returns its output whatever the status.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ip netns exec")
+    }
+
+    /// Runs a command inside the namespace and insists that it succeeds; returns stdout.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self.exec(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `ip6tables-<backend> ARGS` (IPv6) inside the namespace.
+    pub fn ip6tables(&self, backend: &str, args: &str) -> String {
+        let bin = format!("ip6tables-{backend}");
+        let mut argv = vec![bin.as_str()];
+        argv.extend(args.split_whitespace());
+        self.run(&argv)
+    }
+
+    /// Feeds a script to `<family>-<backend>-restore --noflush`.
+    pub fn restore(&self, command: &str, backend: &str, script: &str) {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                &format!("{command}-{backend}-restore"),
+                "--noflush",
+            ])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `ip6tables-<backend>-save` without comments and counters: what must stay byte-identical.
+    pub fn save(&self, command: &str, backend: &str) -> String {
+        let text = self.run(&[&format!("{command}-{backend}-save")]);
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.find(" [") {
+                Some(i) if l.starts_with(':') => &l[..i],
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn set_sysctl(&self, key: &str, value: &str) {
+        self.run(&["sysctl", "-q", "-w", &format!("{key}={value}")]);
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
