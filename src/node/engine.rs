@@ -11,7 +11,7 @@ use crate::rules::{
 use crate::{Error, Result};
 use serde::Serialize;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How the engine behaves; one value per node (the agent changes it when its policy changes).
 #[derive(Clone, Debug)]
@@ -65,6 +65,9 @@ pub struct Report {
     /// The edits applied (enforce and cleanup only); empty when nothing was written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub changes: Option<Vec<Edit>>,
+    /// When the last restore of this run returned: the rules were back from that moment.
+    #[serde(skip)]
+    pub applied_at: Option<Instant>,
 }
 
 impl Report {
@@ -194,11 +197,13 @@ impl Engine {
             }
             return Ok(self.report(&tables, &ownership, Some(Vec::new())));
         }
-        self.apply(&plan, &tables, &mut ownership)?;
+        let applied_at = self.apply(&plan, &tables, &mut ownership)?;
         let after = self.xtables.read(&families)?;
         ownership.reconcile(&after, &families);
         self.store(&ownership)?;
-        Ok(self.report(&after, &ownership, Some(plan.edits)))
+        let mut report = self.report(&after, &ownership, Some(plan.edits));
+        report.applied_at = Some(applied_at);
+        Ok(report)
     }
 
     /// Removes exactly the rules loopguard inserted, in every family it owns rules in.
@@ -212,16 +217,23 @@ impl Engine {
             self.store(&ownership)?;
             return Ok(self.report(&tables, &ownership, Some(Vec::new())));
         }
-        self.apply(&plan, &tables, &mut ownership)?;
+        let applied_at = self.apply(&plan, &tables, &mut ownership)?;
         let after = self.xtables.read(&families)?;
         ownership.reconcile(&after, &families);
         self.store(&ownership)?;
-        Ok(self.report(&after, &ownership, Some(plan.edits)))
+        let mut report = self.report(&after, &ownership, Some(plan.edits));
+        report.applied_at = Some(applied_at);
+        Ok(report)
     }
 
     /// Applies a plan family by family; the ownership follows every restore that succeeded, and is
     /// stored before an error is returned so that nothing inserted is ever forgotten.
-    fn apply(&self, plan: &RulePlan, before: &Tables, ownership: &mut Ownership) -> Result<()> {
+    fn apply(
+        &self,
+        plan: &RulePlan,
+        before: &Tables,
+        ownership: &mut Ownership,
+    ) -> Result<Instant> {
         for family in plan.families() {
             let script = plan
                 .restore_script(family)
@@ -241,7 +253,7 @@ impl Engine {
                 }
             }
         }
-        Ok(())
+        Ok(Instant::now())
     }
 
     fn read_families(&self, ownership: &Ownership) -> Vec<Family> {
@@ -313,6 +325,7 @@ impl Engine {
             firewall_managers: self.facts.firewall_managers.clone(),
             findings,
             changes,
+            applied_at: None,
         }
     }
 }

@@ -90,27 +90,44 @@ impl Xtables {
         self.wait.as_secs().max(1)
     }
 
-    /// Reads one built-in chain of the filter table: `ip6tables-nft -S INPUT`.
-    pub fn list(&self, family: Family, chain: Chain) -> Result<ChainListing> {
+    /// The command that reads one built-in chain of the filter table: `ip6tables-nft -S INPUT`.
+    fn list_command(&self, family: Family, chain: Chain) -> Command {
         let mut cmd = Command::new(self.binary(family, ""));
         if self.backend == Backend::Legacy {
             cmd.args(["-w", &self.wait_secs().to_string()]);
         }
         cmd.args(["-t", "filter", "-S", chain.name()]);
-        let out = self.run(cmd, None)?;
-        Ok(ChainListing::parse(
-            chain,
-            &String::from_utf8_lossy(&out.stdout),
-        ))
+        cmd
     }
 
-    /// Reads INPUT and OUTPUT of every family in `families`.
+    /// Reads INPUT and OUTPUT of every family in `families`. With nft the listings run side by
+    /// side (each is a short process; together they take the time of one). Legacy listings take
+    /// the xtables lock and retry only once a second, so they run one after the other.
     pub fn read(&self, families: &[Family]) -> Result<Tables> {
+        let targets: Vec<(Family, Chain)> = families
+            .iter()
+            .flat_map(|&f| Chain::ALL.map(|c| (f, c)))
+            .collect();
+        let outputs: Vec<Result<Output>> = if self.backend == Backend::Nft {
+            let started: Vec<Result<Running>> = targets
+                .iter()
+                .map(|&(f, c)| self.spawn(self.list_command(f, c), None))
+                .collect();
+            // Wait for every process that started before reporting the first error.
+            started
+                .into_iter()
+                .map(|r| r.and_then(|child| self.finish(child)))
+                .collect()
+        } else {
+            targets
+                .iter()
+                .map(|&(f, c)| self.run(self.list_command(f, c), None))
+                .collect()
+        };
         let mut tables = Tables::default();
-        for &family in families {
-            for chain in Chain::ALL {
-                tables.insert(family, chain, self.list(family, chain)?);
-            }
+        for ((family, chain), out) in targets.into_iter().zip(outputs) {
+            let text = String::from_utf8_lossy(&out?.stdout).into_owned();
+            tables.insert(family, chain, ChainListing::parse(chain, &text));
         }
         Ok(tables)
     }
@@ -148,7 +165,12 @@ impl Xtables {
         self.run(cmd, None).is_ok()
     }
 
-    fn run(&self, mut cmd: Command, stdin: Option<&str>) -> Result<Output> {
+    fn run(&self, cmd: Command, stdin: Option<&str>) -> Result<Output> {
+        let child = self.spawn(cmd, stdin)?;
+        self.finish(child)
+    }
+
+    fn spawn(&self, mut cmd: Command, stdin: Option<&str>) -> Result<Running> {
         let command = describe(&cmd);
         cmd.stdin(if stdin.is_some() {
             Stdio::piped()
@@ -168,6 +190,11 @@ impl Xtables {
             pipe.write_all(input.as_bytes())
                 .map_err(|e| Error::io(format!("writing to {command}"), e))?;
         }
+        Ok(Running { command, child })
+    }
+
+    fn finish(&self, running: Running) -> Result<Output> {
+        let Running { command, child } = running;
         let out = child
             .wait_with_output()
             .map_err(|e| Error::io(format!("waiting for {command}"), e))?;
@@ -182,6 +209,12 @@ impl Xtables {
             self,
         ))
     }
+}
+
+/// A started iptables process.
+struct Running {
+    command: String,
+    child: std::process::Child,
 }
 
 fn classify_failure(command: String, status: String, stderr: String, xt: &Xtables) -> Error {

@@ -52,24 +52,25 @@ impl NftEvents {
         }
     }
 
-    /// Waits until at least one notification arrived, then drains what is queued. A receive
-    /// buffer overflow (ENOBUFS) means events were lost: that too is a change.
-    pub async fn changed(&self) -> std::io::Result<()> {
+    /// Waits until at least one notification arrived, then drains what is queued. Returns whether
+    /// a transaction ended (`NFT_MSG_NEWGEN`, sent once per committed ruleset change). A receive
+    /// buffer overflow (ENOBUFS) means events were lost: that counts as a finished change.
+    pub async fn changed(&self) -> std::io::Result<bool> {
         loop {
             let mut guard = self.fd.readable().await?;
             match self.drain() {
-                Ok(0) => guard.clear_ready(),
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(()),
+                Ok(Drained { datagrams: 0, .. }) => guard.clear_ready(),
+                Ok(drained) => return Ok(drained.end_of_transaction),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(true),
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Reads every queued message without waiting; returns how many datagrams it read.
-    fn drain(&self) -> std::io::Result<usize> {
+    /// Reads every queued message without waiting.
+    fn drain(&self) -> std::io::Result<Drained> {
         let mut buf = [0u8; 16 * 1024];
-        let mut count = 0;
+        let mut drained = Drained::default();
         loop {
             // SAFETY: recv into a buffer we own, with its length.
             let n = unsafe {
@@ -81,17 +82,46 @@ impl NftEvents {
                 )
             };
             if n > 0 {
-                count += 1;
+                drained.datagrams += 1;
+                drained.end_of_transaction |= contains_newgen(&buf[..n as usize]);
                 continue;
             }
             let err = std::io::Error::last_os_error();
             return match err.kind() {
-                std::io::ErrorKind::WouldBlock => Ok(count),
-                _ if n == 0 => Ok(count),
+                std::io::ErrorKind::WouldBlock => Ok(drained),
+                _ if n == 0 => Ok(drained),
                 _ => Err(err),
             };
         }
     }
+}
+
+#[derive(Default)]
+struct Drained {
+    datagrams: usize,
+    end_of_transaction: bool,
+}
+
+/// `(NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN`: the message that closes every committed
+/// nftables transaction.
+const NFT_NEWGEN: u16 = (10 << 8) | 15;
+
+/// Whether a netlink datagram holds a NEWGEN message (walking the `nlmsghdr` chain).
+fn contains_newgen(mut buf: &[u8]) -> bool {
+    const HEADER: usize = 16;
+    while buf.len() >= HEADER {
+        let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
+        if kind == NFT_NEWGEN {
+            return true;
+        }
+        let aligned = (len + 3) & !3;
+        if len < HEADER || aligned > buf.len() {
+            break;
+        }
+        buf = &buf[aligned..];
+    }
+    false
 }
 
 /// Why the engine should look again.
@@ -147,7 +177,7 @@ impl DriftWatch {
         DriftWatch {
             events,
             resync,
-            debounce: Duration::from_millis(3),
+            debounce: Duration::from_millis(20),
         }
     }
 
@@ -162,14 +192,22 @@ impl DriftWatch {
             _ = self.resync.tick() => Trigger::Resync { at: Instant::now() },
             result = async { events.expect("guarded").changed().await }, if events.is_some() => {
                 let at = Instant::now();
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "nftables event socket failed; relying on the periodic re-check");
-                    self.events = None;
-                    return Trigger::Changed { at };
-                }
-                // Coalesce a burst (one iptables-restore is several messages) into one check.
+                let mut finished = match result {
+                    Ok(finished) => finished,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "nftables event socket failed; relying on the periodic re-check");
+                        self.events = None;
+                        return Trigger::Changed { at };
+                    }
+                };
+                // Wait for the end of the transaction (its NEWGEN), briefly: one check per change.
                 let events = self.events.as_ref().expect("still subscribed");
-                while tokio::time::timeout(self.debounce, events.changed()).await.is_ok() {}
+                while !finished {
+                    match tokio::time::timeout(self.debounce, events.changed()).await {
+                        Ok(Ok(done)) => finished = done,
+                        _ => break,
+                    }
+                }
                 Trigger::Changed { at }
             }
         }
@@ -205,7 +243,10 @@ pub async fn run_pass(engine: &Engine, audit: bool, trigger: Trigger) -> Result<
             repair_latency: None,
         });
     }
-    let repair_latency = report.wrote().then(|| trigger.at().elapsed());
+    let repair_latency = report
+        .applied_at
+        .filter(|_| report.wrote())
+        .map(|applied| applied.saturating_duration_since(trigger.at()));
     if let Some(latency) = repair_latency {
         tracing::info!(
             trigger = trigger.describe(),
@@ -221,4 +262,33 @@ pub async fn run_pass(engine: &Engine, audit: bool, trigger: Trigger) -> Result<
         report,
         repair_latency,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u16, payload: usize) -> Vec<u8> {
+        let len = 16 + payload;
+        let mut m = Vec::new();
+        m.extend((len as u32).to_ne_bytes());
+        m.extend(kind.to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend(vec![0u8; payload]);
+        m.resize((len + 3) & !3, 0);
+        m
+    }
+
+    #[test]
+    fn newgen_is_found_after_other_messages() {
+        let newrule = (10 << 8) | 6;
+        let mut datagram = message(newrule, 37);
+        assert!(!contains_newgen(&datagram));
+        datagram.extend(message(NFT_NEWGEN, 8));
+        assert!(contains_newgen(&datagram));
+        assert!(
+            !contains_newgen(&datagram[..10]),
+            "a truncated header is not a message"
+        );
+    }
 }
