@@ -32,6 +32,36 @@ pub enum Command {
     Node(NodeCommand),
     /// A guided tour in a throwaway network namespace (needs root, no cluster).
     Demo,
+    /// Print the CustomResourceDefinitions as YAML, or write them into a folder.
+    Crd(CrdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CrdArgs {
+    /// Write one file per CRD into this folder (for example `crds/`) instead of printing.
+    #[arg(long, value_name = "DIR")]
+    pub write: Option<PathBuf>,
+}
+
+/// `loopguard crd`.
+pub fn run_crd(args: &CrdArgs) -> Result<ExitCode> {
+    let docs = crate::api::crd_documents();
+    match &args.write {
+        None => {
+            let all: Vec<&str> = docs.iter().map(|(_, yaml)| yaml.as_str()).collect();
+            print!("{}", all.join("---\n"));
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            for (file, yaml) in docs {
+                let path = dir.join(file);
+                std::fs::write(&path, yaml)
+                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Subcommand)]

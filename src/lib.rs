@@ -5,10 +5,13 @@
 //! network namespaces, iptables processes, netlink, the state file) → `rules` (pure: the rule model,
 //! evaluation and planning).
 
+pub mod aggregate;
+pub mod api;
 pub mod cli;
 pub mod demo;
 pub mod node;
 pub mod rules;
+pub mod selection;
 pub mod telemetry;
 
 use std::path::PathBuf;

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
             .map_or(Ok(()), |name| loopguard::node::netns::enter(&name))
             .and_then(|()| loopguard::cli::run_node(node)),
         Command::Demo => loopguard::demo::run(),
+        Command::Crd(args) => loopguard::cli::run_crd(&args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("loopguard: error: {e}");

@@ -1,0 +1,113 @@
+//! `LoopbackNodeState`: one node's answer, written only by that node's agent.
+
+use super::policy::{IpFamily, Mode};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What one node enforces and how it stands. Named after its node and owned by the Node object,
+/// so it goes away with the node. Only that node's agent writes it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "loopguard.dev",
+    version = "v1alpha1",
+    kind = "LoopbackNodeState",
+    plural = "loopbacknodestates",
+    shortname = "lbns",
+    category = "loopguard",
+    status = "LoopbackNodeStateStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "A LoopbackNodeState is one node's loopback firewall compliance, reported by its loopguard agent.",
+    validation = Rule::new("self.metadata.name == self.spec.nodeName").message("a LoopbackNodeState is named after its node: metadata.name must equal spec.nodeName"),
+    printcolumn(name = "Compliance", type_ = "string", json_path = ".status.compliance"),
+    printcolumn(name = "Policy", type_ = "string", json_path = ".status.policyName"),
+    printcolumn(name = "Backend", type_ = "string", json_path = ".status.backend"),
+    printcolumn(name = "Repairs", type_ = "integer", json_path = ".status.repairs"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LoopbackNodeStateSpec {
+    /// The node this state belongs to; equal to metadata.name.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("nodeName is immutable"))]
+    pub node_name: String,
+}
+
+/// A node's verdict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Compliance {
+    /// The rules are in place as the scanners require.
+    Compliant,
+    /// They are not (in Audit mode, or while a repair is failing).
+    NonCompliant,
+    /// The CIS rule does not apply here (see reason).
+    NotApplicable,
+    /// The agent could not check or enforce (see message).
+    Error,
+    /// No policy governs the node; rules loopguard inserted were removed (or retained).
+    #[default]
+    Unmanaged,
+}
+
+/// The state of one baseline rule on the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RuleState {
+    Present,
+    Missing,
+    Misplaced,
+    Duplicate,
+}
+
+/// One baseline rule as found on the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRule {
+    pub family: IpFamily,
+    /// INPUT or OUTPUT.
+    pub chain: String,
+    /// The rule in iptables-save syntax.
+    pub rule: String,
+    pub state: RuleState,
+    /// True when loopguard inserted it; false when it was found in place and adopted.
+    pub owned: bool,
+}
+
+/// What the node's agent last found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoopbackNodeStateStatus {
+    /// The policy the node follows; empty when none governs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_name: Option<String>,
+    /// The generation of that policy the agent acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_generation: Option<i64>,
+    /// The mode the agent acted in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    pub compliance: Compliance,
+    /// A CamelCase word for the verdict.
+    #[serde(default)]
+    pub reason: String,
+    /// The verdict in a sentence.
+    #[serde(default)]
+    pub message: String,
+    /// iptables-nft or iptables-legacy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_enabled: Option<bool>,
+    /// Firewall managers installed on the host (iptables, nftables, ufw, firewalld).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firewall_managers: Vec<String>,
+    /// The baseline rules as found.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<NodeRule>,
+    /// Drift repairs since the agent started following this policy.
+    #[serde(default)]
+    pub repairs: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_repair_time: Option<Time>,
+}

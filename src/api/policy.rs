@@ -1,0 +1,211 @@
+//! `LoopbackPolicy`: which nodes must carry the loopback baseline, and how.
+
+use super::conditions::{Condition, conditions_schema};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The IPv6 loopback baseline of CIS (Debian 12 / Ubuntu 24.04, 4.4.3.2) and PCI-DSS v4 1.4.1 for a
+/// set of nodes: in INPUT, `-i lo -j ACCEPT` immediately followed by `-s ::1/128 -j DROP`, and in
+/// OUTPUT, `-o lo -j ACCEPT`. Each selected node's agent enforces it and reports in a
+/// LoopbackNodeState; the status here rolls those reports up.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "loopguard.dev",
+    version = "v1alpha1",
+    kind = "LoopbackPolicy",
+    plural = "loopbackpolicies",
+    shortname = "lbp",
+    category = "loopguard",
+    status = "LoopbackPolicyStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "A LoopbackPolicy makes the selected nodes enforce the IPv6 loopback firewall baseline (CIS 4.4.3.2, PCI-DSS v4 1.4.1) and reports their compliance.",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(
+        name = "Nodes",
+        type_ = "string",
+        json_path = ".status.summary",
+        description = "Compliant nodes / targeted nodes"
+    ),
+    printcolumn(
+        name = "Compliant",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Compliant\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LoopbackPolicySpec {
+    /// Enforce (the default) writes the rules and repairs drift; Audit only reports, and never
+    /// writes a rule.
+    #[serde(default)]
+    pub mode: Mode,
+
+    /// Which nodes the policy applies to, as a standard label selector. Empty selects every node.
+    #[serde(default)]
+    pub node_selector: NodeSelector,
+
+    /// The IP families to enforce. IPv6 (the default, and required) is the CIS IPv6 loopback rule;
+    /// adding IPv4 enforces its IPv4 sibling too (lo accepted, 127.0.0.0/8 from elsewhere dropped).
+    #[serde(default = "default_ip_families")]
+    #[schemars(length(min = 1, max = 2), extend("x-kubernetes-list-type" = "set"))]
+    #[x_kube(
+        validation = Rule::new("self.exists(f, f == 'IPv6')").message("ipFamilies must include IPv6: the baseline is the IPv6 loopback rule (add IPv4 to enforce its IPv4 sibling too)")
+    )]
+    pub ip_families: Vec<IpFamily>,
+
+    /// Auto (the default) enforces only where the CIS rule applies: iptables installed, nftables
+    /// and ufw not, IPv6 on; other nodes report NotApplicable with the reason. Always enforces
+    /// wherever ip6tables works and IPv6 is on.
+    #[serde(default)]
+    pub applicability: Applicability,
+
+    /// Where missing rules go: Insert (the default) puts them at the top of the chain; Append at
+    /// the end, as the CIS remediation script does. Rules already compliant are never moved.
+    #[serde(default)]
+    pub placement: Placement,
+
+    /// What nodes do when the policy is deleted or stops selecting them: Remove (the default)
+    /// deletes the rules loopguard inserted, keeping rules it found in place; Retain leaves
+    /// everything as it is.
+    #[serde(default)]
+    pub on_removal: OnRemoval,
+
+    /// When several policies select a node, the highest priority wins; ties go to the oldest
+    /// policy, then to the name that sorts first.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+fn default_ip_families() -> Vec<IpFamily> {
+    vec![IpFamily::IPv6]
+}
+
+/// Enforce or only report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+/// An IP family of the baseline.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum IpFamily {
+    IPv6,
+    IPv4,
+}
+
+/// Whether the CIS rule's own conditions decide where it applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Applicability {
+    #[default]
+    Auto,
+    Always,
+}
+
+/// Where missing rules are added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Placement {
+    #[default]
+    Insert,
+    Append,
+}
+
+/// What happens to inserted rules when a node is no longer governed by the policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum OnRemoval {
+    #[default]
+    Remove,
+    Retain,
+}
+
+/// A label selector (the same shape as Kubernetes' own LabelSelector). The requirements are
+/// ANDed; an empty selector selects every node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSelector {
+    /// Labels a node must carry with exactly these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub match_labels: BTreeMap<String, String>,
+
+    /// Requirements on node labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub match_expressions: Vec<NodeSelectorRequirement>,
+}
+
+/// One requirement of a label selector.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("self.operator in ['In', 'NotIn'] ? size(self.values) > 0 : size(self.values) == 0").message("values must be non-empty for In and NotIn, and empty for Exists and DoesNotExist"))]
+pub struct NodeSelectorRequirement {
+    /// The label key.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    /// In, NotIn, Exists or DoesNotExist.
+    pub operator: SelectorOperator,
+    /// The values for In and NotIn; empty for Exists and DoesNotExist.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub values: Vec<String>,
+}
+
+/// How a requirement relates a label to its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// The rolled-up compliance of the nodes a policy targets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoopbackPolicyStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// "compliant/targeted", for `kubectl get`.
+    #[serde(default)]
+    pub summary: String,
+    /// Nodes this policy selects and governs (it wins the priority order on them).
+    #[serde(default)]
+    pub targeted_nodes: i32,
+    /// Targeted nodes that reported Compliant for the current generation.
+    #[serde(default)]
+    pub compliant_nodes: i32,
+    /// Targeted nodes that reported NonCompliant for the current generation.
+    #[serde(default)]
+    pub non_compliant_nodes: i32,
+    /// Targeted nodes where the rule does not apply (for example IPv6 off, or nftables installed).
+    #[serde(default)]
+    pub not_applicable_nodes: i32,
+    /// Targeted nodes whose agent reported an error.
+    #[serde(default)]
+    pub errored_nodes: i32,
+    /// Targeted nodes that have not yet reported the current generation.
+    #[serde(default)]
+    pub pending_nodes: i32,
+    /// Nodes this policy selects but another policy governs (higher priority, or older).
+    #[serde(default)]
+    pub overridden_nodes: i32,
+    /// Up to 20 non-compliant or errored nodes, sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub non_compliant_node_names: Vec<String>,
+    /// Compliant, Progressing and Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,172 @@
+//! Which policy governs a node. One pure function, shared by the agent (which enforces it) and the
+//! controller (which counts the node for it), so that the two never disagree.
+
+use crate::api::{LoopbackPolicy, NodeSelector, SelectorOperator};
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
+/// Whether `selector` selects a node with `labels`. Requirements are ANDed; empty selects all.
+pub fn selects(selector: &NodeSelector, labels: &BTreeMap<String, String>) -> bool {
+    selector
+        .match_labels
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+        && selector.match_expressions.iter().all(|req| {
+            let value = labels.get(&req.key);
+            match req.operator {
+                SelectorOperator::In => value.is_some_and(|v| req.values.contains(v)),
+                SelectorOperator::NotIn => !value.is_some_and(|v| req.values.contains(v)),
+                SelectorOperator::Exists => value.is_some(),
+                SelectorOperator::DoesNotExist => value.is_none(),
+            }
+        })
+}
+
+/// Whether a policy is live (not being deleted) and selects the node.
+pub fn selects_node(policy: &LoopbackPolicy, labels: &BTreeMap<String, String>) -> bool {
+    policy.metadata.deletion_timestamp.is_none() && selects(&policy.spec.node_selector, labels)
+}
+
+/// The policy that governs a node with `labels`: among the live policies that select it, the
+/// highest `priority`, then the oldest, then the name that sorts first.
+pub fn governing<'a, I>(
+    labels: &BTreeMap<String, String>,
+    policies: I,
+) -> Option<&'a LoopbackPolicy>
+where
+    I: IntoIterator<Item = &'a LoopbackPolicy>,
+{
+    policies
+        .into_iter()
+        .filter(|p| selects_node(p, labels))
+        .min_by_key(|p| {
+            (
+                Reverse(p.spec.priority),
+                // A policy without a creation time (not yet stored) counts as the newest.
+                p.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0)
+                    .is_none(),
+                p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                p.metadata.name.clone(),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{LoopbackPolicySpec, NodeSelectorRequirement};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn req(key: &str, operator: SelectorOperator, values: &[&str]) -> NodeSelectorRequirement {
+        NodeSelectorRequirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    fn policy(name: &str, priority: i32, created: &str, selector: NodeSelector) -> LoopbackPolicy {
+        let mut p = LoopbackPolicy::new(
+            name,
+            LoopbackPolicySpec {
+                priority,
+                node_selector: selector,
+                ..Default::default()
+            },
+        );
+        p.metadata.creation_timestamp = Some(Time(created.parse().unwrap()));
+        p
+    }
+
+    #[test]
+    fn selectors_follow_kubernetes_semantics() {
+        let node = labels(&[("role", "worker"), ("zone", "a")]);
+        assert!(
+            selects(&NodeSelector::default(), &node),
+            "empty selects every node"
+        );
+        let by_label = NodeSelector {
+            match_labels: labels(&[("role", "worker")]),
+            ..Default::default()
+        };
+        assert!(selects(&by_label, &node));
+        assert!(!selects(&by_label, &labels(&[("role", "control-plane")])));
+        use SelectorOperator::*;
+        let expr = |r| NodeSelector {
+            match_expressions: vec![r],
+            ..Default::default()
+        };
+        assert!(selects(&expr(req("zone", In, &["a", "b"])), &node));
+        assert!(!selects(&expr(req("zone", NotIn, &["a"])), &node));
+        assert!(
+            selects(&expr(req("gpu", NotIn, &["yes"])), &node),
+            "NotIn matches a missing label"
+        );
+        assert!(selects(&expr(req("role", Exists, &[])), &node));
+        assert!(selects(&expr(req("gpu", DoesNotExist, &[])), &node));
+        assert!(!selects(&expr(req("gpu", Exists, &[])), &node));
+    }
+
+    #[test]
+    fn priority_then_age_then_name_decides() {
+        let all = NodeSelector::default();
+        let node = labels(&[]);
+        let old_low = policy("b-old", 0, "2026-01-01T00:00:00Z", all.clone());
+        let new_low = policy("a-new", 0, "2026-02-01T00:00:00Z", all.clone());
+        let new_high = policy("z-high", 5, "2026-03-01T00:00:00Z", all.clone());
+        let same_time = policy("a-same", 0, "2026-01-01T00:00:00Z", all.clone());
+        let ps = [old_low.clone(), new_low.clone()];
+        assert_eq!(
+            governing(&node, &ps).unwrap().metadata.name.as_deref(),
+            Some("b-old")
+        );
+        let ps = [old_low.clone(), new_low, new_high];
+        assert_eq!(
+            governing(&node, &ps).unwrap().metadata.name.as_deref(),
+            Some("z-high")
+        );
+        let ps = [old_low, same_time];
+        assert_eq!(
+            governing(&node, &ps).unwrap().metadata.name.as_deref(),
+            Some("a-same")
+        );
+    }
+
+    #[test]
+    fn deleting_and_non_selecting_policies_never_govern() {
+        let workers = NodeSelector {
+            match_labels: labels(&[("role", "worker")]),
+            ..Default::default()
+        };
+        let mut deleting = policy(
+            "deleting",
+            9,
+            "2026-01-01T00:00:00Z",
+            NodeSelector::default(),
+        );
+        deleting.metadata.deletion_timestamp = Some(Time("2026-05-01T00:00:00Z".parse().unwrap()));
+        let ps = [
+            deleting,
+            policy("workers", 0, "2026-01-01T00:00:00Z", workers),
+        ];
+        assert!(governing(&labels(&[("role", "infra")]), &ps).is_none());
+        assert_eq!(
+            governing(&labels(&[("role", "worker")]), &ps)
+                .unwrap()
+                .metadata
+                .name
+                .as_deref(),
+            Some("workers")
+        );
+    }
+}
