@@ -21,12 +21,12 @@ use serde::{Deserialize, Serialize};
     derive = "Default",
     doc = "A LoopbackNodeState is one node's loopback firewall compliance, reported by its loopguard agent.",
     validation = Rule::new("self.metadata.name == self.spec.nodeName").message("a LoopbackNodeState is named after its node: metadata.name must equal spec.nodeName"),
-    printcolumn(name = "Compliance", type_ = "string", json_path = ".status.compliance"),
-    printcolumn(name = "Policy", type_ = "string", json_path = ".status.policyName"),
-    printcolumn(name = "Backend", type_ = "string", json_path = ".status.backend"),
-    printcolumn(name = "Repairs", type_ = "integer", json_path = ".status.repairs"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name": "Compliance", "type": "string", "jsonPath": ".status.compliance"}"#,
+    printcolumn = r#"{"name": "Policy", "type": "string", "jsonPath": ".status.policyName"}"#,
+    printcolumn = r#"{"name": "Backend", "type": "string", "jsonPath": ".status.backend"}"#,
+    printcolumn = r#"{"name": "Repairs", "type": "integer", "jsonPath": ".status.repairs"}"#,
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LoopbackNodeStateSpec {

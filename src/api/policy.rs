@@ -22,23 +22,10 @@ use std::collections::BTreeMap;
     derive = "PartialEq",
     derive = "Default",
     doc = "A LoopbackPolicy makes the selected nodes enforce the IPv6 loopback firewall baseline (CIS 4.4.3.2, PCI-DSS v4 1.4.1) and reports their compliance.",
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
-    printcolumn(
-        name = "Nodes",
-        type_ = "string",
-        json_path = ".status.summary",
-        description = "Compliant nodes / targeted nodes"
-    ),
-    printcolumn(
-        name = "Compliant",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Compliant\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
+    printcolumn = r#"{"name": "Nodes", "type": "string", "jsonPath": ".status.summary", "description": "Compliant nodes / targeted nodes"}"#,
+    printcolumn = r#"{"name": "Compliant", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Compliant\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LoopbackPolicySpec {
