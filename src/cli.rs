@@ -34,6 +34,8 @@ pub enum Command {
     Demo,
     /// Print the CustomResourceDefinitions as YAML, or write them into a folder.
     Crd(CrdArgs),
+    /// Run the controller: roll node states up into policy status (leader-elected).
+    Controller(crate::controller::ControllerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -390,4 +392,14 @@ pub fn render_text(facts: &NodeFacts, report: &Report) -> String {
 /// `--ip-families` values as rule families (kept for the agent's flags).
 pub fn to_families(values: &[IpFamily]) -> Vec<Family> {
     crate::rules::families(values.contains(&IpFamily::Ipv4))
+}
+
+/// Runs a long-lived component on a multi-threaded runtime; exit 0 when it stops cleanly.
+pub fn run_async(component: impl std::future::Future<Output = Result<()>>) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    runtime.block_on(component)?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,9 @@
 pub mod aggregate;
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod demo;
+pub mod metrics;
 pub mod node;
 pub mod rules;
 pub mod selection;
@@ -69,6 +71,9 @@ pub enum Error {
 
     #[error("{0}")]
     Invalid(String),
+
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
 
     #[error("{context}: {source}")]
     Io {

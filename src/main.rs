@@ -14,6 +14,7 @@ fn main() -> ExitCode {
             .and_then(|()| loopguard::cli::run_node(node)),
         Command::Demo => loopguard::demo::run(),
         Command::Crd(args) => loopguard::cli::run_crd(&args),
+        Command::Controller(args) => loopguard::cli::run_async(loopguard::controller::run(args)),
     };
     result.unwrap_or_else(|e| {
         eprintln!("loopguard: error: {e}");

@@ -1,0 +1,460 @@
+//! `loopguard controller`: rolls the node states up into each policy's status, holds the cleanup
+//! finalizer until the nodes have removed what loopguard inserted, and records Events. Runs as a
+//! leader-elected Deployment; only the leader writes.
+
+pub mod lease;
+
+use crate::aggregate::{self, NodeInfo, Settings};
+use crate::api::{
+    self, LoopbackNodeState, LoopbackNodeStateStatus, LoopbackPolicy, LoopbackPolicyStatus,
+    OnRemoval,
+};
+use crate::metrics::{self, Readiness};
+use crate::{Error, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Flags of `loopguard controller`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerArgs {
+    /// Namespace of the leader-election Lease (the controller's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "loopguard-system")]
+    pub namespace: String,
+    /// This replica's identity in the Lease (defaults to the pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "LOOPGUARD_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Seconds a replica holds the Lease without renewing.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    pub lease_duration: u64,
+    /// Seconds a NotReady node may stay silent before its policy turns Degraded (and a deleted
+    /// policy stops waiting for it).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub node_not_ready_timeout: u64,
+    /// Seconds a deleted policy waits for its nodes to remove their rules before letting go anyway.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub cleanup_timeout: u64,
+    /// Milliseconds to gather a burst of node reports into one status write per policy.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub coalesce_ms: u64,
+}
+
+struct Metrics {
+    status_writes: Counter,
+    events: Counter,
+    leader: Gauge,
+    reconcile_seconds: Histogram,
+    errors: Counter,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics {
+            status_writes: Counter::default(),
+            events: Counter::default(),
+            leader: Gauge::default(),
+            reconcile_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            errors: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("loopguard_controller");
+        r.register(
+            "status_writes",
+            "LoopbackPolicy status writes",
+            m.status_writes.clone(),
+        );
+        r.register("events", "Events recorded on policies", m.events.clone());
+        r.register(
+            "leader",
+            "1 while this replica holds the lease",
+            m.leader.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Time to roll up every policy once",
+            m.reconcile_seconds.clone(),
+        );
+        r.register("errors", "Failed API writes", m.errors.clone());
+        m
+    }
+}
+
+/// What the reconcile loop reads and remembers.
+struct Context {
+    client: Client,
+    policies: Store<LoopbackPolicy>,
+    states: Store<LoopbackNodeState>,
+    nodes: Store<Node>,
+    leadership: lease::Leadership,
+    recorder: Recorder,
+    metrics: Metrics,
+    settings: Settings,
+    cleanup_timeout: Duration,
+    /// The status last written per policy uid, so an unchanged roll-up is never written twice.
+    written: HashMap<String, LoopbackPolicyStatus>,
+    /// Repairs last seen per node, to tell admins about new ones.
+    repairs_seen: HashMap<String, i64>,
+}
+
+/// Runs the controller until SIGTERM/SIGINT.
+pub async fn run(args: ControllerArgs) -> Result<()> {
+    let client = Client::try_default().await?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let ready = Readiness::default();
+    metrics::serve(args.metrics_addr, Arc::new(registry), ready.clone()).await?;
+
+    let dirty = Arc::new(Notify::new());
+    let policies = reflect::<LoopbackPolicy>(Api::all(client.clone()), dirty.clone());
+    let states = reflect::<LoopbackNodeState>(Api::all(client.clone()), dirty.clone());
+    let nodes = reflect::<Node>(Api::all(client.clone()), dirty.clone());
+    for store in [
+        policies.wait_until_ready().await,
+        states.wait_until_ready().await,
+        nodes.wait_until_ready().await,
+    ] {
+        store.map_err(|_| Error::Invalid("a watch ended before its cache synced".into()))?;
+    }
+    ready.set(true);
+    tracing::info!("caches synced");
+
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let elector = lease::LeaderElector::new(
+        Api::namespaced(client.clone(), &args.namespace),
+        api::LEASE_NAME,
+        &identity,
+        Duration::from_secs(args.lease_duration),
+    );
+    let leadership = elector.leadership();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let elector_task = tokio::spawn(elector.run(stop_rx));
+
+    let mut ctx = Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: api::CONTROLLER_MANAGER.into(),
+                instance: Some(identity),
+            },
+        ),
+        client,
+        policies,
+        states,
+        nodes,
+        leadership,
+        metrics,
+        settings: Settings {
+            not_ready_timeout: Duration::from_secs(args.node_not_ready_timeout),
+        },
+        cleanup_timeout: Duration::from_secs(args.cleanup_timeout),
+        written: HashMap::new(),
+        repairs_seen: HashMap::new(),
+    };
+    let coalesce = Duration::from_millis(args.coalesce_ms);
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut shutdown = shutdown_signal()?;
+    loop {
+        tokio::select! {
+            _ = dirty.notified() => {}
+            _ = tick.tick() => {}
+            _ = &mut shutdown => break,
+        }
+        // Let a burst of node reports land before rolling up: one write per policy per burst.
+        tokio::time::sleep(coalesce).await;
+        ctx.metrics.leader.set(ctx.leadership.is_leader() as i64);
+        let started = Instant::now();
+        reconcile_all(&mut ctx).await;
+        ctx.metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = elector_task.await;
+    Ok(())
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_else(|_| "controller".into());
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// A future that resolves on SIGTERM or SIGINT.
+pub(crate) fn shutdown_signal()
+-> Result<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM handler", e))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT handler", e))?;
+    Ok(Box::pin(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }))
+}
+
+/// Starts a reflector for `api` that pokes `dirty` on every change, and returns its store.
+fn reflect<K>(api: Api<K>, dirty: Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(_) => dirty.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch error; retrying")
+                }
+            }
+        }
+    });
+    store
+}
+
+/// Rolls up every policy once. Everything is computed from the caches; only changes are written,
+/// and only by the leader.
+async fn reconcile_all(ctx: &mut Context) {
+    let now = Time(jiff::Timestamp::now());
+    let policies = ctx.policies.state();
+    let nodes: Vec<NodeInfo> = ctx
+        .nodes
+        .state()
+        .iter()
+        .filter_map(|n| NodeInfo::from_node(n))
+        .collect();
+    let states: BTreeMap<String, LoopbackNodeStateStatus> = ctx
+        .states
+        .state()
+        .iter()
+        .map(|s| (s.name_any(), s.status.clone().unwrap_or_default()))
+        .collect();
+    let leader = ctx.leadership.is_leader();
+    let all: Vec<&LoopbackPolicy> = policies.iter().map(|p| p.as_ref()).collect();
+
+    let repairs = new_repairs(&mut ctx.repairs_seen, &states);
+    for policy in &policies {
+        if !leader || !ctx.leadership.is_leader() {
+            break;
+        }
+        if policy.metadata.deletion_timestamp.is_some() {
+            finish_deletion(ctx, policy, &nodes, &states, &now).await;
+            continue;
+        }
+        if !policy.finalizers().iter().any(|f| f == api::FINALIZER) {
+            ctx.write(
+                add_finalizer(&ctx.client, policy).await,
+                policy,
+                "adding the finalizer",
+            );
+        }
+        let status = aggregate::aggregate(
+            policy,
+            &all,
+            &nodes,
+            &states,
+            policy.status.as_ref(),
+            &now,
+            ctx.settings,
+        );
+        let uid = policy.uid().unwrap_or_default();
+        let unchanged =
+            policy.status.as_ref() == Some(&status) || ctx.written.get(&uid) == Some(&status);
+        if !unchanged {
+            let result = write_status(&ctx.client, policy, &status).await;
+            if result.is_ok() {
+                ctx.metrics.status_writes.inc();
+                for notice in aggregate::notices(policy.status.as_ref(), &status) {
+                    ctx.event(policy, notice.warning, notice.reason, notice.note)
+                        .await;
+                }
+                ctx.written.insert(uid, status);
+            }
+            ctx.write(result, policy, "writing the status");
+        }
+        for (node, count) in repairs
+            .iter()
+            .filter(|(node, _)| states[node].policy_name == policy.metadata.name)
+        {
+            let note = format!("{node}: drift repaired ({count} repairs so far)");
+            ctx.event(policy, false, "DriftRepaired", note).await;
+        }
+    }
+    let live: Vec<String> = policies.iter().filter_map(|p| p.uid()).collect();
+    ctx.written.retain(|uid, _| live.contains(uid));
+}
+
+/// Nodes whose repair count went up since the last round (not on first sight).
+fn new_repairs(
+    seen: &mut HashMap<String, i64>,
+    states: &BTreeMap<String, LoopbackNodeStateStatus>,
+) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for (node, state) in states {
+        if let Some(before) = seen.insert(node.clone(), state.repairs)
+            && state.repairs > before
+        {
+            out.push((node.clone(), state.repairs));
+        }
+    }
+    seen.retain(|node, _| states.contains_key(node));
+    out
+}
+
+impl Context {
+    fn write(&self, result: kube::Result<()>, policy: &LoopbackPolicy, what: &str) {
+        if let Err(e) = result {
+            self.metrics.errors.inc();
+            tracing::warn!(policy = %policy.name_any(), error = %e, "{what} failed; retrying on the next round");
+        }
+    }
+
+    async fn event(&self, policy: &LoopbackPolicy, warning: bool, reason: &str, note: String) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match self.recorder.publish(&event, &policy.object_ref(&())).await {
+            Ok(()) => {
+                self.metrics.events.inc();
+            }
+            Err(e) => {
+                tracing::warn!(policy = %policy.name_any(), error = %e, "recording an Event failed")
+            }
+        }
+    }
+}
+
+/// A deleted policy keeps its finalizer until its nodes removed their rules (onRemoval: Remove),
+/// or they became unreachable, or the cleanup timeout passed: never forever.
+async fn finish_deletion(
+    ctx: &mut Context,
+    policy: &LoopbackPolicy,
+    nodes: &[NodeInfo],
+    states: &BTreeMap<String, LoopbackNodeStateStatus>,
+    now: &Time,
+) {
+    if !policy.finalizers().iter().any(|f| f == api::FINALIZER) {
+        return;
+    }
+    if policy.spec.on_removal == OnRemoval::Remove {
+        let progress = aggregate::cleanup_progress(policy, nodes, states, now, ctx.settings);
+        let deleted_at = policy
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .expect("deleting");
+        let waited = now.0.duration_since(deleted_at.0).unsigned_abs();
+        if !progress.done() && waited < ctx.cleanup_timeout {
+            tracing::debug!(policy = %policy.name_any(), waiting = ?progress.waiting, "waiting for nodes to remove their rules");
+            return;
+        }
+        if !progress.waiting.is_empty() {
+            let why = if progress.done() {
+                "their nodes are gone or NotReady".to_string()
+            } else {
+                format!(
+                    "the cleanup timeout of {}s passed",
+                    ctx.cleanup_timeout.as_secs()
+                )
+            };
+            let note = format!(
+                "released without confirmed cleanup on {} ({why}); rules loopguard inserted there may remain until their agents run again",
+                progress.waiting.join(", ")
+            );
+            ctx.event(policy, true, "CleanupIncomplete", note).await;
+        }
+    }
+    ctx.write(
+        remove_finalizer(&ctx.client, policy).await,
+        policy,
+        "removing the finalizer",
+    );
+}
+
+async fn write_status(
+    client: &Client,
+    policy: &LoopbackPolicy,
+    status: &LoopbackPolicyStatus,
+) -> kube::Result<()> {
+    let api: Api<LoopbackPolicy> = Api::all(client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
+        "kind": "LoopbackPolicy",
+        "status": status,
+    });
+    let params = PatchParams::apply(api::CONTROLLER_MANAGER).force();
+    api.patch_status(&policy.name_any(), &params, &Patch::Apply(&patch))
+        .await
+        .map(|_| ())
+}
+
+async fn add_finalizer(client: &Client, policy: &LoopbackPolicy) -> kube::Result<()> {
+    let mut finalizers = policy.finalizers().to_vec();
+    finalizers.push(api::FINALIZER.to_string());
+    set_finalizers(client, policy, finalizers).await
+}
+
+async fn remove_finalizer(client: &Client, policy: &LoopbackPolicy) -> kube::Result<()> {
+    let finalizers = policy
+        .finalizers()
+        .iter()
+        .filter(|f| *f != api::FINALIZER)
+        .cloned()
+        .collect();
+    match set_finalizers(client, policy, finalizers).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+/// A merge patch of the finalizers carrying the cached resourceVersion: if anyone changed the
+/// object since (another finalizer, say), it fails with a conflict and is redone next round.
+async fn set_finalizers(
+    client: &Client,
+    policy: &LoopbackPolicy,
+    finalizers: Vec<String>,
+) -> kube::Result<()> {
+    let api: Api<LoopbackPolicy> = Api::all(client.clone());
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": policy.resource_version()},
+    });
+    api.patch(
+        &policy.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+}
