@@ -31,6 +31,9 @@ impl Leadership {
     }
 }
 
+/// A lease holder and its last renewal, as another replica wrote them.
+type LeaseRecord = (Option<String>, Option<MicroTime>);
+
 /// Competes for one Lease.
 pub struct LeaderElector {
     api: Api<Lease>,
@@ -41,7 +44,7 @@ pub struct LeaderElector {
     retry_period: Duration,
     leadership: Leadership,
     /// The last lease record seen from another holder, and when we first saw it.
-    observed: Option<((Option<String>, Option<MicroTime>), Instant)>,
+    observed: Option<(LeaseRecord, Instant)>,
 }
 
 impl LeaderElector {
