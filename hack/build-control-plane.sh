@@ -6,6 +6,7 @@
 # stay at their defaults in the home folder.
 #
 #   hack/build-control-plane.sh            # build what is missing, print the bin dir
+#   hack/build-control-plane.sh --check    # print the bin dir; fail if a binary is missing (no build)
 #   LOOPGUARD_BIN_CACHE=/x hack/...        # cache root (default ~/.cache/loopguard)
 set -euo pipefail
 
@@ -20,6 +21,14 @@ helm_version="$(module_version helm helm.sh/helm/v4)"
 pin_hash="$( (cat "$pins"/*/go.mod "$pins"/*/go.sum; go version) | sha256sum | cut -c1-12)"
 cache_dir="${LOOPGUARD_BIN_CACHE:-$HOME/.cache/loopguard}/k8s-$k8s_version-$pin_hash"
 bin="$cache_dir/bin"
+
+if [[ "${1:-}" == "--check" ]]; then
+  echo "$bin"
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm; do
+    [[ -x "$bin/$name" ]] || exit 1
+  done
+  exit 0
+fi
 mkdir -p "$bin"
 
 # One build at a time per cache folder (parallel test binaries may all call `cluster.sh up`).
