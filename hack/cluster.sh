@@ -1,0 +1,358 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) as plain
+# processes on 127.0.0.1, for tests and local development. See hack/README.md.
+#
+#   hack/cluster.sh up [--owner-pid PID]   build what is missing, start, wait until ready
+#   hack/cluster.sh down                   stop what `up` started, delete hollow-node netns, remove the dir
+#   hack/cluster.sh env                    print `export KUBECONFIG=...` and `export PATH=<bin dir>:...`
+#   hack/cluster.sh status                 show the components and whether the API server is ready
+#   hack/cluster.sh restart-apiserver      restart kube-apiserver on the same port, etcd data kept
+#   hack/cluster.sh nodes up FLAGS...      run loopguard-hollow in the background (flags: see its --help)
+#   hack/cluster.sh nodes down             stop it (its netns go with it)
+#
+# State lives in ${LOOPGUARD_CLUSTER_DIR:-~/.cache/loopguard/cluster}; set it to run several clusters.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dir="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/cluster}"
+marker="$dir/.loopguard-cluster"
+service_cidr=10.96.0.0/12
+service_ip=10.96.0.1
+
+log() { echo "cluster: $*" >&2; }
+die() {
+  log "$*"
+  exit 1
+}
+
+# --- processes -------------------------------------------------------------------------------------------
+
+# A pid file names one of our processes only while that process still runs with our state dir in its
+# command line, so a pid reused after a crash is never signalled.
+pid_of() {
+  local pid_file="$dir/pids/$1.pid" pid
+  [[ -f "$pid_file" ]] || return 1
+  pid="$(<"$pid_file")"
+  [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$dir" && echo "$pid"
+}
+
+# start NAME COMMAND...: run in its own session, detached from our stdio, log in logs/NAME.log.
+start() {
+  local name="$1"
+  shift
+  setsid "$@" </dev/null >>"$dir/logs/$name.log" 2>&1 &
+  echo $! >"$dir/pids/$name.pid"
+}
+
+# stop NAME...: SIGTERM to all of them at once, SIGKILL to those still running after 10s.
+stop() {
+  local name pid pids=()
+  for name in "$@"; do
+    if pid="$(pid_of "$name")" && [[ "$pid" != "$$" ]]; then # $$: the watchdog running `down` itself
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+    rm -f "$dir/pids/$name.pid"
+  done
+  for _ in $(seq 100); do
+    running_pids "${pids[@]}" || return 0
+    sleep 0.1
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+  while running_pids "${pids[@]}"; do sleep 0.1; done
+}
+
+running_pids() {
+  local pid
+  for pid in "$@"; do kill -0 "$pid" 2>/dev/null && return 0; done
+  return 1
+}
+
+# wait_for WHAT PROCESS COMMAND...: retry COMMAND for up to 60s while PROCESS keeps running.
+wait_for() {
+  local what="$1" process="$2"
+  shift 2
+  for _ in $(seq 600); do
+    "$@" >/dev/null 2>&1 && return 0
+    pid_of "$process" >/dev/null || die "$process exited while waiting for $what; see $dir/logs/$process.log"
+    sleep 0.1
+  done
+  die "timed out waiting for $what; see $dir/logs/$process.log"
+}
+
+free_port() {
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 20000))
+    [[ -z "$(ss -Htan "sport = :$port")" ]] && echo "$port" && return
+  done
+}
+
+# --- certificates ----------------------------------------------------------------------------------------
+
+# cert NAME SUBJECT [SANS]: an EC key and a certificate signed by the cluster CA.
+cert() {
+  local name="$1" subject="$2" sans="${3:-}" pki="$dir/pki"
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "$subject" \
+    -keyout "$pki/$name.key" -out "$pki/$name.csr" 2>/dev/null
+  local ext="$pki/$name.ext"
+  {
+    echo "basicConstraints=CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    if [[ -n "$sans" ]]; then
+      echo "extendedKeyUsage=serverAuth"
+      echo "subjectAltName=$sans"
+    else
+      echo "extendedKeyUsage=clientAuth"
+    fi
+  } >"$ext"
+  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 365 -extfile "$ext" -out "$pki/$name.crt" 2>/dev/null
+  rm "$pki/$name.csr" "$ext"
+}
+
+make_pki() {
+  local pki="$dir/pki"
+  mkdir -p "$pki"
+  openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 365 \
+    -subj "/CN=loopguard-test-ca" -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+  cert apiserver "/CN=kube-apiserver" \
+    "IP:127.0.0.1,IP:$service_ip,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  cert admin "/O=system:masters/CN=kubernetes-admin"
+  cert controller-manager "/CN=system:kube-controller-manager"
+  cert scheduler "/CN=system:kube-scheduler"
+  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+}
+
+# kubeconfig NAME: $dir/NAME.kubeconfig with the client certificate pki/NAME.{crt,key} embedded.
+kubeconfig() {
+  local name="$1" pki="$dir/pki"
+  cat >"$dir/$name.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: loopguard
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority-data: $(base64 -w0 "$pki/ca.crt")
+users:
+- name: $name
+  user:
+    client-certificate-data: $(base64 -w0 "$pki/$name.crt")
+    client-key-data: $(base64 -w0 "$pki/$name.key")
+contexts:
+- name: loopguard
+  context: {cluster: loopguard, user: $name}
+current-context: loopguard
+EOF
+}
+
+# --- components ------------------------------------------------------------------------------------------
+
+start_etcd() {
+  start etcd "$BIN/etcd" --name=loopguard --data-dir="$dir/etcd" \
+    --listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster="loopguard=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --unsafe-no-fsync --log-level=warn
+  wait_for etcd etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+}
+
+# The endpoint reconciler is off: Endpoints may not hold a loopback address, and workloads reach the
+# API server through the hollow nodes' proxy, not through the kubernetes Service.
+start_apiserver() {
+  local pki="$dir/pki"
+  start kube-apiserver "$BIN/kube-apiserver" \
+    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
+    --endpoint-reconciler-type=none --cert-dir="$pki" \
+    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+    --client-ca-file="$pki/ca.crt" \
+    --service-cluster-ip-range="$service_cidr" \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
+    --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+    --allow-privileged=true --profiling=false
+  wait_for "kube-apiserver /readyz" kube-apiserver curl -fsS --cacert "$pki/ca.crt" \
+    --cert "$pki/admin.crt" --key "$pki/admin.key" "https://127.0.0.1:$APISERVER_PORT/readyz"
+}
+
+start_controller_manager() {
+  local pki="$dir/pki" kc="$dir/controller-manager.kubeconfig"
+  start kube-controller-manager "$BIN/kube-controller-manager" \
+    --kubeconfig="$kc" --authentication-kubeconfig="$kc" --authorization-kubeconfig="$kc" \
+    --authentication-skip-lookup \
+    --bind-address=127.0.0.1 --secure-port="$CONTROLLER_MANAGER_PORT" --cert-dir="$pki" \
+    --leader-elect=false --use-service-account-credentials=true \
+    --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
+    --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" \
+    --service-cluster-ip-range="$service_cidr" --profiling=false
+}
+
+start_scheduler() {
+  local pki="$dir/pki" kc="$dir/scheduler.kubeconfig"
+  start kube-scheduler "$BIN/kube-scheduler" \
+    --kubeconfig="$kc" --authentication-kubeconfig="$kc" --authorization-kubeconfig="$kc" \
+    --authentication-skip-lookup \
+    --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" --cert-dir="$pki" \
+    --leader-elect=false --profiling=false
+}
+
+load_env() {
+  [[ -f "$dir/cluster.env" ]] || die "no cluster in $dir (run: hack/cluster.sh up)"
+  # shellcheck source=/dev/null
+  source "$dir/cluster.env"
+}
+
+running() { [[ -f "$dir/cluster.env" ]] && pid_of kube-apiserver >/dev/null && pid_of etcd >/dev/null; }
+
+# --- commands --------------------------------------------------------------------------------------------
+
+cmd_up() {
+  local owner_pid=""
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --owner-pid) owner_pid="$2" && shift 2 ;;
+      *) die "up: unknown argument $1" ;;
+    esac
+  done
+  if running; then
+    log "already running in $dir"
+  else
+    [[ -e "$dir" ]] && cmd_down # leftovers of a crashed run
+    BIN="$("$repo/hack/build-control-plane.sh")"
+    mkdir -p "$dir/logs" "$dir/pids"
+    touch "$marker"
+    trap up_failed EXIT
+    ETCD_PORT="$(free_port)" ETCD_PEER_PORT="$(free_port)" APISERVER_PORT="$(free_port)"
+    CONTROLLER_MANAGER_PORT="$(free_port)" SCHEDULER_PORT="$(free_port)"
+    declare -p BIN ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CONTROLLER_MANAGER_PORT SCHEDULER_PORT |
+      sed 's/^declare -- //' >"$dir/cluster.env"
+    ln -sfn "$BIN" "$dir/bin"
+    make_pki
+    kubeconfig admin
+    kubeconfig controller-manager
+    kubeconfig scheduler
+    ln -sf admin.kubeconfig "$dir/kubeconfig"
+    start_etcd
+    start_apiserver
+    start_controller_manager
+    start_scheduler
+    wait_ready
+    trap - EXIT
+    log "ready: export KUBECONFIG=$dir/kubeconfig"
+  fi
+  [[ -n "$owner_pid" ]] && start_watchdog "$owner_pid"
+  return 0
+}
+
+up_failed() {
+  log "start-up failed; the last lines of each log:"
+  tail -n 20 "$dir"/logs/*.log >&2 || true
+  cmd_down
+}
+
+# Ready means: API server ready, controller manager and scheduler healthy, and the controllers that
+# every Pod needs (service accounts, root CA publisher) have done their first round.
+wait_ready() {
+  local kubectl=("$BIN/kubectl" --kubeconfig="$dir/kubeconfig")
+  wait_for "kube-controller-manager /healthz" kube-controller-manager \
+    curl -fsSk "https://127.0.0.1:$CONTROLLER_MANAGER_PORT/healthz"
+  wait_for "kube-scheduler /healthz" kube-scheduler curl -fsSk "https://127.0.0.1:$SCHEDULER_PORT/healthz"
+  wait_for "the default ServiceAccount" kube-controller-manager "${kubectl[@]}" get serviceaccount default
+  wait_for "the kube-root-ca.crt ConfigMap" kube-controller-manager "${kubectl[@]}" get configmap kube-root-ca.crt
+}
+
+# The watchdog runs `down` once the owner process is gone. It identifies the owner by pid and start time,
+# so a reused pid does not keep the cluster alive.
+start_watchdog() {
+  local owner="$1" started
+  started="$(cut -d' ' -f22 "/proc/$owner/stat")" || die "owner process $owner does not exist"
+  stop watchdog
+  # shellcheck disable=SC2016 # expanded by the watchdog's own shell
+  start watchdog bash -c '
+    while [[ "$(cut -d" " -f22 "/proc/$1/stat" 2>/dev/null)" == "$2" ]]; do sleep 1; done
+    LOOPGUARD_CLUSTER_DIR="$4" exec "$3" down' watchdog "$owner" "$started" "$repo/hack/cluster.sh" "$dir"
+}
+
+# Hollow nodes first, while the API server still answers their last writes; etcd last, as kube-apiserver
+# does not finish shutting down without it.
+stop_components() {
+  stop hollow
+  stop kube-scheduler kube-controller-manager kube-apiserver
+  stop etcd
+}
+
+# Network namespaces of hollow nodes whose harness did not get to clean up: each node's state folder
+# holds a `netns` marker file while its namespace exists.
+delete_hollow_netns() {
+  local marker node
+  for marker in "$dir"/hollow/*/nodes/*/netns; do
+    [[ -f "$marker" ]] || continue
+    node="$(<"$marker")"
+    [[ -e "/run/netns/$node" ]] && ip netns delete "$node" && log "deleted leftover netns $node"
+  done
+  return 0
+}
+
+cmd_down() {
+  [[ -e "$dir" ]] || return 0
+  [[ -f "$marker" ]] || die "$dir is not a cluster dir made by hack/cluster.sh; not touching it"
+  stop_components
+  delete_hollow_netns
+  stop watchdog
+  rm -rf "$dir"
+  log "down: removed $dir"
+}
+
+cmd_env() {
+  load_env
+  echo "export KUBECONFIG=$dir/kubeconfig"
+  echo "export PATH=$dir/bin:\$PATH"
+}
+
+cmd_status() {
+  load_env
+  local name pid
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler hollow watchdog; do
+    if pid="$(pid_of "$name")"; then echo "$name: running (pid $pid)"; else echo "$name: not running"; fi
+  done
+  echo "kube-apiserver: https://127.0.0.1:$APISERVER_PORT"
+  echo "readyz: $(curl -sS --cacert "$dir/pki/ca.crt" --cert "$dir/pki/admin.crt" --key "$dir/pki/admin.key" \
+    "https://127.0.0.1:$APISERVER_PORT/readyz" 2>&1)"
+}
+
+cmd_restart_apiserver() {
+  load_env
+  stop kube-apiserver
+  start_apiserver
+  log "kube-apiserver restarted on port $APISERVER_PORT"
+}
+
+cmd_nodes() {
+  load_env
+  case "${1:-}" in
+    up)
+      shift
+      stop hollow
+      (cd "$repo" && cargo build --quiet -p loopguard-hollow)
+      start hollow "${CARGO_TARGET_DIR:-$repo/target}/debug/loopguard-hollow" \
+        --kubeconfig="$dir/kubeconfig" --state-dir="$dir/hollow/cli" "$@"
+      log "loopguard-hollow started; log in $dir/logs/hollow.log"
+      ;;
+    down) stop hollow ;;
+    *) die "usage: hack/cluster.sh nodes up FLAGS... | nodes down" ;;
+  esac
+}
+
+case "${1:-}" in
+  up) shift && cmd_up "$@" ;;
+  down) cmd_down ;;
+  env) cmd_env ;;
+  status) cmd_status ;;
+  restart-apiserver) cmd_restart_apiserver ;;
+  nodes) shift && cmd_nodes "$@" ;;
+  *) sed -n '2,13s/^# \{0,1\}//p' "$0" >&2 && exit 2 ;;
+esac
