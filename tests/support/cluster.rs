@@ -1,0 +1,297 @@
+//! A real control plane for tests (hack/cluster.sh): reused when `KUBECONFIG` names a running
+//! hack/cluster.sh cluster, else started once per test binary and stopped when the binary exits.
+//! Plus hollow nodes, unique names and service-account identities.
+//!
+//! Without the control-plane binaries, tests skip with a message, unless `LOOPGUARD_REQUIRE_CLUSTER` is
+//! set (CI sets it), in which case `hack/cluster.sh up` builds them.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig, NamedAuthInfo};
+use kube::{Client, Config};
+use loopguard_hollow::{Hollow, HollowOptions};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// Marks a folder made by hack/cluster.sh.
+const MARKER: &str = ".loopguard-cluster";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique to this test process and call, usable for namespaces, nodes and network namespaces:
+/// `<tag>-<pid>-<n>`.
+pub fn unique_name(tag: &str) -> String {
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A running control plane: its state folder (hack/cluster.sh's `LOOPGUARD_CLUSTER_DIR`).
+pub struct Cluster {
+    pub dir: PathBuf,
+    /// Stopped with `hack/cluster.sh down` when dropped (private clusters only).
+    owned: bool,
+}
+
+/// The control plane shared by the tests of this binary; `None` (after printing why) when the tests
+/// should skip.
+pub fn shared() -> Option<&'static Cluster> {
+    static SHARED: OnceLock<Option<Cluster>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            if let Some(dir) = running_cluster_from_kubeconfig() {
+                return Some(Cluster { dir, owned: false });
+            }
+            // The watchdog stops it when this test binary exits; nothing drops a static.
+            start("shared")
+        })
+        .as_ref()
+}
+
+/// A control plane of its own, for a test that disturbs it (restarts a component); stopped on drop.
+pub fn private(tag: &str) -> Option<Cluster> {
+    start(tag)
+}
+
+/// `KUBECONFIG` is reused only when it is a hack/cluster.sh cluster that answers: tests create Nodes and
+/// network namespaces, which must never land on some other cluster.
+fn running_cluster_from_kubeconfig() -> Option<PathBuf> {
+    let kubeconfig = PathBuf::from(std::env::var_os("KUBECONFIG")?);
+    let dir = kubeconfig.parent()?.to_owned();
+    if !dir.join(MARKER).exists() {
+        say(&format!(
+            "KUBECONFIG={} is not a hack/cluster.sh cluster; not using it",
+            kubeconfig.display()
+        ));
+        return None;
+    }
+    let readyz = Command::new(dir.join("bin/kubectl"))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(["get", "--raw=/readyz", "--request-timeout=5s"])
+        .output();
+    if readyz.is_ok_and(|o| o.status.success()) {
+        return Some(dir);
+    }
+    say(&format!(
+        "the cluster of KUBECONFIG={} does not answer; starting one",
+        kubeconfig.display()
+    ));
+    None
+}
+
+fn start(tag: &str) -> Option<Cluster> {
+    let binaries_built = Command::new(format!("{REPO}/hack/build-control-plane.sh"))
+        .arg("--check")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !binaries_built && std::env::var_os("LOOPGUARD_REQUIRE_CLUSTER").is_none() {
+        say(
+            "SKIPPED: the control-plane binaries are not built (hack/build-control-plane.sh, about 15 \
+             minutes the first time) and LOOPGUARD_REQUIRE_CLUSTER is unset",
+        );
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("loopguard-{}", unique_name(tag)));
+    let output = cluster_sh(
+        &dir,
+        &["up", "--owner-pid", &std::process::id().to_string()],
+    );
+    assert!(
+        output.status.success(),
+        "hack/cluster.sh up failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(Cluster { dir, owned: true })
+}
+
+fn cluster_sh(dir: &Path, args: &[&str]) -> Output {
+    Command::new(format!("{REPO}/hack/cluster.sh"))
+        .args(args)
+        .env("LOOPGUARD_CLUSTER_DIR", dir)
+        .output()
+        .expect("running hack/cluster.sh")
+}
+
+/// Prints past the test harness's output capture, so a skip is visible in a plain `cargo test`.
+fn say(message: &str) {
+    let _ = writeln!(std::io::stderr(), "control plane: {message}");
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.owned {
+            cluster_sh(&self.dir, &["down"]);
+        }
+    }
+}
+
+impl Cluster {
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    pub async fn config(&self) -> Config {
+        kubeconfig_config(&self.kubeconfig()).await
+    }
+
+    /// A client as cluster admin. Make one per test: a client belongs to the runtime it was made on.
+    pub async fn client(&self) -> Client {
+        Client::try_from(self.config().await).expect("client")
+    }
+
+    /// `kubectl` (as built for this cluster) with the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut kubectl = Command::new(self.dir.join("bin/kubectl"));
+        kubectl.arg(format!("--kubeconfig={}", self.kubeconfig().display()));
+        kubectl
+    }
+
+    /// Restarts kube-apiserver on the same port; etcd and its data stay.
+    pub fn restart_apiserver(&self) {
+        let output = cluster_sh(&self.dir, &["restart-apiserver"]);
+        assert!(
+            output.status.success(),
+            "restart-apiserver failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Options for `count` hollow nodes with unique names (`<tag>-<pid>-<n>`), their state below the
+    /// cluster's folder (so `hack/cluster.sh down` deletes namespaces a crashed test left) and a quick
+    /// restart back-off. Add image mappings and labels, then [`Cluster::start_nodes`].
+    pub fn hollow_options(&self, tag: &str, count: usize) -> HollowOptions {
+        let nodes = (0..count).map(|_| unique_name(tag)).collect();
+        let mut options = HollowOptions::new(nodes, self.dir.join("hollow").join(unique_name(tag)));
+        options.restart_backoff = Duration::from_secs(1);
+        options
+    }
+
+    pub async fn start_nodes(&self, options: HollowOptions) -> Hollow {
+        Hollow::start(self.config().await, options)
+            .await
+            .expect("starting hollow nodes")
+    }
+
+    /// A fresh namespace for one test.
+    pub async fn namespace(&self, client: &Client, tag: &str) -> String {
+        let name = unique_name(tag);
+        let namespace = Namespace {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("namespace");
+        name
+    }
+
+    /// A kubeconfig file that authenticates as ServiceAccount `namespace/account` with a TokenRequest
+    /// token; bound to `pod` when given, so that it carries the pod's node claims. Run a process with
+    /// this identity by pointing its `KUBECONFIG` (or `--kubeconfig`) here.
+    pub async fn service_account_kubeconfig(
+        &self,
+        client: &Client,
+        namespace: &str,
+        account: &str,
+        pod: Option<&Pod>,
+    ) -> PathBuf {
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                bound_object_ref: pod.map(|pod| BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: pod.metadata.uid.clone(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+        let response = api
+            .create_token_request(account, &PostParams::default(), &request)
+            .await
+            .expect("token");
+        let token = response
+            .status
+            .and_then(|s| s.token)
+            .expect("token in TokenRequest status");
+
+        let mut kubeconfig = Kubeconfig::read_from(self.kubeconfig()).expect("admin kubeconfig");
+        let user = format!("{namespace}-{account}");
+        kubeconfig.auth_infos = vec![NamedAuthInfo {
+            name: user.clone(),
+            auth_info: Some(AuthInfo {
+                token: Some(token.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        for context in kubeconfig
+            .contexts
+            .iter_mut()
+            .filter_map(|c| c.context.as_mut())
+        {
+            context.user = Some(user.clone());
+            context.namespace = Some(namespace.into());
+        }
+        let path = self.dir.join(format!("{}.kubeconfig", unique_name(&user)));
+        // JSON is YAML: kubectl and kube read it as a kubeconfig.
+        std::fs::write(
+            &path,
+            serde_json::to_vec(&kubeconfig).expect("kubeconfig json"),
+        )
+        .expect("write kubeconfig");
+        path
+    }
+}
+
+/// A client configuration from a kubeconfig file.
+pub async fn kubeconfig_config(path: &Path) -> Config {
+    let kubeconfig = Kubeconfig::read_from(path).expect("reading kubeconfig");
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig")
+}
+
+/// Deletes a test's namespace (best effort; a crashed run's leftovers go with `hack/cluster.sh down`).
+pub async fn delete_namespace(client: &Client, name: &str) {
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

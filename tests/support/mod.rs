@@ -1,0 +1,4 @@
+//! Shared support for the integration tests.
+
+pub mod cluster;
+pub mod netns;
