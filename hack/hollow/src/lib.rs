@@ -268,3 +268,28 @@ async fn start_node(
         pods,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_repository_ignores_tag_and_digest() {
+        assert_eq!(
+            image_repository("ghcr.io/loopguard/loopguard:v1"),
+            "ghcr.io/loopguard/loopguard"
+        );
+        assert_eq!(
+            image_repository("ghcr.io/loopguard/loopguard@sha256:ab"),
+            "ghcr.io/loopguard/loopguard"
+        );
+        assert_eq!(
+            image_repository("registry:5000/x:1@sha256:ab"),
+            "registry:5000/x"
+        );
+        assert_eq!(image_repository("registry:5000/x"), "registry:5000/x");
+        let mapping: ImageMapping = "example.test/app:latest=/bin/true".parse().unwrap();
+        assert_eq!(mapping.repository, "example.test/app");
+        assert!("no-equals".parse::<ImageMapping>().is_err());
+    }
+}

@@ -100,6 +100,8 @@ impl Volumes {
                 .into(),
             read_only: false,
         });
+        // Parents before children, as container runtimes mount them.
+        mounts.sort_by_key(|m| m.target.components().count());
         Ok(mounts)
     }
 }
