@@ -285,14 +285,16 @@ stop_components() {
   stop etcd
 }
 
-# Network namespaces of hollow nodes whose harness did not get to clean up: each node's state folder
-# holds a `netns` marker file while its namespace exists.
+# Network namespaces of hollow nodes whose harness did not get to clean up (each node's state folder
+# holds a `netns` marker file while its namespace exists), with whatever still runs in them.
 delete_hollow_netns() {
   local marker node
   for marker in "$dir"/hollow/*/nodes/*/netns; do
     [[ -f "$marker" ]] || continue
     node="$(<"$marker")"
-    [[ -e "/run/netns/$node" ]] && ip netns delete "$node" && log "deleted leftover netns $node"
+    [[ -e "/run/netns/$node" ]] || continue
+    ip netns pids "$node" | xargs -r kill -KILL
+    ip netns delete "$node" && log "deleted leftover netns $node"
   done
   return 0
 }

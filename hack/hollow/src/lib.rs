@@ -202,15 +202,12 @@ impl Hollow {
 
     /// Stops every process (SIGTERM, SIGKILL after `grace`), deletes the namespaces and the Node objects.
     pub async fn shutdown(mut self, grace: Duration) -> Result<()> {
-        let nodes = std::mem::take(&mut self.nodes);
-        for node in &nodes {
-            node.tasks.iter().for_each(JoinHandle::abort);
-        }
-        futures::future::join_all(nodes.iter().map(|n| n.pods.stop_all(grace))).await;
+        let mut nodes = std::mem::take(&mut self.nodes);
+        futures::future::join_all(nodes.iter_mut().map(|n| n.stop(grace))).await;
         let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(self.client.clone());
         for node in nodes {
             let name = node.context.name.clone();
-            drop(node); // deletes the namespace
+            drop(node); // no task holds its context any more: this deletes the namespace
             match api.delete(&name, &Default::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -218,6 +215,17 @@ impl Hollow {
             }
         }
         Ok(())
+    }
+}
+
+impl RunningNode {
+    /// Stops the node's tasks and pods, waiting until they are gone.
+    async fn stop(&mut self, grace: Duration) {
+        for task in &mut self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        self.pods.stop_all(grace).await;
     }
 }
 

@@ -76,8 +76,9 @@ impl PodSync {
     }
 
     /// Stops watching and stops every pod's processes (SIGTERM, then SIGKILL after at most `grace`).
-    pub async fn stop_all(&self, grace: Duration) {
+    pub async fn stop_all(&mut self, grace: Duration) {
         self.watch.abort();
+        let _ = (&mut self.watch).await;
         let workers: Vec<Worker> = self
             .workers
             .lock()
@@ -273,6 +274,7 @@ async fn run_pod(
                 });
         future::join_all(runs.collect::<Vec<_>>()).await;
         tokens.abort();
+        let _ = tokens.await;
     }
     let stopped = *stop
         .wait_for(Option::is_some)
@@ -506,6 +508,7 @@ impl ContainerRun {
         let exit_code = self.wait(process).await;
         if let Some(probe) = probe {
             probe.abort();
+            let _ = probe.await;
         }
         self.processes.lock().unwrap().remove(&pid);
         tracing::info!(node = %self.node.name, container = %self.container.name, pid, exit_code, "exited");
