@@ -11,7 +11,8 @@
 #   hack/cluster.sh nodes down             stop it (its netns go with it)
 #
 # State lives in ${LOOPGUARD_CLUSTER_DIR:-~/.cache/loopguard/cluster}; set it to run several clusters.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "cluster: line $LINENO: \`$BASH_COMMAND\` failed" >&2' ERR
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/cluster}"
@@ -250,7 +251,7 @@ cmd_up() {
 
 up_failed() {
   log "start-up failed; the last lines of each log:"
-  tail -n 20 "$dir"/logs/*.log >&2 || true
+  tail -n 20 "$dir"/logs/*.log >&2 2>/dev/null || true
   cmd_down
 }
 
