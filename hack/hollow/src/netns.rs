@@ -71,9 +71,15 @@ impl Drop for Netns {
     /// Kills whatever still runs in the namespace (a process that left its process group, say), as a
     /// node that goes away takes its processes along, then deletes the namespace.
     fn drop(&mut self) {
-        if let Ok(output) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+        if let Ok(output) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
             let pids = String::from_utf8_lossy(&output.stdout);
-            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            for pid in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
                 // SAFETY: kill has no memory effects.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
