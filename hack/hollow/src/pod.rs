@@ -157,8 +157,13 @@ fn on_pod(node: &Arc<NodeContext>, workers: &Workers, processes: &Processes, pod
                 .metadata
                 .deletion_grace_period_seconds
                 .map_or(worker.grace, seconds);
+            // The first deletion decides; a pod already stopping keeps stopping as it was told.
             worker.stop.send_if_modified(|stop| {
-                stop.is_none() && stop.replace(Stop::Deleted(grace)).is_none()
+                let first = stop.is_none();
+                if first {
+                    *stop = Some(Stop::Deleted(grace));
+                }
+                first
             });
         }
         return;
