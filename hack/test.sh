@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every test of loopguard on a fresh machine, as root: installs the system packages the tests
+# need, checks formatting and lints, builds (or reuses) the Kubernetes control plane, starts it, runs
+# `cargo test` for the whole workspace, and stops the control plane again, also on failure.
+#
+#   hack/test.sh            everything (what CI runs)
+#
+# Caches live outside the checkout, so a fresh clone is warm: Rust builds in
+# ${CARGO_TARGET_DIR:-~/.cache/loopguard/target}, control-plane binaries in ~/.cache/loopguard/k8s-*.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+log() { printf '\n== %s\n' "$*" >&2; }
+
+if [[ $EUID -ne 0 ]]; then
+  echo "hack/test.sh needs root: the tests create network namespaces and program ip6tables inside them" >&2
+  exit 2
+fi
+
+log "system packages"
+packages=(iptables nftables iproute2 curl openssl util-linux ca-certificates python3-pip)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query --show --showformat='${db:Status-Status}' "$p" 2>/dev/null | grep -q '^installed$' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The legacy backend's kernel side (the tests use it only inside their own namespaces).
+modprobe ip6_tables 2>/dev/null || true
+modprobe ip_tables 2>/dev/null || true
+
+log "toolchains"
+export PATH="$HOME/.cargo/bin:/usr/local/go/bin:$PATH"
+command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup" >&2; exit 2; }
+command -v go >/dev/null || { echo "go not found: install Go 1.26 into /usr/local/go" >&2; exit 2; }
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/loopguard/target}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+# Leftovers of an interrupted earlier run (namespaces of the node engine tests and the demo).
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^(lgt-|loopguard-demo-)' || true); do
+  ip netns del "$ns" || true
+done
+
+log "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "control plane"
+export LOOPGUARD_CLUSTER_DIR="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/cluster-test}"
+hack/cluster.sh up
+trap 'hack/cluster.sh down' EXIT
+eval "$(hack/cluster.sh env)"
+
+log "tests"
+LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+log "all tests passed"

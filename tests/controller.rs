@@ -1,0 +1,808 @@
+//! The controller against a real control plane. Node states are written by the test, as agents
+//! would write them; the real `loopguard controller` binary rolls them up.
+//!
+//! Controllers reconcile every policy of the cluster, so these tests run one at a time; each uses
+//! its own node labels, policies and Lease namespace.
+
+mod support;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use loopguard::api::{Compliance, LoopbackNodeState, LoopbackPolicy, LoopbackPolicyStatus};
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use support::cluster::{Cluster, eventually, unique_name};
+
+const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A running `loopguard controller`, killed on drop.
+struct Controller {
+    child: Child,
+    port: u16,
+}
+
+impl Controller {
+    fn start(
+        cluster: &Cluster,
+        lease_namespace: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> Controller {
+        let port = free_port();
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "controller",
+            "--namespace",
+            lease_namespace,
+            "--identity",
+            identity,
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
+        if !extra.contains(&"--coalesce-ms") {
+            cmd.args(["--coalesce-ms", "200"]);
+        }
+        let child = cmd
+            .args(extra)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start loopguard controller");
+        Controller { child, port }
+    }
+
+    /// One metric from /metrics (0 when absent or not reachable yet).
+    fn metric(&self, name: &str) -> f64 {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("http://127.0.0.1:{}/metrics", self.port)])
+            .output();
+        let Ok(out) = out else { return 0.0 };
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .map(str::to_string)
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn writes(&self) -> f64 {
+        self.metric("loopguard_controller_status_writes_total")
+    }
+
+    fn stop(&mut self, signal: i32) {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One test's world: a client, a label that marks its nodes, and a Lease namespace.
+struct World {
+    cluster: &'static Cluster,
+    client: Client,
+    label: String,
+    lease_ns: String,
+}
+
+impl World {
+    async fn new(tag: &str) -> Option<World> {
+        let cluster = support::cluster::shared()?;
+        let client = cluster.client().await;
+        let lease_ns = cluster.namespace(&client, tag).await;
+        Some(World {
+            cluster,
+            client,
+            label: unique_name(tag),
+            lease_ns,
+        })
+    }
+
+    fn node_name(&self, n: usize) -> String {
+        format!("{}-n{n}", self.label)
+    }
+
+    /// A Node carrying this test's label (plus `extra`), Ready unless `not_ready_since` is given.
+    async fn node(
+        &self,
+        n: usize,
+        extra: &[(&str, &str)],
+        not_ready_since: Option<&str>,
+    ) -> String {
+        let name = self.node_name(n);
+        let mut labels = serde_json::Map::new();
+        labels.insert("loopguard.dev/test".into(), json!(self.label));
+        for (k, v) in extra {
+            labels.insert(k.to_string(), json!(v));
+        }
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": labels},
+        }))
+        .unwrap();
+        let api: Api<Node> = Api::all(self.client.clone());
+        api.create(&PostParams::default(), &node)
+            .await
+            .expect("create node");
+        let (status, since) = match not_ready_since {
+            Some(since) => ("False", since.to_string()),
+            None => ("True", jiff::Timestamp::now().to_string()),
+        };
+        let now = jiff::Timestamp::now().to_string();
+        let patch = json!({"status": {"conditions": [{
+            "type": "Ready", "status": status, "reason": "Test", "message": "set by the test",
+            "lastHeartbeatTime": now, "lastTransitionTime": since,
+        }]}});
+        api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+            .expect("node status");
+        name
+    }
+
+    /// Writes the node's LoopbackNodeState as its agent would.
+    async fn report(
+        &self,
+        node: &str,
+        policy: &str,
+        generation: i64,
+        compliance: Compliance,
+        repairs: i64,
+    ) {
+        let api: Api<LoopbackNodeState> = Api::all(self.client.clone());
+        let object = json!({
+            "apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackNodeState",
+            "metadata": {"name": node}, "spec": {"nodeName": node},
+        });
+        let pp = PatchParams::apply("test-agent").force();
+        api.patch(node, &pp, &Patch::Apply(&object))
+            .await
+            .expect("node state");
+        let status = json!({
+            "apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackNodeState",
+            "status": {"policyName": policy, "policyGeneration": generation, "compliance": compliance,
+                       "reason": "Test", "message": "written by the test", "repairs": repairs},
+        });
+        api.patch_status(node, &pp, &Patch::Apply(&status))
+            .await
+            .expect("node state status");
+    }
+
+    async fn policy(&self, name: &str, spec: Value) -> LoopbackPolicy {
+        let mut spec = spec;
+        if spec.get("nodeSelector").is_none() {
+            spec["nodeSelector"] = json!({"matchLabels": {"loopguard.dev/test": self.label}});
+        }
+        let object: LoopbackPolicy = serde_json::from_value(json!({
+            "apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackPolicy",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        self.policies()
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("create policy")
+    }
+
+    fn policies(&self) -> Api<LoopbackPolicy> {
+        Api::all(self.client.clone())
+    }
+
+    async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&LoopbackPolicyStatus) -> bool,
+    ) -> LoopbackPolicyStatus {
+        eventually(
+            &format!("{name}: {what}"),
+            Duration::from_secs(30),
+            || async {
+                let p = self.policies().get_opt(name).await.ok()??;
+                p.status.filter(|s| check(s))
+            },
+        )
+        .await
+    }
+
+    async fn gone(&self, name: &str, within: Duration) {
+        eventually(&format!("{name} deleted"), within, || async {
+            self.policies()
+                .get_opt(name)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await
+    }
+
+    async fn events_for(&self, policy: &str) -> Vec<(String, String, String)> {
+        let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), "default");
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(policy))
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Removes the test's objects (finalizers included, in case no controller runs any more).
+    async fn clean(&self, policies: &[&str]) {
+        for name in policies {
+            let _ = self
+                .policies()
+                .patch(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+            let _ = self.policies().delete(name, &DeleteParams::default()).await;
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let states: Api<LoopbackNodeState> = Api::all(self.client.clone());
+        let selector = ListParams::default().labels(&format!("loopguard.dev/test={}", self.label));
+        for node in nodes.list(&selector).await.unwrap().items {
+            let _ = states
+                .delete(&node.name_any(), &DeleteParams::default())
+                .await;
+            let _ = nodes
+                .delete(&node.name_any(), &DeleteParams::default())
+                .await;
+        }
+        support::cluster::delete_namespace(&self.client, &self.lease_ns).await;
+    }
+}
+
+fn cond(status: &LoopbackPolicyStatus, type_: &str) -> (String, String) {
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} in {status:?}"));
+    (format!("{:?}", c.status), c.reason.clone())
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[tokio::test]
+async fn invalid_specs_are_refused_with_their_messages() {
+    let Some(w) = World::new("invalid").await else {
+        return;
+    };
+    let cases = [
+        (
+            json!({"ipFamilies": ["IPv4"]}),
+            "ipFamilies must include IPv6",
+        ),
+        (json!({"ipFamilies": ["IPv6", "IPv6"]}), "Duplicate value"),
+        (
+            json!({"mode": "Enforcing"}),
+            "supported values: \"Enforce\", \"Audit\"",
+        ),
+        (
+            json!({"placement": "Top"}),
+            "supported values: \"Insert\", \"Append\"",
+        ),
+        (
+            json!({"onRemoval": "Delete"}),
+            "supported values: \"Remove\", \"Retain\"",
+        ),
+        (
+            json!({"applicability": "Sometimes"}),
+            "supported values: \"Auto\", \"Always\"",
+        ),
+        (
+            json!({"nodeSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}),
+            "values must be non-empty for In and NotIn",
+        ),
+        (
+            json!({"nodeSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}}),
+            "empty for Exists",
+        ),
+        (
+            json!({"nodeSelector": {"matchExpressions": [{"key": "a", "operator": "Like", "values": ["x"]}]}}),
+            "supported values: \"In\"",
+        ),
+        (json!({"priority": "high"}), "spec.priority"),
+    ];
+    for (spec, message) in cases {
+        let out = w
+            .cluster
+            .kubectl()
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                let doc = json!({"apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackPolicy",
+                                 "metadata": {"name": unique_name("bad")}, "spec": spec});
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(doc.to_string().as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted {spec}");
+        assert!(
+            stderr.contains(message),
+            "{spec}: expected {message:?} in {stderr}"
+        );
+    }
+    // And the defaults land in the stored object.
+    let p = w.policy(&unique_name("defaults"), json!({})).await;
+    let stored = serde_json::to_value(&p.spec).unwrap();
+    assert_eq!(stored["mode"], "Enforce");
+    assert_eq!(stored["ipFamilies"], json!(["IPv6"]));
+    assert_eq!(stored["applicability"], "Auto");
+    assert_eq!(stored["placement"], "Insert");
+    assert_eq!(stored["onRemoval"], "Remove");
+    assert_eq!(stored["priority"], 0);
+    w.clean(&[&p.name_any()]).await;
+}
+
+#[tokio::test]
+async fn conditions_and_counts_follow_node_reports() {
+    let _serial = lock();
+    let Some(w) = World::new("mix").await else {
+        return;
+    };
+    let _ctl = Controller::start(w.cluster, &w.lease_ns, "mix", &[]);
+    let nodes: Vec<String> = futures::future::join_all((0..4).map(|n| w.node(n, &[], None))).await;
+    let name = unique_name("mix");
+    let p = w.policy(&name, json!({})).await;
+    let g = p.metadata.generation.unwrap();
+
+    let s = w
+        .wait_status(&name, "4 pending", |s| s.pending_nodes == 4)
+        .await;
+    assert_eq!(
+        cond(&s, "Compliant"),
+        ("Unknown".into(), "AwaitingNodeReports".into())
+    );
+    assert_eq!(cond(&s, "Progressing").0, "True");
+
+    w.report(&nodes[0], &name, g, Compliance::Compliant, 0)
+        .await;
+    w.report(&nodes[1], &name, g, Compliance::NonCompliant, 0)
+        .await;
+    w.report(&nodes[2], &name, g, Compliance::NotApplicable, 0)
+        .await;
+    w.report(&nodes[3], &name, g, Compliance::Error, 0).await;
+    let s = w
+        .wait_status(&name, "all reported", |s| s.pending_nodes == 0)
+        .await;
+    assert_eq!(
+        (
+            s.targeted_nodes,
+            s.compliant_nodes,
+            s.non_compliant_nodes,
+            s.not_applicable_nodes,
+            s.errored_nodes
+        ),
+        (4, 1, 1, 1, 1)
+    );
+    assert_eq!(
+        s.non_compliant_node_names,
+        vec![nodes[1].clone(), nodes[3].clone()]
+    );
+    assert_eq!(cond(&s, "Compliant"), ("False".into(), "NodeErrors".into()));
+    assert_eq!(cond(&s, "Degraded"), ("True".into(), "NodeErrors".into()));
+    assert_eq!(cond(&s, "Progressing").0, "False");
+    assert_eq!(s.summary, "1/4");
+
+    // The errored and non-compliant nodes recover: Compliant, and `kubectl wait` agrees.
+    w.report(&nodes[1], &name, g, Compliance::Compliant, 1)
+        .await;
+    w.report(&nodes[3], &name, g, Compliance::Compliant, 0)
+        .await;
+    let wait = w
+        .cluster
+        .kubectl()
+        .args([
+            "wait",
+            "--for=condition=Compliant",
+            &format!("lbp/{name}"),
+            "--timeout=30s",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        wait.status.success(),
+        "{}",
+        String::from_utf8_lossy(&wait.stderr)
+    );
+    let s = w
+        .wait_status(&name, "degraded cleared", |s| {
+            cond(s, "Degraded").0 == "False"
+        })
+        .await;
+    assert_eq!((s.compliant_nodes, s.not_applicable_nodes), (3, 1));
+    let row = w
+        .cluster
+        .kubectl()
+        .args(["get", "lbp", &name, "--no-headers"])
+        .output()
+        .unwrap();
+    let row = String::from_utf8_lossy(&row.stdout);
+    assert!(
+        row.contains("Enforce") && row.contains("3/4") && row.contains("True"),
+        "{row}"
+    );
+
+    let events = eventually("events", Duration::from_secs(15), || async {
+        let e = w.events_for(&name).await;
+        (e.iter().any(|(_, r, _)| r == "DriftRepaired")
+            && e.iter().any(|(_, r, _)| r == "Compliant"))
+        .then_some(e)
+    })
+    .await;
+    assert!(
+        events.iter().any(|(t, r, note)| t == "Warning"
+            && r == "NodesNotCompliant"
+            && note.contains(&nodes[1])),
+        "{events:?}"
+    );
+    w.clean(&[&name]).await;
+}
+
+#[tokio::test]
+async fn a_spec_change_is_progressing_until_nodes_catch_up() {
+    let _serial = lock();
+    let Some(w) = World::new("gen").await else {
+        return;
+    };
+    let _ctl = Controller::start(w.cluster, &w.lease_ns, "gen", &[]);
+    let node = w.node(0, &[], None).await;
+    let name = unique_name("gen");
+    w.policy(&name, json!({})).await;
+    w.report(&node, &name, 1, Compliance::Compliant, 0).await;
+    let before = w
+        .wait_status(&name, "compliant", |s| s.compliant_nodes == 1)
+        .await;
+    assert_eq!(cond(&before, "Compliant").0, "True");
+
+    w.policies()
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"mode": "Audit"}})),
+        )
+        .await
+        .unwrap();
+    let s = w
+        .wait_status(&name, "generation 2 pending", |s| {
+            s.observed_generation == Some(2)
+        })
+        .await;
+    assert_eq!(s.pending_nodes, 1);
+    assert_eq!(
+        cond(&s, "Progressing"),
+        ("True".into(), "NodesPending".into())
+    );
+    assert_eq!(cond(&s, "Compliant").0, "Unknown");
+    assert!(
+        s.conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(2))
+    );
+
+    w.report(&node, &name, 2, Compliance::Compliant, 0).await;
+    let s = w
+        .wait_status(&name, "caught up", |s| s.pending_nodes == 0)
+        .await;
+    assert_eq!(cond(&s, "Progressing").0, "False");
+    assert_eq!(cond(&s, "Compliant").0, "True");
+    w.clean(&[&name]).await;
+}
+
+#[tokio::test]
+async fn overlapping_policies_resolve_by_priority() {
+    let _serial = lock();
+    let Some(w) = World::new("prio").await else {
+        return;
+    };
+    let _ctl = Controller::start(w.cluster, &w.lease_ns, "prio", &[]);
+    let workers: Vec<String> =
+        futures::future::join_all((0..2).map(|n| w.node(n, &[("role", "worker")], None))).await;
+    let infra = w.node(2, &[("role", "infra")], None).await;
+    let base = unique_name("base");
+    let special = unique_name("special");
+    w.policy(&base, json!({})).await;
+    w.policy(
+        &special,
+        json!({"priority": 10, "ipFamilies": ["IPv6", "IPv4"],
+               "nodeSelector": {"matchLabels": {"loopguard.dev/test": w.label, "role": "worker"}}}),
+    )
+    .await;
+    let s = w
+        .wait_status(&base, "two overridden", |s| s.overridden_nodes == 2)
+        .await;
+    assert_eq!(s.targeted_nodes, 1);
+    let s = w
+        .wait_status(&special, "two targeted", |s| s.targeted_nodes == 2)
+        .await;
+    assert_eq!(s.overridden_nodes, 0);
+    // A node following the losing policy is not counted for the winner.
+    w.report(&workers[0], &base, 1, Compliance::Compliant, 0)
+        .await;
+    w.report(&workers[1], &special, 1, Compliance::Compliant, 0)
+        .await;
+    w.report(&infra, &base, 1, Compliance::Compliant, 0).await;
+    let s = w
+        .wait_status(&special, "one of two", |s| s.compliant_nodes == 1)
+        .await;
+    assert_eq!(s.pending_nodes, 1);
+    let s = w
+        .wait_status(&base, "infra compliant", |s| s.compliant_nodes == 1)
+        .await;
+    assert_eq!(cond(&s, "Compliant").0, "True");
+    w.clean(&[&base, &special]).await;
+}
+
+#[tokio::test]
+async fn a_node_stuck_not_ready_turns_the_policy_degraded() {
+    let _serial = lock();
+    let Some(w) = World::new("notready").await else {
+        return;
+    };
+    let _ctl = Controller::start(
+        w.cluster,
+        &w.lease_ns,
+        "nr",
+        &["--node-not-ready-timeout", "60"],
+    );
+    let ten_minutes_ago =
+        (jiff::Timestamp::now() - jiff::SignedDuration::from_mins(10)).to_string();
+    let up = w.node(0, &[], None).await;
+    let down = w.node(1, &[], Some(&ten_minutes_ago)).await;
+    let name = unique_name("nr");
+    w.policy(&name, json!({})).await;
+    w.report(&up, &name, 1, Compliance::Compliant, 0).await;
+    let s = w
+        .wait_status(&name, "degraded", |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Degraded" && c.reason == "NodesNotReady")
+        })
+        .await;
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert!(degraded.message.contains(&down), "{}", degraded.message);
+    assert_eq!(s.pending_nodes, 1);
+    w.clean(&[&name]).await;
+}
+
+#[tokio::test]
+async fn deletion_waits_for_cleanup_and_never_forever() {
+    let _serial = lock();
+    let Some(w) = World::new("del").await else {
+        return;
+    };
+    let _ctl = Controller::start(w.cluster, &w.lease_ns, "del", &["--cleanup-timeout", "6"]);
+    let nodes: Vec<String> = futures::future::join_all((0..2).map(|n| w.node(n, &[], None))).await;
+
+    // Remove: the finalizer holds until the node reports its rules removed.
+    let remove = unique_name("remove");
+    w.policy(&remove, json!({"nodeSelector": {"matchLabels": {"purpose": "remove", "loopguard.dev/test": w.label}}})).await;
+    let remove_on = w.node(5, &[("purpose", "remove")], None).await;
+    w.report(&remove_on, &remove, 1, Compliance::Compliant, 0)
+        .await;
+    eventually("finalizer added", Duration::from_secs(15), || async {
+        let p = w.policies().get(&remove).await.ok()?;
+        p.finalizers()
+            .contains(&loopguard::api::FINALIZER.to_string())
+            .then_some(())
+    })
+    .await;
+    w.policies()
+        .delete(&remove, &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = w.policies().get_opt(&remove).await.unwrap();
+    assert!(
+        held.is_some_and(|p| p.metadata.deletion_timestamp.is_some()),
+        "held by the finalizer"
+    );
+    w.report(&remove_on, &remove, 1, Compliance::Unmanaged, 0)
+        .await;
+    w.gone(&remove, Duration::from_secs(10)).await;
+    assert!(
+        !w.events_for(&remove)
+            .await
+            .iter()
+            .any(|(_, r, _)| r == "CleanupIncomplete")
+    );
+
+    // Retain: nothing to wait for.
+    let retain = unique_name("retain");
+    w.policy(&retain, json!({"onRemoval": "Retain"})).await;
+    w.report(&nodes[0], &retain, 1, Compliance::Compliant, 0)
+        .await;
+    eventually("finalizer added", Duration::from_secs(15), || async {
+        let p = w.policies().get(&retain).await.ok()?;
+        (!p.finalizers().is_empty()).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    w.policies()
+        .delete(&retain, &DeleteParams::default())
+        .await
+        .unwrap();
+    w.gone(&retain, Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A node that never answers: released after the timeout, with a Warning naming it.
+    let silent = unique_name("silent");
+    w.policy(&silent, json!({})).await;
+    w.report(&nodes[1], &silent, 1, Compliance::Compliant, 0)
+        .await;
+    eventually("finalizer added", Duration::from_secs(15), || async {
+        let p = w.policies().get(&silent).await.ok()?;
+        (!p.finalizers().is_empty()).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    w.policies()
+        .delete(&silent, &DeleteParams::default())
+        .await
+        .unwrap();
+    w.gone(&silent, Duration::from_secs(20)).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "released after {:?}",
+        started.elapsed()
+    );
+    let events = w.events_for(&silent).await;
+    assert!(
+        events.iter().any(|(t, r, note)| t == "Warning"
+            && r == "CleanupIncomplete"
+            && note.contains(&nodes[1])),
+        "{events:?}"
+    );
+    w.clean(&[]).await;
+}
+
+#[tokio::test]
+async fn only_the_leader_writes_and_another_takes_over() {
+    let _serial = lock();
+    let Some(w) = World::new("lease").await else {
+        return;
+    };
+    let args = ["--lease-duration", "4"];
+    let mut a = Controller::start(w.cluster, &w.lease_ns, "replica-a", &args);
+    let mut b = Controller::start(w.cluster, &w.lease_ns, "replica-b", &args);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(w.client.clone(), &w.lease_ns);
+    let holder = || async {
+        leases
+            .get_opt(loopguard::api::LEASE_NAME)
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+            .filter(|h| !h.is_empty())
+    };
+    let first = eventually("a leader", Duration::from_secs(20), holder).await;
+    let node = w.node(0, &[], None).await;
+    let name = unique_name("lease");
+    w.policy(&name, json!({})).await;
+    w.report(&node, &name, 1, Compliance::Compliant, 0).await;
+    w.wait_status(&name, "compliant", |s| s.compliant_nodes == 1)
+        .await;
+    let (leader, follower) = if first == "replica-a" {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    eventually(
+        "leader's writes counted",
+        Duration::from_secs(10),
+        || async { (leader.writes() > 0.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(follower.writes(), 0.0, "the follower never writes");
+    assert_eq!(follower.metric("loopguard_controller_leader"), 0.0);
+
+    // The leader is killed without a chance to release the lease: the follower takes over once
+    // the lease expires, and writes from then on.
+    leader.stop(libc::SIGKILL);
+    let killed = Instant::now();
+    let second = eventually("a new leader", Duration::from_secs(30), || async {
+        holder().await.filter(|h| *h != first)
+    })
+    .await;
+    println!(
+        "lease moved from {first} to {second} {:?} after the kill",
+        killed.elapsed()
+    );
+    w.report(&node, &name, 1, Compliance::NonCompliant, 0).await;
+    w.wait_status(&name, "non-compliant", |s| s.non_compliant_nodes == 1)
+        .await;
+    assert!(follower.writes() > 0.0, "the new leader writes");
+    w.clean(&[&name]).await;
+}
+
+#[tokio::test]
+async fn a_thousand_nodes_converge_with_few_writes() {
+    let _serial = lock();
+    let Some(w) = World::new("scale").await else {
+        return;
+    };
+    const NODES: usize = 1000;
+    let started = Instant::now();
+    let nodes: Vec<String> = futures::stream::iter(0..NODES)
+        .map(|n| w.node(n, &[], None))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    println!("created {NODES} nodes in {:?}", started.elapsed());
+    let ctl = Controller::start(w.cluster, &w.lease_ns, "scale", &["--coalesce-ms", "500"]);
+    let name = unique_name("scale");
+    w.policy(&name, json!({})).await;
+    w.wait_status(&name, "all pending", |s| s.pending_nodes == NODES as i32)
+        .await;
+    let writes_before = ctl.writes();
+
+    let started = Instant::now();
+    futures::stream::iter(nodes.iter())
+        .map(|node| w.report(node, &name, 1, Compliance::Compliant, 0))
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let reported = started.elapsed();
+    let s = w
+        .wait_status(&name, "all compliant", |s| {
+            s.compliant_nodes == NODES as i32
+        })
+        .await;
+    let converged = started.elapsed();
+    assert_eq!(cond(&s, "Compliant").0, "True");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let writes = ctl.writes() - writes_before;
+    println!(
+        "{NODES} node reports written in {reported:?}; status converged {converged:?} after the first; {writes} status writes"
+    );
+    assert!(
+        writes >= 1.0 && writes <= (NODES / 20) as f64,
+        "{writes} status writes for {NODES} reports"
+    );
+    w.clean(&[&name]).await;
+}
