@@ -36,6 +36,8 @@ pub enum Command {
     Crd(CrdArgs),
     /// Run the controller: roll node states up into policy status (leader-elected).
     Controller(crate::controller::ControllerArgs),
+    /// Run the node agent: enforce this node's policy, repair drift, report (DaemonSet).
+    Agent(crate::agent::AgentArgs),
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 //! network namespaces, iptables processes, netlink, the state file) → `rules` (pure: the rule model,
 //! evaluation and planning).
 
+pub mod agent;
 pub mod aggregate;
 pub mod api;
 pub mod cli;

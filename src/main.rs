@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Demo => loopguard::demo::run(),
         Command::Crd(args) => loopguard::cli::run_crd(&args),
         Command::Controller(args) => loopguard::cli::run_async(loopguard::controller::run(args)),
+        Command::Agent(args) => loopguard::agent::main(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("loopguard: error: {e}");
