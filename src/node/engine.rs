@@ -155,6 +155,13 @@ impl Engine {
         facts::applicability(&self.facts, self.config.applicability)
     }
 
+    /// Fails when the engine cannot work at all: the state file is unusable, or ip6tables cannot
+    /// be read (no permission, no binary). What the agent checks before it starts.
+    pub fn preflight(&self) -> Result<()> {
+        self.load_ownership()?;
+        self.xtables.read(&[Family::Ipv6]).map(|_| ())
+    }
+
     /// Reads and evaluates; never writes (not even the state file). An unreadable state file
     /// only costs the `owned` annotations, with a warning.
     pub fn check(&self) -> Result<Report> {
