@@ -7,6 +7,8 @@
 #   hack/cluster.sh env                    print `export KUBECONFIG=...` and `export PATH=<bin dir>:...`
 #   hack/cluster.sh status                 show the components and whether the API server is ready
 #   hack/cluster.sh restart-apiserver      restart kube-apiserver on the same port, etcd data kept
+#   hack/cluster.sh stop-apiserver         stop kube-apiserver only (an outage, for reliability tests)
+#   hack/cluster.sh start-apiserver        start it again on the same port, and wait until ready
 #   hack/cluster.sh nodes up FLAGS...      run loopguard-hollow in the background (flags: see its --help)
 #   hack/cluster.sh nodes down             stop it (its netns go with it)
 #
@@ -334,6 +336,19 @@ cmd_restart_apiserver() {
   log "kube-apiserver restarted on port $APISERVER_PORT"
 }
 
+cmd_stop_apiserver() {
+  load_env
+  stop kube-apiserver
+  log "kube-apiserver stopped (port $APISERVER_PORT); etcd and the other components keep running"
+}
+
+cmd_start_apiserver() {
+  load_env
+  pid_of kube-apiserver >/dev/null && die "kube-apiserver is already running"
+  start_apiserver
+  log "kube-apiserver started on port $APISERVER_PORT"
+}
+
 cmd_nodes() {
   load_env
   case "${1:-}" in
@@ -356,6 +371,8 @@ case "${1:-}" in
   env) cmd_env ;;
   status) cmd_status ;;
   restart-apiserver) cmd_restart_apiserver ;;
+  stop-apiserver) cmd_stop_apiserver ;;
+  start-apiserver) cmd_start_apiserver ;;
   nodes) shift && cmd_nodes "$@" ;;
-  *) sed -n '2,13s/^# \{0,1\}//p' "$0" >&2 && exit 2 ;;
+  *) sed -n '2,15s/^# \{0,1\}//p' "$0" >&2 && exit 2 ;;
 esac

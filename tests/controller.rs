@@ -14,12 +14,11 @@ use kube::{Client, ResourceExt};
 use loopguard::api::{Compliance, LoopbackNodeState, LoopbackPolicy, LoopbackPolicyStatus};
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, eventually, unique_name};
 
 const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A running `loopguard controller`, killed on drop.
 struct Controller {
@@ -293,8 +292,8 @@ fn cond(status: &LoopbackPolicyStatus, type_: &str) -> (String, String) {
     (format!("{:?}", c.status), c.reason.clone())
 }
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+async fn lock() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
 }
 
 #[tokio::test]
@@ -380,7 +379,7 @@ async fn invalid_specs_are_refused_with_their_messages() {
 
 #[tokio::test]
 async fn conditions_and_counts_follow_node_reports() {
-    let _serial = lock();
+    let _serial = lock().await;
     let Some(w) = World::new("mix").await else {
         return;
     };
@@ -485,7 +484,7 @@ async fn conditions_and_counts_follow_node_reports() {
 
 #[tokio::test]
 async fn a_spec_change_is_progressing_until_nodes_catch_up() {
-    let _serial = lock();
+    let _serial = lock().await;
     let Some(w) = World::new("gen").await else {
         return;
     };
@@ -535,7 +534,7 @@ async fn a_spec_change_is_progressing_until_nodes_catch_up() {
 
 #[tokio::test]
 async fn overlapping_policies_resolve_by_priority() {
-    let _serial = lock();
+    let _serial = lock().await;
     let Some(w) = World::new("prio").await else {
         return;
     };
@@ -579,7 +578,7 @@ async fn overlapping_policies_resolve_by_priority() {
 
 #[tokio::test]
 async fn a_node_stuck_not_ready_turns_the_policy_degraded() {
-    let _serial = lock();
+    let _serial = lock().await;
     let Some(w) = World::new("notready").await else {
         return;
     };
@@ -611,7 +610,7 @@ async fn a_node_stuck_not_ready_turns_the_policy_degraded() {
 
 #[tokio::test]
 async fn deletion_waits_for_cleanup_and_never_forever() {
-    let _serial = lock();
+    let _serial = lock().await;
     let Some(w) = World::new("del").await else {
         return;
     };
@@ -702,7 +701,7 @@ async fn deletion_waits_for_cleanup_and_never_forever() {
 
 #[tokio::test]
 async fn only_the_leader_writes_and_another_takes_over() {
-    let _serial = lock();
+    let _serial = lock().await;
     let Some(w) = World::new("lease").await else {
         return;
     };
@@ -762,7 +761,7 @@ async fn only_the_leader_writes_and_another_takes_over() {
 
 #[tokio::test]
 async fn a_thousand_nodes_converge_with_few_writes() {
-    let _serial = lock();
+    let _serial = lock().await;
     let Some(w) = World::new("scale").await else {
         return;
     };

@@ -184,25 +184,8 @@ impl Node {
         );
     }
 
-    /// The ComplianceAsCode check (`set_ipv6_loopback_traffic`, sce/shared.sh), run on
-    /// `ip6tables -L -v -n -x`; both the older `all` and the newer numeric protocol column.
     fn scanner_passes(&self) -> bool {
-        let script = format!(
-            r#"
-ipt=ip6tables-{b}
-in_new='\s+[0-9]+\s+[0-9]+\s+ACCEPT\s+[0-9]+\s+--\s+lo\s+\*\s+::\/0\s+::\/0[[:space:]]+[0-9]+\s+[0-9]+\s+DROP\s+[0-9]+\s+--\s+\*\s+\*\s+::1\s+::\/0'
-out_new='\s[0-9]+\s+[0-9]+\s+ACCEPT\s+[0-9]+\s+--\s+\*\s+lo\s+::\/0\s+::\/0'
-in_old='\s+[0-9]+\s+[0-9]+\s+ACCEPT\s+all\s+lo\s+\*\s+::\/0\s+::\/0[[:space:]]+[0-9]+\s+[0-9]+\s+DROP\s+all\s+\*\s+\*\s+::1\s+::\/0'
-out_old='\s[0-9]+\s+[0-9]+\s+ACCEPT\s+all\s+\*\s+lo\s+::\/0\s+::\/0'
-for v in new old; do
-  eval "ri=\$in_$v; ro=\$out_$v"
-  if $ipt -L INPUT -v -n -x | grep -Ezq "$ri" && $ipt -L OUTPUT -v -n -x | grep -Eq "$ro"; then exit 0; fi
-done
-exit 1
-"#,
-            b = self.backend
-        );
-        self.ns.exec(&["bash", "-c", &script]).status.success()
+        netns::scanner_passes(&self.ns.name, self.backend)
     }
 }
 

@@ -167,6 +167,26 @@ impl Cluster {
         );
     }
 
+    /// Stops kube-apiserver (an outage); etcd and the other components keep running.
+    pub fn stop_apiserver(&self) {
+        let output = cluster_sh(&self.dir, &["stop-apiserver"]);
+        assert!(
+            output.status.success(),
+            "stop-apiserver failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Starts kube-apiserver again after [`Cluster::stop_apiserver`] and waits until it is ready.
+    pub fn start_apiserver(&self) {
+        let output = cluster_sh(&self.dir, &["start-apiserver"]);
+        assert!(
+            output.status.success(),
+            "start-apiserver failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     /// Options for `count` hollow nodes with unique names (`<tag>-<pid>-<n>`), their state below the
     /// cluster's folder (so `hack/cluster.sh down` deletes namespaces a crashed test left) and a quick
     /// restart back-off. Add image mappings and labels, then [`Cluster::start_nodes`].
