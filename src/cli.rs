@@ -3,7 +3,7 @@
 use crate::node::facts::{ApplicabilityMode, BackendChoice, NodeFacts};
 use crate::node::watch::{DriftWatch, Trigger, run_pass};
 use crate::node::{Engine, EngineConfig, Report};
-use crate::rules::{Family, Placement};
+use crate::rules::Placement;
 use crate::telemetry::LogFormat;
 use crate::{Error, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -242,7 +242,15 @@ pub fn run_node(command: NodeCommand) -> Result<ExitCode> {
         }
         NodeCommand::Cleanup(_) => {
             let report = engine.cleanup()?;
-            print_report(output, engine.facts(), &report);
+            if output == Output::Text {
+                let removed = report.changes.as_ref().map_or(0, Vec::len);
+                print!("{}", render_text(engine.facts(), &report));
+                println!(
+                    "result:     removed {removed} rule(s) loopguard had inserted; rules it found in place stay"
+                );
+            } else {
+                print_report(output, engine.facts(), &report);
+            }
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Watch(args) => {
@@ -316,11 +324,11 @@ fn print_report(output: Output, facts: &NodeFacts, report: &Report) {
             "{}",
             serde_json::to_string(report).expect("report serializes")
         ),
-        Output::Text => print!("{}", render_text(facts, report)),
+        Output::Text => print!("{}{}", render_text(facts, report), verdict_line(report)),
     }
 }
 
-/// The human-readable report.
+/// The human-readable report: facts, findings and changes (the verdict line is separate).
 pub fn render_text(facts: &NodeFacts, report: &Report) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
@@ -380,6 +388,11 @@ pub fn render_text(facts: &NodeFacts, report: &Report) -> String {
             }
         }
     }
+    s
+}
+
+/// The last line of a check or enforce report.
+fn verdict_line(report: &Report) -> String {
     let verdict = if !report.applicable {
         "NOT APPLICABLE"
     } else if report.compliant {
@@ -387,13 +400,7 @@ pub fn render_text(facts: &NodeFacts, report: &Report) -> String {
     } else {
         "NOT COMPLIANT"
     };
-    let _ = writeln!(s, "result:     {verdict} ({})", report.reason);
-    s
-}
-
-/// `--ip-families` values as rule families (kept for the agent's flags).
-pub fn to_families(values: &[IpFamily]) -> Vec<Family> {
-    crate::rules::families(values.contains(&IpFamily::Ipv4))
+    format!("result:     {verdict} ({})\n", report.reason)
 }
 
 /// Runs a long-lived component on a multi-threaded runtime; exit 0 when it stops cleanly.
