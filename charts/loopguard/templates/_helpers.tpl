@@ -1,0 +1,72 @@
+{{/* The chart's name, overridable. */}}
+{{- define "loopguard.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The full name: the release name, suffixed with the chart's unless it already contains it. */}}
+{{- define "loopguard.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "loopguard.controller.name" -}}
+{{- printf "%s-controller" (include "loopguard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "loopguard.agent.name" -}}
+{{- printf "%s-agent" (include "loopguard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every object carries. */}}
+{{- define "loopguard.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "loopguard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: loopguard
+{{- end }}
+
+{{/* Selector labels of one component: call with (dict "ctx" $ "component" "agent"). */}}
+{{- define "loopguard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "loopguard.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "loopguard.componentLabels" -}}
+{{ include "loopguard.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* The image reference: by digest when one is given, else by tag (the appVersion by default). */}}
+{{- define "loopguard.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Environment both components share. */}}
+{{- define "loopguard.commonEnv" -}}
+- name: LOOPGUARD_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+{{- with .Values.logLevel }}
+- name: RUST_LOG
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The agent's ServiceAccount user name, as the API server sees its tokens. */}}
+{{- define "loopguard.agent.username" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "loopguard.agent.name" .) }}
+{{- end }}
