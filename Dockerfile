@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+#
+# The loopguard image: one binary, `loopguard controller` and `loopguard agent`, on a small Debian with
+# iptables (both the legacy and the nft backends: the agent uses whichever the node uses).
+#
+#   docker build -t ghcr.io/loopguard/loopguard:0.1.0 .
+#
+# Base images are pinned by exact tag, not yet by digest: this project's machines reach no container
+# registry, so the digests could not be looked up and checked here. Where one is reachable, add them:
+#   docker buildx imagetools inspect debian:12.11-slim        (the index digest)
+#   FROM debian:12.11-slim@sha256:<digest>
+# CI cannot build this image (no container engine there); it runs the build stage's script,
+# hack/build-release.sh, instead, which is the same release build and the same checks.
+
+FROM rust:1.95.0-slim-bookworm AS build
+WORKDIR /src
+# Everything the workspace needs to load (hack/hollow is a member), nothing more.
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+COPY hack/hollow ./hack/hollow
+COPY hack/build-release.sh ./hack/build-release.sh
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    ./hack/build-release.sh /out/loopguard
+
+FROM debian:12.11-slim
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="loopguard" \
+      org.opencontainers.image.description="Enforces the CIS/PCI-DSS IPv6 loopback firewall baseline on every Kubernetes node" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/loopguard/loopguard" \
+      org.opencontainers.image.base.name="docker.io/library/debian:12.11-slim"
+# iptables brings iptables/ip6tables with both backends (-legacy and -nft) and their -save/-restore.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables=1.8.9-2 \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/loopguard /usr/local/bin/loopguard
+# Non-root by default: the controller runs so. The agent's Pod runs it as uid 0 with NET_ADMIN and
+# NET_RAW only (see charts/loopguard/README.md).
+USER 65532:65532
+# checkov:skip=CKV_DOCKER_2: Kubernetes ignores HEALTHCHECK; the chart's liveness and readiness probes use /healthz and /readyz
+ENTRYPOINT ["/usr/local/bin/loopguard"]
