@@ -1,0 +1,834 @@
+//! The Helm chart, the plain manifests and the image recipe: the chart lints clean and rejects a
+//! misspelt value, carries the generated CRDs and the product's version, passes only flags the binary
+//! knows, is accepted by a real API server, its admission policy confines each agent to its own node,
+//! and installed on hollow nodes it makes a policy Compliant; deploy/loopguard.yaml is the chart's
+//! current rendering.
+//!
+//! Every install uses its own release name and namespace, so cluster-scoped objects never collide.
+
+mod support;
+
+use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use loopguard::api::{LoopbackNodeState, LoopbackPolicy};
+use loopguard_hollow::ImageMapping;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+use support::cluster::{self, Cluster, delete_namespace, eventually, unique_name};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/loopguard");
+const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
+const IMAGE: &str = "ghcr.io/loopguard/loopguard";
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+// --- helpers ---------------------------------------------------------------------------------------------
+
+fn output(mut command: Command, stdin: Option<&str>) -> Output {
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    command.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("wait")
+}
+
+/// Runs `command` and returns its stdout; panics with its stderr when it fails.
+fn run(command: Command, stdin: Option<&str>) -> String {
+    let shown = format!("{command:?}");
+    let out = output(command, stdin);
+    assert!(
+        out.status.success(),
+        "{shown} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn helm(cluster: &Cluster) -> Command {
+    Command::new(cluster.dir.join("bin/helm"))
+}
+
+/// `helm template RELEASE charts/loopguard --namespace NAMESPACE EXTRA...`.
+fn template(cluster: &Cluster, release: &str, namespace: &str, extra: &[&str]) -> String {
+    let mut helm = helm(cluster);
+    helm.args(["template", release, CHART, "--namespace", namespace])
+        .args(extra);
+    run(helm, None)
+}
+
+/// The objects of a multi-document YAML stream (empty documents dropped).
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .expect("rendered YAML parses")
+        .into_iter()
+        .filter(|doc| doc.is_object())
+        .collect()
+}
+
+fn kinds(docs: &[Value]) -> BTreeSet<String> {
+    docs.iter()
+        .filter_map(|d| d["kind"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Writes `values` (JSON is YAML) to a file for `helm template -f`.
+fn values_file(cluster: &Cluster, values: &Value) -> PathBuf {
+    let path = cluster
+        .dir
+        .join(format!("{}.values.json", unique_name("chart")));
+    std::fs::write(&path, serde_json::to_vec_pretty(values).expect("json")).expect("values file");
+    path
+}
+
+/// Applies the CRDs for real (server-side, idempotent) and waits until they are established.
+fn install_crds(cluster: &Cluster) {
+    let mut apply = cluster.kubectl();
+    apply.args([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        &format!("{REPO}/crds"),
+    ]);
+    run(apply, None);
+    let mut wait = cluster.kubectl();
+    wait.args([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/loopbackpolicies.loopguard.dev",
+        "crd/loopbacknodestates.loopguard.dev",
+    ]);
+    run(wait, None);
+}
+
+fn kubectl_with_stdin(cluster: &Cluster, args: &[&str], stdin: &str) -> String {
+    let mut kubectl = cluster.kubectl();
+    kubectl.args(args);
+    run(kubectl, Some(stdin))
+}
+
+/// The `Compliant` condition's status of a policy, if any.
+fn compliant(policy: &LoopbackPolicy) -> Option<String> {
+    let value = serde_json::to_value(policy.status.as_ref()?).ok()?;
+    value["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Compliant")
+        .and_then(|c| c["status"].as_str().map(str::to_owned))
+}
+
+// --- without a cluster -----------------------------------------------------------------------------------
+
+#[test]
+fn chart_crds_are_the_generated_crds() {
+    let generated: Vec<(String, String)> = loopguard::api::crd_documents();
+    let chart_dir = Path::new(CHART).join("crds");
+    let mut in_chart: Vec<String> = std::fs::read_dir(&chart_dir)
+        .expect("charts/loopguard/crds")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    in_chart.sort();
+    let mut names: Vec<String> = generated.iter().map(|(name, _)| name.clone()).collect();
+    names.sort();
+    assert_eq!(
+        in_chart, names,
+        "charts/loopguard/crds holds exactly the generated CRDs"
+    );
+    for (name, yaml) in &generated {
+        let top = std::fs::read_to_string(Path::new(REPO).join("crds").join(name)).expect("crds/");
+        let chart = std::fs::read_to_string(chart_dir.join(name)).expect("chart crd");
+        assert_eq!(
+            &top, yaml,
+            "crds/{name} is stale: run `loopguard crd --write crds/`"
+        );
+        assert_eq!(
+            chart, top,
+            "charts/loopguard/crds/{name} differs from crds/{name}: cp crds/*.yaml charts/loopguard/crds/"
+        );
+    }
+}
+
+#[test]
+fn chart_and_image_carry_the_product_version() {
+    let version = env!("CARGO_PKG_VERSION");
+    let chart = std::fs::read_to_string(Path::new(CHART).join("Chart.yaml")).expect("Chart.yaml");
+    let chart: Value = serde_saphyr::from_str(&chart).expect("Chart.yaml parses");
+    assert_eq!(
+        chart["appVersion"], version,
+        "Chart.yaml appVersion follows Cargo.toml"
+    );
+    let dockerfile =
+        std::fs::read_to_string(Path::new(REPO).join("Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.trim() == format!("ARG VERSION={version}")),
+        "the Dockerfile's `ARG VERSION=` follows Cargo.toml ({version})"
+    );
+}
+
+/// Every value in values.yaml has a row in the chart README's table (or a parent key has).
+#[test]
+fn every_value_is_documented_in_the_chart_readme() {
+    let values = std::fs::read_to_string(Path::new(CHART).join("values.yaml")).expect("values");
+    let values: Value = serde_saphyr::from_str(&values).expect("values.yaml parses");
+    let readme = std::fs::read_to_string(Path::new(CHART).join("README.md")).expect("README");
+    let mut leaves = Vec::new();
+    collect_leaves(&values, String::new(), &mut leaves);
+    assert!(leaves.len() > 20, "values.yaml walked: {leaves:?}");
+    let undocumented: Vec<&String> = leaves
+        .iter()
+        .filter(|path| {
+            let parts: Vec<&str> = path.split('.').collect();
+            !(1..=parts.len()).any(|n| readme.contains(&format!("`{}`", parts[..n].join("."))))
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "values without a row in charts/loopguard/README.md: {undocumented:?}"
+    );
+}
+
+fn collect_leaves(value: &Value, path: String, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (key, child) in map {
+                let child_path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                collect_leaves(child, child_path, out);
+            }
+        }
+        _ => out.push(path),
+    }
+}
+
+// --- helm ------------------------------------------------------------------------------------------------
+
+#[test]
+fn helm_lint_is_clean() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    for sets in [
+        &[][..],
+        &[
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "defaultPolicy.enabled=true",
+        ][..],
+    ] {
+        let mut lint = helm(cluster);
+        lint.args(["lint", "--strict", CHART]).args(sets);
+        let out = run(lint, None);
+        assert!(out.contains("0 chart(s) failed"), "{out}");
+        assert!(!out.contains("[WARNING]"), "{out}");
+    }
+}
+
+#[test]
+fn a_misspelt_or_mistyped_value_fails_at_install() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    for (set, expect) in [
+        ("controler.replicas=3", "controler"),
+        ("agent.backend=iptables", "agent/backend"),
+        ("controller.replicas=two", "controller/replicas"),
+        (
+            "defaultPolicy.spec.mode=Enforcing",
+            "defaultPolicy/spec/mode",
+        ),
+    ] {
+        let mut helm = helm(cluster);
+        helm.args(["template", "loopguard", CHART, "--set", set]);
+        let out = output(helm, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--set {set} was accepted");
+        assert!(
+            stderr.contains("schema") && stderr.contains(expect),
+            "--set {set}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn deploy_manifest_is_the_current_rendering() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    let mut render = Command::new(format!("{REPO}/hack/render-manifests.sh"));
+    render
+        .arg("--stdout")
+        .env("HELM", cluster.dir.join("bin/helm"));
+    let fresh = run(render, None);
+    let committed = std::fs::read_to_string(Path::new(REPO).join("deploy/loopguard.yaml"))
+        .expect("deploy/loopguard.yaml");
+    assert!(
+        fresh == committed,
+        "deploy/loopguard.yaml is stale: run hack/render-manifests.sh"
+    );
+    let docs = documents(&committed);
+    let kinds = kinds(&docs);
+    for kind in [
+        "Namespace",
+        "CustomResourceDefinition",
+        "Deployment",
+        "DaemonSet",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ] {
+        assert!(
+            kinds.contains(kind),
+            "deploy/loopguard.yaml has a {kind}: {kinds:?}"
+        );
+    }
+    assert_eq!(
+        docs[0]["kind"], "Namespace",
+        "the Namespace comes first, before what lives in it"
+    );
+}
+
+/// The flags the chart passes parse with the binary they are for (`--help` last: clap reads
+/// everything before it, so an unknown flag or a bad value fails first).
+#[test]
+fn the_chart_passes_only_flags_the_binary_knows() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    let rendered = template(cluster, "loopguard", "loopguard-system", &[]);
+    let mut seen = BTreeSet::new();
+    for doc in documents(&rendered) {
+        if !matches!(doc["kind"].as_str(), Some("Deployment" | "DaemonSet")) {
+            continue;
+        }
+        for container in doc["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .expect("containers")
+        {
+            assert!(
+                container["image"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with(&format!("{IMAGE}:"))),
+                "{container}"
+            );
+            let args: Vec<&str> = container["args"]
+                .as_array()
+                .expect("args")
+                .iter()
+                .map(|a| a.as_str().expect("string arg"))
+                .collect();
+            let mut command = Command::new(BIN);
+            command.args(&args).arg("--help");
+            run(command, None);
+            seen.insert(args[0].to_owned());
+        }
+    }
+    assert_eq!(seen, BTreeSet::from(["agent".into(), "controller".into()]));
+}
+
+// --- the API server --------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_rendered_chart_is_accepted_by_the_api_server() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    install_crds(cluster);
+    let client = cluster.client().await;
+    let namespace = cluster.namespace(&client, "chart-dry").await;
+    let release = unique_name("lgdry");
+    // Every optional object but the ServiceMonitor (its CRD belongs to the Prometheus Operator).
+    let variants: [&[&str]; 2] = [
+        &[],
+        &[
+            "--set",
+            "defaultPolicy.enabled=true",
+            "--set",
+            "image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ],
+    ];
+    for extra in variants {
+        let rendered = template(cluster, &release, &namespace, extra);
+        let out = kubectl_with_stdin(
+            cluster,
+            &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+            &rendered,
+        );
+        assert_eq!(
+            out.lines().count(),
+            documents(&rendered).len(),
+            "one accepted object per document:\n{out}"
+        );
+    }
+
+    // deploy/loopguard.yaml as a user applies it, Namespace included; moved to a namespace of this
+    // test (a dry run of what lives in a namespace needs the namespace to exist).
+    let moved = unique_name("chart-deploy");
+    let manifest = std::fs::read_to_string(Path::new(REPO).join("deploy/loopguard.yaml"))
+        .expect("deploy/loopguard.yaml")
+        .replace("loopguard-system", &moved);
+    let docs = documents(&manifest);
+    let namespace_doc = serde_json::to_string(&docs[0]).expect("json");
+    kubectl_with_stdin(
+        cluster,
+        &["apply", "--server-side", "-f", "-"],
+        &namespace_doc,
+    );
+    let out = kubectl_with_stdin(
+        cluster,
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "-f",
+            "-",
+        ],
+        &manifest,
+    );
+    assert_eq!(
+        out.lines().count(),
+        docs.len(),
+        "one accepted object per document:\n{out}"
+    );
+    delete_namespace(&client, &moved).await;
+    delete_namespace(&client, &namespace).await;
+}
+
+/// The agent's identity may write only its own node's LoopbackNodeState: a token bound to a Pod on
+/// node A is refused for node B, allowed for A; a token bound to no Pod is refused. The policy's CEL
+/// compiles and type-checks on the real API server.
+#[tokio::test]
+async fn the_admission_policy_confines_each_agent_to_its_own_node() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    install_crds(cluster);
+    let client = cluster.client().await;
+    let namespace = cluster.namespace(&client, "chart-vap").await;
+    let release = unique_name("lgvap");
+    // Only the agent's identity and the policy: no workload runs.
+    let rendered = template(
+        cluster,
+        &release,
+        &namespace,
+        &[
+            "--show-only",
+            "templates/agent-rbac.yaml",
+            "--show-only",
+            "templates/admission-policy.yaml",
+        ],
+    );
+    kubectl_with_stdin(cluster, &["apply", "--server-side", "-f", "-"], &rendered);
+    let docs = documents(&rendered);
+    let account = docs
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .expect("agent ServiceAccount")
+        .to_owned();
+    let policy_name = docs
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .expect("ValidatingAdmissionPolicy")
+        .to_owned();
+
+    // Compiles (creation succeeded) and type-checks against the CRD's schema without warnings.
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    let status = eventually("the policy's type check", TIMEOUT, || async {
+        let policy = policies.get(&policy_name).await.ok()?;
+        let status = policy.status?;
+        (status.observed_generation == policy.metadata.generation).then_some(status)
+    })
+    .await;
+    let warnings = status
+        .type_checking
+        .and_then(|t| t.expression_warnings)
+        .unwrap_or_default();
+    assert!(warnings.is_empty(), "type-check warnings: {warnings:?}");
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let (node_a, node_b) = (unique_name("vap-a"), unique_name("vap-b"));
+    for node in [&node_a, &node_b] {
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({ "metadata": { "name": node } })).expect("node"),
+            )
+            .await
+            .expect("create node");
+    }
+    // A Pod bound to node A under the agent's account: nothing runs it, but a token bound to it
+    // carries node A's name.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "agent-on-a" },
+        "spec": {
+            "nodeName": node_a,
+            "serviceAccountName": account,
+            "containers": [{ "name": "agent", "image": format!("{IMAGE}:test") }],
+        },
+    }))
+    .expect("pod");
+    let pod = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let bound = cluster
+        .service_account_kubeconfig(&client, &namespace, &account, Some(&pod))
+        .await;
+    let unbound = cluster
+        .service_account_kubeconfig(&client, &namespace, &account, None)
+        .await;
+    let agent = Client::try_from(support::cluster::kubeconfig_config(&bound).await).expect("agent");
+    let stranger =
+        Client::try_from(support::cluster::kubeconfig_config(&unbound).await).expect("client");
+    let as_agent: Api<LoopbackNodeState> = Api::all(agent);
+    let as_unbound: Api<LoopbackNodeState> = Api::all(stranger);
+    let admin: Api<LoopbackNodeState> = Api::all(client.clone());
+    let state = |node: &str| -> LoopbackNodeState {
+        serde_json::from_value(json!({
+            "apiVersion": "loopguard.dev/v1alpha1",
+            "kind": "LoopbackNodeState",
+            "metadata": { "name": node },
+            "spec": { "nodeName": node },
+        }))
+        .expect("node state")
+    };
+    let denial = |result: Result<LoopbackNodeState, kube::Error>| -> Option<String> {
+        match result {
+            Err(kube::Error::Api(status)) if status.code == 403 => Some(status.message.clone()),
+            _ => None,
+        }
+    };
+
+    // The policy is enforced once the API server has loaded it: probe with dry runs.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let message = eventually("the policy to deny node B's state", TIMEOUT, || async {
+        denial(as_agent.create(&dry_run, &state(&node_b)).await)
+            .filter(|m| m.contains("may only write"))
+    })
+    .await;
+    assert!(
+        message.contains(&format!(
+            "the loopguard agent on node {node_a} may only write LoopbackNodeState {node_a}, not {node_b}"
+        )),
+        "{message}"
+    );
+
+    // Its own node: allowed, the object and its status.
+    as_agent
+        .create(&PostParams::default(), &state(&node_a))
+        .await
+        .expect("the agent on A creates A's state");
+    let status_patch = |reason: &str| {
+        Patch::Merge(json!({ "status": { "compliance": "Compliant", "reason": reason } }))
+    };
+    as_agent
+        .patch_status(&node_a, &PatchParams::default(), &status_patch("test"))
+        .await
+        .expect("the agent on A writes A's status");
+
+    // Another node's: refused, for the object and for its status.
+    admin
+        .create(&PostParams::default(), &state(&node_b))
+        .await
+        .expect("admin creates B's state");
+    let message = denial(
+        as_agent
+            .patch_status(&node_b, &PatchParams::default(), &status_patch("forged"))
+            .await,
+    )
+    .expect("the agent on A may not write B's status");
+    assert!(
+        message.contains("may only write LoopbackNodeState"),
+        "{message}"
+    );
+    let message = denial(
+        as_agent
+            .patch(
+                &node_b,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "labels": { "forged": "true" } } })),
+            )
+            .await,
+    )
+    .expect("the agent on A may not change B's state");
+    assert!(
+        message.contains("may only write LoopbackNodeState"),
+        "{message}"
+    );
+
+    // A token of the same account bound to no Pod names no node.
+    let message = denial(as_unbound.create(&dry_run, &state(&node_a)).await)
+        .expect("a token bound to no Pod is refused");
+    assert!(message.contains("names no node"), "{message}");
+
+    // Others (here the admin) are not matched by the policy.
+    admin
+        .patch_status(&node_b, &PatchParams::default(), &status_patch("admin"))
+        .await
+        .expect("admin writes B's status");
+
+    // No kubelet finishes this Pod's deletion: force it, or the namespace would wait for it.
+    let _ = pods
+        .delete(
+            "agent-on-a",
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await;
+    for node in [&node_a, &node_b] {
+        let _ = admin.delete(node, &DeleteParams::default()).await;
+        let _ = nodes.delete(node, &DeleteParams::default()).await;
+    }
+    kubectl_with_stdin(
+        cluster,
+        &["delete", "--ignore-not-found", "--wait=false", "-f", "-"],
+        &rendered,
+    );
+    delete_namespace(&client, &namespace).await;
+}
+
+// --- installed on hollow nodes ---------------------------------------------------------------------------
+
+/// The chart as a user installs it, on three hollow nodes that run the locally built binary: the
+/// controller's two replicas and an agent per node become Ready, one replica leads, the chart's default
+/// policy becomes Compliant on every node with the rules in each node's ip6tables, and deleting the
+/// policy removes them again.
+#[tokio::test]
+async fn the_chart_runs_on_hollow_nodes() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    install_crds(cluster);
+    let client = cluster.client().await;
+    let namespace = cluster.namespace(&client, "chart-run").await;
+    let release = unique_name("lgrun");
+    let run_label = unique_name("run");
+    let policy_name = unique_name("chart-default");
+
+    let mut options = cluster.hollow_options("chart", 3);
+    options.images.push(ImageMapping {
+        repository: IMAGE.into(),
+        binary: PathBuf::from(BIN),
+    });
+    options
+        .node_labels
+        .insert("loopguard.test/chart".into(), run_label.clone());
+    // Each node plays a Debian host with iptables installed (and neither nftables nor ufw), so the
+    // CIS rule applies: the host's dpkg database is what the agent's read-only mount shows it.
+    for node in &options.nodes {
+        let dpkg = options
+            .state_dir
+            .join("nodes")
+            .join(node)
+            .join("root/var/lib/dpkg");
+        std::fs::create_dir_all(&dpkg).expect("dpkg dir");
+        std::fs::write(
+            dpkg.join("status"),
+            "Package: iptables\nStatus: install ok installed\nVersion: 1.8.9-2\n\n",
+        )
+        .expect("dpkg status");
+    }
+    let hollow = cluster.start_nodes(options).await;
+    let node_names: Vec<String> = hollow.node_names().map(str::to_owned).collect();
+
+    let on_our_nodes = json!({ "loopguard.test/chart": run_label });
+    let controller_selector = json!({
+        "app.kubernetes.io/instance": release,
+        "app.kubernetes.io/component": "controller",
+    });
+    let values = values_file(
+        cluster,
+        &json!({
+            "controller": {
+                "nodeSelector": on_our_nodes,
+                // A hollow node's pods share one network namespace: two replicas on one node would
+                // compete for the metrics port.
+                "affinity": { "podAntiAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": [{
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": { "matchLabels": controller_selector },
+                }]}},
+            },
+            "agent": { "nodeSelector": on_our_nodes },
+            "defaultPolicy": {
+                "enabled": true,
+                "name": policy_name,
+                "spec": { "nodeSelector": { "matchLabels": on_our_nodes } },
+            },
+        }),
+    );
+    let values = values.to_string_lossy().into_owned();
+    let rendered = template(cluster, &release, &namespace, &["-f", &values]);
+    kubectl_with_stdin(cluster, &["apply", "--server-side", "-f", "-"], &rendered);
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let ready = |component: &'static str| {
+        let pods = pods.clone();
+        let release = release.clone();
+        async move {
+            let selector = format!(
+                "app.kubernetes.io/instance={release},app.kubernetes.io/component={component}"
+            );
+            let list = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?;
+            let ready: BTreeSet<String> = list
+                .items
+                .iter()
+                .filter(|pod| {
+                    pod.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+                })
+                .filter_map(|pod| pod.spec.as_ref()?.node_name.clone())
+                .collect();
+            Some(ready)
+        }
+    };
+    eventually("an agent Ready on each node", TIMEOUT, || async {
+        ready("agent")
+            .await
+            .filter(|nodes| nodes.len() == node_names.len())
+    })
+    .await;
+    eventually("two controller replicas Ready", TIMEOUT, || async {
+        ready("controller").await.filter(|nodes| nodes.len() == 2)
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let holder = eventually("a leader", TIMEOUT, || async {
+        leases
+            .get(loopguard::api::LEASE_NAME)
+            .await
+            .ok()?
+            .spec?
+            .holder_identity
+    })
+    .await;
+    let deployment = documents(&rendered)
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .and_then(|d| d["metadata"]["name"].as_str().map(str::to_owned))
+        .expect("the controller Deployment");
+    assert!(
+        holder.starts_with(&format!("{deployment}-")),
+        "a controller Pod leads: {holder}"
+    );
+
+    let policies: Api<LoopbackPolicy> = Api::all(client.clone());
+    let policy = eventually("the default policy Compliant on 3/3", TIMEOUT, || async {
+        let policy = policies.get(&policy_name).await.ok()?;
+        let summary = policy.status.as_ref()?.summary.clone();
+        (compliant(&policy).as_deref() == Some("True") && summary == "3/3").then_some(policy)
+    })
+    .await;
+    assert_eq!(policy.name_any(), policy_name);
+    let states: Api<LoopbackNodeState> = Api::all(client.clone());
+    for node in &node_names {
+        let state = states.get(node).await.expect("the node's state");
+        let value = serde_json::to_value(&state.status).expect("status");
+        assert_eq!(value["compliance"], "Compliant", "{node}: {value}");
+        let rules = ip6tables(node, "INPUT");
+        assert!(
+            rules.iter().any(|r| r == "-A INPUT -i lo -j ACCEPT")
+                && rules.iter().any(|r| r == "-A INPUT -s ::1/128 -j DROP"),
+            "{node}: {rules:?}"
+        );
+    }
+
+    // Deleting the policy: the agents remove what they inserted, the controller lets it go.
+    policies
+        .delete(&policy_name, &DeleteParams::default())
+        .await
+        .expect("delete policy");
+    eventually("the policy to be gone", TIMEOUT, || async {
+        matches!(
+            policies.get(&policy_name).await,
+            Err(kube::Error::Api(status)) if status.code == 404
+        )
+        .then_some(())
+    })
+    .await;
+    for node in &node_names {
+        assert!(
+            !ip6tables(node, "INPUT")
+                .iter()
+                .any(|r| r.contains("::1/128")),
+            "{node}: the inserted rules are removed"
+        );
+    }
+
+    // Uninstall, and let the hollow nodes stop the pods before they go themselves.
+    kubectl_with_stdin(
+        cluster,
+        &["delete", "--ignore-not-found", "--wait=false", "-f", "-"],
+        &rendered,
+    );
+    eventually("the pods to be gone", TIMEOUT, || async {
+        pods.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    delete_namespace(&client, &namespace).await;
+    for node in &node_names {
+        let _ = states.delete(node, &DeleteParams::default()).await;
+    }
+    hollow
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+}
+
+/// `ip6tables -S CHAIN` rule lines in a hollow node's network namespace (the backend the agent
+/// detected in an empty namespace: nft).
+fn ip6tables(node: &str, chain: &str) -> Vec<String> {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", node, "ip6tables-nft", "-S", chain]);
+    run(command, None)
+        .lines()
+        .filter(|l| l.starts_with("-A"))
+        .map(str::to_owned)
+        .collect()
+}
