@@ -227,6 +227,75 @@ fn collect_leaves(value: &Value, path: String, out: &mut Vec<String>) {
     }
 }
 
+/// The agent container's privileges as deploy/loopguard.yaml grants them (uid 0, only the added
+/// capabilities, no privilege escalation) are enough for iptables with both backends. Hollow nodes ignore
+/// securityContext, so this checks it on the kernel: `setpriv` drops every other capability from the
+/// bounding set before `loopguard node enforce` runs in a fresh network namespace. Without NET_RAW the
+/// legacy backend fails, which is why the chart adds it.
+#[test]
+fn the_agents_capabilities_suffice_for_both_backends() {
+    let manifest = std::fs::read_to_string(Path::new(REPO).join("deploy/loopguard.yaml"))
+        .expect("deploy/loopguard.yaml");
+    let daemonset = documents(&manifest)
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("the agent DaemonSet");
+    let security = &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(security["runAsUser"], 0, "{security}");
+    assert_eq!(security["allowPrivilegeEscalation"], false, "{security}");
+    assert_eq!(security["privileged"], false, "{security}");
+    assert_eq!(
+        security["capabilities"]["drop"],
+        json!(["ALL"]),
+        "{security}"
+    );
+    let added: Vec<String> = security["capabilities"]["add"]
+        .as_array()
+        .expect("added capabilities")
+        .iter()
+        .map(|c| c.as_str().expect("capability").to_lowercase())
+        .collect();
+    assert_eq!(added, ["net_admin", "net_raw"]);
+
+    let enforce = |capabilities: &[String], backend: &str| -> Output {
+        let ns = support::netns::TestNetns::new("caps");
+        let state = tempfile::tempdir().expect("tempdir");
+        let state_file = state.path().join("state.json");
+        let bounding: String = capabilities.iter().map(|c| format!(",+{c}")).collect();
+        ns.exec(&[
+            "setpriv",
+            &format!("--bounding-set=-all{bounding}"),
+            "--inh-caps=-all",
+            "--no-new-privs",
+            "--",
+            BIN,
+            "node",
+            "enforce",
+            "--backend",
+            backend,
+            "--applicability",
+            "always",
+            "--state-file",
+            state_file.to_str().expect("path"),
+        ])
+    };
+    for backend in ["nft", "legacy"] {
+        let out = enforce(&added, backend);
+        assert!(
+            out.status.success(),
+            "{backend} with {added:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("result:     COMPLIANT"));
+    }
+    let out = enforce(&["net_admin".to_owned()], "legacy");
+    assert!(
+        !out.status.success(),
+        "the legacy backend needs NET_RAW as well"
+    );
+}
+
 // --- helm ------------------------------------------------------------------------------------------------
 
 #[test]
