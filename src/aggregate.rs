@@ -315,6 +315,8 @@ pub struct Notice {
     pub warning: bool,
     pub reason: &'static str,
     pub note: String,
+    /// The node the notice is about (the first, when it names several).
+    pub node: Option<String>,
 }
 
 /// Events worth an admin's attention in the move from `before` to `after`.
@@ -327,6 +329,7 @@ pub fn notices(before: Option<&LoopbackPolicyStatus>, after: &LoopbackPolicyStat
             warning: false,
             reason: "Compliant",
             note: format!("all {} targeted nodes are compliant", after.targeted_nodes),
+            node: None,
         });
     }
     let before_failing: Vec<&String> = before
@@ -343,6 +346,7 @@ pub fn notices(before: Option<&LoopbackPolicyStatus>, after: &LoopbackPolicyStat
             warning: true,
             reason: "NodesNotCompliant",
             note: format!("fell out of compliance: {}", names(&newly)),
+            node: newly.first().cloned(),
         });
     }
     out

@@ -12,7 +12,7 @@ use crate::api::{
 use crate::metrics::{self, Readiness};
 use crate::{Error, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -289,8 +289,14 @@ async fn reconcile_all(ctx: &mut Context) {
             if result.is_ok() {
                 ctx.metrics.status_writes.inc();
                 for notice in aggregate::notices(policy.status.as_ref(), &status) {
-                    ctx.event(policy, notice.warning, notice.reason, notice.note)
-                        .await;
+                    ctx.event(
+                        policy,
+                        notice.warning,
+                        notice.reason,
+                        notice.note,
+                        notice.node.as_deref(),
+                    )
+                    .await;
                 }
                 ctx.written.insert(uid, status);
             }
@@ -301,7 +307,8 @@ async fn reconcile_all(ctx: &mut Context) {
             .filter(|(node, _)| states[node].policy_name == policy.metadata.name)
         {
             let note = format!("{node}: drift repaired ({count} repairs so far)");
-            ctx.event(policy, false, "DriftRepaired", note).await;
+            ctx.event(policy, false, "DriftRepaired", note, Some(node))
+                .await;
         }
     }
     let live: Vec<String> = policies.iter().filter_map(|p| p.uid()).collect();
@@ -333,7 +340,17 @@ impl Context {
         }
     }
 
-    async fn event(&self, policy: &LoopbackPolicy, warning: bool, reason: &str, note: String) {
+    /// Records an Event on `policy`. `node` becomes the Event's related object: kube's recorder
+    /// folds repeats of the same reason, object and related object into one series (keeping the
+    /// first note), so events about different nodes must name their node there.
+    async fn event(
+        &self,
+        policy: &LoopbackPolicy,
+        warning: bool,
+        reason: &str,
+        note: String,
+        node: Option<&str>,
+    ) {
         let event = Event {
             type_: if warning {
                 EventType::Warning
@@ -343,7 +360,12 @@ impl Context {
             reason: reason.into(),
             note: Some(note),
             action: "Reconcile".into(),
-            secondary: None,
+            secondary: node.map(|name| ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(name.into()),
+                ..Default::default()
+            }),
         };
         match self.recorder.publish(&event, &policy.object_ref(&())).await {
             Ok(()) => {
@@ -393,7 +415,8 @@ async fn finish_deletion(
                 "released without confirmed cleanup on {} ({why}); rules loopguard inserted there may remain until their agents run again",
                 progress.waiting.join(", ")
             );
-            ctx.event(policy, true, "CleanupIncomplete", note).await;
+            ctx.event(policy, true, "CleanupIncomplete", note, None)
+                .await;
         }
     }
     ctx.write(

@@ -1,0 +1,194 @@
+//! loopguard installed from its own Helm chart on a test control plane, with hollow nodes that run
+//! the agent binary built from this checkout.
+
+#![allow(dead_code)]
+
+use super::cluster::{Cluster, eventually};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use loopguard_hollow::{HollowOptions, ImageMapping};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub const IMAGE: &str = "ghcr.io/loopguard/loopguard";
+pub const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/loopguard");
+pub const RELEASE: &str = "loopguard";
+pub const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
+
+/// Hollow-node options that run the chart's image as the locally built binary.
+pub fn with_image(mut options: HollowOptions) -> HollowOptions {
+    options.images.push(ImageMapping {
+        repository: IMAGE.into(),
+        binary: PathBuf::from(BIN),
+    });
+    options
+}
+
+/// The folder that stands for `node`'s root file system (hostPath volumes come from there).
+pub fn node_root(options: &HollowOptions, node: &str) -> PathBuf {
+    options.state_dir.join("nodes").join(node).join("root")
+}
+
+/// Writes a dpkg database into a node's root: `installed` packages are installed, others not.
+pub fn install_packages(root: &Path, installed: &[&str]) {
+    let dir = root.join("var/lib/dpkg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text: String = installed
+        .iter()
+        .map(|p| format!("Package: {p}\nStatus: install ok installed\nVersion: 1.0\n\n"))
+        .collect();
+    std::fs::write(dir.join("status"), text).unwrap();
+}
+
+fn run(mut command: Command, stdin: Option<&str>) -> String {
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        command.stdin(Stdio::piped());
+    }
+    let mut child = command.spawn().expect("spawn");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `helm template` of the chart (CRDs included) with `sets`, applied server-side in `namespace`.
+pub fn install(cluster: &Cluster, namespace: &str, sets: &[&str]) {
+    let mut helm = Command::new(cluster.dir.join("bin/helm"));
+    helm.args([
+        "template",
+        RELEASE,
+        CHART,
+        "--include-crds",
+        "--namespace",
+        namespace,
+    ]);
+    for set in sets {
+        helm.args(["--set", set]);
+    }
+    let manifests = run(helm, None);
+    let mut create_ns = cluster.kubectl();
+    create_ns.args(["create", "namespace", namespace]);
+    let _ = create_ns.output();
+    let mut apply = cluster.kubectl();
+    apply.args(["apply", "--server-side", "-f", "-"]);
+    run(apply, Some(&manifests));
+}
+
+/// Waits until the agent DaemonSet has a Ready pod on each of `nodes` nodes.
+pub async fn wait_agents_ready(client: &kube::Client, namespace: &str, nodes: usize) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    eventually("agents ready", Duration::from_secs(120), || async {
+        let list = pods
+            .list(&ListParams::default().labels(AGENT_SELECTOR))
+            .await
+            .ok()?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .count();
+        (ready >= nodes).then_some(())
+    })
+    .await;
+}
+
+/// The agent processes running on this machine (the hollow nodes' containers), by pid.
+pub fn agent_pids() -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.first().is_some_and(|a| *a == BIN.as_bytes())
+            && args.get(1).is_some_and(|a| *a == b"agent")
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// `ip6tables-<backend> -S CHAIN` rule lines in a node's namespace.
+pub fn chain(node: &str, backend: &str, chain: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            node,
+            &format!("ip6tables-{backend}"),
+            "-S",
+            chain,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `ip6tables-<backend>-save` of a node without comments and counters.
+pub fn save(node: &str, backend: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", node, &format!("ip6tables-{backend}-save")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match l.find(" [") {
+            Some(i) if l.starts_with(':') => &l[..i],
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs a command inside a node's network namespace and insists that it succeeds.
+pub fn in_node(node: &str, args: &[&str]) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", node])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} in {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
