@@ -19,7 +19,7 @@ if [[ $EUID -ne 0 ]]; then
 fi
 
 log "system packages"
-packages=(iptables nftables iproute2 curl openssl util-linux ca-certificates python3-pip)
+packages=(iptables nftables iproute2 curl openssl util-linux ca-certificates python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query --show --showformat='${db:Status-Status}' "$p" 2>/dev/null | grep -q '^installed$' || missing+=("$p")
@@ -54,6 +54,12 @@ export LOOPGUARD_CLUSTER_DIR="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/cl
 hack/cluster.sh up
 trap 'hack/cluster.sh down' EXIT
 eval "$(hack/cluster.sh env)"
+
+log "chart, manifests and Dockerfile: checkov and hadolint"
+hack/lint-manifests.sh
+
+log "release build, as the Dockerfile's build stage runs it"
+hack/build-release.sh
 
 log "tests"
 LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
