@@ -25,14 +25,21 @@ async fn main() {
     };
     let client = cluster.client().await;
     deploy::install(&cluster, NS, &["logFormat=plain", "controller.replicas=1"]);
-    println!("loopguard cluster benchmark: control plane v1.37.2 on 127.0.0.1, hollow nodes (one network namespace each, nft backend), chart defaults (controller coalesces 500 ms)");
-    println!("machine: {} cores\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "loopguard cluster benchmark: control plane v1.37.2 on 127.0.0.1, hollow nodes (one network namespace each, nft backend), chart defaults (controller coalesces 500 ms)"
+    );
+    println!(
+        "machine: {} cores\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
 
     let mut rows = Vec::new();
     let mut total_nodes = 0;
     for nodes in [3usize, 10, 50] {
         let mut options = deploy::with_image(cluster.hollow_options(&format!("b{nodes}"), nodes));
-        options.node_labels.insert("loopguard.dev/bench".into(), nodes.to_string());
+        options
+            .node_labels
+            .insert("loopguard.dev/bench".into(), nodes.to_string());
         for node in &options.nodes {
             deploy::install_packages(&deploy::node_root(&options, node), &["iptables"]);
         }
@@ -49,34 +56,53 @@ async fn main() {
         }))
         .unwrap();
         let started = Instant::now();
-        policies.create(&PostParams::default(), &policy).await.unwrap();
+        policies
+            .create(&PostParams::default(), &policy)
+            .await
+            .unwrap();
         loop {
             let p = policies.get(&name).await.unwrap();
             let compliant = p.status.as_ref().is_some_and(|s| {
-                s.conditions.iter().any(|c| c.type_ == "Compliant" && c.reason == "AllNodesCompliant")
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Compliant" && c.reason == "AllNodesCompliant")
             });
             if compliant {
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(180), "{name} not compliant");
+            assert!(
+                started.elapsed() < Duration::from_secs(180),
+                "{name} not compliant"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let to_compliant = started.elapsed();
-        println!("{nodes} nodes: kubectl apply → Compliant=True in {:.2} s", to_compliant.as_secs_f64());
+        println!(
+            "{nodes} nodes: kubectl apply → Compliant=True in {:.2} s",
+            to_compliant.as_secs_f64()
+        );
 
         let mut extra = String::new();
         if nodes == 10 {
             extra = steady_state(&cluster, nodes).await;
             let latencies = repair_latencies(&names[0], 15);
-            extra.push_str(&format!("drift repair through the agent (rule deleted → back, 15 times): {latencies}\n"));
-            let rss: Vec<u64> = deploy::agent_pids().iter().filter_map(|p| deploy::rss_kib(*p)).collect();
+            extra.push_str(&format!(
+                "drift repair through the agent (rule deleted → back, 15 times): {latencies}\n"
+            ));
+            let rss: Vec<u64> = deploy::agent_pids()
+                .iter()
+                .filter_map(|p| deploy::rss_kib(*p))
+                .collect();
             let avg = rss.iter().sum::<u64>() as f64 / rss.len().max(1) as f64 / 1024.0;
             let max = rss.iter().max().copied().unwrap_or(0) as f64 / 1024.0;
             extra.push_str(&format!("agent resident memory at idle: {avg:.1} MiB average, {max:.1} MiB max over {} agents\n", rss.len()));
         }
         rows.push((nodes, to_compliant));
         print!("{extra}");
-        policies.delete(&name, &DeleteParams::default()).await.unwrap();
+        policies
+            .delete(&name, &DeleteParams::default())
+            .await
+            .unwrap();
         eventually("policy gone", Duration::from_secs(120), || async {
             policies.get_opt(&name).await.ok()?.is_none().then_some(())
         })
@@ -94,9 +120,23 @@ async fn main() {
 fn repair_latencies(node: &str, times: usize) -> String {
     let mut samples = Vec::new();
     for _ in 0..times {
-        deploy::in_node(node, &["ip6tables-nft", "-D", "INPUT", "-s", "::1/128", "-j", "DROP"]);
+        deploy::in_node(
+            node,
+            &[
+                "ip6tables-nft",
+                "-D",
+                "INPUT",
+                "-s",
+                "::1/128",
+                "-j",
+                "DROP",
+            ],
+        );
         let deleted = Instant::now();
-        while !deploy::chain(node, "nft", "INPUT").iter().any(|r| r == "-A INPUT -s ::1/128 -j DROP") {
+        while !deploy::chain(node, "nft", "INPUT")
+            .iter()
+            .any(|r| r == "-A INPUT -s ::1/128 -j DROP")
+        {
             assert!(deleted.elapsed() < Duration::from_secs(5));
         }
         samples.push(deleted.elapsed());
@@ -120,10 +160,14 @@ async fn steady_state(cluster: &support::cluster::Cluster, nodes: usize) -> Stri
     tokio::time::sleep(window).await;
     let after = request_counts(cluster);
     let per_node_hour = |key: &(String, String)| {
-        let delta = after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0);
+        let delta =
+            after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0);
         delta / nodes as f64 * 3600.0 / window.as_secs_f64()
     };
-    let mut out = format!("steady state over {}s with {nodes} compliant nodes, requests per node per hour (all clients: agents, controller, hollow kubelets):\n", window.as_secs());
+    let mut out = format!(
+        "steady state over {}s with {nodes} compliant nodes, requests per node per hour (all clients: agents, controller, hollow kubelets):\n",
+        window.as_secs()
+    );
     let mut keys: Vec<&(String, String)> = after.keys().collect();
     keys.sort();
     for key in keys {
@@ -135,22 +179,41 @@ async fn steady_state(cluster: &support::cluster::Cluster, nodes: usize) -> Stri
 
 /// `apiserver_request_total` summed by (resource, verb) for the resources loopguard uses.
 fn request_counts(cluster: &support::cluster::Cluster) -> BTreeMap<(String, String), f64> {
-    let out = cluster.kubectl().args(["get", "--raw", "/metrics"]).output().unwrap();
+    let out = cluster
+        .kubectl()
+        .args(["get", "--raw", "/metrics"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let mut counts = BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
         let label = |name: &str| {
             let start = line.find(&format!("{name}=\""))? + name.len() + 2;
             Some(line[start..].split('"').next()?.to_string())
         };
-        let (Some(resource), Some(verb), Some(subresource)) = (label("resource"), label("verb"), label("subresource")) else {
+        let (Some(resource), Some(verb), Some(subresource)) =
+            (label("resource"), label("verb"), label("subresource"))
+        else {
             continue;
         };
-        if !["loopbacknodestates", "loopbackpolicies", "nodes", "leases"].contains(&resource.as_str()) {
+        if !["loopbacknodestates", "loopbackpolicies", "nodes", "leases"]
+            .contains(&resource.as_str())
+        {
             continue;
         }
-        let resource = if subresource.is_empty() { resource } else { format!("{resource}/{subresource}") };
-        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let resource = if subresource.is_empty() {
+            resource
+        } else {
+            format!("{resource}/{subresource}")
+        };
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
         *counts.entry((resource, verb)).or_insert(0.0) += value;
     }
     counts
