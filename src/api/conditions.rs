@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 /// The state of a condition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ConditionStatus {
+    /// The condition holds.
     True,
+    /// It does not.
     False,
+    /// It cannot be told yet (for example while nodes have not reported).
     Unknown,
 }
 

@@ -54,9 +54,13 @@ pub enum Compliance {
 /// The state of one baseline rule on the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum RuleState {
+    /// In place, exactly once.
     Present,
+    /// Not in its chain.
     Missing,
+    /// In its chain, but not where the scanners need it (the DROP not right after the ACCEPT).
     Misplaced,
+    /// In place, and more than once (for example after the CIS script ran twice).
     Duplicate,
 }
 
@@ -64,11 +68,13 @@ pub enum RuleState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeRule {
+    /// IPv6 (ip6tables) or IPv4 (iptables).
     pub family: IpFamily,
     /// INPUT or OUTPUT.
     pub chain: String,
     /// The rule in iptables-save syntax.
     pub rule: String,
+    /// Present, Missing, Misplaced or Duplicate.
     pub state: RuleState,
     /// True when loopguard inserted it; false when it was found in place and adopted.
     pub owned: bool,
@@ -87,6 +93,7 @@ pub struct LoopbackNodeStateStatus {
     /// The mode the agent acted in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// Compliant, NonCompliant, NotApplicable, Error or Unmanaged.
     pub compliance: Compliance,
     /// A CamelCase word for the verdict.
     #[serde(default)]
@@ -97,6 +104,7 @@ pub struct LoopbackNodeStateStatus {
     /// iptables-nft or iptables-legacy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// Whether IPv6 is on (net.ipv6.conf.all.disable_ipv6 = 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6_enabled: Option<bool>,
     /// Firewall managers installed on the host (iptables, nftables, ufw, firewalld).
@@ -108,6 +116,7 @@ pub struct LoopbackNodeStateStatus {
     /// Drift repairs since the agent started following this policy.
     #[serde(default)]
     pub repairs: i64,
+    /// When drift was last repaired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_repair_time: Option<Time>,
 }

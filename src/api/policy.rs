@@ -88,31 +88,39 @@ pub enum Mode {
 )]
 #[allow(clippy::upper_case_acronyms)]
 pub enum IpFamily {
+    /// ip6tables: the CIS IPv6 loopback rule.
     IPv6,
+    /// iptables: its IPv4 sibling.
     IPv4,
 }
 
 /// Whether the CIS rule's own conditions decide where it applies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Applicability {
+    /// The CIS rule's conditions: iptables installed, nftables and ufw not, IPv6 on.
     #[default]
     Auto,
+    /// Wherever ip6tables works and IPv6 is on.
     Always,
 }
 
 /// Where missing rules are added.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Placement {
+    /// At the top of the chain.
     #[default]
     Insert,
+    /// At the end of the chain, as the CIS script does.
     Append,
 }
 
 /// What happens to inserted rules when a node is no longer governed by the policy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum OnRemoval {
+    /// Delete the rules loopguard inserted (adopted rules stay).
     #[default]
     Remove,
+    /// Leave every rule in place.
     Retain,
 }
 
@@ -150,9 +158,13 @@ pub struct NodeSelectorRequirement {
 /// How a requirement relates a label to its values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SelectorOperator {
+    /// The label's value is one of the values.
     In,
+    /// The label is missing, or its value is none of the values.
     NotIn,
+    /// The label is present.
     Exists,
+    /// The label is missing.
     DoesNotExist,
 }
 
