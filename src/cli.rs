@@ -271,11 +271,7 @@ pub fn run_node(command: NodeCommand) -> Result<ExitCode> {
 }
 
 async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM handler", e))?;
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT handler", e))?;
+    let mut shutdown = crate::runtime::shutdown_signal()?;
     // Subscribe before the first pass so that no change after it goes unseen.
     let mut drift = DriftWatch::new(engine.facts().backend, resync);
     let first = run_pass(
@@ -297,8 +293,7 @@ async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration
     let mut last = first.report;
     loop {
         let trigger = tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = &mut shutdown => break,
             trigger = drift.next() => trigger,
         };
         if let Trigger::Resync { .. } = trigger {
@@ -401,14 +396,4 @@ fn verdict_line(report: &Report) -> String {
         "NOT COMPLIANT"
     };
     format!("result:     {verdict} ({})\n", report.reason)
-}
-
-/// Runs a long-lived component on a multi-threaded runtime; exit 0 when it stops cleanly.
-pub fn run_async(component: impl std::future::Future<Output = Result<()>>) -> Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io("starting the async runtime", e))?;
-    runtime.block_on(component)?;
-    Ok(ExitCode::SUCCESS)
 }

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod metrics;
 pub mod node;
 pub mod rules;
+pub mod runtime;
 pub mod selection;
 pub mod telemetry;
 

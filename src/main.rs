@@ -14,7 +14,9 @@ fn main() -> ExitCode {
             .and_then(|()| loopguard::cli::run_node(node)),
         Command::Demo => loopguard::demo::run(),
         Command::Crd(args) => loopguard::cli::run_crd(&args),
-        Command::Controller(args) => loopguard::cli::run_async(loopguard::controller::run(args)),
+        Command::Controller(args) => {
+            loopguard::runtime::run_async(loopguard::controller::run(args))
+        }
         Command::Agent(args) => loopguard::agent::main(args),
     };
     result.unwrap_or_else(|e| {

@@ -12,12 +12,12 @@ use crate::metrics::{self, Readiness};
 use crate::node::facts::ApplicabilityMode;
 use crate::node::watch::{DriftWatch, Trigger, run_pass};
 use crate::node::{Engine, EngineConfig, Report};
+use crate::runtime::{is_synced, reflect};
 use crate::{Error, Result, selection};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -67,7 +67,7 @@ pub struct AgentArgs {
 /// Runs the agent; on a fatal error, writes the reason to the termination log and exits 2.
 pub fn main(args: AgentArgs) -> Result<ExitCode> {
     let termination_log = args.termination_log.clone();
-    let result = crate::cli::run_async(run(args));
+    let result = crate::runtime::run_async(run(args));
     if let Err(e) = &result {
         let _ = std::fs::write(&termination_log, format!("{e}\n"));
     }
@@ -291,7 +291,7 @@ async fn run(args: AgentArgs) -> Result<()> {
     let mut reporter = Reporter::new(client, &args.node_name);
     let mut synced = false;
     let mut retry = tokio::time::interval(Duration::from_secs(2));
-    let mut shutdown = crate::controller::shutdown_signal()?;
+    let mut shutdown = crate::runtime::shutdown_signal()?;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -304,7 +304,7 @@ async fn run(args: AgentArgs) -> Result<()> {
                 agent.pass(trigger).await;
             }
         }
-        if !synced && is_ready(&policies) && is_ready(&nodes) {
+        if !synced && is_synced(&policies) && is_synced(&nodes) {
             synced = true;
             tracing::info!("caches synced");
         }
@@ -330,43 +330,6 @@ async fn run(args: AgentArgs) -> Result<()> {
     }
     tracing::info!("stopping; the rules stay in place");
     Ok(())
-}
-
-fn is_ready<K: kube::Resource + Clone>(store: &Store<K>) -> bool
-where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
-}
-
-/// A reflector whose every change pokes `changed`.
-fn reflect<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config))
-        .default_backoff()
-        .touched_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(_) => changed.notify_one(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "watch error; retrying (rules stay enforced meanwhile)")
-                }
-            }
-        }
-    });
-    store
 }
 
 impl Agent {

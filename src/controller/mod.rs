@@ -10,14 +10,14 @@ use crate::api::{
     OnRemoval,
 };
 use crate::metrics::{self, Readiness};
+use crate::runtime::reflect;
 use crate::{Error, Result};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -121,9 +121,21 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     metrics::serve(args.metrics_addr, Arc::new(registry), ready.clone()).await?;
 
     let dirty = Arc::new(Notify::new());
-    let policies = reflect::<LoopbackPolicy>(Api::all(client.clone()), dirty.clone());
-    let states = reflect::<LoopbackNodeState>(Api::all(client.clone()), dirty.clone());
-    let nodes = reflect::<Node>(Api::all(client.clone()), dirty.clone());
+    let policies = reflect::<LoopbackPolicy>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        dirty.clone(),
+    );
+    let states = reflect::<LoopbackNodeState>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        dirty.clone(),
+    );
+    let nodes = reflect::<Node>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        dirty.clone(),
+    );
     for store in [
         policies.wait_until_ready().await,
         states.wait_until_ready().await,
@@ -168,7 +180,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     };
     let coalesce = Duration::from_millis(args.coalesce_ms);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut shutdown = shutdown_signal()?;
+    let mut shutdown = crate::runtime::shutdown_signal()?;
     loop {
         tokio::select! {
             _ = dirty.notified() => {}
@@ -194,46 +206,6 @@ fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_else(|_| "controller".into());
     format!("{}-{}", host.trim(), std::process::id())
-}
-
-/// A future that resolves on SIGTERM or SIGINT.
-pub(crate) fn shutdown_signal()
--> Result<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM handler", e))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT handler", e))?;
-    Ok(Box::pin(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    }))
-}
-
-/// Starts a reflector for `api` that pokes `dirty` on every change, and returns its store.
-fn reflect<K>(api: Api<K>, dirty: Arc<Notify>) -> Store<K>
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(_) => dirty.notify_one(),
-                Err(e) => {
-                    tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch error; retrying")
-                }
-            }
-        }
-    });
-    store
 }
 
 /// Rolls up every policy once. Everything is computed from the caches; only changes are written,

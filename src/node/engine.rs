@@ -204,13 +204,7 @@ impl Engine {
             }
             return Ok(self.report(&tables, &ownership, Some(Vec::new())));
         }
-        let applied_at = self.apply(&plan, &tables, &mut ownership)?;
-        let after = self.xtables.read(&families)?;
-        ownership.reconcile(&after, &families);
-        self.store(&ownership)?;
-        let mut report = self.report(&after, &ownership, Some(plan.edits));
-        report.applied_at = Some(applied_at);
-        Ok(report)
+        self.apply_and_verify(plan, &tables, ownership, &families)
     }
 
     /// Removes exactly the rules loopguard inserted, in every family it owns rules in.
@@ -224,9 +218,20 @@ impl Engine {
             self.store(&ownership)?;
             return Ok(self.report(&tables, &ownership, Some(Vec::new())));
         }
-        let applied_at = self.apply(&plan, &tables, &mut ownership)?;
-        let after = self.xtables.read(&families)?;
-        ownership.reconcile(&after, &families);
+        self.apply_and_verify(plan, &tables, ownership, &families)
+    }
+
+    /// Applies a non-empty plan, then reads the chains again: the report tells what is there now.
+    fn apply_and_verify(
+        &self,
+        plan: RulePlan,
+        tables: &Tables,
+        mut ownership: Ownership,
+        families: &[Family],
+    ) -> Result<Report> {
+        let applied_at = self.apply(&plan, tables, &mut ownership)?;
+        let after = self.xtables.read(families)?;
+        ownership.reconcile(&after, families);
         self.store(&ownership)?;
         let mut report = self.report(&after, &ownership, Some(plan.edits));
         report.applied_at = Some(applied_at);

@@ -122,16 +122,7 @@ pub fn evaluate(tables: &Tables, families: &[Family]) -> Evaluation {
 
 /// Index of the first `-i lo -j ACCEPT` that is immediately followed by the loopback DROP.
 pub(super) fn compliant_pair(input: &ChainListing, family: Family) -> Option<usize> {
-    let accept = Rule {
-        family,
-        kind: RuleKind::AcceptLoopbackIn,
-    }
-    .spec();
-    let drop = Rule {
-        family,
-        kind: RuleKind::DropLoopbackSource,
-    }
-    .spec();
+    let [accept, drop, _] = Rule::baseline(family).map(Rule::spec);
     input
         .rules
         .windows(2)

@@ -183,18 +183,8 @@ pub fn plan_cleanup(tables: &Tables, ownership: &Ownership, families: &[Family])
 
 /// 0-based positions of `rule`'s copies in the order cleanup should prefer them.
 fn deletion_candidates(listing: &ChainListing, rule: Rule, placement: Placement) -> Vec<usize> {
-    let family = rule.family;
+    let [accept, drop, _] = Rule::baseline(rule.family).map(Rule::spec);
     let partner = |pos: usize| -> bool {
-        let accept = Rule {
-            family,
-            kind: RuleKind::AcceptLoopbackIn,
-        }
-        .spec();
-        let drop = Rule {
-            family,
-            kind: RuleKind::DropLoopbackSource,
-        }
-        .spec();
         match rule.kind {
             RuleKind::AcceptLoopbackIn => listing.rules.get(pos + 1) == Some(&drop),
             RuleKind::DropLoopbackSource => pos > 0 && listing.rules[pos - 1] == accept,

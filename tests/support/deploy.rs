@@ -168,15 +168,7 @@ pub fn save(node: &str, backend: &str) -> String {
         .args(["netns", "exec", node, &format!("ip6tables-{backend}-save")])
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.find(" [") {
-            Some(i) if l.starts_with(':') => &l[..i],
-            _ => l,
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    super::netns::without_counters(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Runs a command inside a node's network namespace and insists that it succeeds.

@@ -96,20 +96,24 @@ impl TestNetns {
 
     /// `ip6tables-<backend>-save` without comments and counters: what must stay byte-identical.
     pub fn save(&self, command: &str, backend: &str) -> String {
-        let text = self.run(&[&format!("{command}-{backend}-save")]);
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| match l.find(" [") {
-                Some(i) if l.starts_with(':') => &l[..i],
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        without_counters(&self.run(&[&format!("{command}-{backend}-save")]))
     }
 
     pub fn set_sysctl(&self, key: &str, value: &str) {
         self.run(&["sysctl", "-q", "-w", &format!("{key}={value}")]);
     }
+}
+
+/// `*-save` output without comments and counters: what must stay byte-identical.
+pub fn without_counters(save: &str) -> String {
+    save.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match l.find(" [") {
+            Some(i) if l.starts_with(':') => &l[..i],
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The ComplianceAsCode check (`set_ipv6_loopback_traffic`, sce/shared.sh) run on
