@@ -184,7 +184,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
             "logFormat=plain",
         ],
     );
-    deploy::wait_agents_ready(&client, NS, 4).await;
+    deploy::wait_agents_ready(&client, NS, &names).await;
 
     // A policy: Compliant, with the IPv6-off node NotApplicable.
     let policies: Api<LoopbackPolicy> = Api::all(client.clone());
@@ -360,7 +360,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         (!list.items.iter().any(|p| old.contains(&p.name_any()))).then_some(())
     })
     .await;
-    deploy::wait_agents_ready(&client, NS, 4).await;
+    deploy::wait_agents_ready(&client, NS, &names).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after: Vec<String> = [&n.legacy, &n.nft, &n.seeded]
         .iter()

@@ -89,26 +89,22 @@ pub fn install(cluster: &Cluster, namespace: &str, sets: &[&str]) {
     run(apply, Some(&manifests));
 }
 
-/// Waits until the agent DaemonSet has a Ready pod on each of `nodes` nodes.
-pub async fn wait_agents_ready(client: &kube::Client, namespace: &str, nodes: usize) {
+/// Waits until the agent DaemonSet has a Ready pod on every one of `nodes`.
+pub async fn wait_agents_ready(client: &kube::Client, namespace: &str, nodes: &[String]) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    eventually("agents ready", Duration::from_secs(120), || async {
-        let list = pods
-            .list(&ListParams::default().labels(AGENT_SELECTOR))
-            .await
-            .ok()?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    eventually("agents ready", Duration::from_secs(180), || async {
+        let list = pods.list(&ListParams::default().labels(AGENT_SELECTOR)).await.ok()?;
+        let ready_on = |node: &String| {
+            list.items.iter().any(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.spec.as_ref().and_then(|s| s.node_name.as_ref()) == Some(node)
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
             })
-            .count();
-        (ready >= nodes).then_some(())
+        };
+        nodes.iter().all(ready_on).then_some(())
     })
     .await;
 }
