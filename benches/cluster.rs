@@ -52,7 +52,10 @@ async fn main() {
         let started = Instant::now();
         let hollow = cluster.start_nodes(options).await;
         deploy::wait_agents_ready(&client, NS, &names).await;
-        println!("{nodes} nodes: registered, and an agent Ready on each, in {:.1} s", started.elapsed().as_secs_f64());
+        println!(
+            "{nodes} nodes: registered, and an agent Ready on each, in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
 
         let policies: Api<LoopbackPolicy> = Api::all(client.clone());
         let name = format!("bench-{nodes}");

@@ -93,7 +93,10 @@ pub fn install(cluster: &Cluster, namespace: &str, sets: &[&str]) {
 pub async fn wait_agents_ready(client: &kube::Client, namespace: &str, nodes: &[String]) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     eventually("agents ready", Duration::from_secs(180), || async {
-        let list = pods.list(&ListParams::default().labels(AGENT_SELECTOR)).await.ok()?;
+        let list = pods
+            .list(&ListParams::default().labels(AGENT_SELECTOR))
+            .await
+            .ok()?;
         let ready_on = |node: &String| {
             list.items.iter().any(|p| {
                 p.metadata.deletion_timestamp.is_none()
@@ -101,7 +104,9 @@ pub async fn wait_agents_ready(client: &kube::Client, namespace: &str, nodes: &[
                     && p.status
                         .as_ref()
                         .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
             })
         };
         nodes.iter().all(ready_on).then_some(())
