@@ -11,7 +11,7 @@ use loopguard::api::{Compliance, LoopbackNodeState, LoopbackNodeStateStatus, Loo
 use serde_json::json;
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, eventually};
-use support::deploy::{self, chain, in_node, save};
+use support::deploy::{self, chain, delete_and_time_repair, in_node, save};
 use support::netns::scanner_passes;
 
 const NS: &str = "loopguard-system";
@@ -83,33 +83,6 @@ fn kubectl_ok(cluster: &Cluster, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Deletes the DROP rule by hand and returns how long until it is back (polled every few ms).
-fn delete_and_time_repair(node: &str, backend: &str, limit: Duration) -> Duration {
-    in_node(
-        node,
-        &[
-            &format!("ip6tables-{backend}"),
-            "-D",
-            "INPUT",
-            "-s",
-            "::1/128",
-            "-j",
-            "DROP",
-        ],
-    );
-    let deleted = Instant::now();
-    loop {
-        if chain(node, backend, "INPUT").iter().any(|r| r == DROP_SRC) {
-            return deleted.elapsed();
-        }
-        assert!(
-            deleted.elapsed() < limit,
-            "{node}: rule not back within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,10 +309,13 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     assert!(scanner_passes(&n.nft, "nft"));
 
     // Restarting every agent (a rolling update) changes no rule.
-    let before: Vec<String> = [&n.legacy, &n.nft, &n.seeded]
-        .iter()
-        .map(|node| save(node, if *node == &n.legacy { "legacy" } else { "nft" }))
-        .collect();
+    let rulesets = || -> Vec<String> {
+        [(&n.legacy, "legacy"), (&n.nft, "nft"), (&n.seeded, "nft")]
+            .iter()
+            .map(|(node, backend)| save(node, backend))
+            .collect()
+    };
+    let before = rulesets();
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let old: Vec<String> = pods
         .list(&ListParams::default().labels(deploy::AGENT_SELECTOR))
@@ -362,10 +338,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     .await;
     deploy::wait_agents_ready(&client, NS, &names).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after: Vec<String> = [&n.legacy, &n.nft, &n.seeded]
-        .iter()
-        .map(|node| save(node, if *node == &n.legacy { "legacy" } else { "nft" }))
-        .collect();
+    let after = rulesets();
     assert_eq!(before, after, "restarting the agents changed rules");
 
     // The API server is down for 30 s while a rule is deleted: repaired anyway; status right after.

@@ -10,7 +10,7 @@ use loopguard_hollow::{HollowOptions, ImageMapping};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const IMAGE: &str = "ghcr.io/loopguard/loopguard";
 pub const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
@@ -184,4 +184,34 @@ pub fn in_node(node: &str, args: &[&str]) {
         "{args:?} in {node}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Deletes the DROP rule by hand and returns how long until it is back (polled every few ms).
+pub fn delete_and_time_repair(node: &str, backend: &str, limit: Duration) -> Duration {
+    in_node(
+        node,
+        &[
+            &format!("ip6tables-{backend}"),
+            "-D",
+            "INPUT",
+            "-s",
+            "::1/128",
+            "-j",
+            "DROP",
+        ],
+    );
+    let deleted = Instant::now();
+    loop {
+        if chain(node, backend, "INPUT")
+            .iter()
+            .any(|r| r == "-A INPUT -s ::1/128 -j DROP")
+        {
+            return deleted.elapsed();
+        }
+        assert!(
+            deleted.elapsed() < limit,
+            "{node}: rule not back within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
