@@ -251,30 +251,22 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     .await;
 
     // Audit: reports, writes nothing; back to Enforce repairs.
-    policies
-        .patch(
-            "baseline",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"mode": "Audit"}})),
-        )
-        .await
-        .unwrap();
+    let set_mode = |mode: &'static str| {
+        let policies = policies.clone();
+        async move {
+            let patch = json!({"spec": {"mode": mode}});
+            policies
+                .patch("baseline", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+    };
+    set_mode("Audit").await;
     wait_state(&client, &n.nft, "audit generation", |s| {
         s.policy_generation == Some(2)
     })
     .await;
-    in_node(
-        &n.nft,
-        &[
-            "ip6tables-nft",
-            "-D",
-            "INPUT",
-            "-s",
-            "::1/128",
-            "-j",
-            "DROP",
-        ],
-    );
+    deploy::delete_drop_rule(&n.nft, "nft");
     let audit = wait_state(&client, &n.nft, "audit finding", |s| {
         s.compliance == Compliance::NonCompliant
     })
@@ -294,14 +286,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         },
     )
     .await;
-    policies
-        .patch(
-            "baseline",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"mode": "Enforce"}})),
-        )
-        .await
-        .unwrap();
+    set_mode("Enforce").await;
     wait_state(&client, &n.nft, "enforced again", |s| {
         s.policy_generation == Some(3) && s.compliance == Compliance::Compliant
     })

@@ -186,8 +186,8 @@ pub fn in_node(node: &str, args: &[&str]) {
     );
 }
 
-/// Deletes the DROP rule by hand and returns how long until it is back (polled every few ms).
-pub fn delete_and_time_repair(node: &str, backend: &str, limit: Duration) -> Duration {
+/// Deletes the loopback DROP rule by hand, as drift.
+pub fn delete_drop_rule(node: &str, backend: &str) {
     in_node(
         node,
         &[
@@ -200,6 +200,11 @@ pub fn delete_and_time_repair(node: &str, backend: &str, limit: Duration) -> Dur
             "DROP",
         ],
     );
+}
+
+/// Deletes the DROP rule by hand and returns how long until it is back (polled every few ms).
+pub fn delete_and_time_repair(node: &str, backend: &str, limit: Duration) -> Duration {
+    delete_drop_rule(node, backend);
     let deleted = Instant::now();
     loop {
         if chain(node, backend, "INPUT")
