@@ -336,11 +336,39 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     cluster.start_apiserver();
     let client = cluster.client().await;
     let policies: Api<LoopbackPolicy> = Api::all(client.clone());
+
+    // The legacy node is relabelled out of the selector at once, while the agents' watches are
+    // still backing off: its agent learns of it from the re-list that follows.
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .patch(
+            &n.legacy,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"loopguard.dev/e2e": null}}})),
+        )
+        .await
+        .unwrap();
+    let relabelled = Instant::now();
     let s = wait_state(&client, &n.nft, "repair reported after the outage", |s| {
         s.repairs == repairs_before + 1
     })
     .await;
     assert_eq!(s.compliance, Compliance::Compliant);
+    let s = wait_state(&client, &n.legacy, "unmanaged after the outage", |s| {
+        s.compliance == Compliance::Unmanaged
+    })
+    .await;
+    println!(
+        "relabelled right after the outage: node unmanaged after {:?}",
+        relabelled.elapsed()
+    );
+    assert_eq!(s.reason, "RulesRemoved");
+    assert_eq!(
+        chain(&n.legacy, "legacy", "INPUT"),
+        vec!["-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT"],
+        "only loopguard's rules went"
+    );
+    assert!(chain(&n.legacy, "legacy", "OUTPUT").is_empty());
     kubectl_ok(
         &cluster,
         &[
@@ -350,23 +378,6 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
             "--timeout=60s",
         ],
     );
-
-    // Relabelled out of the selector: the node's inserted rules go.
-    let nodes: Api<Node> = Api::all(client.clone());
-    nodes
-        .patch(
-            &n.nft,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"labels": {"loopguard.dev/e2e": null}}})),
-        )
-        .await
-        .unwrap();
-    let s = wait_state(&client, &n.nft, "unmanaged", |s| {
-        s.compliance == Compliance::Unmanaged
-    })
-    .await;
-    assert_eq!(s.reason, "RulesRemoved");
-    assert!(chain(&n.nft, "nft", "INPUT").is_empty() && chain(&n.nft, "nft", "OUTPUT").is_empty());
 
     // Deleting the policy removes what loopguard inserted and keeps what it adopted.
     policies
@@ -382,15 +393,11 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
             .then_some(())
     })
     .await;
-    assert_eq!(
-        chain(&n.legacy, "legacy", "INPUT"),
-        vec!["-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT"]
-    );
-    assert!(chain(&n.legacy, "legacy", "OUTPUT").is_empty());
+    assert!(chain(&n.nft, "nft", "INPUT").is_empty() && chain(&n.nft, "nft", "OUTPUT").is_empty());
     assert_eq!(save(&n.seeded, "nft"), seeded_before, "adopted rules stay");
     assert_eq!(chain(&n.seeded, "nft", "OUTPUT"), vec![ACCEPT_OUT]);
     assert_eq!(chain(&n.seeded, "nft", "INPUT"), vec![ACCEPT_IN, DROP_SRC]);
-    for node in [&n.legacy, &n.seeded] {
+    for node in [&n.nft, &n.seeded] {
         assert_eq!(
             state(&client, node).await.unwrap().compliance,
             Compliance::Unmanaged
