@@ -156,6 +156,8 @@ pub struct DriftWatch {
     events: Option<NftEvents>,
     resync: tokio::time::Interval,
     debounce: Duration,
+    /// When the first event of a transaction whose end has not been seen yet arrived.
+    unfinished: Option<Instant>,
 }
 
 impl DriftWatch {
@@ -178,6 +180,7 @@ impl DriftWatch {
             events,
             resync,
             debounce: Duration::from_millis(20),
+            unfinished: None,
         }
     }
 
@@ -186,29 +189,38 @@ impl DriftWatch {
     }
 
     /// The next reason to look again.
+    ///
+    /// Cancel-safe, as `select!` in the agent needs: a change seen before the end of its
+    /// transaction is kept in `self` while the rest is awaited, so dropping this future during
+    /// that wait loses nothing; the next call finishes the wait and returns the change.
     pub async fn next(&mut self) -> Trigger {
-        let events = self.events.as_ref();
-        tokio::select! {
-            _ = self.resync.tick() => Trigger::Resync { at: Instant::now() },
-            result = async { events.expect("guarded").changed().await }, if events.is_some() => {
-                let at = Instant::now();
-                let mut finished = match result {
-                    Ok(finished) => finished,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "nftables event socket failed; relying on the periodic re-check");
-                        self.events = None;
-                        return Trigger::Changed { at };
-                    }
-                };
+        loop {
+            let Some(events) = self.events.as_ref() else {
+                self.resync.tick().await;
+                return Trigger::Resync { at: Instant::now() };
+            };
+            if let Some(at) = self.unfinished {
                 // Wait for the end of the transaction (its NEWGEN), briefly: one check per change.
-                let events = self.events.as_ref().expect("still subscribed");
-                while !finished {
-                    match tokio::time::timeout(self.debounce, events.changed()).await {
-                        Ok(Ok(done)) => finished = done,
-                        _ => break,
+                if let Ok(Ok(false)) = tokio::time::timeout(self.debounce, events.changed()).await {
+                    continue;
+                }
+                self.unfinished = None;
+                return Trigger::Changed { at };
+            }
+            tokio::select! {
+                _ = self.resync.tick() => return Trigger::Resync { at: Instant::now() },
+                result = events.changed() => {
+                    let at = Instant::now();
+                    match result {
+                        Ok(true) => return Trigger::Changed { at },
+                        Ok(false) => self.unfinished = Some(at),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "nftables event socket failed; relying on the periodic re-check");
+                            self.events = None;
+                            return Trigger::Changed { at };
+                        }
                     }
                 }
-                Trigger::Changed { at }
             }
         }
     }
