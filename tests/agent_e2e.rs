@@ -85,6 +85,19 @@ fn kubectl_ok(cluster: &Cluster, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// What a user runs: `kubectl wait --for=condition=Compliant lbp/baseline`.
+fn wait_compliant(cluster: &Cluster) {
+    kubectl_ok(
+        cluster,
+        &[
+            "wait",
+            "--for=condition=Compliant",
+            "lbp/baseline",
+            "--timeout=60s",
+        ],
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loopguard_end_to_end_on_hollow_nodes() {
     // A control plane of its own: this test stops the API server.
@@ -172,15 +185,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         .create(&PostParams::default(), &policy)
         .await
         .unwrap();
-    kubectl_ok(
-        &cluster,
-        &[
-            "wait",
-            "--for=condition=Compliant",
-            "lbp/baseline",
-            "--timeout=60s",
-        ],
-    );
+    wait_compliant(&cluster);
     println!(
         "kubectl apply → Compliant=True on 4 nodes: {:?}",
         applied.elapsed()
@@ -369,15 +374,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         "only loopguard's rules went"
     );
     assert!(chain(&n.legacy, "legacy", "OUTPUT").is_empty());
-    kubectl_ok(
-        &cluster,
-        &[
-            "wait",
-            "--for=condition=Compliant",
-            "lbp/baseline",
-            "--timeout=60s",
-        ],
-    );
+    wait_compliant(&cluster);
 
     // Deleting the policy removes what loopguard inserted and keeps what it adopted.
     policies
