@@ -41,13 +41,12 @@ async fn main() {
 
     let mut rows = Vec::new();
     for nodes in [3usize, 10, 50] {
-        let mut options = deploy::with_image(cluster.hollow_options(&format!("b{nodes}"), nodes));
-        options
-            .node_labels
-            .insert("loopguard.dev/bench".into(), nodes.to_string());
-        for node in &options.nodes {
-            deploy::install_packages(&deploy::node_root(&options, node), &["iptables"]);
-        }
+        let options = deploy::iptables_hosts(
+            &cluster,
+            &format!("b{nodes}"),
+            nodes,
+            ("loopguard.dev/bench", &nodes.to_string()),
+        );
         let names = options.nodes.clone();
         let started = Instant::now();
         let hollow = cluster.start_nodes(options).await;

@@ -14,10 +14,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
-const SEED: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/seed-remediation.sh"
-);
 const REPS: usize = 15;
 
 fn main() {
@@ -68,16 +64,6 @@ impl Fixture {
             ns.ip6tables(backend, "-S");
         }
         let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        write_exec(
-            &bin.join("ip6tables"),
-            &format!("#!/bin/sh\nexec ip6tables-{backend} \"$@\"\n"),
-        );
-        write_exec(
-            &bin.join("dpkg-query"),
-            "#!/bin/sh\nfor p; do :; done\n[ \"$p\" = iptables ] && echo installed\nexit 0\n",
-        );
         Fixture { ns, backend, dir }
     }
 
@@ -101,22 +87,8 @@ impl Fixture {
     }
 
     fn seed(&self) -> Command {
-        let path = format!(
-            "{}:{}",
-            self.dir.path().join("bin").display(),
-            std::env::var("PATH").unwrap()
-        );
-        let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &self.ns.name,
-            "env",
-            &format!("PATH={path}"),
-            "bash",
-            SEED,
-        ])
-        .stdout(Stdio::null());
+        let mut c = netns::seed_script(&self.ns.name, self.backend, &self.dir.path().join("bin"));
+        c.stdout(Stdio::null());
         c
     }
 
@@ -136,18 +108,16 @@ impl Fixture {
 
     /// Removes the three baseline rules however they got there (the seed appends them).
     fn reset(&self) {
+        let binary = format!("ip6tables-{}", self.backend);
         for rule in [
             "-D INPUT -i lo -j ACCEPT",
             "-D INPUT -s ::1/128 -j DROP",
             "-D OUTPUT -o lo -j ACCEPT",
         ] {
-            let _ = self.ns.exec(
-                &[&format!("ip6tables-{}", self.backend)]
-                    .iter()
-                    .map(|s| s.as_str())
-                    .chain(rule.split(' '))
-                    .collect::<Vec<_>>(),
-            );
+            let args: Vec<&str> = std::iter::once(binary.as_str())
+                .chain(rule.split(' '))
+                .collect();
+            let _ = self.ns.exec(&args);
         }
         let _ = std::fs::remove_file(self.dir.path().join("state.json"));
     }
@@ -194,7 +164,6 @@ fn bench_repair(backend: &'static str) {
     for _ in 0..REPS {
         let started = Instant::now();
         fx.ns.ip6tables(backend, "-D INPUT -s ::1/128 -j DROP");
-        let deleted = started.elapsed();
         let line = wait_for(&mut log, "repaired drift");
         // Wall time from the delete command's start to the watcher's report, minus nothing:
         // an upper bound on what a user would see, including the delete itself.
@@ -204,9 +173,8 @@ fn bench_repair(backend: &'static str) {
             .unwrap()
             .parse()
             .unwrap();
-        let _ = deleted;
         latencies.push(if backend == "nft" {
-            Duration::from_secs_f64(reported / 1000.0).max(Duration::ZERO)
+            Duration::from_secs_f64(reported / 1000.0)
         } else {
             wall
         });
@@ -288,12 +256,6 @@ fn foreign_rules(total: usize) -> String {
     }
     s.push_str("COMMIT\n");
     s
-}
-
-fn write_exec(path: &std::path::Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 fn num_cpus() -> usize {

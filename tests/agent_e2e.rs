@@ -15,10 +15,6 @@ use support::deploy::{self, chain, delete_and_time_repair, in_node, save};
 use support::netns::scanner_passes;
 
 const NS: &str = "loopguard-system";
-const SEED: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/seed-remediation.sh"
-);
 const ACCEPT_IN: &str = "-A INPUT -i lo -j ACCEPT";
 const DROP_SRC: &str = "-A INPUT -s ::1/128 -j DROP";
 const ACCEPT_OUT: &str = "-A OUTPUT -o lo -j ACCEPT";
@@ -75,26 +71,16 @@ async fn wait_state(
     .await
 }
 
-fn kubectl_ok(cluster: &Cluster, args: &[&str]) -> String {
-    let out = cluster.kubectl().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// What a user runs: `kubectl wait --for=condition=Compliant lbp/baseline`.
 fn wait_compliant(cluster: &Cluster) {
-    kubectl_ok(
-        cluster,
+    cluster.kubectl_ok(
         &[
             "wait",
             "--for=condition=Compliant",
             "lbp/baseline",
             "--timeout=60s",
         ],
+        None,
     );
 }
 
@@ -108,15 +94,8 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
 
     // Four nodes: one on the legacy backend (it already has legacy rules), one nft, one with IPv6
     // off, one where the CIS script already ran (rules to adopt). All are iptables hosts.
-    let mut options = deploy::with_image(cluster.hollow_options("e2e", 4));
-    options
-        .node_labels
-        .insert("loopguard.dev/e2e".into(), "yes".into());
-    options.restart_backoff = Duration::from_secs(1);
+    let options = deploy::iptables_hosts(&cluster, "e2e", 4, ("loopguard.dev/e2e", "yes"));
     let names = options.nodes.clone();
-    for node in &names {
-        deploy::install_packages(&deploy::node_root(&options, node), &["iptables"]);
-    }
     let _dump = DumpLogsOnPanic(options.state_dir.join("logs"));
     let hollow = cluster.start_nodes(options).await;
     let n = Nodes {
@@ -143,19 +122,10 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         &n.no_ipv6,
         &["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"],
     );
-    in_node(
-        &n.seeded,
-        &[
-            "env",
-            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-            "bash",
-            "-c",
-            &format!(
-                "mkdir -p /tmp/seedbin-$$ && printf '#!/bin/sh\\nexec ip6tables-nft \"$@\"\\n' > /tmp/seedbin-$$/ip6tables && \
-         printf '#!/bin/sh\\nfor p; do :; done\\n[ \"$p\" = iptables ] && echo installed\\nexit 0\\n' > /tmp/seedbin-$$/dpkg-query && \
-         chmod +x /tmp/seedbin-$$/* && PATH=/tmp/seedbin-$$:$PATH bash {SEED}; rc=$?; rm -rf /tmp/seedbin-$$; exit $rc"
-            ),
-        ],
+    let seed_bin = tempfile::tempdir().unwrap();
+    support::run(
+        support::netns::seed_script(&n.seeded, "nft", seed_bin.path()),
+        None,
     );
     let seeded_before = save(&n.seeded, "nft");
     assert!(scanner_passes(&n.seeded, "nft"));
@@ -232,7 +202,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
             .iter()
             .all(|r| r.owned)
     );
-    let table = kubectl_ok(&cluster, &["get", "lbp,lbns"]);
+    let table = cluster.kubectl_ok(&["get", "lbp,lbns"], None);
     println!("{table}");
 
     // Drift: a rule deleted by hand is back within a second, counted, and an Event says so.

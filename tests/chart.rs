@@ -14,56 +14,20 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use loopguard::api::{LoopbackNodeState, LoopbackPolicy};
-use loopguard_hollow::ImageMapping;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 use support::cluster::{self, Cluster, delete_namespace, eventually, unique_name};
+use support::deploy::{self, BIN, IMAGE};
+use support::{output, run};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/loopguard");
-const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
-const IMAGE: &str = "ghcr.io/loopguard/loopguard";
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 // --- helpers ---------------------------------------------------------------------------------------------
-
-fn output(mut command: Command, stdin: Option<&str>) -> Output {
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    command.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-    }
-    child.wait_with_output().expect("wait")
-}
-
-/// Runs `command` and returns its stdout; panics with its stderr when it fails.
-fn run(command: Command, stdin: Option<&str>) -> String {
-    let shown = format!("{command:?}");
-    let out = output(command, stdin);
-    assert!(
-        out.status.success(),
-        "{shown} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
 
 fn helm(cluster: &Cluster) -> Command {
     Command::new(cluster.dir.join("bin/helm"))
@@ -99,34 +63,6 @@ fn values_file(cluster: &Cluster, values: &Value) -> PathBuf {
         .join(format!("{}.values.json", unique_name("chart")));
     std::fs::write(&path, serde_json::to_vec_pretty(values).expect("json")).expect("values file");
     path
-}
-
-/// Applies the CRDs for real (server-side, idempotent) and waits until they are established.
-fn install_crds(cluster: &Cluster) {
-    let mut apply = cluster.kubectl();
-    apply.args([
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        &format!("{REPO}/crds"),
-    ]);
-    run(apply, None);
-    let mut wait = cluster.kubectl();
-    wait.args([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/loopbackpolicies.loopguard.dev",
-        "crd/loopbacknodestates.loopguard.dev",
-    ]);
-    run(wait, None);
-}
-
-fn kubectl_with_stdin(cluster: &Cluster, args: &[&str], stdin: &str) -> String {
-    let mut kubectl = cluster.kubectl();
-    kubectl.args(args);
-    run(kubectl, Some(stdin))
 }
 
 /// The `Compliant` condition's status of a policy, if any.
@@ -428,7 +364,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
     let Some(cluster) = cluster::shared() else {
         return;
     };
-    install_crds(cluster);
+    cluster.install_crds();
     let client = cluster.client().await;
     let namespace = cluster.namespace(&client, "chart-dry").await;
     let release = unique_name("lgdry");
@@ -444,10 +380,9 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
     ];
     for extra in variants {
         let rendered = template(cluster, &release, &namespace, extra);
-        let out = kubectl_with_stdin(
-            cluster,
+        let out = cluster.kubectl_ok(
             &["apply", "--server-side", "--dry-run=server", "-f", "-"],
-            &rendered,
+            Some(&rendered),
         );
         assert_eq!(
             out.lines().count(),
@@ -464,13 +399,8 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         .replace("loopguard-system", &moved);
     let docs = documents(&manifest);
     let namespace_doc = serde_json::to_string(&docs[0]).expect("json");
-    kubectl_with_stdin(
-        cluster,
-        &["apply", "--server-side", "-f", "-"],
-        &namespace_doc,
-    );
-    let out = kubectl_with_stdin(
-        cluster,
+    cluster.kubectl_ok(&["apply", "--server-side", "-f", "-"], Some(&namespace_doc));
+    let out = cluster.kubectl_ok(
         &[
             "apply",
             "--server-side",
@@ -479,7 +409,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
             "-f",
             "-",
         ],
-        &manifest,
+        Some(&manifest),
     );
     assert_eq!(
         out.lines().count(),
@@ -498,7 +428,7 @@ async fn the_admission_policy_confines_each_agent_to_its_own_node() {
     let Some(cluster) = cluster::shared() else {
         return;
     };
-    install_crds(cluster);
+    cluster.install_crds();
     let client = cluster.client().await;
     let namespace = cluster.namespace(&client, "chart-vap").await;
     let release = unique_name("lgvap");
@@ -514,7 +444,7 @@ async fn the_admission_policy_confines_each_agent_to_its_own_node() {
             "templates/admission-policy.yaml",
         ],
     );
-    kubectl_with_stdin(cluster, &["apply", "--server-side", "-f", "-"], &rendered);
+    cluster.kubectl_ok(&["apply", "--server-side", "-f", "-"], Some(&rendered));
     let docs = documents(&rendered);
     let account = docs
         .iter()
@@ -683,10 +613,9 @@ async fn the_admission_policy_confines_each_agent_to_its_own_node() {
         let _ = admin.delete(node, &DeleteParams::default()).await;
         let _ = nodes.delete(node, &DeleteParams::default()).await;
     }
-    kubectl_with_stdin(
-        cluster,
+    cluster.kubectl_ok(
         &["delete", "--ignore-not-found", "--wait=false", "-f", "-"],
-        &rendered,
+        Some(&rendered),
     );
     delete_namespace(&client, &namespace).await;
 }
@@ -702,36 +631,14 @@ async fn the_chart_runs_on_hollow_nodes() {
     let Some(cluster) = cluster::shared() else {
         return;
     };
-    install_crds(cluster);
+    cluster.install_crds();
     let client = cluster.client().await;
     let namespace = cluster.namespace(&client, "chart-run").await;
     let release = unique_name("lgrun");
     let run_label = unique_name("run");
     let policy_name = unique_name("chart-default");
 
-    let mut options = cluster.hollow_options("chart", 3);
-    options.images.push(ImageMapping {
-        repository: IMAGE.into(),
-        binary: PathBuf::from(BIN),
-    });
-    options
-        .node_labels
-        .insert("loopguard.test/chart".into(), run_label.clone());
-    // Each node plays a Debian host with iptables installed (and neither nftables nor ufw), so the
-    // CIS rule applies: the host's dpkg database is what the agent's read-only mount shows it.
-    for node in &options.nodes {
-        let dpkg = options
-            .state_dir
-            .join("nodes")
-            .join(node)
-            .join("root/var/lib/dpkg");
-        std::fs::create_dir_all(&dpkg).expect("dpkg dir");
-        std::fs::write(
-            dpkg.join("status"),
-            "Package: iptables\nStatus: install ok installed\nVersion: 1.8.9-2\n\n",
-        )
-        .expect("dpkg status");
-    }
+    let options = deploy::iptables_hosts(cluster, "chart", 3, ("loopguard.test/chart", &run_label));
     let hollow = cluster.start_nodes(options).await;
     let node_names: Vec<String> = hollow.node_names().map(str::to_owned).collect();
 
@@ -762,44 +669,24 @@ async fn the_chart_runs_on_hollow_nodes() {
     );
     let values = values.to_string_lossy().into_owned();
     let rendered = template(cluster, &release, &namespace, &["-f", &values]);
-    kubectl_with_stdin(cluster, &["apply", "--server-side", "-f", "-"], &rendered);
+    cluster.kubectl_ok(&["apply", "--server-side", "-f", "-"], Some(&rendered));
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let ready = |component: &'static str| {
-        let pods = pods.clone();
-        let release = release.clone();
-        async move {
-            let selector = format!(
-                "app.kubernetes.io/instance={release},app.kubernetes.io/component={component}"
-            );
-            let list = pods
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .ok()?;
-            let ready: BTreeSet<String> = list
-                .items
-                .iter()
-                .filter(|pod| {
-                    pod.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|cs| {
-                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                        })
-                })
-                .filter_map(|pod| pod.spec.as_ref()?.node_name.clone())
-                .collect();
-            Some(ready)
-        }
-    };
-    eventually("an agent Ready on each node", TIMEOUT, || async {
-        ready("agent")
-            .await
-            .filter(|nodes| nodes.len() == node_names.len())
-    })
-    .await;
+    deploy::wait_agents_ready(&client, &namespace, &node_names).await;
+    let controllers =
+        format!("app.kubernetes.io/instance={release},app.kubernetes.io/component=controller");
     eventually("two controller replicas Ready", TIMEOUT, || async {
-        ready("controller").await.filter(|nodes| nodes.len() == 2)
+        let list = pods
+            .list(&ListParams::default().labels(&controllers))
+            .await
+            .ok()?;
+        let ready: BTreeSet<String> = list
+            .items
+            .iter()
+            .filter(|pod| deploy::is_ready(pod))
+            .filter_map(|pod| pod.spec.as_ref()?.node_name.clone())
+            .collect();
+        (ready.len() == 2).then_some(())
     })
     .await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
@@ -835,7 +722,7 @@ async fn the_chart_runs_on_hollow_nodes() {
         let state = states.get(node).await.expect("the node's state");
         let value = serde_json::to_value(&state.status).expect("status");
         assert_eq!(value["compliance"], "Compliant", "{node}: {value}");
-        let rules = ip6tables(node, "INPUT");
+        let rules = deploy::chain(node, "nft", "INPUT");
         assert!(
             rules.iter().any(|r| r == "-A INPUT -i lo -j ACCEPT")
                 && rules.iter().any(|r| r == "-A INPUT -s ::1/128 -j DROP"),
@@ -858,7 +745,7 @@ async fn the_chart_runs_on_hollow_nodes() {
     .await;
     for node in &node_names {
         assert!(
-            !ip6tables(node, "INPUT")
+            !deploy::chain(node, "nft", "INPUT")
                 .iter()
                 .any(|r| r.contains("::1/128")),
             "{node}: the inserted rules are removed"
@@ -866,10 +753,9 @@ async fn the_chart_runs_on_hollow_nodes() {
     }
 
     // Uninstall, and let the hollow nodes stop the pods before they go themselves.
-    kubectl_with_stdin(
-        cluster,
+    cluster.kubectl_ok(
         &["delete", "--ignore-not-found", "--wait=false", "-f", "-"],
-        &rendered,
+        Some(&rendered),
     );
     eventually("the pods to be gone", TIMEOUT, || async {
         pods.list(&ListParams::default())
@@ -888,16 +774,4 @@ async fn the_chart_runs_on_hollow_nodes() {
         .shutdown(Duration::from_secs(10))
         .await
         .expect("shutdown");
-}
-
-/// `ip6tables -S CHAIN` rule lines in a hollow node's network namespace (the backend the agent
-/// detected in an empty namespace: nft).
-fn ip6tables(node: &str, chain: &str) -> Vec<String> {
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", node, "ip6tables-nft", "-S", chain]);
-    run(command, None)
-        .lines()
-        .filter(|l| l.starts_with("-A"))
-        .map(str::to_owned)
-        .collect()
 }

@@ -24,6 +24,7 @@ use kube::runtime::watcher::{self, Event};
 use loopguard_hollow::ImageMapping;
 use serde_json::{Value, json};
 use support::cluster::{self, delete_namespace, eventually, unique_name};
+use support::{deploy, run};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// The test image every hollow node maps to /bin/sh; pods give it a script with `command: [sh, -c, ...]`.
@@ -175,7 +176,7 @@ async fn kubectl_auth_can_i_answers_for_a_service_account() {
     let apply = |manifest: Value| {
         let mut kubectl = cluster.kubectl();
         kubectl.args(["apply", "-n", &namespace, "-f", "-"]);
-        run_with_stdin(kubectl, &manifest.to_string())
+        run(kubectl, Some(&manifest.to_string()))
     };
     apply(
         json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "reader" } }),
@@ -210,7 +211,7 @@ async fn kubectl_auth_can_i_answers_for_a_service_account() {
 
     let mut create_token = cluster.kubectl();
     create_token.args(["create", "token", "reader", "-n", &namespace]);
-    let token = run(create_token);
+    let token = run(create_token, None);
     assert_eq!(
         token.trim().split('.').count(),
         3,
@@ -339,8 +340,7 @@ async fn a_daemonset_runs_on_three_hollow_nodes() {
     options
         .node_labels
         .insert("loopguard.test/run".into(), run.clone());
-    let state_dir = options.state_dir.clone();
-    let hollow = cluster.start_nodes(options).await;
+    let hollow = cluster.start_nodes(options.clone()).await;
     let nodes: Vec<String> = hollow.node_names().map(str::to_owned).collect();
 
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
@@ -396,7 +396,7 @@ async fn a_daemonset_runs_on_three_hollow_nodes() {
     assert_eq!(running.len(), 3);
 
     for node in &nodes {
-        let out = node_root(&state_dir, node).join("var/lib/probe").join(node);
+        let out = options.node_root(node).join("var/lib/probe").join(node);
         let review: Value = eventually("the pod's SelfSubjectReview", TIMEOUT, || async {
             serde_json::from_slice(&std::fs::read(out.join("review.json")).ok()?).ok()
         })
@@ -672,57 +672,12 @@ async fn the_control_plane_survives_an_apiserver_restart() {
 }
 
 fn pod_is_running_and_ready(pod: &Pod) -> bool {
-    let Some(status) = &pod.status else {
-        return false;
-    };
-    let ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    status.phase.as_deref() == Some("Running") && ready
+    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    running && deploy::is_ready(pod)
 }
 
 fn sorted(names: &[String]) -> Vec<String> {
     let mut names = names.to_vec();
     names.sort();
     names
-}
-
-fn node_root(state_dir: &std::path::Path, node: &str) -> PathBuf {
-    state_dir.join("nodes").join(node).join("root")
-}
-
-fn run(mut command: std::process::Command) -> String {
-    let output = command.output().expect("run");
-    assert!(
-        output.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn run_with_stdin(mut command: std::process::Command, stdin: &str) -> String {
-    use std::io::Write;
-    use std::process::Stdio;
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    let output = child.wait_with_output().expect("wait");
-    assert!(
-        output.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }

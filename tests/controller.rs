@@ -109,6 +109,7 @@ struct World {
 impl World {
     async fn new(tag: &str) -> Option<World> {
         let cluster = support::cluster::shared()?;
+        cluster.install_crds();
         let client = cluster.client().await;
         let lease_ns = cluster.namespace(&client, tag).await;
         Some(World {
@@ -338,26 +339,11 @@ async fn invalid_specs_are_refused_with_their_messages() {
         (json!({"priority": "high"}), "spec.priority"),
     ];
     for (spec, message) in cases {
-        let out = w
-            .cluster
-            .kubectl()
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                let doc = json!({"apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackPolicy",
-                                 "metadata": {"name": unique_name("bad")}, "spec": spec});
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(doc.to_string().as_bytes())?;
-                child.wait_with_output()
-            })
-            .unwrap();
+        let doc = json!({"apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackPolicy",
+                         "metadata": {"name": unique_name("bad")}, "spec": spec});
+        let mut apply = w.cluster.kubectl();
+        apply.args(["apply", "-f", "-"]);
+        let out = support::output(apply, Some(&doc.to_string()));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "accepted {spec}");
         assert!(

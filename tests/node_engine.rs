@@ -11,11 +11,6 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
-const SEED_SCRIPT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/seed-remediation.sh"
-);
-
 const ACCEPT_IN: &str = "-A INPUT -i lo -j ACCEPT";
 const DROP_SRC: &str = "-A INPUT -s ::1/128 -j DROP";
 const ACCEPT_OUT: &str = "-A OUTPUT -o lo -j ACCEPT";
@@ -143,35 +138,13 @@ impl Node {
     /// Runs the seed's own remediation script as users do today, with `ip6tables` pointing at this
     /// backend and `dpkg-query` answering like a host where the rule applies.
     fn run_seed_script(&self) {
-        let bin = self.dir.path().join("seed-bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        let ip6 = bin.join("ip6tables");
-        std::fs::write(
-            &ip6,
-            format!("#!/bin/sh\nexec ip6tables-{} \"$@\"\n", self.backend),
+        let out = netns::seed_script(
+            &self.ns.name,
+            self.backend,
+            &self.dir.path().join("seed-bin"),
         )
+        .output()
         .unwrap();
-        make_executable(&ip6);
-        let dpkg = bin.join("dpkg-query");
-        std::fs::write(
-            &dpkg,
-            "#!/bin/sh\nfor p; do :; done\n[ \"$p\" = iptables ] && echo installed\nexit 0\n",
-        )
-        .unwrap();
-        make_executable(&dpkg);
-        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns.name,
-                "env",
-                &format!("PATH={path}"),
-                "bash",
-                SEED_SCRIPT,
-            ])
-            .output()
-            .unwrap();
         assert!(
             out.status.success(),
             "seed script: {}",

@@ -42,6 +42,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// Stopped with `hack/cluster.sh down` when dropped (private clusters only).
     owned: bool,
+    /// Set once loopguard's CRDs are installed and established.
+    crds: OnceLock<()>,
 }
 
 /// The control plane shared by the tests of this binary; `None` (after printing why) when the tests
@@ -51,7 +53,11 @@ pub fn shared() -> Option<&'static Cluster> {
     SHARED
         .get_or_init(|| {
             if let Some(dir) = running_cluster_from_kubeconfig() {
-                return Some(Cluster { dir, owned: false });
+                return Some(Cluster {
+                    dir,
+                    owned: false,
+                    crds: OnceLock::new(),
+                });
             }
             // The watchdog stops it when this test binary exits; nothing drops a static.
             start("shared")
@@ -112,7 +118,11 @@ fn start(tag: &str) -> Option<Cluster> {
         "hack/cluster.sh up failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    Some(Cluster { dir, owned: true })
+    Some(Cluster {
+        dir,
+        owned: true,
+        crds: OnceLock::new(),
+    })
 }
 
 fn cluster_sh(dir: &Path, args: &[&str]) -> Output {
@@ -155,6 +165,40 @@ impl Cluster {
         let mut kubectl = Command::new(self.dir.join("bin/kubectl"));
         kubectl.arg(format!("--kubeconfig={}", self.kubeconfig().display()));
         kubectl
+    }
+
+    /// Runs `kubectl ARGS` (with `stdin`, if any) and returns its stdout; panics when it fails.
+    pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut kubectl = self.kubectl();
+        kubectl.args(args);
+        super::run(kubectl, stdin)
+    }
+
+    /// Applies loopguard's generated CRDs (server-side, once per cluster and test binary) and
+    /// waits until they are established.
+    pub fn install_crds(&self) {
+        self.crds.get_or_init(|| {
+            self.kubectl_ok(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "-f",
+                    &format!("{REPO}/crds"),
+                ],
+                None,
+            );
+            self.kubectl_ok(
+                &[
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=60s",
+                    "crd/loopbackpolicies.loopguard.dev",
+                    "crd/loopbacknodestates.loopguard.dev",
+                ],
+                None,
+            );
+        });
     }
 
     /// Restarts kube-apiserver on the same port; etcd and its data stay.

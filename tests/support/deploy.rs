@@ -4,12 +4,12 @@
 #![allow(dead_code)]
 
 use super::cluster::{Cluster, eventually};
+use super::run;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use loopguard_hollow::{HollowOptions, ImageMapping};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub const IMAGE: &str = "ghcr.io/loopguard/loopguard";
@@ -27,9 +27,21 @@ pub fn with_image(mut options: HollowOptions) -> HollowOptions {
     options
 }
 
-/// The folder that stands for `node`'s root file system (hostPath volumes come from there).
-pub fn node_root(options: &HollowOptions, node: &str) -> PathBuf {
-    options.state_dir.join("nodes").join(node).join("root")
+/// Options for `count` hollow nodes labelled `label` that run the chart's image as the local
+/// binary, each a Debian host with iptables installed (and neither nftables nor ufw), so the CIS
+/// rule applies: the host's dpkg database is what the agent's read-only mount shows it.
+pub fn iptables_hosts(
+    cluster: &Cluster,
+    tag: &str,
+    count: usize,
+    label: (&str, &str),
+) -> HollowOptions {
+    let mut options = with_image(cluster.hollow_options(tag, count));
+    options.node_labels.insert(label.0.into(), label.1.into());
+    for node in &options.nodes {
+        install_packages(&options.node_root(node), &["iptables"]);
+    }
+    options
 }
 
 /// Writes a dpkg database into a node's root: `installed` packages are installed, others not.
@@ -41,29 +53,6 @@ pub fn install_packages(root: &Path, installed: &[&str]) {
         .map(|p| format!("Package: {p}\nStatus: install ok installed\nVersion: 1.0\n\n"))
         .collect();
     std::fs::write(dir.join("status"), text).unwrap();
-}
-
-fn run(mut command: Command, stdin: Option<&str>) -> String {
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    if stdin.is_some() {
-        command.stdin(Stdio::piped());
-    }
-    let mut child = command.spawn().expect("spawn");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `helm template` of the chart (CRDs included) with `sets`, applied server-side in `namespace`.
@@ -81,12 +70,11 @@ pub fn install(cluster: &Cluster, namespace: &str, sets: &[&str]) {
         helm.args(["--set", set]);
     }
     let manifests = run(helm, None);
-    let mut create_ns = cluster.kubectl();
-    create_ns.args(["create", "namespace", namespace]);
-    let _ = create_ns.output();
-    let mut apply = cluster.kubectl();
-    apply.args(["apply", "--server-side", "-f", "-"]);
-    run(apply, Some(&manifests));
+    let _ = cluster
+        .kubectl()
+        .args(["create", "namespace", namespace])
+        .output();
+    cluster.kubectl_ok(&["apply", "--server-side", "-f", "-"], Some(&manifests));
 }
 
 /// Waits until the agent DaemonSet has a Ready pod on every one of `nodes`.
@@ -101,17 +89,20 @@ pub async fn wait_agents_ready(client: &kube::Client, namespace: &str, nodes: &[
             list.items.iter().any(|p| {
                 p.metadata.deletion_timestamp.is_none()
                     && p.spec.as_ref().and_then(|s| s.node_name.as_ref()) == Some(node)
-                    && p.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|cs| {
-                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                        })
+                    && is_ready(p)
             })
         };
         nodes.iter().all(ready_on).then_some(())
     })
     .await;
+}
+
+/// Whether a Pod's `Ready` condition is True.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// The agent processes running on this machine (the hollow nodes' containers), by pid.

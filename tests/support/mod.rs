@@ -3,3 +3,41 @@
 pub mod cluster;
 pub mod deploy;
 pub mod netns;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+/// Runs `command` to its end, feeding it `stdin` (else no stdin), and returns what it printed.
+pub fn output(mut command: Command, stdin: Option<&str>) -> Output {
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    command.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("wait")
+}
+
+/// Runs `command` and returns its stdout; panics with its output when it fails.
+pub fn run(command: Command, stdin: Option<&str>) -> String {
+    let shown = format!("{command:?}");
+    let out = output(command, stdin);
+    assert!(
+        out.status.success(),
+        "{shown} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -146,4 +147,44 @@ impl Drop for TestNetns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// The seed's own remediation script (tests/fixtures/seed-remediation.sh), ready to run as users
+/// do today in network namespace `netns`: `ip6tables` is `ip6tables-<backend>`, and `dpkg-query`
+/// answers like a host where the rule applies. The two stubs are written into `bin`, a folder of
+/// the caller's.
+pub fn seed_script(netns: &str, backend: &str, bin: &Path) -> Command {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(bin).expect("stub folder");
+    let stubs = [
+        (
+            "ip6tables",
+            format!("#!/bin/sh\nexec ip6tables-{backend} \"$@\"\n"),
+        ),
+        (
+            "dpkg-query",
+            "#!/bin/sh\nfor p; do :; done\n[ \"$p\" = iptables ] && echo installed\nexit 0\n"
+                .into(),
+        ),
+    ];
+    for (name, text) in stubs {
+        let path = bin.join(name);
+        std::fs::write(&path, text).expect("stub");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let mut command = Command::new("ip");
+    command.args([
+        "netns",
+        "exec",
+        netns,
+        "env",
+        &format!("PATH={path}"),
+        "bash",
+    ]);
+    command.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/seed-remediation.sh"
+    ));
+    command
 }

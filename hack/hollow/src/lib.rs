@@ -145,6 +145,13 @@ impl NodeContext {
     }
 }
 
+impl HollowOptions {
+    /// The folder that stands for `node`'s root file system (hostPath volumes come from there).
+    pub fn node_root(&self, node: &str) -> PathBuf {
+        node_dir(&self.state_dir, node).join("root")
+    }
+}
+
 fn node_dir(state_dir: &Path, node: &str) -> PathBuf {
     state_dir.join("nodes").join(node)
 }
