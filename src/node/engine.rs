@@ -106,7 +106,6 @@ impl Report {
 pub struct Engine {
     config: EngineConfig,
     facts: NodeFacts,
-    xtables: Xtables,
     state_file: StateFile,
 }
 
@@ -114,29 +113,34 @@ impl Engine {
     /// Learns the node's facts and makes sure the backend's binaries are there.
     pub fn new(config: EngineConfig) -> Result<Engine> {
         let facts = facts::discover(&config.host_root, config.backend);
-        let xtables = Xtables::new(facts.backend, config.wait, config.lock_path.clone());
-        xtables.require_binaries(&[Family::Ipv6, Family::Ipv4])?;
         let state_file = StateFile::new(config.state_file.clone());
-        Ok(Engine {
+        let engine = Engine {
             config,
             facts,
-            xtables,
             state_file,
-        })
+        };
+        engine
+            .xtables()
+            .require_binaries(&[Family::Ipv6, Family::Ipv4])?;
+        Ok(engine)
     }
 
     pub fn facts(&self) -> &NodeFacts {
         &self.facts
     }
 
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
-    }
-
     /// Re-reads the node facts (the periodic full re-check).
     pub fn refresh_facts(&mut self) {
         self.facts = facts::discover(&self.config.host_root, self.config.backend);
-        self.xtables.backend = self.facts.backend;
+    }
+
+    /// The ip6tables/iptables binaries of the detected backend, with the configured lock.
+    fn xtables(&self) -> Xtables {
+        Xtables::new(
+            self.facts.backend,
+            self.config.wait,
+            self.config.lock_path.clone(),
+        )
     }
 
     /// Changes what the engine enforces from now on (families, applicability, placement).
@@ -159,7 +163,7 @@ impl Engine {
     /// be read (no permission, no binary). What the agent checks before it starts.
     pub fn preflight(&self) -> Result<()> {
         self.load_ownership()?;
-        self.xtables.read(&[Family::Ipv6]).map(|_| ())
+        self.xtables().read(&[Family::Ipv6]).map(|_| ())
     }
 
     /// Reads and evaluates; never writes (not even the state file). An unreadable state file
@@ -173,7 +177,7 @@ impl Engine {
             }
         };
         let families = self.read_families(&ownership);
-        let tables = self.xtables.read(&families)?;
+        let tables = self.xtables().read(&families)?;
         ownership.reconcile(&tables, &families);
         Ok(self.report(&tables, &ownership, None))
     }
@@ -183,7 +187,7 @@ impl Engine {
     pub fn enforce(&self) -> Result<Report> {
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
-        let tables = self.xtables.read(&families)?;
+        let tables = self.xtables().read(&families)?;
         let recorded = ownership.clone();
         ownership.reconcile(&tables, &families);
 
@@ -211,7 +215,7 @@ impl Engine {
     pub fn cleanup(&self) -> Result<Report> {
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
-        let tables = self.xtables.read(&families)?;
+        let tables = self.xtables().read(&families)?;
         ownership.reconcile(&tables, &families);
         let plan = rules::plan_cleanup(&tables, &ownership, &ownership.families());
         if plan.is_empty() {
@@ -230,7 +234,7 @@ impl Engine {
         families: &[Family],
     ) -> Result<Report> {
         let applied_at = self.apply(&plan, tables, &mut ownership)?;
-        let after = self.xtables.read(families)?;
+        let after = self.xtables().read(families)?;
         ownership.reconcile(&after, families);
         self.store(&ownership)?;
         let mut report = self.report(&after, &ownership, Some(plan.edits));
@@ -250,7 +254,7 @@ impl Engine {
             let script = plan
                 .restore_script(family)
                 .expect("plan has edits for family");
-            if let Err(e) = self.xtables.restore(family, &script) {
+            if let Err(e) = self.xtables().restore(family, &script) {
                 self.store(ownership)?;
                 return Err(e);
             }
