@@ -159,8 +159,16 @@ pub struct WatchArgs {
     #[arg(long)]
     pub audit: bool,
     /// Seconds between full re-checks (and polls, with the legacy backend, which has no events).
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub resync: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
+    pub resync: Duration,
+}
+
+/// Parses `--resync`: a positive number of seconds (fractions allowed).
+pub fn seconds(text: &str) -> std::result::Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+        _ => Err("must be a positive number of seconds".into()),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -254,18 +262,7 @@ pub fn run_node(command: NodeCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Watch(args) => {
-            if args.resync.is_nan() || args.resync <= 0.0 {
-                return Err(Error::Invalid(
-                    "--resync must be a positive number of seconds".into(),
-                ));
-            }
-            let resync = Duration::from_secs_f64(args.resync);
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::io("starting the async runtime", e))?;
-            runtime.block_on(watch(engine, output, args.audit, resync))?;
-            Ok(ExitCode::SUCCESS)
+            crate::runtime::run_async(watch(engine, output, args.audit, args.resync))
         }
     }
 }
@@ -275,9 +272,9 @@ async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration
     // Subscribe before the first pass so that no change after it goes unseen.
     let mut drift = DriftWatch::new(engine.facts().backend, resync);
     let first = run_pass(
-        &engine,
+        &mut engine,
         audit,
-        Trigger::Resync {
+        Trigger::Start {
             at: std::time::Instant::now(),
         },
     )
@@ -296,10 +293,7 @@ async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration
             _ = &mut shutdown => break,
             trigger = drift.next() => trigger,
         };
-        if let Trigger::Resync { .. } = trigger {
-            engine.refresh_facts();
-        }
-        match run_pass(&engine, audit, trigger).await {
+        match run_pass(&mut engine, audit, trigger).await {
             Ok(pass) => {
                 if pass.report.wrote() || !pass.report.same_state(&last) {
                     print_report(output, engine.facts(), &pass.report);

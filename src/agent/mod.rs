@@ -51,8 +51,8 @@ pub struct AgentArgs {
     #[arg(long, env = "LOOPGUARD_METRICS_ADDR", default_value = "0.0.0.0:9742")]
     pub metrics_addr: SocketAddr,
     /// Seconds between full re-checks (and polls, with the legacy backend).
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub resync: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::cli::seconds)]
+    pub resync: Duration,
     /// iptables backend: detect it like kubernetes-sigs/iptables-wrappers, or force one.
     #[arg(long, value_enum, default_value_t = crate::node::facts::BackendChoice::Auto)]
     pub backend: crate::node::facts::BackendChoice,
@@ -231,11 +231,6 @@ struct Agent {
 }
 
 async fn run(args: AgentArgs) -> Result<()> {
-    if args.resync.is_nan() || args.resync <= 0.0 {
-        return Err(Error::Invalid(
-            "--resync must be a positive number of seconds".into(),
-        ));
-    }
     let config = EngineConfig {
         state_file: args.state_file.clone(),
         host_root: args.host_root.clone(),
@@ -258,7 +253,7 @@ async fn run(args: AgentArgs) -> Result<()> {
     metrics::serve(args.metrics_addr, Arc::new(registry), ready.clone()).await?;
 
     let remembered_path = args.state_file.with_file_name("policy.json");
-    let mut drift = DriftWatch::new(engine.facts().backend, Duration::from_secs_f64(args.resync));
+    let mut drift = DriftWatch::new(engine.facts().backend, args.resync);
     let mut agent = Agent {
         node_name: args.node_name.clone(),
         engine,
@@ -297,12 +292,7 @@ async fn run(args: AgentArgs) -> Result<()> {
             _ = &mut shutdown => break,
             _ = changed.notified() => {}
             _ = retry.tick() => {}
-            trigger = drift.next() => {
-                if let Trigger::Resync { .. } = trigger {
-                    agent.engine.refresh_facts();
-                }
-                agent.pass(trigger).await;
-            }
+            trigger = drift.next() => agent.pass(trigger).await,
         }
         if !synced && is_synced(&policies) && is_synced(&nodes) {
             synced = true;
@@ -447,13 +437,13 @@ impl Agent {
 
     /// One enforce (or audit check) for the policy followed; counts and reports repairs.
     async fn pass(&mut self, trigger: Trigger) {
-        let Some(policy) = self.following.clone() else {
+        let Some(policy) = &self.following else {
             return;
         };
         let audit = policy.spec.mode == Mode::Audit;
-        let started = Instant::now();
         let following = policy.following();
-        match run_pass(&self.engine, audit, trigger).await {
+        let started = Instant::now();
+        match run_pass(&mut self.engine, audit, trigger).await {
             Ok(pass) => {
                 let elapsed = started.elapsed().as_secs_f64();
                 if pass.report.wrote() {

@@ -235,17 +235,24 @@ pub struct Pass {
 }
 
 /// Runs one check (audit) or enforce on a blocking thread, and logs a repair with its latency.
-pub async fn run_pass(engine: &Engine, audit: bool, trigger: Trigger) -> Result<Pass> {
-    let worker = engine.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        if audit {
+/// The periodic re-check first learns the node's facts again (backend, IPv6, packages).
+pub async fn run_pass(engine: &mut Engine, audit: bool, trigger: Trigger) -> Result<Pass> {
+    let mut worker = engine.clone();
+    let (worker, report) = tokio::task::spawn_blocking(move || {
+        if let Trigger::Resync { .. } = trigger {
+            worker.refresh_facts();
+        }
+        let report = if audit {
             worker.check()
         } else {
             worker.enforce()
-        }
+        };
+        (worker, report)
     })
     .await
-    .expect("engine pass does not panic")?;
+    .expect("engine pass does not panic");
+    *engine = worker;
+    let report = report?;
     if let Trigger::Start { .. } = trigger {
         if report.wrote() {
             tracing::info!(inserted = ?report.inserted(), "enforced: {}", report.inserted().join(", "));
