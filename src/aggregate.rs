@@ -65,23 +65,11 @@ impl Default for Settings {
     }
 }
 
-/// How one targeted node stands for the policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Standing {
-    Compliant,
-    NonCompliant,
-    NotApplicable,
-    Errored,
-    Pending,
-}
-
 /// Whether `state` is a report for `policy` at its current generation.
-pub fn reports_current(policy: &LoopbackPolicy, state: Option<&LoopbackNodeStateStatus>) -> bool {
-    state.is_some_and(|s| {
-        s.policy_name.as_deref() == policy.metadata.name.as_deref()
-            && s.policy_generation == policy.metadata.generation
-            && s.compliance != Compliance::Unmanaged
-    })
+fn reports_current(policy: &LoopbackPolicy, s: &LoopbackNodeStateStatus) -> bool {
+    s.policy_name.as_deref() == policy.metadata.name.as_deref()
+        && s.policy_generation == policy.metadata.generation
+        && s.compliance != Compliance::Unmanaged
 }
 
 /// The status `policy` should have now. `previous` supplies the conditions' transition times.
@@ -113,30 +101,21 @@ pub fn aggregate(
         }
         status.targeted_nodes += 1;
         let state = states.get(&node.name);
-        let standing = if !reports_current(policy, state) {
-            Standing::Pending
-        } else {
-            match state.expect("current report").compliance {
-                Compliance::Compliant => Standing::Compliant,
-                Compliance::NonCompliant => Standing::NonCompliant,
-                Compliance::NotApplicable => Standing::NotApplicable,
-                Compliance::Error => Standing::Errored,
-                Compliance::Unmanaged => Standing::Pending,
-            }
-        };
-        match standing {
-            Standing::Compliant => status.compliant_nodes += 1,
-            Standing::NotApplicable => status.not_applicable_nodes += 1,
-            Standing::NonCompliant => {
+        let current = state.filter(|s| reports_current(policy, s));
+        match current.map(|s| s.compliance) {
+            Some(Compliance::Compliant) => status.compliant_nodes += 1,
+            Some(Compliance::NotApplicable) => status.not_applicable_nodes += 1,
+            Some(Compliance::NonCompliant) => {
                 status.non_compliant_nodes += 1;
                 failing.push(node.name.clone());
             }
-            Standing::Errored => {
+            Some(Compliance::Error) => {
                 status.errored_nodes += 1;
                 failing.push(node.name.clone());
                 errored_names.push(node.name.clone());
             }
-            Standing::Pending => {
+            // No report for this generation yet (a current report is never Unmanaged).
+            None | Some(Compliance::Unmanaged) => {
                 status.pending_nodes += 1;
                 if node
                     .not_ready_for(now)
@@ -181,6 +160,10 @@ fn condition_updates(
     let at_gen = generation.map_or_else(
         || "the current generation".to_string(),
         |g| format!("generation {g}"),
+    );
+    let not_reported = format!(
+        "{} of {} nodes have not reported {at_gen} yet",
+        s.pending_nodes, s.targeted_nodes
     );
     let update = |type_, status, reason: &str, message: String| ConditionUpdate {
         type_,
@@ -232,10 +215,7 @@ fn condition_updates(
             "Compliant",
             Unknown,
             "AwaitingNodeReports",
-            format!(
-                "{} of {} nodes have not reported {at_gen} yet",
-                s.pending_nodes, s.targeted_nodes
-            ),
+            not_reported.clone(),
         )
     } else {
         let na = if s.not_applicable_nodes > 0 {
@@ -254,15 +234,7 @@ fn condition_updates(
         )
     };
     let progressing = if s.pending_nodes > 0 {
-        update(
-            "Progressing",
-            True,
-            "NodesPending",
-            format!(
-                "{} of {} nodes have not reported {at_gen} yet",
-                s.pending_nodes, s.targeted_nodes
-            ),
-        )
+        update("Progressing", True, "NodesPending", not_reported)
     } else {
         update(
             "Progressing",
@@ -301,7 +273,7 @@ fn condition_updates(
 }
 
 /// The status of a condition type in a status, if present.
-pub fn condition(status: Option<&LoopbackPolicyStatus>, type_: &str) -> Option<ConditionStatus> {
+fn condition(status: Option<&LoopbackPolicyStatus>, type_: &str) -> Option<ConditionStatus> {
     status?
         .conditions
         .iter()

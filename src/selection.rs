@@ -6,7 +6,7 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
 /// Whether `selector` selects a node with `labels`. Requirements are ANDed; empty selects all.
-pub fn selects(selector: &NodeSelector, labels: &BTreeMap<String, String>) -> bool {
+fn selects(selector: &NodeSelector, labels: &BTreeMap<String, String>) -> bool {
     selector
         .match_labels
         .iter()

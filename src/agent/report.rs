@@ -10,7 +10,7 @@ use crate::rules::{Family, RuleState};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 
 /// The policy a node follows, as far as the report is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,8 +152,8 @@ impl Reporter {
                 }]))
             });
             let mut object = serde_json::json!({
-                "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
-                "kind": "LoopbackNodeState",
+                "apiVersion": LoopbackNodeState::api_version(&()),
+                "kind": LoopbackNodeState::kind(&()),
                 "metadata": {"name": self.node},
                 "spec": {"nodeName": self.node},
             });
@@ -166,8 +166,8 @@ impl Reporter {
             self.created = true;
         }
         let patch = serde_json::json!({
-            "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
-            "kind": "LoopbackNodeState",
+            "apiVersion": LoopbackNodeState::api_version(&()),
+            "kind": LoopbackNodeState::kind(&()),
             "status": status,
         });
         if let Err(e) = self

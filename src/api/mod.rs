@@ -16,8 +16,6 @@ pub use policy::{
 
 use kube::CustomResourceExt;
 
-pub const GROUP: &str = "loopguard.dev";
-pub const VERSION: &str = "v1alpha1";
 /// The field manager of the controller's server-side apply writes (policy status, finalizer).
 pub const CONTROLLER_MANAGER: &str = "loopguard-controller";
 /// The field manager of each agent's writes (its node's LoopbackNodeState).

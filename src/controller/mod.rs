@@ -12,11 +12,11 @@ use crate::api::{
 use crate::metrics::{self, Readiness};
 use crate::runtime::reflect;
 use crate::{Error, Result};
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
@@ -211,6 +211,19 @@ fn default_identity() -> String {
 /// Rolls up every policy once. Everything is computed from the caches; only changes are written,
 /// and only by the leader.
 async fn reconcile_all(ctx: &mut Context) {
+    let states: BTreeMap<String, LoopbackNodeStateStatus> = ctx
+        .states
+        .state()
+        .iter()
+        .map(|s| (s.name_any(), s.status.clone().unwrap_or_default()))
+        .collect();
+    // Followers only keep counting repairs, so that a new leader reports only new ones. What this
+    // replica wrote as leader says nothing once another may have written since.
+    let repairs = new_repairs(&mut ctx.repairs_seen, &states);
+    if !ctx.leadership.is_leader() {
+        ctx.written.clear();
+        return;
+    }
     let now = Time(jiff::Timestamp::now());
     let policies = ctx.policies.state();
     let nodes: Vec<NodeInfo> = ctx
@@ -219,25 +232,16 @@ async fn reconcile_all(ctx: &mut Context) {
         .iter()
         .filter_map(|n| NodeInfo::from_node(n))
         .collect();
-    let states: BTreeMap<String, LoopbackNodeStateStatus> = ctx
-        .states
-        .state()
-        .iter()
-        .map(|s| (s.name_any(), s.status.clone().unwrap_or_default()))
-        .collect();
-    let leader = ctx.leadership.is_leader();
     let all: Vec<&LoopbackPolicy> = policies.iter().map(|p| p.as_ref()).collect();
-
-    let repairs = new_repairs(&mut ctx.repairs_seen, &states);
     for policy in &policies {
-        if !leader || !ctx.leadership.is_leader() {
+        if !ctx.leadership.is_leader() {
             break;
         }
         if policy.metadata.deletion_timestamp.is_some() {
             finish_deletion(ctx, policy, &nodes, &states, &now).await;
             continue;
         }
-        if !policy.finalizers().iter().any(|f| f == api::FINALIZER) {
+        if !has_finalizer(policy) {
             ctx.write(
                 add_finalizer(&ctx.client, policy).await,
                 policy,
@@ -287,6 +291,10 @@ async fn reconcile_all(ctx: &mut Context) {
     ctx.written.retain(|uid, _| live.contains(uid));
 }
 
+fn has_finalizer(policy: &LoopbackPolicy) -> bool {
+    policy.finalizers().iter().any(|f| f == api::FINALIZER)
+}
+
 /// Nodes whose repair count went up since the last round (not on first sight).
 fn new_repairs(
     seen: &mut HashMap<String, i64>,
@@ -332,12 +340,7 @@ impl Context {
             reason: reason.into(),
             note: Some(note),
             action: "Reconcile".into(),
-            secondary: node.map(|name| ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(name.into()),
-                ..Default::default()
-            }),
+            secondary: node.map(|name| ObjectRef::<Node>::new(name).into()),
         };
         match self.recorder.publish(&event, &policy.object_ref(&())).await {
             Ok(()) => {
@@ -359,7 +362,7 @@ async fn finish_deletion(
     states: &BTreeMap<String, LoopbackNodeStateStatus>,
     now: &Time,
 ) {
-    if !policy.finalizers().iter().any(|f| f == api::FINALIZER) {
+    if !has_finalizer(policy) {
         return;
     }
     if policy.spec.on_removal == OnRemoval::Remove {
@@ -405,8 +408,8 @@ async fn write_status(
 ) -> kube::Result<()> {
     let api: Api<LoopbackPolicy> = Api::all(client.clone());
     let patch = serde_json::json!({
-        "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
-        "kind": "LoopbackPolicy",
+        "apiVersion": LoopbackPolicy::api_version(&()),
+        "kind": LoopbackPolicy::kind(&()),
         "status": status,
     });
     let params = PatchParams::apply(api::CONTROLLER_MANAGER).force();
