@@ -20,11 +20,6 @@ namespace=loopguard-system
 policy=deploy/examples/default-policy.yaml
 log() { printf '\n== %s\n' "$*" >&2; }
 
-print_env() {
-  echo "export KUBECONFIG=$dir/kubeconfig"
-  echo "export PATH=$dir/bin:\$PATH"
-}
-
 wait_nodes_ready() {
   for _ in $(seq 60); do
     if [[ "$(kubectl get nodes --no-headers 2>/dev/null | grep -c ' Ready ')" -ge ${#nodes[@]} ]]; then
@@ -99,7 +94,7 @@ VALUES
 
 The cluster keeps running. To use it:
 
-$(print_env)
+$(hack/cluster.sh env)
   kubectl get lbp,lbns -o wide
   kubectl get events -n default --field-selector involvedObject.kind=LoopbackPolicy
 
@@ -115,7 +110,7 @@ MESSAGE
 
 case "${1:-}" in
   up) up ;;
-  env) print_env ;;
+  env) hack/cluster.sh env ;;
   down) hack/cluster.sh down ;;
   *) sed -n '2,11s/^# \{0,1\}//p' "$0" >&2 && exit 2 ;;
 esac

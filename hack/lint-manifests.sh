@@ -67,12 +67,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir "$work/default" "$work/everything"
 hack/render-manifests.sh --stdout >"$work/default/loopguard.yaml"
-helm="${HELM:-}"
-if [[ -z "$helm" ]]; then
-  helm="$(hack/build-control-plane.sh --check 2>/dev/null)/helm"
-  [[ -x "$helm" ]] || helm="$(command -v helm)"
-fi
-"$helm" template loopguard charts/loopguard --namespace loopguard-system \
+hack/render-manifests.sh --stdout \
   --set serviceMonitor.enabled=true --set defaultPolicy.enabled=true \
   --set image.digest="sha256:$(printf '0%.0s' {1..64})" >"$work/everything/loopguard.yaml"
 

@@ -2,9 +2,9 @@
 # Renders deploy/loopguard.yaml: the chart with its default values, plus the Namespace and the CRDs, so
 # that `kubectl apply --server-side -f deploy/loopguard.yaml` installs everything.
 #
-#   hack/render-manifests.sh            rewrite deploy/loopguard.yaml
-#   hack/render-manifests.sh --stdout   print the rendering instead (tests/chart.rs compares it)
-#   hack/render-manifests.sh --check    fail when deploy/loopguard.yaml is stale
+#   hack/render-manifests.sh                       rewrite deploy/loopguard.yaml
+#   hack/render-manifests.sh --stdout [HELM ARGS]  print the rendering instead (tests/chart.rs
+#                                                  compares it; hack/lint-manifests.sh adds --set ...)
 #
 # helm: $HELM, else the pinned one hack/build-control-plane.sh built, else helm on PATH. Another helm
 # version may render differently; the pinned one is what the test uses.
@@ -48,20 +48,14 @@ metadata:
     pod-security.kubernetes.io/warn: privileged
     pod-security.kubernetes.io/audit: privileged
 YAML
-  "$helm" template "$release" "$repo/charts/loopguard" --namespace "$namespace" --include-crds
+  "$helm" template "$release" "$repo/charts/loopguard" --namespace "$namespace" --include-crds "$@"
 }
 
 case "${1:-}" in
   "") render >"$out.tmp" && mv "$out.tmp" "$out" && echo "wrote ${out#"$repo"/}" >&2 ;;
-  --stdout) render ;;
-  --check)
-    if ! diff -u "$out" <(render) >&2; then
-      echo "deploy/loopguard.yaml is stale: run hack/render-manifests.sh" >&2
-      exit 1
-    fi
-    ;;
+  --stdout) shift && render "$@" ;;
   *)
-    echo "usage: $0 [--stdout|--check]" >&2
+    echo "usage: $0 [--stdout [HELM ARGS]]" >&2
     exit 2
     ;;
 esac
