@@ -70,3 +70,27 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "loopguard.agent.username" -}}
 {{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "loopguard.agent.name" .) }}
 {{- end }}
+
+{{/*
+The metrics port and the probes on it, for a container; the argument is the port number.
+/healthz and /readyz are served next to /metrics.
+*/}}
+{{- define "loopguard.metricsEndpoint" -}}
+ports:
+  - name: metrics
+    containerPort: {{ . }}
+    protocol: TCP
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: metrics
+  initialDelaySeconds: 5
+  periodSeconds: 10
+  failureThreshold: 3
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: metrics
+  periodSeconds: 5
+  failureThreshold: 3
+{{- end }}
