@@ -273,11 +273,13 @@ impl Engine {
     }
 
     fn read_families(&self, ownership: &Ownership) -> Vec<Family> {
-        let mut families = self.config.families.clone();
-        families.extend(ownership.families());
-        families.sort();
-        families.dedup();
-        families
+        rules::distinct(
+            self.config
+                .families
+                .iter()
+                .copied()
+                .chain(ownership.families()),
+        )
     }
 
     fn load_ownership(&self) -> Result<Ownership> {

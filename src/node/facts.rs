@@ -176,16 +176,21 @@ pub fn detect_backend() -> (Backend, String) {
     let legacy = Xtables::probe(Backend::Legacy);
     let mut legacy_rules = 0;
     for family in [Family::Ipv4, Family::Ipv6] {
-        if legacy_tables(family).is_empty() {
+        if !legacy_tables_exist(family) {
             continue;
         }
         let Ok(save) = legacy.save(family) else {
             continue;
         };
-        if let Some(chain) = KUBELET_HINT_CHAINS
-            .iter()
-            .find(|c| save.lines().any(|l| l.starts_with(&format!(":{c} "))))
-        {
+        // A chain is declared by a `:NAME POLICY [counters]` line.
+        let declares = |chain: &str| {
+            save.lines().any(|l| {
+                l.strip_prefix(':')
+                    .and_then(|rest| rest.strip_prefix(chain))
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+        };
+        if let Some(chain) = KUBELET_HINT_CHAINS.iter().find(|c| declares(c)) {
             return (
                 Backend::Legacy,
                 format!("kubelet's {chain} chain is in the legacy {family} tables"),
@@ -205,15 +210,13 @@ pub fn detect_backend() -> (Backend, String) {
     )
 }
 
-/// The legacy tables the kernel has instantiated in this network namespace.
-fn legacy_tables(family: Family) -> Vec<String> {
+/// Whether the kernel has instantiated any legacy table of `family` in this network namespace.
+fn legacy_tables_exist(family: Family) -> bool {
     let file = match family {
         Family::Ipv6 => "/proc/net/ip6_tables_names",
         Family::Ipv4 => "/proc/net/ip_tables_names",
     };
-    std::fs::read_to_string(file)
-        .map(|s| s.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default()
+    std::fs::read_to_string(file).is_ok_and(|s| !s.trim().is_empty())
 }
 
 /// The firewall managers installed under `host_root`, from the dpkg database, or where there is

@@ -160,6 +160,12 @@ pub fn families(with_ipv4: bool) -> Vec<Family> {
     }
 }
 
+/// Each family of `families` once, in order (IPv6 first).
+pub fn distinct(families: impl IntoIterator<Item = Family>) -> Vec<Family> {
+    let set: std::collections::BTreeSet<Family> = families.into_iter().collect();
+    set.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

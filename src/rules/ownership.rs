@@ -48,10 +48,7 @@ impl Ownership {
 
     /// Families in which loopguard owns at least one rule.
     pub fn families(&self) -> Vec<Family> {
-        let mut families: Vec<Family> = self.rules.iter().map(|r| r.family).collect();
-        families.sort();
-        families.dedup();
-        families
+        super::distinct(self.rules.iter().map(|r| r.family))
     }
 
     /// Brings the counts in line with what `tables` shows for `families` (the families read).

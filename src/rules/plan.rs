@@ -82,10 +82,7 @@ impl RulePlan {
     }
 
     pub fn families(&self) -> Vec<Family> {
-        let mut families: Vec<Family> = self.edits.iter().map(|e| e.family).collect();
-        families.sort();
-        families.dedup();
-        families
+        super::distinct(self.edits.iter().map(|e| e.family))
     }
 
     /// The `iptables-restore --noflush` input for one family, or `None` when it has no edits.
