@@ -132,7 +132,12 @@ fn tour(s: &Scratch) -> Result<()> {
     });
     let outcome = (|| {
         wait_for_log(&rx, "watching for drift", Duration::from_secs(10))?;
-        let delete = [
+        let deleted = Instant::now();
+        shell(&[
+            "ip",
+            "netns",
+            "exec",
+            &s.netns,
             "ip6tables-nft",
             "-D",
             "INPUT",
@@ -140,10 +145,7 @@ fn tour(s: &Scratch) -> Result<()> {
             "::1/128",
             "-j",
             "DROP",
-        ];
-        println!("$ ip netns exec {} {}", s.netns, delete.join(" "));
-        let deleted = Instant::now();
-        ip_netns_exec(&s.netns, &delete)?;
+        ])?;
         let line = wait_for_log(&rx, "repaired drift", Duration::from_secs(10))?;
         let seen = deleted.elapsed();
         let latency = serde_json::from_str::<serde_json::Value>(&line)
@@ -201,12 +203,6 @@ fn loopguard(args: &[String]) -> Result<()> {
 fn shell(args: &[&str]) -> Result<()> {
     println!("$ {}", args.join(" "));
     run_quiet(Path::new(args[0]), &args[1..])
-}
-
-fn ip_netns_exec(netns: &str, args: &[&str]) -> Result<()> {
-    let mut all = vec!["netns", "exec", netns];
-    all.extend(args);
-    run_quiet(Path::new("ip"), &all)
 }
 
 fn run_quiet(program: &Path, args: &[&str]) -> Result<()> {
