@@ -413,11 +413,12 @@ impl Agent {
                     status
                 }
                 Err(e) => {
-                    self.metrics.error(error_kind(&e));
+                    let kind = error_kind(&e);
+                    self.metrics.error(kind);
                     tracing::error!(error = %e, "cleanup failed");
                     report::status_from_error(
                         None,
-                        error_kind(&e),
+                        kind,
                         format!("cleanup after policy {} failed: {e}", previous.name),
                         0,
                     )
