@@ -1,43 +1,15 @@
-//! Parsing `iptables -S CHAIN` output and deciding compliance the way the scanners do.
+//! Deciding compliance the way the scanners do.
 //!
-//! ComplianceAsCode's `set_ipv6_loopback_traffic` (used by the CIS benchmarks and Datadog) passes
-//! when, in the built-in `INPUT` chain, `-i lo -j ACCEPT` is *immediately followed* by
-//! `-s ::1/128 -j DROP`, and `OUTPUT` holds `-o lo -j ACCEPT`, each with no other match.
-//! `evaluate` is the one place that decides this.
+//! ComplianceAsCode's `set_ipv6_loopback_traffic` (used by the CIS benchmarks and Datadog) reads
+//! `ip6tables -L -v -n -x` and passes when, in the built-in `INPUT` chain, `-i lo -j ACCEPT` is
+//! *immediately followed* by `-s ::1/128 -j DROP`, and `OUTPUT` holds `-o lo -j ACCEPT`.
+//! `evaluate` is the one place that decides this, with the scanner's own reading of a rule
+//! ([`scanner_counts_as`]); loopguard itself only ever writes the exact baseline rules.
 
+use super::parse::{ChainListing, Shape};
 use super::{Chain, Family, Rule, RuleKind};
 use serde::Serialize;
 use std::collections::BTreeMap;
-
-/// The rules of one built-in chain, in order, as specs without the `-A CHAIN ` prefix.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ChainListing {
-    pub rules: Vec<String>,
-}
-
-impl ChainListing {
-    /// Parses the output of `iptables -S CHAIN`: `-P` (policy) lines are skipped, `-A CHAIN` lines
-    /// kept in order. Lines for other chains (there are none for a built-in chain) are ignored.
-    pub fn parse(chain: Chain, output: &str) -> ChainListing {
-        let prefix = format!("-A {} ", chain.name());
-        let rules = output
-            .lines()
-            .filter_map(|line| line.trim_end().strip_prefix(&prefix))
-            .map(str::to_string)
-            .collect();
-        ChainListing { rules }
-    }
-
-    /// 0-based positions of the rules whose spec is exactly `spec`.
-    pub fn positions(&self, spec: &str) -> Vec<usize> {
-        self.rules
-            .iter()
-            .enumerate()
-            .filter(|(_, rule)| *rule == spec)
-            .map(|(i, _)| i)
-            .collect()
-    }
-}
 
 /// Everything read from the kernel for one check: the two chains of each checked family.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,6 +47,9 @@ pub enum RuleState {
     Misplaced,
     /// In place, and in the chain more than once (for example after the seed script ran twice).
     Duplicate,
+    /// In place, but after a catch-all rule (`-j DROP`, `-j REJECT`, ...) that decides every
+    /// packet first: the scanners pass it, yet it protects nothing.
+    Shadowed,
 }
 
 impl RuleState {
@@ -84,6 +59,7 @@ impl RuleState {
             RuleState::Missing => "missing",
             RuleState::Misplaced => "misplaced",
             RuleState::Duplicate => "duplicate",
+            RuleState::Shadowed => "shadowed",
         }
     }
 }
@@ -103,52 +79,78 @@ pub struct Finding {
 pub struct Evaluation {
     pub compliant: bool,
     pub findings: Vec<Finding>,
+    /// The catch-all rule that shadows a compliant pair (`Shadowed` findings), if any.
+    pub shadowed_by: Option<(Family, String)>,
 }
 
 /// Evaluates the listings of `families` against the baseline.
 pub fn evaluate(tables: &Tables, families: &[Family]) -> Evaluation {
-    let mut compliant = true;
-    let mut findings = Vec::new();
+    let mut all = Evaluation {
+        compliant: true,
+        findings: Vec::new(),
+        shadowed_by: None,
+    };
     for &family in families {
-        let family_eval = evaluate_family(tables, family);
-        compliant &= family_eval.compliant;
-        findings.extend(family_eval.findings);
+        let one = evaluate_family(tables, family);
+        all.compliant &= one.compliant;
+        all.findings.extend(one.findings);
+        all.shadowed_by = all.shadowed_by.or(one.shadowed_by);
     }
-    Evaluation {
-        compliant,
-        findings,
+    all
+}
+
+/// Whether `spec` is, as the scanners see it, a copy of the baseline rule `rule`. The scanners
+/// read `iptables -L`, which does not show everything: `-i lo -p tcp -j ACCEPT` looks the same
+/// as `-i lo -j ACCEPT` to them, and they only read the DROP and OUTPUT rules up to the
+/// addresses, so a comment or match after those does not count against them.
+pub fn scanner_counts_as(rule: Rule, spec: &str) -> bool {
+    if spec == rule.spec() {
+        return true;
+    }
+    let shape = Shape::of(spec);
+    match rule.kind {
+        RuleKind::AcceptLoopbackIn => shape.accepts_loopback_in(),
+        RuleKind::DropLoopbackSource => shape.drops_loopback_source(rule.family),
+        RuleKind::AcceptLoopbackOut => shape.accepts_loopback_out(),
     }
 }
 
-/// Index of the first `-i lo -j ACCEPT` that is immediately followed by the loopback DROP.
-pub(super) fn compliant_pair(input: &ChainListing, family: Family) -> Option<usize> {
-    let [accept, drop, _] = Rule::baseline(family).map(Rule::spec);
+/// Index of the first rule the scanners read as the loopback ACCEPT that is immediately followed
+/// by one they read as the loopback DROP: the one test of compliance in INPUT.
+pub fn compliant_pair(input: &ChainListing, family: Family) -> Option<usize> {
+    let [accept, drop, _] = Rule::baseline(family);
     input
         .rules
         .windows(2)
-        .position(|pair| pair[0] == accept && pair[1] == drop)
+        .position(|pair| scanner_counts_as(accept, &pair[0]) && scanner_counts_as(drop, &pair[1]))
 }
 
 fn evaluate_family(tables: &Tables, family: Family) -> Evaluation {
     let input = tables.chain(family, Chain::Input);
-    let paired = compliant_pair(input, family).is_some();
+    let pair = compliant_pair(input, family);
+    // The earliest pair is shadowed only when a catch-all comes before it; later pairs then are too.
+    let shadow = pair.and_then(|p| input.first_catch_all().filter(|&c| c < p));
+    let copies = |rule: Rule| {
+        tables
+            .chain(family, rule.chain())
+            .rules
+            .iter()
+            .filter(|spec| scanner_counts_as(rule, spec))
+            .count()
+    };
+    let [accept, _, _] = Rule::baseline(family);
     let findings: Vec<Finding> = Rule::baseline(family)
         .into_iter()
         .map(|rule| {
-            let count = tables.count(rule);
-            let state = match (count, rule.kind) {
+            let in_pair = rule.chain() == Chain::Input;
+            let state = match (copies(rule), rule.kind) {
                 (0, _) => RuleState::Missing,
                 // The DROP only counts right after the ACCEPT; when the ACCEPT is missing, that is
                 // the finding, and the DROP itself is where it should be.
-                (_, RuleKind::DropLoopbackSource)
-                    if !paired
-                        && tables.count(Rule {
-                            family,
-                            kind: RuleKind::AcceptLoopbackIn,
-                        }) > 0 =>
-                {
+                (_, RuleKind::DropLoopbackSource) if pair.is_none() && copies(accept) > 0 => {
                     RuleState::Misplaced
                 }
+                _ if in_pair && shadow.is_some() => RuleState::Shadowed,
                 (1, _) => RuleState::Present,
                 _ => RuleState::Duplicate,
             };
@@ -164,8 +166,9 @@ fn evaluate_family(tables: &Tables, family: Family) -> Evaluation {
         .iter()
         .any(|f| f.chain == Chain::Output && f.state != RuleState::Missing);
     Evaluation {
-        compliant: paired && output_ok,
+        compliant: pair.is_some() && output_ok,
         findings,
+        shadowed_by: shadow.map(|c| (family, input.rules[c].clone())),
     }
 }
 
@@ -281,5 +284,44 @@ pub(crate) mod tests {
         assert!(!both.compliant);
         assert_eq!(both.findings.len(), 6);
         assert_eq!(both.findings[4].rule, "-A INPUT -s 127.0.0.0/8 -j DROP");
+    }
+
+    #[test]
+    fn what_the_scanner_cannot_see_does_not_matter_to_the_verdict() {
+        // `iptables -L` shows these exactly like the baseline; the scanners pass them.
+        let eval = evaluate(
+            &tables(
+                &[
+                    "-i lo -p tcp -j ACCEPT",
+                    "-s ::1/128 -m comment --comment x -j DROP",
+                ],
+                &["-o lo -p tcp -m tcp --dport 80 -j ACCEPT"],
+            ),
+            &[Family::Ipv6],
+        );
+        assert!(eval.compliant);
+        assert_eq!(states(&eval), vec![Present, Present, Present]);
+    }
+
+    #[test]
+    fn a_pair_after_a_catch_all_is_shadowed_but_still_what_the_scanner_passes() {
+        let reject = "-j REJECT --reject-with icmp6-port-unreachable";
+        let eval = evaluate(
+            &tables(&["-p tcp -j ACCEPT", reject, A, D], &[O]),
+            &[Family::Ipv6],
+        );
+        assert!(eval.compliant, "the scanner passes it");
+        assert_eq!(states(&eval), vec![Shadowed, Shadowed, Present]);
+        assert_eq!(eval.shadowed_by, Some((Family::Ipv6, reject.to_string())));
+        let eval = evaluate(&tables(&[A, D, reject], &[O]), &[Family::Ipv6]);
+        assert_eq!(states(&eval), vec![Present, Present, Present]);
+        assert_eq!(eval.shadowed_by, None);
+    }
+
+    #[test]
+    fn an_empty_rule_between_accept_and_drop_breaks_the_pair() {
+        let eval = evaluate(&tables(&[A, "", D], &[O]), &[Family::Ipv6]);
+        assert!(!eval.compliant);
+        assert_eq!(states(&eval), vec![Present, Misplaced, Present]);
     }
 }

@@ -5,10 +5,14 @@
 
 mod evaluate;
 mod ownership;
+mod parse;
 mod plan;
 
-pub use evaluate::{ChainListing, Evaluation, Finding, RuleState, Tables, evaluate};
+pub use evaluate::{
+    Evaluation, Finding, RuleState, Tables, compliant_pair, evaluate, scanner_counts_as,
+};
 pub use ownership::{OwnedRule, Ownership};
+pub use parse::{ChainListing, OPAQUE, Shape, split_args};
 pub use plan::{Edit, EditKind, RulePlan, plan_cleanup, plan_enforce};
 
 use serde::{Deserialize, Serialize};

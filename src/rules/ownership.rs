@@ -4,8 +4,13 @@
 //! check reconciles the count with what the chain holds now: when copies disappear, loopguard
 //! assumes its own went first. That errs on the safe side: cleanup may leave a rule behind, but it
 //! never deletes a copy someone else added.
+//!
+//! Ownership survives a crash: before a restore runs, the copies it is about to insert are
+//! recorded as `pending` (and stored). The next reconcile, after the verifying read or after a
+//! restart, claims as many of them as the chain actually gained, so a restore whose result was
+//! never written down is still recognised as loopguard's own.
 
-use super::{Chain, Family, Placement, Rule, Tables};
+use super::{Chain, EditKind, Family, Placement, Rule, RulePlan, Tables};
 use serde::{Deserialize, Serialize};
 
 /// A rule loopguard inserted, with how many copies of it are loopguard's.
@@ -20,8 +25,16 @@ pub struct OwnedRule {
     pub owned: usize,
     /// Copies the chain held at the last check (loopguard's and others').
     pub observed: usize,
-    /// Where loopguard put its copies; decides which copy cleanup removes.
+    /// Where loopguard put its copies (for the record; deletes name the rule, not a place).
     pub placement: Placement,
+    /// Copies a restore is inserting right now: written before the restore runs, settled by the
+    /// next reconcile.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pending: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl OwnedRule {
@@ -42,16 +55,19 @@ impl Ownership {
         self.entry(rule).map_or(0, |e| e.owned)
     }
 
+    /// True when nothing is owned and nothing is pending.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
 
-    /// Families in which loopguard owns at least one rule.
+    /// Families in which loopguard owns (or is inserting) at least one rule.
     pub fn families(&self) -> Vec<Family> {
         super::distinct(self.rules.iter().map(|r| r.family))
     }
 
-    /// Brings the counts in line with what `tables` shows for `families` (the families read).
+    /// Brings the counts in line with what `tables` shows for `families` (the families read):
+    /// copies that disappeared are taken from loopguard's first; copies that appeared are
+    /// loopguard's only as far as a pending insert explains them.
     pub fn reconcile(&mut self, tables: &Tables, families: &[Family]) {
         for entry in self.rules.iter_mut() {
             let Some(rule) = entry.rule() else { continue };
@@ -61,42 +77,50 @@ impl Ownership {
             let now = tables.count(rule);
             if now < entry.observed {
                 entry.owned = entry.owned.saturating_sub(entry.observed - now);
+            } else {
+                entry.owned += entry.pending.min(now - entry.observed);
             }
+            entry.owned = entry.owned.min(now);
             entry.observed = now;
+            entry.pending = 0;
         }
-        self.rules.retain(|e| e.owned > 0);
+        self.rules.retain(|e| e.owned > 0 || e.pending > 0);
     }
 
-    /// Records that loopguard inserted one copy of `rule`; `observed_before` is the count before.
-    pub fn record_insert(&mut self, rule: Rule, observed_before: usize, placement: Placement) {
-        match self.entry_mut(rule) {
-            Some(entry) => {
-                entry.owned += 1;
-                entry.observed = observed_before + 1;
+    /// Records, before `plan` is applied to `before`, the copies it will insert. Deletes need no
+    /// record: a copy that disappears is taken from loopguard's count by the next reconcile.
+    pub fn expect(&mut self, plan: &RulePlan, before: &Tables) {
+        for edit in &plan.edits {
+            if edit.kind == EditKind::Delete {
+                continue;
             }
-            None => self.rules.push(OwnedRule {
-                family: rule.family,
-                chain: rule.chain(),
-                rule: rule.save_syntax(),
-                owned: 1,
-                observed: observed_before + 1,
-                placement,
-            }),
+            let observed = before.count(edit.target);
+            match self.entry_mut(edit.target) {
+                Some(entry) => entry.pending += 1,
+                None => self.rules.push(OwnedRule {
+                    family: edit.family,
+                    chain: edit.chain,
+                    rule: edit.rule.clone(),
+                    owned: 0,
+                    observed,
+                    placement: match edit.kind {
+                        EditKind::Append => Placement::Append,
+                        _ => Placement::Insert,
+                    },
+                    pending: 1,
+                }),
+            }
         }
         self.rules.sort_by_key(|r| (r.family, r.chain));
     }
 
-    /// Records that loopguard deleted one of its copies of `rule`.
-    pub fn record_delete(&mut self, rule: Rule) {
-        if let Some(entry) = self.entry_mut(rule) {
-            entry.owned = entry.owned.saturating_sub(1);
-            entry.observed = entry.observed.saturating_sub(1);
+    /// Forgets the pending inserts of `family`: its restore failed, and a failed restore changes
+    /// nothing.
+    pub fn abandon(&mut self, family: Family) {
+        for entry in self.rules.iter_mut().filter(|e| e.family == family) {
+            entry.pending = 0;
         }
-        self.rules.retain(|e| e.owned > 0);
-    }
-
-    pub fn placement(&self, rule: Rule) -> Placement {
-        self.entry(rule).map_or(Placement::Insert, |e| e.placement)
+        self.rules.retain(|e| e.owned > 0 || e.pending > 0);
     }
 
     fn entry(&self, rule: Rule) -> Option<&OwnedRule> {
@@ -111,12 +135,13 @@ impl Ownership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::RuleKind;
     use crate::rules::evaluate::tests::tables;
+    use crate::rules::{RuleKind, plan_enforce};
 
     const A: &str = "-i lo -j ACCEPT";
     const D: &str = "-s ::1/128 -j DROP";
     const O: &str = "-o lo -j ACCEPT";
+    const V6: &[Family] = &[Family::Ipv6];
 
     fn rule(kind: RuleKind) -> Rule {
         Rule {
@@ -125,14 +150,29 @@ mod tests {
         }
     }
 
+    /// What loopguard owns after inserting one `kind` where the chain held `before` copies.
+    fn inserted(kind: RuleKind, before: usize) -> Ownership {
+        let rule = rule(kind);
+        Ownership {
+            rules: vec![OwnedRule {
+                family: rule.family,
+                chain: rule.chain(),
+                rule: rule.save_syntax(),
+                owned: 1,
+                observed: before + 1,
+                placement: Placement::Insert,
+                pending: 0,
+            }],
+        }
+    }
+
     #[test]
     fn inserted_rules_are_owned_until_they_disappear() {
-        let mut own = Ownership::default();
+        let mut own = inserted(RuleKind::DropLoopbackSource, 0);
         let drop = rule(RuleKind::DropLoopbackSource);
-        own.record_insert(drop, 0, Placement::Insert);
-        own.reconcile(&tables(&[A, D], &[O]), &[Family::Ipv6]);
+        own.reconcile(&tables(&[A, D], &[O]), V6);
         assert_eq!(own.owned(drop), 1);
-        own.reconcile(&tables(&[A], &[O]), &[Family::Ipv6]);
+        own.reconcile(&tables(&[A], &[O]), V6);
         assert_eq!(own.owned(drop), 0);
         assert!(own.is_empty());
     }
@@ -140,32 +180,80 @@ mod tests {
     #[test]
     fn when_a_copy_disappears_loopguard_assumes_its_own_went_first() {
         // One adopted DROP and one inserted by loopguard; one of them is deleted by hand.
-        let mut own = Ownership::default();
-        let drop = rule(RuleKind::DropLoopbackSource);
-        own.record_insert(drop, 1, Placement::Insert);
-        own.reconcile(&tables(&[A, D], &[O]), &[Family::Ipv6]);
-        assert_eq!(own.owned(drop), 0, "never claim the copy that was adopted");
+        let mut own = inserted(RuleKind::DropLoopbackSource, 1);
+        own.reconcile(&tables(&[A, D], &[O]), V6);
+        assert_eq!(
+            own.owned(rule(RuleKind::DropLoopbackSource)),
+            0,
+            "never claim the copy that was adopted"
+        );
     }
 
     #[test]
     fn copies_added_by_others_are_not_claimed() {
-        let mut own = Ownership::default();
-        let accept = rule(RuleKind::AcceptLoopbackIn);
-        own.record_insert(accept, 0, Placement::Insert);
-        own.reconcile(&tables(&[A, D, A, D], &[O]), &[Family::Ipv6]);
-        assert_eq!(own.owned(accept), 1);
+        let mut own = inserted(RuleKind::AcceptLoopbackIn, 0);
+        own.reconcile(&tables(&[A, D, A, D], &[O]), V6);
+        assert_eq!(own.owned(rule(RuleKind::AcceptLoopbackIn)), 1);
         assert_eq!(own.rules[0].observed, 2);
     }
 
     #[test]
-    fn families_not_read_are_left_alone() {
+    fn a_pending_insert_is_claimed_by_the_next_read_even_after_a_crash() {
+        let before = tables(&["-j X"], &[]);
+        let plan = plan_enforce(&before, &Ownership::default(), V6, Placement::Insert);
         let mut own = Ownership::default();
+        own.expect(&plan, &before);
+        assert!(
+            !own.is_empty(),
+            "the intent is on record before the restore"
+        );
+        assert_eq!(own.owned(rule(RuleKind::DropLoopbackSource)), 0);
+        // Restarted after the restore, before the result was written down: the read explains it.
+        let mut restarted: Ownership =
+            serde_json::from_str(&serde_json::to_string(&own).unwrap()).unwrap();
+        restarted.reconcile(&plan.applied_to(&before), V6);
+        for kind in [
+            RuleKind::AcceptLoopbackIn,
+            RuleKind::DropLoopbackSource,
+            RuleKind::AcceptLoopbackOut,
+        ] {
+            assert_eq!(restarted.owned(rule(kind)), 1, "{kind:?}");
+        }
+        // Killed before the restore ran: nothing is claimed, nothing stays pending.
+        let mut never_ran = own.clone();
+        never_ran.reconcile(&before, V6);
+        assert!(never_ran.is_empty());
+    }
+
+    #[test]
+    fn a_failed_restore_claims_nothing_even_if_someone_adds_the_same_rule() {
+        let before = tables(&[], &[]);
+        let plan = plan_enforce(&before, &Ownership::default(), V6, Placement::Insert);
+        let mut own = Ownership::default();
+        own.expect(&plan, &before);
+        own.abandon(Family::Ipv6);
+        own.reconcile(&tables(&[A, D], &[O]), V6);
+        assert!(own.is_empty());
+    }
+
+    #[test]
+    fn families_not_read_are_left_alone() {
         let drop4 = Rule {
             family: Family::Ipv4,
             kind: RuleKind::DropLoopbackSource,
         };
-        own.record_insert(drop4, 0, Placement::Append);
-        own.reconcile(&tables(&[], &[]), &[Family::Ipv6]);
+        let mut own = Ownership {
+            rules: vec![OwnedRule {
+                family: Family::Ipv4,
+                chain: Chain::Input,
+                rule: drop4.save_syntax(),
+                owned: 1,
+                observed: 1,
+                placement: Placement::Append,
+                pending: 0,
+            }],
+        };
+        own.reconcile(&tables(&[], &[]), V6);
         assert_eq!(own.owned(drop4), 1);
         assert_eq!(own.families(), vec![Family::Ipv4]);
     }
@@ -180,6 +268,7 @@ mod tests {
                 owned: 1,
                 observed: 1,
                 placement: Placement::Insert,
+                pending: 0,
             }],
         };
         assert_eq!(own.rules[0].rule(), None);
