@@ -1,5 +1,6 @@
 //! The command line: flags for every subcommand, and the `node` commands' output and exit codes.
 
+use crate::node::converge::Convergence;
 use crate::node::facts::{ApplicabilityMode, BackendChoice, NodeFacts};
 use crate::node::watch::{DriftWatch, Trigger, run_pass};
 use crate::node::{Engine, EngineConfig, Report};
@@ -105,7 +106,7 @@ pub struct Target {
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// Seconds to wait for the xtables lock before giving up.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = wait_seconds)]
     pub wait: u64,
     /// Where rules loopguard inserted are recorded.
     #[arg(long, value_name = "PATH", default_value = crate::node::state_file::DEFAULT_PATH, env = "LOOPGUARD_STATE_FILE")]
@@ -163,11 +164,25 @@ pub struct WatchArgs {
     pub resync: Duration,
 }
 
-/// Parses `--resync`: a positive number of seconds (fractions allowed).
+/// Parses `--resync`: seconds (fractions allowed) between 0.1 and one day. Shorter would make
+/// the re-check a busy loop, longer is no re-check at all.
 pub fn seconds(text: &str) -> std::result::Result<Duration, String> {
-    match text.parse::<f64>() {
-        Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
-        _ => Err("must be a positive number of seconds".into()),
+    const MIN: f64 = 0.1;
+    const MAX: f64 = 86_400.0;
+    match text.trim().parse::<f64>() {
+        Ok(s) if (MIN..=MAX).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        Ok(_) => Err(format!(
+            "must be between {MIN} and {MAX} seconds (10 is the default)"
+        )),
+        Err(_) => Err("must be a number of seconds, for example 10 or 0.5".into()),
+    }
+}
+
+/// Parses `--wait`: whole seconds, at most an hour.
+pub fn wait_seconds(text: &str) -> std::result::Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(s) if s <= 3600 => Ok(s),
+        _ => Err("must be a whole number of seconds between 0 and 3600".into()),
     }
 }
 
@@ -271,8 +286,10 @@ async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration
     let mut shutdown = crate::runtime::shutdown_signal()?;
     // Subscribe before the first pass so that no change after it goes unseen.
     let mut drift = DriftWatch::new(engine.facts().backend, resync);
+    let mut convergence = Convergence::default();
     let first = run_pass(
         &mut engine,
+        &mut convergence,
         audit,
         Trigger::Start {
             at: std::time::Instant::now(),
@@ -289,18 +306,28 @@ async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration
     );
     let mut last = first.report;
     loop {
+        let retry_at = convergence.retry_at(std::time::Instant::now());
         let trigger = tokio::select! {
             _ = &mut shutdown => break,
-            trigger = drift.next() => trigger,
+            trigger = drift.next(retry_at) => trigger,
         };
-        match run_pass(&mut engine, audit, trigger).await {
+        match run_pass(&mut engine, &mut convergence, audit, trigger).await {
             Ok(pass) => {
                 if pass.report.wrote() || !pass.report.same_state(&last) {
                     print_report(output, engine.facts(), &pass.report);
                 }
                 last = pass.report;
             }
-            Err(e) => tracing::error!("{e}"),
+            Err(e) => tracing::error!(reason = e.reason(), "{e}"),
+        }
+        if engine.facts().backend != drift.backend() {
+            tracing::warn!(
+                from = %drift.backend(),
+                to = %engine.facts().backend,
+                reason = %engine.facts().backend_reason,
+                "the node's iptables backend changed; watching the new one"
+            );
+            drift = DriftWatch::new(engine.facts().backend, resync);
         }
     }
     tracing::info!("stopping; the rules stay in place");
@@ -389,5 +416,8 @@ fn verdict_line(report: &Report) -> String {
     } else {
         "NOT COMPLIANT"
     };
-    format!("result:     {verdict} ({})\n", report.reason)
+    format!(
+        "result:     {verdict}: {} ({})\n",
+        report.reason, report.message
+    )
 }

@@ -71,6 +71,11 @@ pub enum Error {
         detected: String,
     },
 
+    #[error(
+        "another loopguard process holds {path} (the agent, or `loopguard node` run by hand) and did not finish within {seconds}s: retry later, find it with `fuser {path}`, or raise --wait"
+    )]
+    StateLocked { path: PathBuf, seconds: f64 },
+
     #[error("{0}")]
     Invalid(String),
 
@@ -85,6 +90,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// One CamelCase word for the error: the reason in a node's status, a metric label, a log field.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::MissingBinary { .. } => "MissingBinary",
+            Error::PermissionDenied { .. } => "PermissionDenied",
+            Error::LockTimeout { .. } => "LockTimeout",
+            Error::StateLocked { .. } => "StateLocked",
+            Error::Command { .. } => "CommandFailed",
+            Error::StateFile { .. } => "StateFileUnusable",
+            Error::StateBackendMismatch { .. } => "BackendChanged",
+            Error::Kube(_) => "ApiError",
+            _ => "EngineError",
+        }
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
             context: context.into(),

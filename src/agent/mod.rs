@@ -9,11 +9,12 @@ pub mod report;
 
 use crate::api::{self, LoopbackPolicy, LoopbackPolicySpec, Mode, OnRemoval};
 use crate::metrics::{self, Readiness};
+use crate::node::converge::Convergence;
 use crate::node::facts::ApplicabilityMode;
 use crate::node::watch::{DriftWatch, Trigger, run_pass};
 use crate::node::{Engine, EngineConfig, Report};
 use crate::runtime::{is_synced, reflect};
-use crate::{Error, Result, selection};
+use crate::{Result, selection};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -57,7 +58,7 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value_t = crate::node::facts::BackendChoice::Auto)]
     pub backend: crate::node::facts::BackendChoice,
     /// Seconds to wait for the xtables lock.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = crate::cli::wait_seconds)]
     pub wait: u64,
     /// Where a fatal error's reason is written for `kubectl describe pod`.
     #[arg(long, value_name = "PATH", default_value = "/dev/termination-log")]
@@ -135,6 +136,7 @@ struct ErrorLabels {
 struct Metrics {
     rules_enforced: Gauge,
     compliant: Gauge,
+    not_converging: Gauge,
     repairs: Counter,
     repair_latency: Histogram,
     check_seconds: Histogram,
@@ -153,6 +155,7 @@ impl Metrics {
         let m = Metrics {
             rules_enforced: Gauge::default(),
             compliant: Gauge::default(),
+            not_converging: Gauge::default(),
             repairs: Counter::default(),
             repair_latency: buckets(),
             check_seconds: buckets(),
@@ -170,6 +173,11 @@ impl Metrics {
             "compliant",
             "1 when the node is compliant",
             m.compliant.clone(),
+        );
+        r.register(
+            "not_converging",
+            "1 while repairs keep being undone and loopguard backs off",
+            m.not_converging.clone(),
         );
         r.register("repairs", "Drift repairs", m.repairs.clone());
         r.register(
@@ -203,23 +211,11 @@ impl Metrics {
     }
 }
 
-/// A short CamelCase name for an error, for the status reason and the errors metric.
-fn error_kind(e: &Error) -> &'static str {
-    match e {
-        Error::MissingBinary { .. } => "MissingBinary",
-        Error::PermissionDenied { .. } => "PermissionDenied",
-        Error::LockTimeout { .. } => "LockTimeout",
-        Error::Command { .. } => "CommandFailed",
-        Error::StateFile { .. } | Error::StateBackendMismatch { .. } => "StateFileUnusable",
-        Error::Kube(_) => "ApiError",
-        _ => "EngineError",
-    }
-}
-
 /// Everything the agent's loop holds.
 struct Agent {
     node_name: String,
     engine: Engine,
+    convergence: Convergence,
     remembered_path: PathBuf,
     following: Option<Remembered>,
     repairs: i64,
@@ -257,6 +253,7 @@ async fn run(args: AgentArgs) -> Result<()> {
     let mut agent = Agent {
         node_name: args.node_name.clone(),
         engine,
+        convergence: Convergence::default(),
         following: None,
         remembered_path: remembered_path.clone(),
         repairs: 0,
@@ -292,7 +289,11 @@ async fn run(args: AgentArgs) -> Result<()> {
             _ = &mut shutdown => break,
             _ = changed.notified() => {}
             _ = retry.tick() => {}
-            trigger = drift.next() => agent.pass(trigger).await,
+            trigger = drift.next(agent.convergence.retry_at(Instant::now())) => agent.pass(trigger).await,
+        }
+        if agent.engine.facts().backend != drift.backend() {
+            tracing::warn!(from = %drift.backend(), to = %agent.engine.facts().backend, "the node's iptables backend changed; watching the new one");
+            drift = DriftWatch::new(agent.engine.facts().backend, args.resync);
         }
         if !synced && is_synced(&policies) && is_synced(&nodes) {
             synced = true;
@@ -413,7 +414,7 @@ impl Agent {
                     status
                 }
                 Err(e) => {
-                    let kind = error_kind(&e);
+                    let kind = e.reason();
                     self.metrics.error(kind);
                     tracing::error!(error = %e, "cleanup failed");
                     report::status_from_error(
@@ -444,7 +445,7 @@ impl Agent {
         let audit = policy.spec.mode == Mode::Audit;
         let following = policy.following();
         let started = Instant::now();
-        match run_pass(&mut self.engine, audit, trigger).await {
+        match run_pass(&mut self.engine, &mut self.convergence, audit, trigger).await {
             Ok(pass) => {
                 let elapsed = started.elapsed().as_secs_f64();
                 if pass.report.wrote() {
@@ -466,6 +467,9 @@ impl Agent {
                     .count();
                 self.metrics.rules_enforced.set(present as i64);
                 self.metrics.compliant.set(pass.report.compliant as i64);
+                self.metrics.not_converging.set(
+                    (pass.report.reason == crate::node::engine::reason::NOT_CONVERGING) as i64,
+                );
                 self.pending = Some(report::status_from_report(
                     &following,
                     &pass.report,
@@ -475,7 +479,7 @@ impl Agent {
                 self.last_report = Some(pass.report);
             }
             Err(e) => {
-                let kind = error_kind(&e);
+                let kind = e.reason();
                 self.metrics.error(kind);
                 tracing::error!(error = %e, "pass failed");
                 self.pending = Some(report::status_from_error(

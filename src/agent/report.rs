@@ -27,14 +27,17 @@ pub fn status_from_report(
     repairs: i64,
     last_repair: Option<&Time>,
 ) -> LoopbackNodeStateStatus {
-    let (compliance, reason) = if !report.applicable {
-        (Compliance::NotApplicable, "RuleNotApplicable")
+    let compliance = if !report.applicable {
+        Compliance::NotApplicable
     } else if report.compliant {
-        (Compliance::Compliant, "RulesInPlace")
-    } else if policy.mode == Mode::Audit {
-        (Compliance::NonCompliant, "AuditFindings")
+        Compliance::Compliant
     } else {
-        (Compliance::NonCompliant, "RulesNotInPlace")
+        Compliance::NonCompliant
+    };
+    let reason = if compliance == Compliance::NonCompliant && policy.mode == Mode::Audit {
+        "AuditFindings"
+    } else {
+        report.reason.as_str()
     };
     LoopbackNodeStateStatus {
         policy_name: Some(policy.name.clone()),
@@ -42,7 +45,7 @@ pub fn status_from_report(
         mode: Some(policy.mode),
         compliance,
         reason: reason.into(),
-        message: report.reason.clone(),
+        message: report.message.clone(),
         backend: Some(report.backend.to_string()),
         ipv6_enabled: Some(report.ipv6_enabled),
         firewall_managers: report
@@ -65,6 +68,7 @@ pub fn status_from_report(
                     RuleState::Missing => ApiRuleState::Missing,
                     RuleState::Misplaced => ApiRuleState::Misplaced,
                     RuleState::Duplicate => ApiRuleState::Duplicate,
+                    RuleState::Shadowed => ApiRuleState::Shadowed,
                 },
                 owned: f.owned,
             })
@@ -197,7 +201,13 @@ mod tests {
         Report {
             compliant,
             applicable,
-            reason: "why".into(),
+            reason: if compliant {
+                "RulesInPlace"
+            } else {
+                "RulesNotInPlace"
+            }
+            .into(),
+            message: "why".into(),
             backend: Backend::Nft,
             ipv6_enabled: true,
             firewall_managers: vec![],

@@ -62,6 +62,9 @@ pub enum RuleState {
     Misplaced,
     /// In place, and more than once (for example after the CIS script ran twice).
     Duplicate,
+    /// In place as the scanners require, but after a catch-all rule (-j DROP, -j REJECT, ...)
+    /// that decides every packet first, so it protects nothing.
+    Shadowed,
 }
 
 /// One baseline rule as found on the node.
@@ -74,7 +77,7 @@ pub struct NodeRule {
     pub chain: String,
     /// The rule in iptables-save syntax.
     pub rule: String,
-    /// Present, Missing, Misplaced or Duplicate.
+    /// Present, Missing, Misplaced, Duplicate or Shadowed.
     pub state: RuleState,
     /// True when loopguard inserted it; false when it was found in place and adopted.
     pub owned: bool,

@@ -51,13 +51,31 @@ pub struct RuleReport {
     pub owned: bool,
 }
 
+/// Why a report says what it says: one CamelCase word, the same in the CLI's JSON and in the
+/// node's LoopbackNodeState.
+pub mod reason {
+    /// The rules are in place as the scanners require.
+    pub const IN_PLACE: &str = "RulesInPlace";
+    /// In place as the scanners require, but after a catch-all rule that decides every packet.
+    pub const SHADOWED: &str = "Shadowed";
+    /// Not in place (see the message for which rule and how).
+    pub const NOT_IN_PLACE: &str = "RulesNotInPlace";
+    /// The CIS rule does not apply to this node (see the message).
+    pub const NOT_APPLICABLE: &str = "RuleNotApplicable";
+    /// Repairs keep being undone; loopguard is backing off before the next one.
+    pub const NOT_CONVERGING: &str = "NotConverging";
+}
+
 /// The outcome of a check, enforce or cleanup: what `--output json` prints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
     pub compliant: bool,
     pub applicable: bool,
+    /// One CamelCase word (see [`reason`]).
     pub reason: String,
+    /// The verdict in a sentence.
+    pub message: String,
     pub backend: Backend,
     pub ipv6_enabled: bool,
     pub firewall_managers: Vec<FirewallManager>,
@@ -76,7 +94,7 @@ impl Report {
         self.changes
             .iter()
             .flatten()
-            .filter(|e| !matches!(e.kind, EditKind::Delete(_)))
+            .filter(|e| e.kind != EditKind::Delete)
             .map(|e| format!("{} {}", e.family, e.rule))
             .collect()
     }
@@ -87,11 +105,13 @@ impl Report {
             self.compliant,
             self.applicable,
             &self.reason,
+            &self.message,
             &self.findings,
         ) == (
             other.compliant,
             other.applicable,
             &other.reason,
+            &other.message,
             &other.findings,
         )
     }
@@ -185,6 +205,7 @@ impl Engine {
     /// Makes the node compliant with the smallest plan, in one restore per family; writes nothing
     /// when it already is. Rules owned in families no longer enforced are removed.
     pub fn enforce(&self) -> Result<Report> {
+        let _lock = self.state_file.lock(self.config.wait)?;
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
         let tables = self.xtables().read(&families)?;
@@ -193,7 +214,12 @@ impl Engine {
 
         let mut plan = RulePlan::default();
         if self.applicability().applicable {
-            plan = rules::plan_enforce(&tables, &self.config.families, self.config.placement);
+            plan = rules::plan_enforce(
+                &tables,
+                &ownership,
+                &self.config.families,
+                self.config.placement,
+            );
         }
         let dropped: Vec<Family> = ownership
             .families()
@@ -213,6 +239,7 @@ impl Engine {
 
     /// Removes exactly the rules loopguard inserted, in every family it owns rules in.
     pub fn cleanup(&self) -> Result<Report> {
+        let _lock = self.state_file.lock(self.config.wait)?;
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
         let tables = self.xtables().read(&families)?;
@@ -226,6 +253,10 @@ impl Engine {
     }
 
     /// Applies a non-empty plan, then reads the chains again: the report tells what is there now.
+    ///
+    /// What the plan inserts is stored as pending before the first restore runs, and settled by
+    /// the read after it; a process killed in between leaves the intent on record, and the next
+    /// run settles it the same way, so loopguard never mistakes its own rules for adopted ones.
     fn apply_and_verify(
         &self,
         plan: RulePlan,
@@ -233,40 +264,31 @@ impl Engine {
         mut ownership: Ownership,
         families: &[Family],
     ) -> Result<Report> {
-        let applied_at = self.apply(&plan, tables, &mut ownership)?;
-        let after = self.xtables().read(families)?;
-        ownership.reconcile(&after, families);
+        ownership.expect(&plan, tables);
         self.store(&ownership)?;
+        let applied = self.apply(&plan, &mut ownership);
+        let after = self.xtables().read(families);
+        if let Ok(after) = &after {
+            ownership.reconcile(after, families);
+        }
+        self.store(&ownership)?;
+        let applied_at = applied?;
+        let after = after?;
         let mut report = self.report(&after, &ownership, Some(plan.edits));
         report.applied_at = Some(applied_at);
         Ok(report)
     }
 
-    /// Applies a plan family by family; the ownership follows every restore that succeeded, and is
-    /// stored before an error is returned so that nothing inserted is ever forgotten.
-    fn apply(
-        &self,
-        plan: &RulePlan,
-        before: &Tables,
-        ownership: &mut Ownership,
-    ) -> Result<Instant> {
+    /// Applies a plan family by family, one restore each. A restore that fails changed nothing
+    /// (each is one transaction), so its family's pending inserts are dropped.
+    fn apply(&self, plan: &RulePlan, ownership: &mut Ownership) -> Result<Instant> {
         for family in plan.families() {
             let script = plan
                 .restore_script(family)
                 .expect("plan has edits for family");
             if let Err(e) = self.xtables().restore(family, &script) {
-                self.store(ownership)?;
+                ownership.abandon(family);
                 return Err(e);
-            }
-            for edit in plan.edits.iter().filter(|e| e.family == family) {
-                match edit.kind {
-                    EditKind::Delete(_) => ownership.record_delete(edit.target),
-                    _ => ownership.record_insert(
-                        edit.target,
-                        before.count(edit.target),
-                        self.config.placement,
-                    ),
-                }
             }
         }
         Ok(Instant::now())
@@ -315,10 +337,21 @@ impl Engine {
             })
             .collect();
         let compliant = applicability.applicable && evaluation.compliant;
-        let reason = if !applicability.applicable {
-            applicability.reason
+        let (reason, message) = if !applicability.applicable {
+            (reason::NOT_APPLICABLE, applicability.reason)
+        } else if let (true, Some((family, catch_all))) = (compliant, &evaluation.shadowed_by) {
+            (
+                reason::SHADOWED,
+                format!(
+                    "the scanners pass, but in {family} INPUT the catch-all rule `{catch_all}` comes before the loopback pair, so the pair never sees a packet; \
+                     with placement Insert loopguard puts its pair on top"
+                ),
+            )
         } else if compliant {
-            "in INPUT the loopback ACCEPT is immediately followed by the loopback-source DROP, and OUTPUT accepts loopback".into()
+            (
+                reason::IN_PLACE,
+                "in INPUT the loopback ACCEPT is immediately followed by the loopback-source DROP, and OUTPUT accepts loopback".into(),
+            )
         } else {
             let problems: Vec<String> = findings
                 .iter()
@@ -332,12 +365,13 @@ impl Engine {
                     )
                 })
                 .collect();
-            problems.join("; ")
+            (reason::NOT_IN_PLACE, problems.join("; "))
         };
         Report {
             compliant,
             applicable: applicability.applicable,
-            reason,
+            reason: reason.into(),
+            message,
             backend: self.facts.backend,
             ipv6_enabled: self.facts.ipv6_enabled,
             firewall_managers: self.facts.firewall_managers.clone(),

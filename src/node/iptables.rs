@@ -1,15 +1,15 @@
 //! Running the iptables binaries of one backend: read a built-in chain with `-S`, apply a plan
 //! with one `*-restore --noflush` transaction, and wait for the xtables lock.
 
+use super::lock::{FileLock, flock_within};
 use crate::rules::{Chain, ChainListing, Family, Tables};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::Write as _;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The iptables backend of a host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,9 +252,9 @@ fn find_in_path(binary: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// An exclusive `flock` on the xtables lock file, released on drop.
+/// The xtables lock, held while loopguard writes with the nft backend (released on drop).
 struct XtablesLock {
-    _file: Option<std::fs::File>,
+    _lock: Option<FileLock>,
 }
 
 impl XtablesLock {
@@ -270,22 +270,15 @@ impl XtablesLock {
             // iptables-nft itself never locks, so go on without it.
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "xtables lock not available");
-                return Ok(XtablesLock { _file: None });
+                return Ok(XtablesLock { _lock: None });
             }
         };
-        let deadline = Instant::now() + wait;
-        loop {
-            // SAFETY: flock on a file descriptor we own; LOCK_NB never blocks.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(XtablesLock { _file: Some(file) });
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::LockTimeout {
-                    path: path.to_path_buf(),
-                    seconds: wait.as_secs().max(1),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match flock_within(file, wait) {
+            Some(lock) => Ok(XtablesLock { _lock: Some(lock) }),
+            None => Err(Error::LockTimeout {
+                path: path.to_path_buf(),
+                seconds: wait.as_secs().max(1),
+            }),
         }
     }
 }
@@ -293,6 +286,7 @@ impl XtablesLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn binaries_are_named_per_family_and_backend() {

@@ -1,8 +1,10 @@
 //! Effects on one node: facts, iptables processes, the state file, netlink drift events.
 
+pub mod converge;
 pub mod engine;
 pub mod facts;
 pub mod iptables;
+pub mod lock;
 pub mod netns;
 pub mod state_file;
 pub mod watch;

@@ -7,9 +7,14 @@ use std::path::PathBuf;
 /// Moves the calling thread into the network namespace `name`. Call it before any other thread
 /// starts: threads spawned afterwards, and every child process, inherit it.
 pub fn enter(name: &str) -> Result<()> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+    let odd = name.is_empty()
+        || name.len() > 255
+        || name == "."
+        || name == ".."
+        || name.chars().any(|c| c == '/' || c.is_control());
+    if odd {
         return Err(Error::Invalid(format!(
-            "invalid network namespace name {name:?}: give the name shown by `ip netns list`"
+            "invalid network namespace name {name:?}: give a name shown by `ip netns list` (no '/', no control characters, at most 255 bytes)"
         )));
     }
     let path = PathBuf::from("/run/netns").join(name);

@@ -1,12 +1,17 @@
 //! The state file: which rules loopguard inserted on this node, so that cleanup removes exactly
-//! those, also after a restart. Written atomically (temporary file, fsync, rename).
+//! those, also after a restart. Written atomically (temporary file, fsync, rename). Every
+//! loopguard process that writes to a node's firewall (the agent, `loopguard node` run by hand,
+//! a second agent during an upgrade) first takes the lock beside it, so the state file is never
+//! read, planned against and written by two at once.
 
 use super::iptables::Backend;
+use super::lock::{FileLock, flock_within};
 use crate::rules::Ownership;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub const DEFAULT_PATH: &str = "/var/lib/loopguard/state.json";
 const VERSION: u32 = 1;
@@ -63,6 +68,19 @@ impl StateFile {
                  will then be treated as adopted and never deleted"
             ))
         };
+        // The version first: a newer loopguard may have written fields this one does not know.
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        if let Ok(Versioned { version }) = serde_json::from_str::<Versioned>(&text)
+            && version > VERSION
+        {
+            return Err(self.error(format!(
+                "it was written by a newer loopguard (state version {version}; this one reads version {VERSION}). \
+                 Run the newer loopguard (finish or roll forward the upgrade); this one will not guess which rules it owns"
+            )));
+        }
         let state: State = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
         if state.version != VERSION {
             return Err(corrupt(format!(
@@ -77,6 +95,30 @@ impl StateFile {
             )));
         }
         Ok(Some(state))
+    }
+
+    /// The lock beside the state file (`state.lock` for `state.json`).
+    pub fn lock_path(&self) -> PathBuf {
+        self.path.with_extension("lock")
+    }
+
+    /// Takes the lock beside the state file, waiting up to `wait` for another loopguard process
+    /// to finish its pass.
+    pub fn lock(&self, wait: Duration) -> Result<FileLock> {
+        let path = self.lock_path();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)
+            .map_err(|e| self.error(format!("cannot create {}: {e}", dir.display())))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| self.error(format!("cannot open its lock {}: {e}", path.display())))?;
+        flock_within(file, wait).ok_or_else(|| Error::StateLocked {
+            path,
+            seconds: wait.as_secs_f64(),
+        })
     }
 
     /// Writes the state atomically, or removes the file when nothing is owned.
@@ -114,16 +156,24 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{Family, Placement, Rule, RuleKind};
+    use crate::rules::{Family, OwnedRule, Placement, Rule, RuleKind};
 
     fn owned_drop() -> Ownership {
-        let mut own = Ownership::default();
         let rule = Rule {
             family: Family::Ipv6,
             kind: RuleKind::DropLoopbackSource,
         };
-        own.record_insert(rule, 0, Placement::Insert);
-        own
+        Ownership {
+            rules: vec![OwnedRule {
+                family: rule.family,
+                chain: rule.chain(),
+                rule: rule.save_syntax(),
+                owned: 1,
+                observed: 1,
+                placement: Placement::Insert,
+                pending: 0,
+            }],
+        }
     }
 
     #[test]
@@ -151,7 +201,7 @@ mod tests {
         let file = StateFile::new(dir.path().join("state.json"));
         for bad in [
             "{not json",
-            r#"{"version":9,"backend":"iptables-nft","rules":[]}"#,
+            r#"{"version":0,"backend":"iptables-nft","rules":[]}"#,
             r#"{"version":1,"backend":"iptables-nft","rules":[{"family":"ipv6","chain":"INPUT","rule":"-A INPUT -j DROP","owned":1,"observed":1,"placement":"insert"}]}"#,
         ] {
             std::fs::write(&file.path, bad).unwrap();
@@ -161,5 +211,31 @@ mod tests {
             // Refusing never destroys the evidence.
             assert_eq!(std::fs::read_to_string(&file.path).unwrap(), bad);
         }
+    }
+
+    #[test]
+    fn a_file_from_a_newer_loopguard_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path().join("state.json"));
+        let newer = r#"{"version":2,"backend":"iptables-nft","rules":[],"somethingNew":true}"#;
+        std::fs::write(&file.path, newer).unwrap();
+        let err = file.load().unwrap_err().to_string();
+        assert!(err.contains("newer loopguard"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file.path).unwrap(), newer);
+    }
+
+    #[test]
+    fn the_lock_beside_the_state_file_serializes_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(dir.path().join("new/state.json"));
+        assert_eq!(file.lock_path(), dir.path().join("new/state.lock"));
+        let held = file.lock(Duration::ZERO).unwrap();
+        let err = file
+            .lock(Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another loopguard"), "{err}");
+        drop(held);
+        file.lock(Duration::ZERO).unwrap();
     }
 }

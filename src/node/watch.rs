@@ -1,7 +1,8 @@
 //! Drift detection: nftables netlink events (nft backend) and a periodic full re-check (both
 //! backends; the only signal with the legacy backend, whose kernel interface has no events).
 
-use super::engine::{Engine, Report};
+use super::converge::Convergence;
+use super::engine::{Engine, Report, reason};
 use super::iptables::Backend;
 use crate::Result;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -133,12 +134,17 @@ pub enum Trigger {
     Changed { at: Instant },
     /// The periodic full re-check (and, with the legacy backend, the poll).
     Resync { at: Instant },
+    /// A repair held back while repairs kept being undone is due.
+    Retry { at: Instant },
 }
 
 impl Trigger {
     pub fn at(self) -> Instant {
         match self {
-            Trigger::Start { at } | Trigger::Changed { at } | Trigger::Resync { at } => at,
+            Trigger::Start { at }
+            | Trigger::Changed { at }
+            | Trigger::Resync { at }
+            | Trigger::Retry { at } => at,
         }
     }
 
@@ -147,12 +153,14 @@ impl Trigger {
             Trigger::Start { .. } => "start",
             Trigger::Changed { .. } => "nft event",
             Trigger::Resync { .. } => "periodic re-check",
+            Trigger::Retry { .. } => "retry after backing off",
         }
     }
 }
 
 /// Produces triggers: events (debounced) when the backend has them, and a periodic resync.
 pub struct DriftWatch {
+    backend: Backend,
     events: Option<NftEvents>,
     resync: tokio::time::Interval,
     debounce: Duration,
@@ -177,6 +185,7 @@ impl DriftWatch {
         let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         DriftWatch {
+            backend,
             events,
             resync,
             debounce: Duration::from_millis(20),
@@ -188,12 +197,27 @@ impl DriftWatch {
         self.events.is_some()
     }
 
-    /// The next reason to look again.
+    /// The backend this watch listens to (it must be made anew when the node's changes).
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The next reason to look again: a change, the periodic re-check, or `retry_at`.
     ///
     /// Cancel-safe, as `select!` in the agent needs: a change seen before the end of its
     /// transaction is kept in `self` while the rest is awaited, so dropping this future during
     /// that wait loses nothing; the next call finishes the wait and returns the change.
-    pub async fn next(&mut self) -> Trigger {
+    pub async fn next(&mut self, retry_at: Option<Instant>) -> Trigger {
+        let Some(at) = retry_at else {
+            return self.next_change().await;
+        };
+        tokio::select! {
+            trigger = self.next_change() => trigger,
+            _ = tokio::time::sleep_until(at.into()) => Trigger::Retry { at: Instant::now() },
+        }
+    }
+
+    async fn next_change(&mut self) -> Trigger {
         loop {
             let Some(events) = self.events.as_ref() else {
                 self.resync.tick().await;
@@ -236,13 +260,22 @@ pub struct Pass {
 
 /// Runs one check (audit) or enforce on a blocking thread, and logs a repair with its latency.
 /// The periodic re-check first learns the node's facts again (backend, IPv6, packages).
-pub async fn run_pass(engine: &mut Engine, audit: bool, trigger: Trigger) -> Result<Pass> {
+///
+/// While repairs keep being undone, `convergence` holds writes back: the pass then only checks,
+/// and a node that is not compliant is reported `NotConverging` until the held-back repair is due.
+pub async fn run_pass(
+    engine: &mut Engine,
+    convergence: &mut Convergence,
+    audit: bool,
+    trigger: Trigger,
+) -> Result<Pass> {
+    let held_back = !audit && !convergence.may_write(Instant::now());
     let mut worker = engine.clone();
     let (worker, report) = tokio::task::spawn_blocking(move || {
         if let Trigger::Resync { .. } = trigger {
             worker.refresh_facts();
         }
-        let report = if audit {
+        let report = if audit || held_back {
             worker.check()
         } else {
             worker.enforce()
@@ -252,7 +285,24 @@ pub async fn run_pass(engine: &mut Engine, audit: bool, trigger: Trigger) -> Res
     .await
     .expect("engine pass does not panic");
     *engine = worker;
-    let report = report?;
+    let mut report = report?;
+    let now = Instant::now();
+    if report.wrote() {
+        if let Some(hold) = convergence.wrote(now, &report.inserted()) {
+            tracing::warn!(
+                kept_changing = %convergence.describe(now),
+                backoff_s = hold.as_secs_f64(),
+                "not converging: {}",
+                convergence.describe(now)
+            );
+        }
+    } else {
+        convergence.quiet(now);
+    }
+    if held_back && report.applicable && !report.compliant {
+        report.reason = reason::NOT_CONVERGING.into();
+        report.message = convergence.describe(now);
+    }
     if let Trigger::Start { .. } = trigger {
         if report.wrote() {
             tracing::info!(inserted = ?report.inserted(), "enforced: {}", report.inserted().join(", "));

@@ -1,0 +1,46 @@
+//! Exclusive `flock` locks with a bounded wait: the xtables lock shared with every iptables user
+//! of a host, and loopguard's own lock beside its state file.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// An exclusive `flock` held until drop.
+#[derive(Debug)]
+pub struct FileLock {
+    _file: File,
+}
+
+/// Takes an exclusive `flock` on `file`, retrying every 20 ms for up to `wait`; `None` when
+/// another holder kept it that long.
+pub fn flock_within(file: File, wait: Duration) -> Option<FileLock> {
+    let deadline = Instant::now().checked_add(wait);
+    loop {
+        // SAFETY: flock on a file descriptor we own; LOCK_NB never blocks.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Some(FileLock { _file: file });
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_is_waited_for_then_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let open = || File::create(&path).unwrap();
+        let holder = flock_within(open(), Duration::ZERO).expect("free lock");
+        let started = Instant::now();
+        assert!(flock_within(open(), Duration::from_millis(200)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        drop(holder);
+        assert!(flock_within(open(), Duration::ZERO).is_some());
+    }
+}
