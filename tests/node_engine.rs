@@ -3,197 +3,17 @@
 
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/node.rs"]
+mod node;
 
 use netns::TestNetns;
+use node::{BIN, Node, Repeat, Watch, changes, states};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
 const ACCEPT_IN: &str = "-A INPUT -i lo -j ACCEPT";
 const DROP_SRC: &str = "-A INPUT -s ::1/128 -j DROP";
 const ACCEPT_OUT: &str = "-A OUTPUT -o lo -j ACCEPT";
-
-/// One node under test: a namespace, a backend, a host root whose dpkg database says "iptables
-/// installed, nftables and ufw not" (where the CIS rule applies), a state file, and shims that
-/// record every `*-restore` process loopguard starts.
-struct Node {
-    ns: TestNetns,
-    backend: &'static str,
-    dir: tempfile::TempDir,
-}
-
-impl Node {
-    fn new(tag: &str, backend: &'static str) -> Node {
-        let ns = TestNetns::new(tag);
-        let dir = tempfile::tempdir().unwrap();
-        let dpkg = dir.path().join("host/var/lib/dpkg");
-        std::fs::create_dir_all(&dpkg).unwrap();
-        std::fs::write(
-            dpkg.join("status"),
-            "Package: iptables\nStatus: install ok installed\n\nPackage: nftables\nStatus: deinstall ok config-files\n",
-        )
-        .unwrap();
-        let shims = dir.path().join("shims");
-        std::fs::create_dir_all(&shims).unwrap();
-        for family in ["ip6tables", "iptables"] {
-            for b in ["nft", "legacy"] {
-                let name = format!("{family}-{b}-restore");
-                let real = find_binary(&name);
-                let shim = shims.join(&name);
-                std::fs::write(
-                    &shim,
-                    format!(
-                        "#!/bin/sh\necho \"$0 $*\" >> {}\nexec {} \"$@\"\n",
-                        dir.path().join("restores.log").display(),
-                        real.display()
-                    ),
-                )
-                .unwrap();
-                make_executable(&shim);
-            }
-        }
-        if backend == "legacy" {
-            // A legacy host has its filter tables (the kernel makes them on first use); start there.
-            ns.run(&["ip6tables-legacy", "-S"]);
-            ns.run(&["iptables-legacy", "-S"]);
-        }
-        Node { ns, backend, dir }
-    }
-
-    fn state_file(&self) -> PathBuf {
-        self.dir.path().join("state/state.json")
-    }
-
-    /// Runs `loopguard node <cmd> --netns NS --backend B --state-file F [--host-root H] ARGS`.
-    fn loopguard(&self, cmd: &str, args: &[&str]) -> Output {
-        self.loopguard_command(cmd, args).output().unwrap()
-    }
-
-    fn loopguard_command(&self, cmd: &str, args: &[&str]) -> Command {
-        let path = format!(
-            "{}:{}",
-            self.dir.path().join("shims").display(),
-            std::env::var("PATH").unwrap()
-        );
-        let mut c = Command::new(BIN);
-        c.args([
-            "node",
-            cmd,
-            "--netns",
-            &self.ns.name,
-            "--backend",
-            self.backend,
-        ])
-        .arg("--state-file")
-        .arg(self.state_file())
-        .env("PATH", path)
-        .env("XTABLES_LOCKFILE", self.dir.path().join("xtables.lock"))
-        .stdin(Stdio::null());
-        if cmd != "cleanup" {
-            c.arg("--host-root").arg(self.dir.path().join("host"));
-        }
-        c.args(args);
-        c
-    }
-
-    /// Runs a node command with `--output json`; returns (exit code, report).
-    fn json(&self, cmd: &str, args: &[&str]) -> (i32, Value) {
-        let mut all = vec!["--output", "json"];
-        all.extend(args);
-        let out = self.loopguard(cmd, &all);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let report = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!(
-                "{cmd}: no JSON report ({e}); stdout: {stdout}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (out.status.code().unwrap(), report)
-    }
-
-    fn restores(&self) -> usize {
-        std::fs::read_to_string(self.dir.path().join("restores.log"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    }
-
-    fn ip6(&self, args: &str) -> String {
-        self.ns.ip6tables(self.backend, args)
-    }
-
-    fn chain(&self, chain: &str) -> Vec<String> {
-        self.ip6(&format!("-S {chain}"))
-            .lines()
-            .filter(|l| l.starts_with("-A"))
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn save(&self) -> String {
-        self.ns.save("ip6tables", self.backend)
-    }
-
-    /// Runs the seed's own remediation script as users do today, with `ip6tables` pointing at this
-    /// backend and `dpkg-query` answering like a host where the rule applies.
-    fn run_seed_script(&self) {
-        let out = netns::seed_script(
-            &self.ns.name,
-            self.backend,
-            &self.dir.path().join("seed-bin"),
-        )
-        .output()
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "seed script: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.stderr.is_empty(),
-            "seed script said: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn scanner_passes(&self) -> bool {
-        netns::scanner_passes(&self.ns.name, self.backend)
-    }
-}
-
-fn find_binary(name: &str) -> PathBuf {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("{name} not found: install iptables (apt-get install iptables)");
-}
-
-fn make_executable(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-fn states(report: &Value) -> Vec<(String, String)> {
-    report["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["rule"].as_str().unwrap().to_string(),
-                f["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn changes(report: &Value) -> usize {
-    report["changes"].as_array().expect("changes").len()
-}
 
 /// Declares one test per backend.
 macro_rules! both_backends {
@@ -216,6 +36,12 @@ both_backends!(
     watch_repairs_a_deleted_rule,
     ipv4_sibling_is_enforced_and_cleaned_up,
     state_file_problems_are_refused_without_deleting,
+    the_lockout_case_keeps_ssh,
+    a_kill_right_after_the_restore_forgets_nothing,
+    a_fight_ends_without_piling_up_rules,
+    two_loopguards_take_turns,
+    a_foreign_writer_never_loses_a_rule,
+    a_pair_behind_a_catch_all_is_reported_shadowed,
 );
 
 fn enforce_is_idempotent_and_second_run_writes_nothing(backend: &'static str) {
@@ -343,6 +169,7 @@ fn drop_before_accept_is_repaired(backend: &'static str) {
         backend,
         "*filter\n-A INPUT -s ::1/128 -j DROP\n-A INPUT -p tcp --dport 22 -j ACCEPT\n-A INPUT -i lo -j ACCEPT\n-A OUTPUT -o lo -j ACCEPT\nCOMMIT\n",
     );
+    let original = node.save();
     let (code, report) = node.json("check", &[]);
     assert_eq!(code, 1);
     assert_eq!(states(&report)[1], (DROP_SRC.into(), "misplaced".into()));
@@ -351,29 +178,22 @@ fn drop_before_accept_is_repaired(backend: &'static str) {
     assert_eq!(
         changes(&report),
         1,
-        "one DROP inserted right after the ACCEPT; nothing moved"
+        "one ACCEPT inserted right before the first DROP; nothing moved"
     );
     assert_eq!(
         node.chain("INPUT"),
         vec![
+            ACCEPT_IN,
             DROP_SRC,
             "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT",
             ACCEPT_IN,
-            DROP_SRC
         ]
     );
     assert!(node.scanner_passes());
-    // Cleanup removes the one DROP loopguard added, and only it.
+    // Cleanup removes the one ACCEPT loopguard added (by spec: it is the first copy), and only it.
     let (code, _) = node.json("cleanup", &[]);
     assert_eq!(code, 0);
-    assert_eq!(
-        node.chain("INPUT"),
-        vec![
-            DROP_SRC,
-            "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT",
-            ACCEPT_IN
-        ]
-    );
+    assert_eq!(node.save(), original);
 }
 
 /// 10,000 foreign rules: 1,000 in INPUT (some at the top, before anything loopguard adds),
@@ -464,8 +284,9 @@ fn ipv6_disabled_is_not_applicable_and_untouched(backend: &'static str) {
     assert_eq!(code, 3, "{report}");
     assert_eq!(report["applicable"], false);
     assert_eq!(report["ipv6Enabled"], false);
+    assert_eq!(report["reason"], "RuleNotApplicable");
     assert!(
-        report["reason"]
+        report["message"]
             .as_str()
             .unwrap()
             .contains("IPv6 is disabled")
@@ -684,10 +505,443 @@ fn bad_input_gets_clear_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ip netns add"));
+    let long = "n".repeat(300);
+    for name in ["a/b", "..", "x\ny", long.as_str()] {
+        let out = Command::new(BIN)
+            .args(["node", "check", "--netns", name])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name:?}: {stderr}");
+        assert!(
+            stderr.contains("invalid network namespace name") && !stderr.contains("panicked"),
+            "{name:?}: {stderr}"
+        );
+    }
     let node = Node::new("flags", "nft");
     let out = node.loopguard("check", &["--ip-families", "ipv4"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must include ipv6"));
     let out = node.loopguard("check", &["--placement", "top"]);
     assert_eq!(out.status.code(), Some(2), "clap usage errors exit 2");
+    for resync in ["0", "1e-12", "1e12", "-1", "abc", "NaN", "inf"] {
+        let out = node.loopguard("watch", &[&format!("--resync={resync}")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--resync {resync}: {stderr}");
+        assert!(
+            stderr.contains("--resync")
+                && stderr.contains("seconds")
+                && !stderr.contains("panicked"),
+            "--resync {resync}: {stderr}"
+        );
+    }
+    let out = node.loopguard("enforce", &["--wait", "99999999999999"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("between 0 and 3600"));
+    assert!(node.chain("INPUT").is_empty(), "nothing written");
+}
+
+/// A state file from a newer loopguard, and another loopguard holding the state lock: clear
+/// errors, nothing written, nothing lost.
+#[test]
+fn state_from_elsewhere_is_refused_and_kept() {
+    let node = Node::new("newer", "nft");
+    std::fs::create_dir_all(node.state_file().parent().unwrap()).unwrap();
+    let newer = r#"{"version":2,"backend":"iptables-nft","rules":[],"somethingNew":{}}"#;
+    std::fs::write(node.state_file(), newer).unwrap();
+    for cmd in ["enforce", "cleanup"] {
+        let out = node.loopguard(cmd, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {stderr}");
+        assert!(stderr.contains("newer loopguard"), "{stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(node.state_file()).unwrap(), newer);
+    assert!(node.chain("INPUT").is_empty());
+
+    std::fs::remove_file(node.state_file()).unwrap();
+    let lock = node.state_file().with_extension("lock");
+    std::fs::write(&lock, "").unwrap();
+    let mut holder = Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "5"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let out = node.loopguard("enforce", &["--wait", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(stderr.contains("another loopguard process"), "{stderr}");
+    assert!(
+        node.chain("INPUT").is_empty(),
+        "nothing written while locked out"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let (code, _) = node.json("enforce", &[]);
+    assert_eq!(code, 0);
+}
+
+/// The report's edits as (action, rule) pairs.
+fn edits(report: &Value) -> Vec<(String, String)> {
+    report["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_string(),
+                e["rule"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The issue's lockout case, as a new user ran it: an empty accounting rule and an SSH rule,
+/// enforce with append, clean up. Cleanup once deleted the SSH rule.
+fn the_lockout_case_keeps_ssh(backend: &'static str) {
+    let node = Node::new("lockout", backend);
+    node.ip6("-A INPUT");
+    node.ip6("-A INPUT -p tcp --dport 22 -j ACCEPT");
+    let before = node.save();
+    let (code, report) = node.json(
+        "enforce",
+        &["--applicability", "always", "--placement", "append"],
+    );
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        node.chain("INPUT"),
+        vec![
+            "-A INPUT",
+            "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT",
+            ACCEPT_IN,
+            DROP_SRC
+        ]
+    );
+    let (code, report) = node.json("cleanup", &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        edits(&report),
+        vec![
+            ("delete".to_string(), ACCEPT_IN.to_string()),
+            ("delete".to_string(), DROP_SRC.to_string()),
+            ("delete".to_string(), ACCEPT_OUT.to_string()),
+        ],
+        "deletes name loopguard's rules, never a position"
+    );
+    assert_eq!(
+        node.save(),
+        before,
+        "the empty rule and the SSH rule are there, loopguard's rules are gone"
+    );
+}
+
+/// SIGKILL between a successful restore and the state write: the intent stored before the
+/// restore lets the next run claim the rules, so cleanup removes them instead of adopting them.
+fn a_kill_right_after_the_restore_forgets_nothing(backend: &'static str) {
+    use std::os::unix::process::ExitStatusExt;
+    let node = Node::new("crash", backend);
+    node.ip6("-A INPUT -p tcp --dport 22 -j ACCEPT");
+    let before = node.save();
+    let killed = node
+        .loopguard_command("enforce", &[])
+        .env("LGT_KILL_AFTER_RESTORE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        killed.status.signal(),
+        Some(libc::SIGKILL),
+        "the shim kills loopguard after the restore: {killed:?}"
+    );
+    assert!(node.scanner_passes(), "the restore went through");
+    let state = std::fs::read_to_string(node.state_file()).expect("the intent was stored");
+    assert!(state.contains("\"pending\": 1"), "{state}");
+
+    let (code, report) = node.json("check", &[]);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["owned"] == true),
+        "loopguard's own rules, not adopted ones: {report}"
+    );
+    // Killed again, now right after cleanup's restore: the next run sees its rules gone.
+    let killed = node
+        .loopguard_command("cleanup", &[])
+        .env("LGT_KILL_AFTER_RESTORE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(killed.status.signal(), Some(libc::SIGKILL));
+    assert_eq!(node.save(), before);
+    let (code, report) = node.json("cleanup", &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(changes(&report), 0);
+    assert!(!node.state_file().exists(), "nothing left to own");
+    assert_eq!(node.save(), before);
+}
+
+/// Another tool deletes the DROP every 50 ms for 10 s while `node watch` runs: loopguard never
+/// holds two DROPs, backs off (bounded restores), says NotConverging, and is compliant again
+/// once the fight stops.
+fn a_fight_ends_without_piling_up_rules(backend: &'static str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let node = Node::new("fight", backend);
+    let mut watch = node.watch(&["--resync", "0.5"]);
+    watch.wait_for("compliant at start", Duration::from_secs(10), |r| {
+        r["compliant"] == true
+    });
+    let invoker = node.invoker();
+    let most = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = most.clone();
+    let sampler = Repeat::start(move |_| {
+        let drops = invoker.input_copies("-s ::1/128 -j DROP");
+        seen.fetch_max(drops, Ordering::SeqCst);
+    });
+    let restores_before = node.restores();
+    let invoker = node.invoker();
+    let fighter = Repeat::start(move |_| {
+        invoker.ip6tables(&["-D", "INPUT", "-s", "::1/128", "-j", "DROP"]);
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    std::thread::sleep(Duration::from_secs(10));
+    fighter.stop();
+    let restores = node.restores() - restores_before;
+    watch.wait_for("NotConverging", Duration::from_secs(1), |r| {
+        r["reason"] == "NotConverging"
+    });
+    let stopped = Instant::now();
+    watch.wait_for_latest("compliant again", Duration::from_secs(45), |r| {
+        r["compliant"] == true
+    });
+    eprintln!(
+        "{backend}: {restores} restores in 10 s of fighting; compliant {:?} after it stopped",
+        stopped.elapsed()
+    );
+    sampler.stop();
+    assert!(node.scanner_passes());
+    assert_eq!(node.copies("INPUT", "-s ::1/128 -j DROP"), 1);
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= 1, "INPUT held {most} DROPs at once");
+    assert!(
+        restores <= 12,
+        "{restores} restores in 10 s: the fight was not damped"
+    );
+    let (clean, log) = watch.stop();
+    assert!(clean, "{log}");
+    assert!(
+        log.contains("not converging") && log.contains("-s ::1/128 -j DROP inserted"),
+        "the log names what kept changing:\n{log}"
+    );
+}
+
+/// Two loopguard processes on one node (an enforce loop and a cleanup loop, each restore held
+/// open for 100 ms) take turns on the lock beside the state file: no two restores ever run at
+/// once, and the node never holds two DROPs.
+fn two_loopguards_take_turns(backend: &'static str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let node = Node::new("turns", backend);
+    node.ip6("-A INPUT -p tcp --dport 22 -j ACCEPT");
+    let before = node.save();
+    let invoker = node.invoker();
+    let most = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = most.clone();
+    let sampler = Repeat::start(move |_| {
+        let drops = invoker.input_copies("-s ::1/128 -j DROP");
+        seen.fetch_max(drops, Ordering::SeqCst);
+    });
+    let loops: Vec<Repeat> = ["enforce", "cleanup"]
+        .into_iter()
+        .map(|cmd| {
+            let invoker = node.invoker();
+            Repeat::start(move |_| {
+                let out = invoker
+                    .command(cmd, &[])
+                    .env("LGT_RESTORE_HOLD", "0.1")
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{cmd}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    for l in loops {
+        l.stop();
+    }
+    sampler.stop();
+    let restores = node.restores();
+    assert!(restores >= 6, "both took turns: {restores} restores");
+    assert_eq!(node.overlaps(), 0, "two restores ran at once");
+    assert!(most.load(Ordering::SeqCst) <= 1);
+    let (code, _) = node.json("cleanup", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(node.save(), before);
+    assert!(!node.state_file().exists());
+}
+
+/// Another program inserts its own rules at random positions of INPUT and deletes them again
+/// while loopguard watches, enforces and cleans up: every delete of its own rule succeeds, and
+/// at the end INPUT holds exactly its rules.
+fn a_foreign_writer_never_loses_a_rule(backend: &'static str) {
+    let node = Node::new("writer", backend);
+    let mut watch = node.watch(&["--resync", "0.5"]);
+    watch.wait_for("compliant at start", Duration::from_secs(10), |r| {
+        r["compliant"] == true
+    });
+    let mine = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let writer_rules = mine.clone();
+    let invoker = node.invoker();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let writer = Repeat::start(move |round| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut own = writer_rules.lock().unwrap();
+        if own.len() < 4 || seed % 3 != 0 {
+            let listed = invoker.ip6tables(&["-S", "INPUT"]);
+            let len = String::from_utf8_lossy(&listed.stdout).lines().count() - 1;
+            let position = (1 + seed as usize % (len + 1)).to_string();
+            let source = format!("2001:db8:f::{:x}/128", round + 1);
+            let out = invoker.ip6tables(&["-I", "INPUT", &position, "-s", &source, "-j", "ACCEPT"]);
+            // A position made stale by loopguard's own write is refused; nothing was inserted.
+            if out.status.success() {
+                own.push(format!("-A INPUT -s {source} -j ACCEPT"));
+            }
+        } else {
+            let at = seed as usize % own.len();
+            let victim = own.remove(at);
+            let args: Vec<&str> = victim.split_whitespace().skip(2).collect();
+            let out = invoker.ip6tables(&[&["-D", "INPUT"], &args[..]].concat());
+            assert!(
+                out.status.success(),
+                "the writer's own rule {victim} is gone: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        drop(own);
+        std::thread::sleep(Duration::from_millis(15));
+    });
+    let started = Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        for cmd in ["enforce", "cleanup"] {
+            let (code, report) = node.json(cmd, &[]);
+            assert_eq!(code, 0, "{cmd}: {report}");
+        }
+        rounds += 1;
+    }
+    writer.stop();
+    let (clean, log) = watch.stop();
+    assert!(clean, "{log}");
+    let (code, _) = node.json("cleanup", &[]);
+    assert_eq!(code, 0);
+    let mut expected = mine.lock().unwrap().clone();
+    let mut input = node.chain("INPUT");
+    eprintln!(
+        "{backend}: {rounds} enforce+cleanup rounds beside the watch; the writer ends with {} rules",
+        expected.len()
+    );
+    expected.sort();
+    input.sort();
+    assert_eq!(input, expected, "INPUT holds exactly the writer's rules");
+    assert!(node.chain("OUTPUT").is_empty());
+}
+
+/// A pair after a catch-all REJECT passes the scanner but protects nothing: reported Shadowed.
+/// Insert placement never produces it.
+fn a_pair_behind_a_catch_all_is_reported_shadowed(backend: &'static str) {
+    let node = Node::new("shadow", backend);
+    node.ns.restore(
+        "ip6tables",
+        backend,
+        "*filter\n-A INPUT -p tcp --dport 22 -j ACCEPT\n-A INPUT -j REJECT\nCOMMIT\n",
+    );
+    let (code, report) = node.json("enforce", &["--placement", "append"]);
+    assert_eq!(code, 0, "{report}");
+    assert!(node.scanner_passes(), "the scanner passes it");
+    assert_eq!(report["compliant"], true);
+    assert_eq!(report["reason"], "Shadowed", "{report}");
+    assert!(
+        report["message"]
+            .as_str()
+            .unwrap()
+            .contains("-j REJECT --reject-with icmp6-port-unreachable"),
+        "{report}"
+    );
+    assert_eq!(
+        states(&report)[..2],
+        [
+            (ACCEPT_IN.to_string(), "shadowed".to_string()),
+            (DROP_SRC.to_string(), "shadowed".to_string())
+        ]
+    );
+    let text = String::from_utf8(node.loopguard("check", &[]).stdout).unwrap();
+    assert!(
+        text.contains("shadowed") && text.contains("Shadowed"),
+        "{text}"
+    );
+
+    let (code, _) = node.json("cleanup", &[]);
+    assert_eq!(code, 0);
+    let (code, report) = node.json("enforce", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(report["reason"], "RulesInPlace", "{report}");
+    assert_eq!(node.chain("INPUT")[..2], [ACCEPT_IN, DROP_SRC]);
+}
+
+/// IPv6 switched off and on, and the backend changing under a running watch (backend detected,
+/// as the chart runs it): each is noticed at the next resync and reported, without a crash.
+#[test]
+fn runtime_changes_are_noticed_at_the_next_resync() {
+    let node = Node::new("runtime", "nft");
+    let mut invoker = node.invoker();
+    invoker.backend = None;
+    let mut watch =
+        Watch::start(invoker.command("watch", &["--output", "json", "--resync", "0.5"]));
+    watch.wait_for("compliant on nft", Duration::from_secs(10), |r| {
+        r["compliant"] == true && r["backend"] == "iptables-nft"
+    });
+
+    node.ns.set_sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+    watch.wait_for_latest("not applicable", Duration::from_secs(5), |r| {
+        r["applicable"] == false
+            && r["reason"] == "RuleNotApplicable"
+            && r["message"].as_str().unwrap().contains("IPv6 is disabled")
+    });
+    node.ns.set_sysctl("net.ipv6.conf.all.disable_ipv6", "0");
+    watch.wait_for_latest("compliant again", Duration::from_secs(5), |r| {
+        r["compliant"] == true
+    });
+
+    // Rules appear in the legacy tables: the host now looks like a legacy host, while the rules
+    // loopguard owns are in the nft tables. It says so, and writes nothing to either.
+    node.ns
+        .ip6tables("legacy", "-A INPUT -p tcp --dport 22 -j ACCEPT");
+    watch.wait_for_log("BackendChanged", Duration::from_secs(5));
+    assert!(
+        watch.log().contains("loopguard node cleanup --backend nft"),
+        "{}",
+        watch.log()
+    );
+    assert!(watch.running(), "no crash");
+    assert_eq!(
+        node.ns.ip6tables("legacy", "-S INPUT"),
+        "-P INPUT ACCEPT\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n",
+        "nothing written to the legacy tables"
+    );
+    node.ns
+        .ip6tables("legacy", "-D INPUT -p tcp --dport 22 -j ACCEPT");
+    watch.wait_for_log("to=iptables-nft", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(watch.running());
+    let (code, report) = node.json("check", &[]);
+    assert_eq!(code, 0, "{report}");
+    let (clean, log) = watch.stop();
+    assert!(clean, "{log}");
 }
