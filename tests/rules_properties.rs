@@ -181,7 +181,7 @@ impl Node {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1500, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 4000, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Whatever others do between and around loopguard's passes (and whenever loopguard is
     /// killed after a restore): loopguard never removes or moves a foreign rule, never removes

@@ -87,27 +87,39 @@ impl Ownership {
         self.rules.retain(|e| e.owned > 0 || e.pending > 0);
     }
 
-    /// Records, before `plan` is applied to `before`, the copies it will insert. Deletes need no
-    /// record: a copy that disappears is taken from loopguard's count by the next reconcile.
+    /// Records, before `plan` is applied to `before`, how many copies of each rule it adds:
+    /// its inserts less its deletes of the same rule (a plan that takes loopguard's copy out and
+    /// puts it back elsewhere adds none, and must not later explain someone else's new copy).
+    /// Deletes need no record of their own: a copy that disappears is taken from loopguard's
+    /// count by the next reconcile.
     pub fn expect(&mut self, plan: &RulePlan, before: &Tables) {
-        for edit in &plan.edits {
-            if edit.kind == EditKind::Delete {
-                continue;
+        for edit in plan.edits.iter().filter(|e| e.kind != EditKind::Delete) {
+            let target = edit.target;
+            let count = |kind: fn(EditKind) -> bool| {
+                plan.edits
+                    .iter()
+                    .filter(|e| e.target == target && kind(e.kind))
+                    .count()
+            };
+            let inserts = count(|k| k != EditKind::Delete);
+            let deletes = count(|k| k == EditKind::Delete);
+            let adds = inserts.saturating_sub(deletes);
+            if self.entry(target).is_some_and(|e| e.pending > 0) || adds == 0 {
+                continue; // already recorded for this plan, or nothing added
             }
-            let observed = before.count(edit.target);
-            match self.entry_mut(edit.target) {
-                Some(entry) => entry.pending += 1,
+            match self.entry_mut(target) {
+                Some(entry) => entry.pending = adds,
                 None => self.rules.push(OwnedRule {
                     family: edit.family,
                     chain: edit.chain,
                     rule: edit.rule.clone(),
                     owned: 0,
-                    observed,
+                    observed: before.count(target),
                     placement: match edit.kind {
                         EditKind::Append => Placement::Append,
                         _ => Placement::Insert,
                     },
-                    pending: 1,
+                    pending: adds,
                 }),
             }
         }
@@ -273,5 +285,23 @@ mod tests {
         };
         assert_eq!(own.rules[0].rule(), None);
         assert_eq!(own.owned(rule(RuleKind::DropLoopbackSource)), 0);
+    }
+
+    #[test]
+    fn moving_its_own_copy_claims_no_copy_added_later_by_someone_else() {
+        // loopguard's pair was split; it takes its copies out and puts a pair on top, and is
+        // killed before the verifying read. Then someone adds an ACCEPT of their own.
+        let before = tables(&[A, "", D], &[O]);
+        let mut own = Ownership::default();
+        let fresh = plan_enforce(&tables(&[], &[]), &own, V6, Placement::Insert);
+        own.expect(&fresh, &tables(&[], &[]));
+        own.reconcile(&tables(&[A, D], &[O]), V6);
+        own.reconcile(&before, V6);
+        let plan = plan_enforce(&before, &own, V6, Placement::Insert);
+        assert!(plan.edits.iter().any(|e| e.kind == EditKind::Delete), "{plan:?}");
+        own.expect(&plan, &before);
+        let later = tables(&[A, A, D, ""], &[O]);
+        own.reconcile(&later, V6);
+        assert_eq!(own.owned(rule(RuleKind::AcceptLoopbackIn)), 1);
     }
 }
