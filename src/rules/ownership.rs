@@ -298,7 +298,10 @@ mod tests {
         own.reconcile(&tables(&[A, D], &[O]), V6);
         own.reconcile(&before, V6);
         let plan = plan_enforce(&before, &own, V6, Placement::Insert);
-        assert!(plan.edits.iter().any(|e| e.kind == EditKind::Delete), "{plan:?}");
+        assert!(
+            plan.edits.iter().any(|e| e.kind == EditKind::Delete),
+            "{plan:?}"
+        );
         own.expect(&plan, &before);
         let later = tables(&[A, A, D, ""], &[O]);
         own.reconcile(&later, V6);
