@@ -9,6 +9,8 @@
 #   hack/cluster.sh restart-apiserver      restart kube-apiserver on the same port, etcd data kept
 #   hack/cluster.sh stop-apiserver         stop kube-apiserver only (an outage, for reliability tests)
 #   hack/cluster.sh start-apiserver        start it again on the same port, and wait until ready
+#   hack/cluster.sh pause-apiserver        SIGSTOP kube-apiserver: it hangs (a partition, not a refusal)
+#   hack/cluster.sh resume-apiserver       SIGCONT it
 #   hack/cluster.sh nodes up FLAGS...      run loopguard-hollow in the background (flags: see its --help)
 #   hack/cluster.sh nodes down             stop it (its netns go with it)
 #
@@ -53,6 +55,7 @@ stop() {
   for name in "$@"; do
     if pid="$(pid_of "$name")" && [[ "$pid" != "$$" ]]; then # $$: the watchdog running `down` itself
       kill -TERM "$pid" 2>/dev/null || true
+      kill -CONT "$pid" 2>/dev/null || true # a paused process acts on TERM only once continued
       pids+=("$pid")
     fi
     rm -f "$dir/pids/$name.pid"
@@ -342,6 +345,14 @@ cmd_stop_apiserver() {
   log "kube-apiserver stopped (port $APISERVER_PORT); etcd and the other components keep running"
 }
 
+cmd_signal_apiserver() {
+  load_env
+  local pid
+  pid="$(pid_of kube-apiserver)" || die "kube-apiserver is not running"
+  kill "-$1" "$pid"
+  log "kube-apiserver (pid $pid) got SIG$1"
+}
+
 cmd_start_apiserver() {
   load_env
   pid_of kube-apiserver >/dev/null && die "kube-apiserver is already running"
@@ -373,6 +384,8 @@ case "${1:-}" in
   restart-apiserver) cmd_restart_apiserver ;;
   stop-apiserver) cmd_stop_apiserver ;;
   start-apiserver) cmd_start_apiserver ;;
+  pause-apiserver) cmd_signal_apiserver STOP ;;
+  resume-apiserver) cmd_signal_apiserver CONT ;;
   nodes) shift && cmd_nodes "$@" ;;
   *) sed -n '2,15s/^# \{0,1\}//p' "$0" >&2 && exit 2 ;;
 esac

@@ -1,10 +1,17 @@
-//! Node states → policy status: the counts, the short list of failing nodes, the Compliant /
-//! Progressing / Degraded conditions, the Events worth telling an admin, and when a deleted
-//! policy may let go. Pure: the controller feeds it what its caches hold.
+//! Node states → policy status: the counts, the short list of failing nodes, the conditions
+//! (Compliant, Ready, Progressing/Reconciling, Degraded, Stalled), the Events worth telling an
+//! admin, and when a deleted policy may let go. Pure: the controller feeds it what its caches hold.
+//!
+//! A green status must be true now, not only when it was written, so every targeted node needs a
+//! live agent that vouches for it: its agent Pod is Ready (the kubelet probes the agent's
+//! `/readyz`), and its report was verified within the heartbeat interval. A node without one for
+//! longer than the grace period counts as `Unknown` (reason `AgentUnavailable`), never as
+//! compliant and never as silently pending.
 
 use crate::api::conditions::{self, ConditionUpdate};
 use crate::api::{
     Compliance, ConditionStatus, LoopbackNodeStateStatus, LoopbackPolicy, LoopbackPolicyStatus,
+    Mode,
 };
 use crate::selection;
 use k8s_openapi::api::core::v1::Node;
@@ -15,6 +22,17 @@ use std::time::Duration;
 /// At most this many names in `nonCompliantNodeNames`.
 pub const MAX_LISTED_NODES: usize = 20;
 
+/// What the cluster says about the loopguard agent Pod on a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentPod {
+    /// An agent Pod on the node is Ready.
+    Ready,
+    /// The node's agent Pod is not Ready; since when, when known.
+    NotReady { since: Option<Time> },
+    /// No agent Pod is on the node.
+    Missing,
+}
+
 /// What aggregation needs to know about a Node.
 #[derive(Clone, Debug)]
 pub struct NodeInfo {
@@ -22,6 +40,10 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// Set when the node's Ready condition is not True: since when.
     pub not_ready_since: Option<Time>,
+    /// When the Node object was created.
+    pub created: Option<Time>,
+    /// Its agent Pod.
+    pub agent: AgentPod,
 }
 
 impl NodeInfo {
@@ -40,6 +62,8 @@ impl NodeInfo {
             name: node.metadata.name.clone()?,
             labels: node.metadata.labels.clone().unwrap_or_default(),
             not_ready_since,
+            created: node.metadata.creation_timestamp.clone(),
+            agent: AgentPod::Missing,
         })
     }
 
@@ -55,13 +79,77 @@ impl NodeInfo {
 pub struct Settings {
     /// A targeted node NotReady for this long, without a current report, makes the policy Degraded.
     pub not_ready_timeout: Duration,
+    /// How often agents refresh `lastVerifiedTime` when nothing else changes.
+    pub heartbeat: Duration,
+    /// How long a node may be without a live agent before it counts as `Unknown`.
+    pub agent_grace: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             not_ready_timeout: Duration::from_secs(300),
+            heartbeat: Duration::from_secs(600),
+            agent_grace: Duration::from_secs(120),
         }
+    }
+}
+
+/// Whether a live agent vouches for a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Vouch {
+    Live,
+    /// The agent Pod has not been Ready (or there is none) for longer than the grace period, but
+    /// its last report is recent: an agent that reports an error is not Ready, and says why.
+    PodDown(String),
+    /// Its last report is older than the heartbeat interval plus the grace period.
+    Stale(String),
+}
+
+fn age(now: &Time, then: &Time) -> Duration {
+    now.0.duration_since(then.0).unsigned_abs()
+}
+
+/// `1h5m`, `3m20s`, `12s`.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn vouch(
+    node: &NodeInfo,
+    state: Option<&LoopbackNodeStateStatus>,
+    now: &Time,
+    settings: Settings,
+) -> Vouch {
+    let verified = state.and_then(|s| s.last_verified_time.as_ref());
+    if let Some(v) = verified
+        && age(now, v) > settings.heartbeat + settings.agent_grace
+    {
+        return Vouch::Stale(format!(
+            "its agent last verified it {} ago",
+            human(age(now, v))
+        ));
+    }
+    let (evidence, why) = match &node.agent {
+        AgentPod::Ready => return Vouch::Live,
+        AgentPod::NotReady { since } => (since.as_ref(), "its agent Pod is not Ready"),
+        AgentPod::Missing => (node.created.as_ref(), "no agent Pod runs on it"),
+    };
+    // The latest sign of a live agent: the report, or the Pod turning NotReady (or the node
+    // appearing, for a node that never had an agent).
+    let last = [evidence, verified]
+        .into_iter()
+        .flatten()
+        .max_by_key(|t| t.0);
+    match last {
+        Some(t) if age(now, t) <= settings.agent_grace => Vouch::Live,
+        Some(t) => Vouch::PodDown(format!("{why} (for {})", human(age(now, t)))),
+        None => Vouch::PodDown(why.to_string()),
     }
 }
 
@@ -89,6 +177,7 @@ pub fn aggregate(
     };
     let mut failing = Vec::new();
     let mut errored_names = Vec::new();
+    let mut unavailable = Vec::new();
     let mut stale = Vec::new();
     for node in nodes {
         if !selection::selects_node(policy, &node.labels) {
@@ -102,7 +191,21 @@ pub fn aggregate(
         status.targeted_nodes += 1;
         let state = states.get(&node.name);
         let current = state.filter(|s| reports_current(policy, s));
-        match current.map(|s| s.compliance) {
+        let compliance = match (
+            current.map(|s| s.compliance),
+            vouch(node, state, now, settings),
+        ) {
+            // An agent that cannot enforce is not Ready, and its report says why.
+            (Some(Compliance::Error), Vouch::Live | Vouch::PodDown(_)) => Some(Compliance::Error),
+            (_, Vouch::PodDown(why) | Vouch::Stale(why)) => {
+                status.unknown_nodes += 1;
+                failing.push(node.name.clone());
+                unavailable.push(format!("{} ({why})", node.name));
+                continue;
+            }
+            (compliance, Vouch::Live) => compliance,
+        };
+        match compliance {
             Some(Compliance::Compliant) => status.compliant_nodes += 1,
             Some(Compliance::NotApplicable) => status.not_applicable_nodes += 1,
             Some(Compliance::NonCompliant) => {
@@ -128,15 +231,32 @@ pub fn aggregate(
     }
     failing.sort();
     errored_names.sort();
+    unavailable.sort();
     stale.sort();
     status.non_compliant_node_names = failing.iter().take(MAX_LISTED_NODES).cloned().collect();
     status.summary = format!("{}/{}", status.compliant_nodes, status.targeted_nodes);
-    let updates = condition_updates(&status, generation, &errored_names, &stale, settings);
+    let problems = Problems {
+        errored: &errored_names,
+        unavailable: &unavailable,
+        stale: &stale,
+        audit: policy.spec.mode == Mode::Audit,
+    };
+    let updates = condition_updates(&status, generation, &problems, settings);
     let previous_conditions = previous
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
     status.conditions = conditions::merge(previous_conditions, updates, generation, now);
     status
+}
+
+/// The nodes behind the conditions, by kind of trouble.
+struct Problems<'a> {
+    errored: &'a [String],
+    /// "name (why)" for each node without a live agent.
+    unavailable: &'a [String],
+    /// NotReady nodes that have not reported for long.
+    stale: &'a [String],
+    audit: bool,
 }
 
 fn names(list: &[String]) -> String {
@@ -152,8 +272,7 @@ fn names(list: &[String]) -> String {
 fn condition_updates(
     s: &LoopbackPolicyStatus,
     generation: Option<i64>,
-    errored: &[String],
-    stale: &[String],
+    p: &Problems,
     settings: Settings,
 ) -> Vec<ConditionUpdate> {
     use ConditionStatus::*;
@@ -171,7 +290,14 @@ fn condition_updates(
         reason: reason.into(),
         message,
     };
-    let compliant = if s.targeted_nodes == 0 {
+    let no_agent = format!(
+        "{} of {} nodes have no live agent vouching for them: {}",
+        s.unknown_nodes,
+        s.targeted_nodes,
+        names(p.unavailable)
+    );
+    // Compliant: do the nodes carry the rules, as verified now?
+    let (status, reason, message) = if s.targeted_nodes == 0 {
         let extra = if s.overridden_nodes > 0 {
             format!(
                 " ({} selected nodes are governed by other policies)",
@@ -180,27 +306,26 @@ fn condition_updates(
         } else {
             String::new()
         };
-        update(
-            "Compliant",
+        (
             False,
             "NoTargetNodes",
             format!("the policy selects no node it governs; check spec.nodeSelector{extra}"),
         )
     } else if s.errored_nodes > 0 {
-        update(
-            "Compliant",
+        (
             False,
             "NodeErrors",
             format!(
                 "{} of {} nodes report errors: {}",
                 s.errored_nodes,
                 s.targeted_nodes,
-                names(errored)
+                names(p.errored)
             ),
         )
+    } else if s.unknown_nodes > 0 {
+        (False, "AgentsUnavailable", no_agent.clone())
     } else if s.non_compliant_nodes > 0 {
-        update(
-            "Compliant",
+        (
             False,
             "NodesNotCompliant",
             format!(
@@ -211,20 +336,14 @@ fn condition_updates(
             ),
         )
     } else if s.pending_nodes > 0 {
-        update(
-            "Compliant",
-            Unknown,
-            "AwaitingNodeReports",
-            not_reported.clone(),
-        )
+        (Unknown, "AwaitingNodeReports", not_reported.clone())
     } else {
         let na = if s.not_applicable_nodes > 0 {
             format!("; {} not applicable", s.not_applicable_nodes)
         } else {
             String::new()
         };
-        update(
-            "Compliant",
+        (
             True,
             "AllNodesCompliant",
             format!(
@@ -233,14 +352,49 @@ fn condition_updates(
             ),
         )
     };
-    let progressing = if s.pending_nodes > 0 {
-        update("Progressing", True, "NodesPending", not_reported)
+    let compliant = update("Compliant", status, reason, message.clone());
+    // Ready: has loopguard done what the policy asks? The same as Compliant in Enforce mode; in
+    // Audit mode, every node has reported (findings are the point of an audit, not a failure).
+    let audit_done = p.audit && reason == "NodesNotCompliant";
+    let ready = if audit_done {
+        update(
+            "Ready",
+            True,
+            "AuditReported",
+            format!(
+                "every targeted node reported {at_gen}; {} have findings",
+                s.non_compliant_nodes
+            ),
+        )
     } else {
         update(
-            "Progressing",
+            "Ready",
+            if status == Unknown { False } else { status },
+            reason,
+            message.clone(),
+        )
+    };
+    let (progressing, reconciling) = if s.pending_nodes > 0 {
+        (
+            update("Progressing", True, "NodesPending", not_reported.clone()),
+            update("Reconciling", True, "NodesPending", not_reported),
+        )
+    } else {
+        let done = format!("every targeted node reported {at_gen}");
+        (
+            update("Progressing", False, "AllNodesReported", done.clone()),
+            update("Reconciling", False, "AllNodesReported", done),
+        )
+    };
+    // Stalled (kstatus: Failed): not Ready for a reason that waiting alone will not fix.
+    let stalled = if ready.status == False && reason != "AwaitingNodeReports" {
+        update("Stalled", True, reason, message)
+    } else {
+        update(
+            "Stalled",
             False,
-            "AllNodesReported",
-            format!("every targeted node reported {at_gen}"),
+            "AsExpected",
+            "nothing keeps the policy from taking effect".into(),
         )
     };
     let degraded = if s.errored_nodes > 0 {
@@ -248,16 +402,18 @@ fn condition_updates(
             "Degraded",
             True,
             "NodeErrors",
-            format!("agents report errors on {}", names(errored)),
+            format!("agents report errors on {}", names(p.errored)),
         )
-    } else if !stale.is_empty() {
+    } else if s.unknown_nodes > 0 {
+        update("Degraded", True, "AgentsUnavailable", no_agent)
+    } else if !p.stale.is_empty() {
         update(
             "Degraded",
             True,
             "NodesNotReady",
             format!(
                 "{} NotReady for over {}s without reporting {at_gen}",
-                names(stale),
+                names(p.stale),
                 settings.not_ready_timeout.as_secs()
             ),
         )
@@ -266,10 +422,18 @@ fn condition_updates(
             "Degraded",
             False,
             "AsExpected",
-            "no node reports an error or is stuck NotReady".into(),
+            "every targeted node has a live agent, and none reports an error or is stuck NotReady"
+                .into(),
         )
     };
-    vec![compliant, progressing, degraded]
+    vec![
+        compliant,
+        ready,
+        progressing,
+        reconciling,
+        degraded,
+        stalled,
+    ]
 }
 
 /// The status of a condition type in a status, if present.
@@ -414,6 +578,8 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             not_ready_since: None,
+            created: Some(t("2026-01-01T00:00:00Z")),
+            agent: AgentPod::Ready,
         }
     }
 
@@ -704,5 +870,155 @@ mod tests {
         assert!(!progress.done());
         states.insert("a".into(), report("gone", 1, Compliance::Unmanaged));
         assert!(cleanup_progress(&p, &nodes, &states, &t(NOW), Settings::default()).done());
+    }
+
+    fn verified_at(mut r: LoopbackNodeStateStatus, at: &str) -> LoopbackNodeStateStatus {
+        r.last_verified_time = Some(t(at));
+        r
+    }
+
+    #[test]
+    fn a_node_without_a_live_agent_is_unknown_never_green() {
+        let p = policy("base", 1, 0, &[]);
+        let compliant = |at| verified_at(report("base", 1, Compliance::Compliant), at);
+        let mut not_ready = node("stopped", &[]);
+        not_ready.agent = AgentPod::NotReady {
+            since: Some(t("2026-06-01T11:57:00Z")),
+        };
+        let mut blip = node("blip", &[]);
+        blip.agent = AgentPod::NotReady {
+            since: Some(t("2026-06-01T11:59:30Z")),
+        };
+        let mut no_pod = node("nopod", &[]);
+        no_pod.agent = AgentPod::Missing;
+        let s = run(
+            &p,
+            &[&p],
+            &[node("fine", &[]), not_ready, blip, no_pod, node("old", &[])],
+            &[
+                ("fine", compliant("2026-06-01T11:59:00Z")),
+                ("stopped", compliant("2026-06-01T11:56:00Z")),
+                ("blip", compliant("2026-06-01T11:50:00Z")),
+                ("nopod", compliant("2026-06-01T11:55:00Z")),
+                // Pod Ready, but the report is 20 minutes old: the agent is wedged.
+                ("old", compliant("2026-06-01T11:40:00Z")),
+            ],
+        );
+        assert_eq!(
+            (s.targeted_nodes, s.compliant_nodes, s.unknown_nodes),
+            (5, 2, 3),
+            "{s:?}"
+        );
+        assert_eq!(s.non_compliant_node_names, vec!["nopod", "old", "stopped"]);
+        assert_eq!(
+            cond(&s, "Compliant"),
+            (ConditionStatus::False, "AgentsUnavailable".into())
+        );
+        assert_eq!(
+            cond(&s, "Degraded"),
+            (ConditionStatus::True, "AgentsUnavailable".into())
+        );
+        assert_eq!(cond(&s, "Ready").0, ConditionStatus::False);
+        assert_eq!(cond(&s, "Stalled").0, ConditionStatus::True);
+        let message = &s.conditions[0].message;
+        for why in [
+            "stopped (its agent Pod is not Ready (for 3m0s))",
+            "nopod (no agent Pod runs on it (for 5m0s))",
+            "old (its agent last verified it 20m0s ago)",
+        ] {
+            assert!(message.contains(why), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_node_without_an_agent_and_without_a_report_is_not_silently_pending() {
+        let p = policy("base", 1, 0, &[]);
+        let mut fresh = node("fresh", &[]);
+        fresh.agent = AgentPod::Missing;
+        fresh.created = Some(t("2026-06-01T11:59:30Z"));
+        let mut forgotten = node("forgotten", &[]);
+        forgotten.agent = AgentPod::Missing;
+        let s = run(&p, &[&p], &[fresh, forgotten], &[]);
+        assert_eq!((s.pending_nodes, s.unknown_nodes), (1, 1));
+        assert_eq!(s.non_compliant_node_names, vec!["forgotten"]);
+    }
+
+    #[test]
+    fn an_agent_that_reports_an_error_is_counted_as_an_error_not_as_missing() {
+        let p = policy("base", 1, 0, &[]);
+        let mut broken = node("broken", &[]);
+        broken.agent = AgentPod::NotReady {
+            since: Some(t("2026-06-01T11:00:00Z")),
+        };
+        let error = verified_at(report("base", 1, Compliance::Error), "2026-06-01T11:58:00Z");
+        let s = run(&p, &[&p], &[broken], &[("broken", error)]);
+        assert_eq!((s.errored_nodes, s.unknown_nodes), (1, 0));
+        assert_eq!(
+            cond(&s, "Compliant"),
+            (ConditionStatus::False, "NodeErrors".into())
+        );
+    }
+
+    #[test]
+    fn ready_is_what_gitops_tools_wait_for() {
+        let p = policy("base", 1, 0, &[]);
+        let nodes = [node("a", &[]), node("b", &[])];
+        let green = run(
+            &p,
+            &[&p],
+            &nodes,
+            &[
+                ("a", report("base", 1, Compliance::Compliant)),
+                ("b", report("base", 1, Compliance::Compliant)),
+            ],
+        );
+        assert_eq!(
+            cond(&green, "Ready"),
+            (ConditionStatus::True, "AllNodesCompliant".into())
+        );
+        assert_eq!(cond(&green, "Reconciling").0, ConditionStatus::False);
+        assert_eq!(cond(&green, "Stalled").0, ConditionStatus::False);
+        // Rolling out: Reconciling (kstatus: InProgress), not Stalled.
+        let rolling = run(
+            &p,
+            &[&p],
+            &nodes,
+            &[("a", report("base", 1, Compliance::Compliant))],
+        );
+        assert_eq!(cond(&rolling, "Ready").0, ConditionStatus::False);
+        assert_eq!(cond(&rolling, "Reconciling").0, ConditionStatus::True);
+        assert_eq!(cond(&rolling, "Stalled").0, ConditionStatus::False);
+        // An audit with findings did its job: Ready, not Compliant.
+        let mut audit = policy("audit", 1, 0, &[]);
+        audit.spec.mode = Mode::Audit;
+        let s = run(
+            &audit,
+            &[&audit],
+            &nodes,
+            &[
+                ("a", report("audit", 1, Compliance::NonCompliant)),
+                ("b", report("audit", 1, Compliance::Compliant)),
+            ],
+        );
+        assert_eq!(cond(&s, "Compliant").0, ConditionStatus::False);
+        assert_eq!(
+            cond(&s, "Ready"),
+            (ConditionStatus::True, "AuditReported".into())
+        );
+        // Enforce mode with a node that stays non-compliant: stalled.
+        let s = run(
+            &p,
+            &[&p],
+            &nodes,
+            &[
+                ("a", report("base", 1, Compliance::NonCompliant)),
+                ("b", report("base", 1, Compliance::Compliant)),
+            ],
+        );
+        assert_eq!(cond(&s, "Ready").0, ConditionStatus::False);
+        assert_eq!(
+            cond(&s, "Stalled"),
+            (ConditionStatus::True, "NodesNotCompliant".into())
+        );
     }
 }

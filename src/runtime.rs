@@ -4,7 +4,9 @@
 use crate::{Error, Result};
 use futures::StreamExt;
 use kube::Api;
-use kube::runtime::reflector::{self, Store};
+use kube::core::DeserializeGuard;
+use kube::core::error_boundary::InvalidObject;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::ExponentialBackoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use std::future::Future;
@@ -39,9 +41,24 @@ pub fn shutdown_signal() -> Result<Pin<Box<dyn Future<Output = ()> + Send>>> {
     }))
 }
 
+/// Called with an object's kind and what was wrong when it cannot be read.
+pub type OnInvalid = Arc<dyn Fn(&str, &InvalidObject) + Send + Sync>;
+
 /// Starts a reflector for `api` (retrying with backoff while the API server is away) that pokes
-/// `changed` whenever its cache changed, and returns the cache.
-pub fn reflect<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+/// `changed` whenever its cache changed, and returns the cache. `slim` trims each object before
+/// it is cached (the controller keeps only what it reads of a Pod).
+///
+/// One object that does not decode (an enum value written by a newer CRD version while older
+/// binaries still run, say) never stalls the watch: it is reported to `on_invalid` and skipped,
+/// and the last version of it that could be read stays in the cache, so that a policy this
+/// binary cannot read yet is not mistaken for a deleted one.
+pub fn reflect<K>(
+    api: Api<DeserializeGuard<K>>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    on_invalid: OnInvalid,
+    slim: fn(&mut K),
+) -> Store<K>
 where
     K: kube::Resource
         + Clone
@@ -53,9 +70,72 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config)).backoff(watch_backoff());
+    let reader = store.clone();
+    let events = watcher(api, config).filter_map(move |event| {
+        let event = event.map(|e| readable(e, &reader, &on_invalid));
+        let event = match event {
+            Ok(Some(mut e)) => {
+                if let watcher::Event::Apply(k) | watcher::Event::InitApply(k) = &mut e {
+                    slim(k);
+                }
+                Some(Ok(e))
+            }
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        };
+        futures::future::ready(event)
+    });
+    let stream = reflector::reflector(writer, events).backoff(watch_backoff());
     tokio::spawn(notify_on_change(stream, changed));
     store
+}
+
+/// Does nothing to an object: for `reflect` when the whole object is wanted.
+pub fn keep_whole<K>(_: &mut K) {}
+
+/// The event with every object that decoded; an object that did not is reported and replaced by
+/// the last readable version in `cache` (or left out when there is none).
+fn readable<K>(
+    event: watcher::Event<DeserializeGuard<K>>,
+    cache: &Store<K>,
+    on_invalid: &OnInvalid,
+) -> Option<watcher::Event<K>>
+where
+    K: kube::Resource + Clone,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let last_readable = |invalid: &InvalidObject| -> Option<K> {
+        let name = invalid.metadata.name.as_deref()?;
+        let mut key = ObjectRef::<K>::new(name);
+        if let Some(ns) = &invalid.metadata.namespace {
+            key = key.within(ns);
+        }
+        cache.get(&key).map(|k| (*k).clone())
+    };
+    let read = |guard: DeserializeGuard<K>, report: bool| match guard.0 {
+        Ok(k) => Some(k),
+        Err(invalid) => {
+            if report {
+                let dt = K::DynamicType::default();
+                let kind = K::kind(&dt);
+                tracing::warn!(
+                    kind = %kind,
+                    name = invalid.metadata.name.as_deref().unwrap_or_default(),
+                    error = %invalid.error,
+                    "cannot read this object (written by a newer loopguard?); skipping it, keeping the last version read"
+                );
+                on_invalid(&kind, &invalid);
+            }
+            last_readable(&invalid)
+        }
+    };
+    Some(match event {
+        watcher::Event::Apply(g) => watcher::Event::Apply(read(g, true)?),
+        watcher::Event::InitApply(g) => watcher::Event::InitApply(read(g, true)?),
+        watcher::Event::Delete(g) => watcher::Event::Delete(read(g, false)?),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    })
 }
 
 /// How long a watch waits before retrying after an error: 0.5 s, doubling up to 5 s, each plus up

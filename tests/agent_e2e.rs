@@ -96,6 +96,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     // off, one where the CIS script already ran (rules to adopt). All are iptables hosts.
     let options = deploy::iptables_hosts(&cluster, "e2e", 4, ("loopguard.dev/e2e", "yes"));
     let names = options.nodes.clone();
+    let roots: Vec<std::path::PathBuf> = names.iter().map(|n| options.node_root(n)).collect();
     let _dump = DumpLogsOnPanic(options.state_dir.join("logs"));
     let hollow = cluster.start_nodes(options).await;
     let n = Nodes {
@@ -137,6 +138,8 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
             "agent.resync=1",
             "controller.leaseDuration=5",
             "controller.cleanupTimeout=60",
+            "controller.agentGracePeriod=5",
+            "agent.heartbeatInterval=10",
             "logFormat=plain",
         ],
     );
@@ -285,6 +288,9 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         .iter()
         .map(|p| p.name_any())
         .collect();
+    let restarted_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        jiff::Timestamp::now(),
+    ));
     for pod in &old {
         pods.delete(pod, &DeleteParams::default()).await.unwrap();
     }
@@ -300,6 +306,146 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = rulesets();
     assert_eq!(before, after, "restarting the agents changed rules");
+    // The repair history survived the restart (kept beside the state file).
+    let restarted = wait_state(&client, &n.nft, "verified after the restart", |s| {
+        s.last_verified_time > restarted_at
+    })
+    .await;
+    assert_eq!(
+        (restarted.repairs, &restarted.last_repair_time),
+        (repaired.repairs, &repaired.last_repair_time),
+        "repairs never go backwards across restarts"
+    );
+
+    // The API server hangs (SIGSTOP: a partition, not a refusal): repairs do not wait for it,
+    // and the status catches up once it answers again.
+    let repairs_before = restarted.repairs;
+    cluster.pause_apiserver();
+    let first = delete_and_time_repair(&n.nft, "nft", Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let second = delete_and_time_repair(&n.nft, "nft", Duration::from_secs(1));
+    cluster.resume_apiserver();
+    println!("API server hung: rules back after {first:?} and {second:?}");
+    wait_state(
+        &client,
+        &n.nft,
+        "both repairs reported after the hang",
+        |s| s.repairs == repairs_before + 2,
+    )
+    .await;
+
+    // An agent that stops (SIGSTOP: it neither answers its probes nor writes) no longer vouches
+    // for its node: the policy names it and is not Compliant; back, and it is green again.
+    let pid = agent_pid(&n.nft);
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let s = eventually(
+        "the stopped agent's node named",
+        Duration::from_secs(60),
+        || async {
+            let s = policies.get("baseline").await.ok()?.status?;
+            (s.unknown_nodes == 1 && s.non_compliant_node_names == vec![n.nft.clone()]).then_some(s)
+        },
+    )
+    .await;
+    println!(
+        "agent stopped → policy names its node after {:?}",
+        stopped.elapsed()
+    );
+    let compliant = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Compliant")
+        .unwrap();
+    assert_eq!(compliant.reason, "AgentsUnavailable", "{compliant:?}");
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    wait_compliant(&cluster);
+
+    // A broken node says so: with a corrupt state file its agent stays up, writes nothing, and
+    // reports Error with what to do; once the file is back it enforces again.
+    let state_file = roots[0].join("var/lib/loopguard/state.json");
+    let good = std::fs::read_to_string(&state_file).expect("the legacy node's state file");
+    std::fs::write(&state_file, "{not json").unwrap();
+    restart_agent(&client, &n.legacy).await;
+    let broken = wait_state(
+        &client,
+        &n.legacy,
+        "Error for the corrupt state file",
+        |s| s.compliance == Compliance::Error,
+    )
+    .await;
+    assert_eq!(broken.reason, "StateFileUnusable", "{broken:?}");
+    assert!(
+        broken.message.contains("move the file aside"),
+        "{}",
+        broken.message
+    );
+    deploy::delete_drop_rule(&n.legacy, "legacy");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !chain(&n.legacy, "legacy", "INPUT")
+            .iter()
+            .any(|r| r == DROP_SRC),
+        "nothing written while the state file is unusable"
+    );
+    let readyz = node_http(&n.legacy, "/readyz");
+    assert!(
+        readyz.contains("503") && readyz.contains("not a loopguard state file"),
+        "{readyz}"
+    );
+    assert!(
+        node_http(&n.legacy, "/healthz").contains("200"),
+        "alive, not restarted"
+    );
+    let pod = agent_pod(&client, &n.legacy).await;
+    let restarts = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |c| c[0].restart_count);
+    assert_eq!(restarts, 0, "no crash loop");
+    eventually(
+        "policy counts the error",
+        Duration::from_secs(30),
+        || async {
+            let s = policies.get("baseline").await.ok()?.status?;
+            (s.errored_nodes == 1).then_some(())
+        },
+    )
+    .await;
+    std::fs::write(&state_file, &good).unwrap();
+    wait_state(&client, &n.legacy, "compliant once the file is back", |s| {
+        s.compliance == Compliance::Compliant
+    })
+    .await;
+    assert!(scanner_passes(&n.legacy, "legacy"));
+    wait_compliant(&cluster);
+
+    // At steady state an agent writes only its heartbeat: 3600/heartbeat writes per hour.
+    let writes = || -> f64 {
+        names
+            .iter()
+            .map(|node| {
+                metric(
+                    &node_http(node, "/metrics"),
+                    "loopguard_agent_status_writes_total",
+                )
+            })
+            .sum()
+    };
+    let (before, window) = (writes(), Duration::from_secs(40));
+    tokio::time::sleep(window).await;
+    let per_node = (writes() - before) / names.len() as f64;
+    let per_hour = per_node * 3600.0 / window.as_secs_f64();
+    println!(
+        "steady state: {per_node:.1} status writes per node in {}s with a 10 s heartbeat ({per_hour:.0}/node/hour); \
+         with the default 600 s heartbeat that is 6 writes per node per hour, 30,000 per hour (8.3/s) at 5,000 nodes",
+        window.as_secs()
+    );
+    assert!(
+        (3.0..=5.0).contains(&per_node),
+        "{per_node} writes per node in 40 s: only heartbeats expected"
+    );
 
     // The API server is down for 30 s while a rule is deleted: repaired anyway; status right after.
     let repairs_before = state(&client, &n.nft).await.unwrap().repairs;
@@ -346,11 +492,36 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     assert!(chain(&n.legacy, "legacy", "OUTPUT").is_empty());
     wait_compliant(&cluster);
 
-    // Deleting the policy removes what loopguard inserted and keeps what it adopted.
+    // Deleting the policy removes what loopguard inserted and keeps what it adopted. The nft
+    // node's xtables lock is held meanwhile: its cleanup fails, says so, and is retried until it
+    // works; the policy waits for it.
+    let lock = roots[1].join("run/xtables.lock");
+    let mut holder = std::process::Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "12"])
+        .spawn()
+        .unwrap();
     policies
         .delete("baseline", &DeleteParams::default())
         .await
         .unwrap();
+    let failed = wait_state(&client, &n.nft, "cleanup failing on the held lock", |s| {
+        s.compliance == Compliance::Error
+    })
+    .await;
+    assert_eq!(failed.reason, "LockTimeout", "{failed:?}");
+    assert!(
+        failed
+            .message
+            .contains("removing the rules of policy baseline"),
+        "{}",
+        failed.message
+    );
+    assert!(
+        policies.get_opt("baseline").await.unwrap().is_some(),
+        "the policy waits for the cleanup"
+    );
+    holder.wait().unwrap();
     eventually("policy gone", Duration::from_secs(60), || async {
         policies
             .get_opt("baseline")
@@ -371,5 +542,75 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         );
     }
 
+    // The node states go with their Nodes (their owner references survived the restarts).
+    let states: Api<LoopbackNodeState> = Api::all(client.clone());
+    nodes
+        .delete(&n.nft, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "node state garbage-collected",
+        Duration::from_secs(60),
+        || async { states.get_opt(&n.nft).await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+
     hollow.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// The pid of the agent process of `node` (its container on the hollow node).
+fn agent_pid(node: &str) -> u32 {
+    let wanted = format!("NODE_NAME={node}");
+    deploy::agent_pids()
+        .into_iter()
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == wanted.as_bytes()))
+        })
+        .unwrap_or_else(|| panic!("no agent process for {node}"))
+}
+
+async fn agent_pod(client: &Client, node: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    pods.list(&ListParams::default().labels(deploy::AGENT_SELECTOR))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .unwrap_or_else(|| panic!("no agent pod on {node}"))
+}
+
+/// Deletes the agent Pod of `node` and waits until its replacement is Running.
+async fn restart_agent(client: &Client, node: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let old = agent_pod(client, node).await.name_any();
+    pods.delete(&old, &DeleteParams::default()).await.unwrap();
+    eventually(
+        "a new agent pod running",
+        Duration::from_secs(60),
+        || async {
+            let pod = agent_pod(client, node).await;
+            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            (pod.name_any() != old && running).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A metric's value in Prometheus text (0 when absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `curl -si http://127.0.0.1:9742PATH` inside the node: status line and body.
+fn node_http(node: &str, path: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", node, "curl", "-si", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:9742{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

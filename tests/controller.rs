@@ -7,7 +7,7 @@
 mod support;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -158,10 +158,51 @@ impl World {
         api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
             .expect("node status");
+        self.agent_pod(&name, true).await;
         name
     }
 
-    /// Writes the node's LoopbackNodeState as its agent would.
+    /// The node's agent Pod (in the controller's namespace, with the chart's labels), Ready or
+    /// not, as the kubelet would report it. No kubelet runs it: only its status matters here.
+    async fn agent_pod(&self, node: &str, ready: bool) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.lease_ns);
+        let name = format!("agent-{node}");
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {
+                "app.kubernetes.io/name": "loopguard", "app.kubernetes.io/component": "agent"}},
+            "spec": {"nodeName": node, "automountServiceAccountToken": false,
+                     "containers": [{"name": "agent", "image": "loopguard:test"}]},
+        }))
+        .unwrap();
+        // The namespace's default ServiceAccount may take a moment to appear.
+        eventually("agent pod created", Duration::from_secs(30), || async {
+            match pods.create(&PostParams::default(), &pod).await {
+                Ok(_) => Some(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Some(()),
+                Err(_) => None,
+            }
+        })
+        .await;
+        self.set_agent_ready(node, ready).await;
+    }
+
+    async fn set_agent_ready(&self, node: &str, ready: bool) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.lease_ns);
+        let status = if ready { "True" } else { "False" };
+        let now = jiff::Timestamp::now().to_string();
+        let patch = json!({"status": {"phase": "Running", "conditions": [
+            {"type": "Ready", "status": status, "lastTransitionTime": now}]}});
+        pods.patch_status(
+            &format!("agent-{node}"),
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
+        .await
+        .expect("agent pod status");
+    }
+
+    /// Writes the node's LoopbackNodeState as its agent would, verified now.
     async fn report(
         &self,
         node: &str,
@@ -170,7 +211,25 @@ impl World {
         compliance: Compliance,
         repairs: i64,
     ) {
-        let api: Api<LoopbackNodeState> = Api::all(self.client.clone());
+        let compliance = serde_json::to_value(compliance).unwrap();
+        let now = jiff::Timestamp::now();
+        self.report_raw(node, policy, generation, compliance, repairs, now)
+            .await
+    }
+
+    /// Writes a LoopbackNodeState with any compliance value and verification time.
+    async fn report_raw(
+        &self,
+        node: &str,
+        policy: &str,
+        generation: i64,
+        compliance: Value,
+        repairs: i64,
+        verified: jiff::Timestamp,
+    ) {
+        // Untyped: the status may hold a value this version's types do not know.
+        let resource = kube::discovery::ApiResource::erase::<LoopbackNodeState>(&());
+        let api: Api<kube::api::DynamicObject> = Api::all_with(self.client.clone(), &resource);
         let object = json!({
             "apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackNodeState",
             "metadata": {"name": node}, "spec": {"nodeName": node},
@@ -182,7 +241,8 @@ impl World {
         let status = json!({
             "apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackNodeState",
             "status": {"policyName": policy, "policyGeneration": generation, "compliance": compliance,
-                       "reason": "Test", "message": "written by the test", "repairs": repairs},
+                       "reason": "Test", "message": "written by the test", "repairs": repairs,
+                       "lastVerifiedTime": verified.to_string()},
         });
         api.patch_status(node, &pp, &Patch::Apply(&status))
             .await
@@ -788,6 +848,234 @@ async fn a_thousand_nodes_converge_with_few_writes() {
     assert!(
         writes >= 1.0 && writes <= (NODES / 20) as f64,
         "{writes} status writes for {NODES} reports"
+    );
+    w.clean(&[&name]).await;
+}
+
+/// A node counts only while a live agent vouches for it: a Ready agent Pod, and a report verified
+/// within the heartbeat interval. Without one for longer than the grace period, the node is
+/// Unknown, named, and the policy is not Compliant; once the agent is back, it is green again
+/// without anyone touching it.
+#[tokio::test]
+async fn a_node_without_a_live_agent_is_never_counted_compliant() {
+    let _serial = lock().await;
+    let Some(w) = World::new("alive").await else {
+        return;
+    };
+    let _ctl = Controller::start(
+        w.cluster,
+        &w.lease_ns,
+        "alive",
+        &["--agent-grace", "3", "--agent-heartbeat", "60"],
+    );
+    let nodes: Vec<String> = futures::future::join_all((0..3).map(|n| w.node(n, &[], None))).await;
+    let name = unique_name("alive");
+    let g = w
+        .policy(&name, json!({}))
+        .await
+        .metadata
+        .generation
+        .unwrap();
+    for node in &nodes {
+        w.report(node, &name, g, Compliance::Compliant, 0).await;
+    }
+    w.wait_status(&name, "compliant and ready", |s| {
+        cond(s, "Compliant").0 == "True" && cond(s, "Ready").0 == "True"
+    })
+    .await;
+    w.cluster.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            &format!("lbp/{name}"),
+            "--timeout=30s",
+        ],
+        None,
+    );
+
+    // The agent stops answering its readiness probe (stopped, wedged, crash-looping).
+    w.set_agent_ready(&nodes[0], false).await;
+    let stopped = Instant::now();
+    let s = w
+        .wait_status(&name, "node 0 unknown", |s| s.unknown_nodes == 1)
+        .await;
+    println!(
+        "agent not Ready → policy not Compliant after {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(s.non_compliant_node_names, vec![nodes[0].clone()]);
+    assert_eq!(s.compliant_nodes, 2);
+    assert_eq!(
+        cond(&s, "Compliant"),
+        ("False".into(), "AgentsUnavailable".into())
+    );
+    assert_eq!(
+        cond(&s, "Degraded"),
+        ("True".into(), "AgentsUnavailable".into())
+    );
+    assert_eq!(cond(&s, "Ready").0, "False");
+    assert_eq!(cond(&s, "Stalled").0, "True");
+    let message = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Compliant")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains(&format!("{} (its agent Pod is not Ready", nodes[0])),
+        "{message}"
+    );
+    w.set_agent_ready(&nodes[0], true).await;
+    w.wait_status(&name, "green again", |s| {
+        s.unknown_nodes == 0 && cond(s, "Compliant").0 == "True"
+    })
+    .await;
+
+    // No agent Pod at all on a node.
+    let pods: Api<Pod> = Api::namespaced(w.client.clone(), &w.lease_ns);
+    pods.delete(
+        &format!("agent-{}", nodes[1]),
+        &DeleteParams::default().grace_period(0),
+    )
+    .await
+    .unwrap();
+    let s = w
+        .wait_status(&name, "node 1 without an agent", |s| s.unknown_nodes == 1)
+        .await;
+    assert_eq!(s.non_compliant_node_names, vec![nodes[1].clone()]);
+    let message = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Compliant")
+        .unwrap()
+        .message;
+    assert!(message.contains("no agent Pod runs on it"), "{message}");
+    w.agent_pod(&nodes[1], true).await;
+
+    // The Pod is Ready but the report was last verified long ago: the agent's loop is stuck.
+    let hour_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600);
+    let compliant = serde_json::to_value(Compliance::Compliant).unwrap();
+    w.report_raw(&nodes[2], &name, g, compliant, 0, hour_ago)
+        .await;
+    let s = w
+        .wait_status(&name, "node 2 stale", |s| {
+            s.unknown_nodes == 1 && s.non_compliant_node_names == vec![nodes[2].clone()]
+        })
+        .await;
+    let message = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Compliant")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("its agent last verified it 1h0m ago"),
+        "{message}"
+    );
+    w.report(&nodes[2], &name, g, Compliance::Compliant, 0)
+        .await;
+    w.wait_status(&name, "all green", |s| {
+        s.compliant_nodes == 3 && cond(s, "Compliant").0 == "True"
+    })
+    .await;
+    w.clean(&[&name]).await;
+}
+
+/// Adds `value` to an enum of a CRD's schema: what a newer loopguard's CRD would allow while
+/// this binary still runs.
+fn widen_enum(w: &World, crd: &str, path: &str, value: &str) {
+    let patch = json!([{"op": "add", "path": format!("/spec/versions/0/schema/openAPIV3Schema/properties/{path}/enum/-"), "value": value}]);
+    w.cluster.kubectl_ok(
+        &["patch", "crd", crd, "--type=json", "-p", &patch.to_string()],
+        None,
+    );
+}
+
+/// A node state or policy this binary cannot read (a value from a newer CRD) is reported
+/// (Event, metric) and skipped; every other object keeps flowing.
+#[tokio::test]
+async fn objects_this_version_cannot_read_are_reported_and_skipped() {
+    let _serial = lock().await;
+    let Some(w) = World::new("newer").await else {
+        return;
+    };
+    let ctl = Controller::start(w.cluster, &w.lease_ns, "newer", &[]);
+    widen_enum(
+        &w,
+        "loopbacknodestates.loopguard.dev",
+        "status/properties/compliance",
+        "Quarantined",
+    );
+    widen_enum(
+        &w,
+        "loopbackpolicies.loopguard.dev",
+        "spec/properties/mode",
+        "Enforce2",
+    );
+    let nodes: Vec<String> = futures::future::join_all((0..2).map(|n| w.node(n, &[], None))).await;
+    let name = unique_name("newer");
+    let g = w
+        .policy(&name, json!({}))
+        .await
+        .metadata
+        .generation
+        .unwrap();
+    w.report(&nodes[0], &name, g, Compliance::Compliant, 0)
+        .await;
+    let now = jiff::Timestamp::now();
+    w.report_raw(&nodes[1], &name, g, json!("Quarantined"), 0, now)
+        .await;
+    let s = w
+        .wait_status(&name, "the readable report counted", |s| {
+            s.compliant_nodes == 1 && s.pending_nodes == 1
+        })
+        .await;
+    assert_eq!(s.targeted_nodes, 2);
+
+    // A policy this binary cannot read: reported, and the watch goes on.
+    let unreadable = unique_name("newer-mode");
+    let manifest = json!({
+        "apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackPolicy",
+        "metadata": {"name": unreadable},
+        "spec": {"mode": "Enforce2", "nodeSelector": {"matchLabels": {"none": "none"}}},
+    });
+    w.cluster
+        .kubectl_ok(&["create", "-f", "-"], Some(&manifest.to_string()));
+    w.report(&nodes[1], &name, g, Compliance::Compliant, 0)
+        .await;
+    w.wait_status(&name, "both nodes compliant", |s| s.compliant_nodes == 2)
+        .await;
+    for (object, value) in [(&nodes[1], "Quarantined"), (&unreadable, "Enforce2")] {
+        let events = eventually("InvalidObject event", Duration::from_secs(15), || async {
+            let e = w.events_for(object).await;
+            e.iter()
+                .any(|(t, r, _)| t == "Warning" && r == "InvalidObject")
+                .then_some(e)
+        })
+        .await;
+        assert!(
+            events
+                .iter()
+                .any(|(_, _, note)| note.contains(value) && note.contains("Upgrade loopguard")),
+            "{events:?}"
+        );
+    }
+    assert!(
+        ctl.metric("loopguard_controller_invalid_objects_total") >= 2.0,
+        "invalid objects counted"
+    );
+    let unread = w.policies().get(&unreadable).await;
+    assert!(unread.is_err(), "this binary cannot read it either");
+    w.cluster.kubectl_ok(&["delete", "lbp", &unreadable], None);
+    w.cluster.kubectl_ok(
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/crds"),
+        ],
+        None,
     );
     w.clean(&[&name]).await;
 }

@@ -3,23 +3,29 @@
 //!
 //! The node stays safe without the API server: the policy last followed is remembered on the
 //! host, so a restarted agent enforces it before it can reach the cluster, and drift is repaired
-//! whatever the API server's state. Status catches up when the server is back.
+//! whatever the API server's state: the status is published by a task of its own, latest value
+//! wins, and catches up when the server is back. A local problem the agent cannot fix (a corrupt
+//! state file, missing iptables binaries, no NET_ADMIN) is reported as an `Error` in the node's
+//! status, with what to do; the agent stays up, writes nothing, and tries again at every resync.
 
+pub mod memory;
 pub mod report;
 
-use crate::api::{self, LoopbackPolicy, LoopbackPolicySpec, Mode, OnRemoval};
-use crate::metrics::{self, Readiness};
+use crate::api::{self, LoopbackPolicy, Mode, OnRemoval};
+use crate::metrics::{self, Liveness, Readiness};
 use crate::node::converge::Convergence;
 use crate::node::facts::ApplicabilityMode;
 use crate::node::watch::{DriftWatch, Trigger, run_pass};
 use crate::node::{Engine, EngineConfig, Report};
-use crate::runtime::{is_synced, reflect};
-use crate::{Result, selection};
+use crate::runtime::{OnInvalid, is_synced, keep_whole, reflect};
+use crate::{Error, Result, selection};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
+use memory::{History, Memo, Remembered};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family as MetricFamily;
@@ -27,9 +33,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use report::{Following, Reporter};
-use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +65,10 @@ pub struct AgentArgs {
     /// Seconds to wait for the xtables lock.
     #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = crate::cli::wait_seconds)]
     pub wait: u64,
+    /// Seconds between heartbeats: the node's status is written at least this often (with a new
+    /// lastVerifiedTime) even when nothing changes, so the controller knows the agent is alive.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub heartbeat: u64,
     /// Where a fatal error's reason is written for `kubectl describe pod`.
     #[arg(long, value_name = "PATH", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
@@ -75,56 +84,11 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
     result
 }
 
-/// The policy a node follows, as remembered on the host between agent runs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Remembered {
-    name: String,
-    generation: Option<i64>,
-    spec: LoopbackPolicySpec,
-}
-
-impl Remembered {
-    fn from_policy(policy: &LoopbackPolicy) -> Remembered {
-        Remembered {
-            name: policy.name_any(),
-            generation: policy.metadata.generation,
-            spec: policy.spec.clone(),
-        }
-    }
-
-    fn following(&self) -> Following {
-        Following {
-            name: self.name.clone(),
-            generation: self.generation,
-            mode: self.spec.mode,
-        }
-    }
-
-    fn load(path: &Path) -> Option<Remembered> {
-        let text = std::fs::read_to_string(path).ok()?;
-        serde_json::from_str(&text)
-            .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable remembered policy"))
-            .ok()
-    }
-
-    fn store(this: Option<&Remembered>, path: &Path) {
-        let result = match this {
-            Some(r) => {
-                let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, serde_json::to_vec(r).expect("serializes"))
-                    .and_then(|()| std::fs::rename(&tmp, path))
-            }
-            None => std::fs::remove_file(path).or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }),
-        };
-        if let Err(e) = result {
-            tracing::warn!(path = %path.display(), error = %e, "could not remember the policy");
-        }
+fn following(policy: &Remembered) -> Following {
+    Following {
+        name: policy.name.clone(),
+        generation: policy.generation,
+        mode: policy.spec.mode,
     }
 }
 
@@ -143,6 +107,7 @@ struct Metrics {
     apply_seconds: Histogram,
     errors: MetricFamily<ErrorLabels, Counter>,
     status_writes: Counter,
+    invalid_objects: Counter,
 }
 
 impl Metrics {
@@ -162,6 +127,7 @@ impl Metrics {
             apply_seconds: buckets(),
             errors: MetricFamily::default(),
             status_writes: Counter::default(),
+            invalid_objects: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("loopguard_agent");
         r.register(
@@ -201,6 +167,11 @@ impl Metrics {
             "LoopbackNodeState status writes",
             m.status_writes.clone(),
         );
+        r.register(
+            "invalid_objects",
+            "Objects skipped because they could not be read (written by a newer loopguard?)",
+            m.invalid_objects.clone(),
+        );
         m
     }
 
@@ -216,13 +187,20 @@ struct Agent {
     node_name: String,
     engine: Engine,
     convergence: Convergence,
-    remembered_path: PathBuf,
+    policy_memo: Memo<Remembered>,
+    history_memo: Memo<History>,
     following: Option<Remembered>,
-    repairs: i64,
-    last_repair: Option<Time>,
+    /// A policy that no longer governs the node, whose rules could not be removed yet.
+    releasing: Option<Remembered>,
+    history: History,
     last_report: Option<Report>,
-    /// The status to publish (kept until a write succeeds).
-    pending: Option<api::LoopbackNodeStateStatus>,
+    /// The latest status, for the publisher.
+    status: tokio::sync::watch::Sender<Option<api::LoopbackNodeStateStatus>>,
+    /// Why the agent cannot enforce right now (the last pass failed), for /readyz.
+    trouble: Option<String>,
+    /// When a node no policy governs was last checked.
+    unmanaged_checked: Option<Instant>,
+    resync: Duration,
     metrics: Metrics,
 }
 
@@ -234,53 +212,96 @@ async fn run(args: AgentArgs) -> Result<()> {
         wait: Duration::from_secs(args.wait),
         ..EngineConfig::default()
     };
-    let engine = tokio::task::spawn_blocking(move || -> Result<Engine> {
-        let engine = Engine::new(config)?;
-        engine.preflight()?;
-        Ok(engine)
-    })
-    .await
-    .expect("preflight does not panic")?;
+    let engine = tokio::task::spawn_blocking(move || Engine::unchecked(config))
+        .await
+        .expect("learning the node's facts does not panic");
     tracing::info!(node = %args.node_name, backend = %engine.facts().backend, reason = %engine.facts().backend_reason, "node engine ready");
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let ready = Readiness::default();
-    metrics::serve(args.metrics_addr, Arc::new(registry), ready.clone()).await?;
+    // The loop goes round at least every 2 s, and a pass may wait twice for the xtables lock.
+    let live = Liveness::within(args.resync * 2 + Duration::from_secs(2 * args.wait + 30));
+    metrics::serve(
+        args.metrics_addr,
+        Arc::new(registry),
+        ready.clone(),
+        live.clone(),
+    )
+    .await?;
 
-    let remembered_path = args.state_file.with_file_name("policy.json");
+    let policy_memo: Memo<Remembered> = Memo::beside(&args.state_file, "policy.json");
+    let history_memo: Memo<History> = Memo::beside(&args.state_file, "history.json");
     let mut drift = DriftWatch::new(engine.facts().backend, args.resync);
+    let (status, latest) = tokio::sync::watch::channel(None);
     let mut agent = Agent {
         node_name: args.node_name.clone(),
         engine,
         convergence: Convergence::default(),
         following: None,
-        remembered_path: remembered_path.clone(),
-        repairs: 0,
-        last_repair: None,
+        releasing: None,
+        history: history_memo.load().unwrap_or_default(),
+        history_memo,
+        policy_memo,
         last_report: None,
-        pending: None,
+        status,
+        trouble: None,
+        unmanaged_checked: None,
+        resync: args.resync,
         metrics,
     };
-    // Enforce what this node followed before, without waiting for the API server.
-    if let Some(remembered) = Remembered::load(&remembered_path) {
-        tracing::info!(policy = %remembered.name, "enforcing the remembered policy until the cluster answers");
-        agent.follow(remembered).await;
+    // Enforce what this node followed before (or finish removing its rules), without waiting
+    // for the API server.
+    if let Some(remembered) = agent.policy_memo.load() {
+        if remembered.releasing {
+            tracing::info!(policy = %remembered.name, "retrying the cleanup of a policy that no longer governs this node");
+            agent.releasing = Some(remembered);
+            agent.retry_release().await;
+        } else {
+            tracing::info!(policy = %remembered.name, "enforcing the remembered policy until the cluster answers");
+            agent.follow(remembered).await;
+        }
     }
+    live.beat();
 
     let client = Client::try_default().await?;
     let changed = Arc::new(Notify::new());
+    let invalid = agent.metrics.invalid_objects.clone();
+    let on_invalid: OnInvalid = Arc::new(move |_, _| {
+        invalid.inc();
+    });
     let policies = reflect(
-        Api::<LoopbackPolicy>::all(client.clone()),
+        Api::<DeserializeGuard<LoopbackPolicy>>::all(client.clone()),
         watcher::Config::default(),
         changed.clone(),
+        on_invalid.clone(),
+        keep_whole,
     );
     let nodes = reflect(
-        Api::<Node>::all(client.clone()),
+        Api::<DeserializeGuard<Node>>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
         changed.clone(),
+        on_invalid,
+        keep_whole,
     );
-    let mut reporter = Reporter::new(client, &args.node_name);
+    let publisher = {
+        let errors = agent.metrics.errors.clone();
+        tokio::spawn(report::publish_loop(
+            Reporter::new(client, &args.node_name),
+            nodes.clone(),
+            agent.status.subscribe(),
+            Duration::from_secs(args.heartbeat),
+            agent.metrics.status_writes.clone(),
+            move || {
+                errors
+                    .get_or_create(&ErrorLabels {
+                        kind: "ApiError".into(),
+                    })
+                    .inc();
+            },
+        ))
+    };
+    drop(latest);
     let mut synced = false;
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     let mut shutdown = crate::runtime::shutdown_signal()?;
@@ -301,29 +322,30 @@ async fn run(args: AgentArgs) -> Result<()> {
         }
         if synced {
             agent.decide(&policies, &nodes).await;
-            ready.set(true);
         }
-        if let Some(status) = agent.pending.clone() {
-            let node = nodes.get(&ObjectRef::new(&agent.node_name));
-            match reporter.publish(node.as_deref(), &status).await {
-                Ok(wrote) => {
-                    if wrote {
-                        agent.metrics.status_writes.inc();
-                    }
-                    agent.pending = None;
-                }
-                Err(e) => {
-                    agent.metrics.error("ApiError");
-                    tracing::warn!(error = %e, "status not written; retrying");
-                }
-            }
+        if agent.releasing.is_some() && agent.following.is_none() {
+            agent.retry_release().await;
         }
+        ready.set_reason(
+            agent
+                .trouble
+                .clone()
+                .or_else(|| (!synced).then(|| "caches not synced yet".into())),
+        );
+        live.beat();
     }
+    publisher.abort();
     tracing::info!("stopping; the rules stay in place");
     Ok(())
 }
 
 impl Agent {
+    /// Hands a status to the publisher, stamped with the time the node was checked.
+    fn set_status(&mut self, mut status: api::LoopbackNodeStateStatus) {
+        status.last_verified_time = Some(Time(jiff::Timestamp::now()));
+        self.status.send_replace(Some(status));
+    }
+
     /// Applies the policy that governs the node now, if it changed.
     async fn decide(&mut self, policies: &Store<LoopbackPolicy>, nodes: &Store<Node>) {
         let Some(node) = nodes.get(&ObjectRef::new(&self.node_name)) else {
@@ -336,24 +358,57 @@ impl Agent {
                 if w.name_any() == current.name && w.metadata.generation == current.generation => {}
             (Some(w), _) => {
                 let next = Remembered::from_policy(w);
-                Remembered::store(Some(&next), &self.remembered_path);
+                self.policy_memo.store(Some(&next));
+                self.releasing = None;
                 self.follow(next).await;
             }
             (None, Some(current)) => {
-                let current = current.clone();
-                self.release(&current).await;
+                let mut current = current.clone();
+                current.releasing = true;
+                self.following = None;
+                self.policy_memo.store(Some(&current));
+                self.releasing = Some(current);
+                self.retry_release().await;
             }
             (None, None) => {
-                if self.last_report.is_none() && self.pending.is_none() {
-                    self.last_report = self.check_only().await;
-                    self.pending = Some(report::status_unmanaged(
-                        "NoPolicy",
-                        "no LoopbackPolicy selects this node".into(),
-                        self.last_report.as_ref(),
-                    ));
+                let due = self
+                    .unmanaged_checked
+                    .is_none_or(|t| t.elapsed() >= self.resync);
+                if self.releasing.is_none() && due {
+                    self.check_unmanaged().await;
                 }
             }
         }
+    }
+
+    /// Checks a node no policy governs, as often as a followed one (its status stays verified);
+    /// the reason it is unmanaged (no policy, rules removed, rules retained) is kept.
+    async fn check_unmanaged(&mut self) {
+        self.unmanaged_checked = Some(Instant::now());
+        let previous = self
+            .status
+            .borrow()
+            .clone()
+            .filter(|s| s.compliance == api::Compliance::Unmanaged);
+        let (reason, message) = previous.map_or_else(
+            || {
+                (
+                    "NoPolicy".to_string(),
+                    "no LoopbackPolicy selects this node".to_string(),
+                )
+            },
+            |s| (s.reason, s.message),
+        );
+        let status = match self.check_only().await {
+            Ok(report) => {
+                self.trouble = None;
+                let status = report::status_unmanaged(&reason, message, Some(&report));
+                self.last_report = Some(report);
+                status
+            }
+            Err(e) => self.failed(None, "checking the node", &e),
+        };
+        self.set_status(status);
     }
 
     /// Starts following `policy`: reconfigure the engine and enforce (or check, in Audit mode).
@@ -369,30 +424,32 @@ impl Agent {
             api::Placement::Append => crate::rules::Placement::Append,
         };
         self.engine.reconfigure(families, applicability, placement);
-        if self.following.as_ref().map(|f| &f.name) != Some(&policy.name) {
-            self.repairs = 0;
-            self.last_repair = None;
-        }
+        self.history = History::continued(Some(self.history.clone()), &policy.name);
         tracing::info!(policy = %policy.name, generation = ?policy.generation, mode = ?spec.mode, "following policy");
         self.following = Some(policy);
         self.pass(Trigger::Start { at: Instant::now() }).await;
     }
 
-    /// The node is no longer governed: remove what loopguard inserted, or keep it (onRemoval).
-    async fn release(&mut self, previous: &Remembered) {
-        self.following = None;
-        Remembered::store(None, &self.remembered_path);
+    /// Removes what loopguard inserted for a policy that no longer governs the node (or keeps it:
+    /// onRemoval Retain). A cleanup that fails is reported and retried until it succeeds.
+    async fn retry_release(&mut self) {
+        let Some(previous) = self.releasing.clone() else {
+            return;
+        };
         let status = if previous.spec.on_removal == OnRemoval::Retain {
             tracing::info!(policy = %previous.name, "no policy governs this node any more; rules retained");
-            self.last_report = self.check_only().await;
-            report::status_unmanaged(
+            let report = self.check_only().await.ok();
+            let status = report::status_unmanaged(
                 "RulesRetained",
                 format!(
                     "policy {} no longer governs this node; onRemoval Retain kept its rules",
                     previous.name
                 ),
-                self.last_report.as_ref(),
-            )
+                report.as_ref(),
+            );
+            self.last_report = report;
+            self.finish_release();
+            status
         } else {
             let engine = self.engine.clone();
             match tokio::task::spawn_blocking(move || engine.cleanup())
@@ -411,30 +468,55 @@ impl Agent {
                         Some(&report),
                     );
                     self.last_report = Some(report);
+                    self.finish_release();
                     status
                 }
                 Err(e) => {
-                    let kind = e.reason();
-                    self.metrics.error(kind);
-                    tracing::error!(error = %e, "cleanup failed");
-                    report::status_from_error(
-                        None,
-                        kind,
-                        format!("cleanup after policy {} failed: {e}", previous.name),
-                        0,
-                    )
+                    let context = format!(
+                        "removing the rules of policy {} (retried every 2 s until it works)",
+                        previous.name
+                    );
+                    self.failed(Some(&following(&previous)), &context, &e)
                 }
             }
         };
-        self.pending = Some(status);
+        self.set_status(status);
     }
 
-    async fn check_only(&self) -> Option<Report> {
+    fn finish_release(&mut self) {
+        self.releasing = None;
+        self.trouble = None;
+        self.unmanaged_checked = Some(Instant::now());
+        self.policy_memo.store(None);
+    }
+
+    /// Logs and counts an error, remembers it for /readyz, and returns the Error status.
+    fn failed(
+        &mut self,
+        policy: Option<&Following>,
+        doing: &str,
+        e: &Error,
+    ) -> api::LoopbackNodeStateStatus {
+        let kind = e.reason();
+        self.metrics.error(kind);
+        let changed = self.trouble.as_deref() != Some(&e.to_string());
+        if changed {
+            tracing::error!(reason = kind, error = %e, "{doing} failed");
+        }
+        self.trouble = Some(e.to_string());
+        report::status_from_error(
+            policy,
+            kind,
+            format!("{doing} failed: {e}"),
+            Some(&self.history),
+        )
+    }
+
+    async fn check_only(&self) -> Result<Report> {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || engine.check())
             .await
             .expect("check does not panic")
-            .ok()
     }
 
     /// One enforce (or audit check) for the policy followed; counts and reports repairs.
@@ -443,7 +525,7 @@ impl Agent {
             return;
         };
         let audit = policy.spec.mode == Mode::Audit;
-        let following = policy.following();
+        let following = following(policy);
         let started = Instant::now();
         match run_pass(&mut self.engine, &mut self.convergence, audit, trigger).await {
             Ok(pass) => {
@@ -454,8 +536,9 @@ impl Agent {
                     self.metrics.check_seconds.observe(elapsed);
                 }
                 if let Some(latency) = pass.repair_latency {
-                    self.repairs += 1;
-                    self.last_repair = Some(Time(jiff::Timestamp::now()));
+                    self.history.repairs += 1;
+                    self.history.last_repair_time = Some(Time(jiff::Timestamp::now()));
+                    self.history_memo.store(Some(&self.history));
                     self.metrics.repairs.inc();
                     self.metrics.repair_latency.observe(latency.as_secs_f64());
                 }
@@ -470,24 +553,14 @@ impl Agent {
                 self.metrics.not_converging.set(
                     (pass.report.reason == crate::node::engine::reason::NOT_CONVERGING) as i64,
                 );
-                self.pending = Some(report::status_from_report(
-                    &following,
-                    &pass.report,
-                    self.repairs,
-                    self.last_repair.as_ref(),
-                ));
+                self.trouble = None;
+                let status = report::status_from_report(&following, &pass.report, &self.history);
+                self.set_status(status);
                 self.last_report = Some(pass.report);
             }
             Err(e) => {
-                let kind = e.reason();
-                self.metrics.error(kind);
-                tracing::error!(error = %e, "pass failed");
-                self.pending = Some(report::status_from_error(
-                    Some(&following),
-                    kind,
-                    e.to_string(),
-                    self.repairs,
-                ));
+                let status = self.failed(Some(&following), "enforcing the policy", &e);
+                self.set_status(status);
             }
         }
     }

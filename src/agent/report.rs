@@ -1,6 +1,7 @@
 //! What the agent tells the cluster: its node's LoopbackNodeState, built from an engine report
 //! (pure) and written with server-side apply only when it changed.
 
+use super::memory::History;
 use crate::api::node_state::RuleState as ApiRuleState;
 use crate::api::{
     self, Compliance, IpFamily, LoopbackNodeState, LoopbackNodeStateStatus, Mode, NodeRule,
@@ -8,9 +9,11 @@ use crate::api::{
 use crate::node::Report;
 use crate::rules::{Family, RuleState};
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
+use std::time::Duration;
 
 /// The policy a node follows, as far as the report is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,8 +27,7 @@ pub struct Following {
 pub fn status_from_report(
     policy: &Following,
     report: &Report,
-    repairs: i64,
-    last_repair: Option<&Time>,
+    history: &History,
 ) -> LoopbackNodeStateStatus {
     let compliance = if !report.applicable {
         Compliance::NotApplicable
@@ -73,8 +75,9 @@ pub fn status_from_report(
                 owned: f.owned,
             })
             .collect(),
-        repairs,
-        last_repair_time: last_repair.cloned(),
+        repairs: history.repairs,
+        last_repair_time: history.last_repair_time.clone(),
+        last_verified_time: None,
     }
 }
 
@@ -83,7 +86,7 @@ pub fn status_from_error(
     policy: Option<&Following>,
     kind: &str,
     message: String,
-    repairs: i64,
+    history: Option<&History>,
 ) -> LoopbackNodeStateStatus {
     LoopbackNodeStateStatus {
         policy_name: policy.map(|p| p.name.clone()),
@@ -92,7 +95,8 @@ pub fn status_from_error(
         compliance: Compliance::Error,
         reason: kind.into(),
         message,
-        repairs,
+        repairs: history.map_or(0, |h| h.repairs),
+        last_repair_time: history.and_then(|h| h.last_repair_time.clone()),
         ..Default::default()
     }
 }
@@ -124,6 +128,14 @@ pub struct Reporter {
     written: Option<LoopbackNodeStateStatus>,
 }
 
+/// The status without its verification time: what decides whether it says something new.
+fn content(status: &LoopbackNodeStateStatus) -> LoopbackNodeStateStatus {
+    LoopbackNodeStateStatus {
+        last_verified_time: None,
+        ..status.clone()
+    }
+}
+
 impl Reporter {
     pub fn new(client: Client, node: &str) -> Reporter {
         Reporter {
@@ -134,36 +146,60 @@ impl Reporter {
         }
     }
 
-    pub fn is_current(&self, status: &LoopbackNodeStateStatus) -> bool {
-        self.written.as_ref() == Some(status)
+    /// Whether `status` needs writing: it says something new, or it was verified a heartbeat
+    /// interval after the written one (the liveness signal; never a fabricated time: an agent
+    /// whose loop is stuck verifies nothing and so sends no heartbeat).
+    pub fn due(&self, status: &LoopbackNodeStateStatus, heartbeat: Duration) -> bool {
+        let Some(written) = &self.written else {
+            return true;
+        };
+        if content(written) != content(status) {
+            return true;
+        }
+        match (&written.last_verified_time, &status.last_verified_time) {
+            (Some(was), Some(is)) => is.0.duration_since(was.0).unsigned_abs() >= heartbeat,
+            (None, Some(_)) => true,
+            _ => false,
+        }
     }
 
-    /// Applies the object (owned by its Node, so the garbage collector removes it with the node)
-    /// once, then the status when it differs from the last one written. Returns whether it wrote.
+    /// How long until the written status needs its heartbeat.
+    pub fn heartbeat_due_in(&self, heartbeat: Duration) -> Duration {
+        let written = self
+            .written
+            .as_ref()
+            .and_then(|w| w.last_verified_time.as_ref());
+        let Some(written) = written else {
+            return heartbeat;
+        };
+        let age = jiff::Timestamp::now()
+            .duration_since(written.0)
+            .unsigned_abs();
+        heartbeat.saturating_sub(age).max(Duration::from_secs(1))
+    }
+
+    /// Applies the object once per process, owned by its Node (so the garbage collector removes
+    /// it with the node; the owner reference is part of every such apply, so it is never
+    /// dropped), then the status.
     pub async fn publish(
         &mut self,
-        node: Option<&Node>,
+        node: &Node,
         status: &LoopbackNodeStateStatus,
-    ) -> kube::Result<bool> {
-        if self.is_current(status) {
-            return Ok(false);
-        }
+    ) -> kube::Result<()> {
         let params = PatchParams::apply(api::AGENT_MANAGER).force();
         if !self.created {
-            let owner = node.and_then(|n| {
-                Some(serde_json::json!([{
-                    "apiVersion": "v1", "kind": "Node", "name": n.name_any(), "uid": n.uid()?,
-                }]))
-            });
-            let mut object = serde_json::json!({
+            let object = serde_json::json!({
                 "apiVersion": LoopbackNodeState::api_version(&()),
                 "kind": LoopbackNodeState::kind(&()),
-                "metadata": {"name": self.node},
+                "metadata": {
+                    "name": self.node,
+                    "ownerReferences": [{
+                        "apiVersion": "v1", "kind": "Node", "name": node.name_any(),
+                        "uid": node.uid().unwrap_or_default(),
+                    }],
+                },
                 "spec": {"nodeName": self.node},
             });
-            if let Some(owner) = owner {
-                object["metadata"]["ownerReferences"] = owner;
-            }
             self.api
                 .patch(&self.node, &params, &Patch::Apply(&object))
                 .await?;
@@ -186,7 +222,59 @@ impl Reporter {
             return Err(e);
         }
         self.written = Some(status.clone());
-        Ok(true)
+        Ok(())
+    }
+}
+
+/// How long one status write may take before it is abandoned and retried.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publishes the latest status the agent's loop put into `latest`, beside that loop: a slow or
+/// hanging API server never delays a repair, and a newer status replaces one not yet written.
+/// Nothing is written before the agent's Node is known (its uid goes into the owner reference).
+pub async fn publish_loop(
+    mut reporter: Reporter,
+    nodes: Store<Node>,
+    mut latest: tokio::sync::watch::Receiver<Option<LoopbackNodeStateStatus>>,
+    heartbeat: Duration,
+    writes: Counter,
+    on_error: impl Fn(),
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let status = latest.borrow_and_update().clone();
+        let node = nodes.get(&ObjectRef::new(&reporter.node));
+        let wait = match (status, node) {
+            (Some(status), Some(node)) if reporter.due(&status, heartbeat) => {
+                let result =
+                    tokio::time::timeout(REQUEST_TIMEOUT, reporter.publish(&node, &status)).await;
+                match result {
+                    Ok(Ok(())) => {
+                        writes.inc();
+                        backoff = Duration::from_secs(1);
+                        continue;
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "status not written; retrying"),
+                    Err(_) => tracing::warn!(
+                        "status write took over {}s; retrying with the latest status",
+                        REQUEST_TIMEOUT.as_secs()
+                    ),
+                }
+                on_error();
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                // Give the API server room: wait out the backoff, then write what is latest.
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            (Some(_), Some(_)) => reporter.heartbeat_due_in(heartbeat),
+            // Nothing to say yet, or our Node is not in the cache yet.
+            _ => Duration::from_secs(1),
+        };
+        tokio::select! {
+            changed = latest.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 
@@ -196,6 +284,7 @@ mod tests {
     use crate::node::engine::RuleReport;
     use crate::node::iptables::Backend;
     use crate::rules::{Chain, Finding};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn report(applicable: bool, compliant: bool) -> Report {
         Report {
@@ -237,18 +326,22 @@ mod tests {
     fn verdicts_map_to_compliance() {
         let p = following(Mode::Enforce);
         assert_eq!(
-            status_from_report(&p, &report(true, true), 0, None).compliance,
+            status_from_report(&p, &report(true, true), &History::default()).compliance,
             Compliance::Compliant
         );
         assert_eq!(
-            status_from_report(&p, &report(true, false), 0, None).compliance,
+            status_from_report(&p, &report(true, false), &History::default()).compliance,
             Compliance::NonCompliant
         );
         assert_eq!(
-            status_from_report(&p, &report(false, false), 0, None).compliance,
+            status_from_report(&p, &report(false, false), &History::default()).compliance,
             Compliance::NotApplicable
         );
-        let audit = status_from_report(&following(Mode::Audit), &report(true, false), 0, None);
+        let audit = status_from_report(
+            &following(Mode::Audit),
+            &report(true, false),
+            &History::default(),
+        );
         assert_eq!(
             (audit.compliance, audit.reason.as_str()),
             (Compliance::NonCompliant, "AuditFindings")
@@ -257,7 +350,12 @@ mod tests {
 
     #[test]
     fn the_report_carries_policy_rules_and_repairs() {
-        let s = status_from_report(&following(Mode::Enforce), &report(true, true), 3, None);
+        let history = History {
+            policy: "base".into(),
+            repairs: 3,
+            last_repair_time: None,
+        };
+        let s = status_from_report(&following(Mode::Enforce), &report(true, true), &history);
         assert_eq!(s.policy_name.as_deref(), Some("base"));
         assert_eq!(s.policy_generation, Some(4));
         assert_eq!(s.backend.as_deref(), Some("iptables-nft"));
@@ -265,5 +363,42 @@ mod tests {
         assert!(s.rules[0].owned);
         assert_eq!(s.rules[0].family, IpFamily::IPv6);
         assert_eq!(s.repairs, 3);
+    }
+
+    #[tokio::test]
+    async fn a_status_is_written_when_it_changes_or_a_heartbeat_is_due() {
+        let client_free = || -> LoopbackNodeStateStatus {
+            status_from_report(
+                &following(Mode::Enforce),
+                &report(true, true),
+                &History::default(),
+            )
+        };
+        let at = |s: &str| Some(Time(s.parse().unwrap()));
+        let mut reporter = Reporter {
+            api: Api::all(
+                kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap()))
+                    .unwrap(),
+            ),
+            node: "n".into(),
+            created: true,
+            written: None,
+        };
+        let minute = Duration::from_secs(60);
+        let mut first = client_free();
+        first.last_verified_time = at("2026-06-01T12:00:00Z");
+        assert!(reporter.due(&first, minute), "nothing written yet");
+        reporter.written = Some(first.clone());
+        let mut later = first.clone();
+        later.last_verified_time = at("2026-06-01T12:00:30Z");
+        assert!(
+            !reporter.due(&later, minute),
+            "same content, heartbeat not due"
+        );
+        later.last_verified_time = at("2026-06-01T12:01:00Z");
+        assert!(reporter.due(&later, minute), "heartbeat due");
+        let mut changed = first.clone();
+        changed.compliance = Compliance::NonCompliant;
+        assert!(reporter.due(&changed, minute), "new content");
     }
 }

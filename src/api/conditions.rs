@@ -20,7 +20,7 @@ pub enum ConditionStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// The aspect: Compliant, Progressing or Degraded.
+    /// The aspect: Compliant, Ready, Progressing, Reconciling, Degraded or Stalled.
     #[serde(rename = "type")]
     pub type_: String,
     /// True, False or Unknown.
@@ -42,7 +42,7 @@ pub fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars:
     let item = generator.subschema_for::<Condition>();
     schemars::json_schema!({
         "type": "array",
-        "description": "The Compliant, Progressing and Degraded conditions, one of each type.",
+        "description": "The Compliant, Ready, Progressing, Reconciling, Degraded and Stalled conditions, one of each type.",
         "x-kubernetes-list-type": "map",
         "x-kubernetes-list-map-keys": ["type"],
         "items": item,

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name": "Policy", "type": "string", "jsonPath": ".status.policyName"}"#,
     printcolumn = r#"{"name": "Backend", "type": "string", "jsonPath": ".status.backend"}"#,
     printcolumn = r#"{"name": "Repairs", "type": "integer", "jsonPath": ".status.repairs"}"#,
+    printcolumn = r#"{"name": "Verified", "type": "date", "jsonPath": ".status.lastVerifiedTime"}"#,
     printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
@@ -116,10 +117,15 @@ pub struct LoopbackNodeStateStatus {
     /// The baseline rules as found.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<NodeRule>,
-    /// Drift repairs since the agent started following this policy.
+    /// Drift repairs since the node started following this policy (kept across agent restarts).
     #[serde(default)]
     pub repairs: i64,
     /// When drift was last repaired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_repair_time: Option<Time>,
+    /// When the agent last checked the node and found what this status says. Refreshed at least
+    /// once per heartbeat interval (10 minutes by default) even when nothing changes; an older one
+    /// means no live agent vouches for the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified_time: Option<Time>,
 }

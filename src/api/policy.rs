@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
     printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
     printcolumn = r#"{"name": "Nodes", "type": "string", "jsonPath": ".status.summary", "description": "Compliant nodes / targeted nodes"}"#,
     printcolumn = r#"{"name": "Compliant", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Compliant\")].status"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -196,14 +197,19 @@ pub struct LoopbackPolicyStatus {
     /// Targeted nodes that have not yet reported the current generation.
     #[serde(default)]
     pub pending_nodes: i32,
+    /// Targeted nodes no live agent vouches for (no Ready agent Pod for longer than the grace
+    /// period, or a report older than the heartbeat interval plus the grace period): their
+    /// compliance is Unknown, and they count as failing.
+    #[serde(default)]
+    pub unknown_nodes: i32,
     /// Nodes this policy selects but another policy governs (higher priority, or older).
     #[serde(default)]
     pub overridden_nodes: i32,
-    /// Up to 20 non-compliant or errored nodes, sorted by name.
+    /// Up to 20 non-compliant, errored or unknown nodes, sorted by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub non_compliant_node_names: Vec<String>,
-    /// Compliant, Progressing and Degraded.
+    /// Compliant, Ready, Progressing, Reconciling, Degraded and Stalled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,

@@ -4,15 +4,15 @@
 
 pub mod lease;
 
-use crate::aggregate::{self, NodeInfo, Settings};
+use crate::aggregate::{self, AgentPod, NodeInfo, Settings};
 use crate::api::{
     self, LoopbackNodeState, LoopbackNodeStateStatus, LoopbackPolicy, LoopbackPolicyStatus,
     OnRemoval,
 };
 use crate::metrics::{self, Readiness};
-use crate::runtime::reflect;
+use crate::runtime::{OnInvalid, keep_whole, reflect};
 use crate::{Error, Result};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeStatus, ObjectReference, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -23,7 +23,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +54,23 @@ pub struct ControllerArgs {
     /// Milliseconds to gather a burst of node reports into one status write per policy.
     #[arg(long, value_name = "MS", default_value_t = 500)]
     pub coalesce_ms: u64,
+    /// Namespace of the agent Pods (defaults to --namespace: the chart runs both in one).
+    #[arg(long, env = "LOOPGUARD_AGENT_NAMESPACE")]
+    pub agent_namespace: Option<String>,
+    /// Label selector of the agent Pods; a node whose agent Pod is not Ready is not vouched for.
+    #[arg(
+        long,
+        default_value = "app.kubernetes.io/name=loopguard,app.kubernetes.io/component=agent"
+    )]
+    pub agent_selector: String,
+    /// Seconds between agent heartbeats (the agents' --heartbeat): a report older than this plus
+    /// --agent-grace no longer vouches for its node.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub agent_heartbeat: u64,
+    /// Seconds a targeted node may be without a live agent before it counts as Unknown
+    /// (AgentUnavailable) and the policy stops being Compliant.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub agent_grace: u64,
 }
 
 struct Metrics {
@@ -62,6 +79,7 @@ struct Metrics {
     leader: Gauge,
     reconcile_seconds: Histogram,
     errors: Counter,
+    invalid_objects: Counter,
 }
 
 impl Metrics {
@@ -72,6 +90,7 @@ impl Metrics {
             leader: Gauge::default(),
             reconcile_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             errors: Counter::default(),
+            invalid_objects: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("loopguard_controller");
         r.register(
@@ -91,6 +110,11 @@ impl Metrics {
             m.reconcile_seconds.clone(),
         );
         r.register("errors", "Failed API writes", m.errors.clone());
+        r.register(
+            "invalid_objects",
+            "Objects skipped because they could not be read (written by a newer loopguard?)",
+            m.invalid_objects.clone(),
+        );
         m
     }
 }
@@ -101,6 +125,7 @@ struct Context {
     policies: Store<LoopbackPolicy>,
     states: Store<LoopbackNodeState>,
     nodes: Store<Node>,
+    agents: Store<Pod>,
     leadership: lease::Leadership,
     recorder: Recorder,
     metrics: Metrics,
@@ -110,6 +135,9 @@ struct Context {
     written: HashMap<String, LoopbackPolicyStatus>,
     /// Repairs last seen per node, to tell admins about new ones.
     repairs_seen: HashMap<String, i64>,
+    /// Objects that could not be read, to be told in an Event (once per version).
+    invalid: tokio::sync::mpsc::UnboundedReceiver<(ObjectReference, String)>,
+    invalid_told: HashSet<(String, String)>,
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -118,28 +146,66 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let ready = Readiness::default();
-    metrics::serve(args.metrics_addr, Arc::new(registry), ready.clone()).await?;
+    metrics::serve(
+        args.metrics_addr,
+        Arc::new(registry),
+        ready.clone(),
+        metrics::Liveness::always(),
+    )
+    .await?;
 
     let dirty = Arc::new(Notify::new());
+    let (invalid_tx, invalid) = tokio::sync::mpsc::unbounded_channel();
+    let invalid_objects = metrics.invalid_objects.clone();
+    let on_invalid: OnInvalid = Arc::new(move |kind, object| {
+        invalid_objects.inc();
+        let reference = ObjectReference {
+            api_version: Some("loopguard.dev/v1alpha1".into()),
+            kind: Some(kind.to_string()),
+            name: object.metadata.name.clone(),
+            uid: object.metadata.uid.clone(),
+            resource_version: object.metadata.resource_version.clone(),
+            ..Default::default()
+        };
+        let _ = invalid_tx.send((reference, object.error.clone()));
+    });
     let policies = reflect::<LoopbackPolicy>(
         Api::all(client.clone()),
         watcher::Config::default(),
         dirty.clone(),
+        on_invalid.clone(),
+        keep_whole,
     );
     let states = reflect::<LoopbackNodeState>(
         Api::all(client.clone()),
         watcher::Config::default(),
         dirty.clone(),
+        on_invalid.clone(),
+        keep_whole,
     );
     let nodes = reflect::<Node>(
         Api::all(client.clone()),
         watcher::Config::default(),
         dirty.clone(),
+        on_invalid.clone(),
+        slim_node,
+    );
+    let agent_namespace = args
+        .agent_namespace
+        .clone()
+        .unwrap_or_else(|| args.namespace.clone());
+    let agents = reflect::<Pod>(
+        Api::namespaced(client.clone(), &agent_namespace),
+        watcher::Config::default().labels(&args.agent_selector),
+        dirty.clone(),
+        on_invalid,
+        slim_pod,
     );
     for store in [
         policies.wait_until_ready().await,
         states.wait_until_ready().await,
         nodes.wait_until_ready().await,
+        agents.wait_until_ready().await,
     ] {
         store.map_err(|_| Error::Invalid("a watch ended before its cache synced".into()))?;
     }
@@ -169,14 +235,19 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         policies,
         states,
         nodes,
+        agents,
         leadership,
         metrics,
         settings: Settings {
             not_ready_timeout: Duration::from_secs(args.node_not_ready_timeout),
+            heartbeat: Duration::from_secs(args.agent_heartbeat),
+            agent_grace: Duration::from_secs(args.agent_grace),
         },
         cleanup_timeout: Duration::from_secs(args.cleanup_timeout),
         written: HashMap::new(),
         repairs_seen: HashMap::new(),
+        invalid,
+        invalid_told: HashSet::new(),
     };
     let coalesce = Duration::from_millis(args.coalesce_ms);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -224,13 +295,19 @@ async fn reconcile_all(ctx: &mut Context) {
         ctx.written.clear();
         return;
     }
+    tell_invalid(ctx).await;
     let now = Time(jiff::Timestamp::now());
     let policies = ctx.policies.state();
+    let agents = agent_pods(&ctx.agents.state());
     let nodes: Vec<NodeInfo> = ctx
         .nodes
         .state()
         .iter()
         .filter_map(|n| NodeInfo::from_node(n))
+        .map(|mut n| {
+            n.agent = agents.get(&n.name).cloned().unwrap_or(AgentPod::Missing);
+            n
+        })
         .collect();
     let all: Vec<&LoopbackPolicy> = policies.iter().map(|p| p.as_ref()).collect();
     for policy in &policies {
@@ -289,6 +366,113 @@ async fn reconcile_all(ctx: &mut Context) {
     }
     let live: Vec<String> = policies.iter().filter_map(|p| p.uid()).collect();
     ctx.written.retain(|uid, _| live.contains(uid));
+}
+
+/// Records a Warning Event on each object that could not be read, once per version.
+async fn tell_invalid(ctx: &mut Context) {
+    while let Ok((reference, error)) = ctx.invalid.try_recv() {
+        let key = (
+            reference.name.clone().unwrap_or_default(),
+            reference.resource_version.clone().unwrap_or_default(),
+        );
+        if !ctx.leadership.is_leader() || !ctx.invalid_told.insert(key) {
+            continue;
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "InvalidObject".into(),
+            note: Some(format!(
+                "this loopguard cannot read the object ({error}); it is skipped and its last readable version is used. Upgrade loopguard, or fix the object"
+            )),
+            action: "Read".into(),
+            secondary: None,
+        };
+        match ctx.recorder.publish(&event, &reference).await {
+            Ok(()) => {
+                ctx.metrics.events.inc();
+            }
+            Err(e) => tracing::warn!(error = %e, "recording an Event failed"),
+        }
+    }
+}
+
+/// What the controller reads of an agent Pod: its node, whether it is Ready and since when.
+fn slim_pod(pod: &mut Pod) {
+    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready").cloned());
+    pod.spec = Some(PodSpec {
+        node_name,
+        ..Default::default()
+    });
+    pod.status = Some(PodStatus {
+        conditions: ready.map(|c| vec![c]),
+        ..Default::default()
+    });
+    let meta = &mut pod.metadata;
+    (
+        meta.managed_fields,
+        meta.annotations,
+        meta.labels,
+        meta.owner_references,
+    ) = (None, None, None, None);
+}
+
+/// What the controller reads of a Node: its name, labels, Ready condition and creation time.
+fn slim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    node.spec = None;
+    if let Some(status) = node.status.as_mut() {
+        let ready = status
+            .conditions
+            .as_ref()
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready").cloned());
+        *status = NodeStatus {
+            conditions: ready.map(|c| vec![c]),
+            ..Default::default()
+        };
+    }
+}
+
+/// The agent Pod of each node: Ready when one of its Pods is Ready (during a rolling update
+/// the old and the new Pod are both there); else NotReady since the latest transition.
+fn agent_pods(pods: &[Arc<Pod>]) -> HashMap<String, AgentPod> {
+    let mut by_node: HashMap<String, AgentPod> = HashMap::new();
+    for pod in pods {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            continue;
+        };
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+        let state = match ready {
+            Some(c) if c.status == "True" && pod.metadata.deletion_timestamp.is_none() => {
+                AgentPod::Ready
+            }
+            _ => AgentPod::NotReady {
+                since: ready
+                    .and_then(|c| c.last_transition_time.clone())
+                    .or_else(|| pod.metadata.creation_timestamp.clone()),
+            },
+        };
+        let merged = match (by_node.remove(&node), state) {
+            (Some(AgentPod::Ready), _) | (_, AgentPod::Ready) => AgentPod::Ready,
+            (Some(AgentPod::NotReady { since: a }), AgentPod::NotReady { since: b }) => {
+                AgentPod::NotReady {
+                    since: [a, b].into_iter().flatten().max_by_key(|t| t.0),
+                }
+            }
+            (_, other) => other,
+        };
+        by_node.insert(node, merged);
+    }
+    by_node
 }
 
 fn has_finalizer(policy: &LoopbackPolicy) -> bool {

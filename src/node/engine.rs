@@ -132,17 +132,23 @@ pub struct Engine {
 impl Engine {
     /// Learns the node's facts and makes sure the backend's binaries are there.
     pub fn new(config: EngineConfig) -> Result<Engine> {
-        let facts = facts::discover(&config.host_root, config.backend);
-        let state_file = StateFile::new(config.state_file.clone());
-        let engine = Engine {
-            config,
-            facts,
-            state_file,
-        };
+        let engine = Engine::unchecked(config);
         engine
             .xtables()
             .require_binaries(&[Family::Ipv6, Family::Ipv4])?;
         Ok(engine)
+    }
+
+    /// Learns the node's facts only: a missing binary shows up as an error of the first pass
+    /// (what the agent wants: it reports the problem instead of exiting).
+    pub fn unchecked(config: EngineConfig) -> Engine {
+        let facts = facts::discover(&config.host_root, config.backend);
+        let state_file = StateFile::new(config.state_file.clone());
+        Engine {
+            config,
+            facts,
+            state_file,
+        }
     }
 
     pub fn facts(&self) -> &NodeFacts {
@@ -177,13 +183,6 @@ impl Engine {
 
     pub fn applicability(&self) -> Applicability {
         facts::applicability(&self.facts, self.config.applicability)
-    }
-
-    /// Fails when the engine cannot work at all: the state file is unusable, or ip6tables cannot
-    /// be read (no permission, no binary). What the agent checks before it starts.
-    pub fn preflight(&self) -> Result<()> {
-        self.load_ownership()?;
-        self.xtables().read(&[Family::Ipv6]).map(|_| ())
     }
 
     /// Reads and evaluates; never writes (not even the state file). An unreadable state file

@@ -221,6 +221,27 @@ impl Cluster {
         );
     }
 
+    /// SIGSTOPs kube-apiserver: connections stay open and requests hang, as in a network
+    /// partition (a stopped server refuses at once instead).
+    pub fn pause_apiserver(&self) {
+        let output = cluster_sh(&self.dir, &["pause-apiserver"]);
+        assert!(
+            output.status.success(),
+            "pause-apiserver failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// SIGCONTs kube-apiserver after [`Cluster::pause_apiserver`].
+    pub fn resume_apiserver(&self) {
+        let output = cluster_sh(&self.dir, &["resume-apiserver"]);
+        assert!(
+            output.status.success(),
+            "resume-apiserver failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     /// Starts kube-apiserver again after [`Cluster::stop_apiserver`] and waits until it is ready.
     pub fn start_apiserver(&self) {
         let output = cluster_sh(&self.dir, &["start-apiserver"]);
