@@ -24,7 +24,7 @@ bin="$cache_dir/bin"
 
 if [[ "${1:-}" == "--check" ]]; then
   echo "$bin"
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet helm; do
     [[ -x "$bin/$name" ]] || exit 1
   done
   exit 0
@@ -74,7 +74,8 @@ build kubernetes "$(k8s_ldflags)" \
   kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
   kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
   kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
-  kubectl=k8s.io/kubernetes/cmd/kubectl
+  kubectl=k8s.io/kubernetes/cmd/kubectl \
+  kubelet=k8s.io/kubernetes/cmd/kubelet
 build etcd "-s -w" etcd=go.etcd.io/etcd/server/v3
 build helm "-s -w -X=helm.sh/helm/v4/internal/version.version=$helm_version -X=helm.sh/helm/v4/internal/version.gitTreeState=clean" \
   helm=helm.sh/helm/v4/cmd/helm

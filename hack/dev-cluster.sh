@@ -5,6 +5,10 @@
 #
 #   hack/dev-cluster.sh up      start it (or bring it up to date), install the chart, apply the example
 #                               policy, wait until it is Compliant, print the status; leaves it running
+#   hack/dev-cluster.sh up --real-node
+#                               the same, plus a real node (hack/real-node.sh: the real kubelet with
+#                               containerd and runc) that runs the image built from the Dockerfile
+#                               (hack/build-image.sh); the controller stays on the hollow nodes
 #   hack/dev-cluster.sh env     print the exports for kubectl and helm
 #   hack/dev-cluster.sh down    stop everything and delete its state
 #
@@ -14,6 +18,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 export LOOPGUARD_CLUSTER_DIR="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/dev-cluster}"
+# The Rust build cache hack/test.sh fills, so that a first `up` after the tests builds nothing again.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/loopguard/target}"
 dir="$LOOPGUARD_CLUSTER_DIR"
 nodes=(dev-node-a dev-node-b dev-node-c)
 namespace=loopguard-system
@@ -32,6 +38,8 @@ wait_nodes_ready() {
 }
 
 up() {
+  local real_node=false
+  [[ "${1:-}" == --real-node ]] && real_node=true
   if [[ $EUID -ne 0 ]]; then
     echo "hack/dev-cluster.sh needs root: each hollow node is a network namespace" >&2
     exit 2
@@ -43,7 +51,7 @@ up() {
 
   log "loopguard (cargo build -p loopguard)"
   cargo build --quiet -p loopguard
-  local binary="${CARGO_TARGET_DIR:-$repo/target}/debug/loopguard"
+  local binary="$CARGO_TARGET_DIR/debug/loopguard"
   "$binary" --version
 
   log "hollow nodes: ${nodes[*]}"
@@ -60,9 +68,24 @@ up() {
       "kubectl -n $namespace rollout restart daemonset/loopguard-agent deployment/loopguard-controller" >&2
   else
     hack/cluster.sh nodes up --nodes "$(IFS=,; echo "${nodes[*]}")" \
-      --image ghcr.io/loopguard/loopguard="$binary"
+      --image ghcr.io/loopguard/loopguard="$binary" --node-labels loopguard.dev/hollow=yes
   fi
   wait_nodes_ready
+  local sets=()
+  if $real_node; then
+    log "a real node: the image from the Dockerfile (hack/build-image.sh), kubelet, containerd, runc"
+    local archive started=$SECONDS
+    archive="$(hack/build-image.sh)"
+    if [[ ! -e /run/netns/lg-real-0 ]]; then
+      hack/real-node.sh up lg-real-0
+    fi
+    hack/real-node.sh import lg-real-0 "$archive"
+    echo "real node ready in $((SECONDS - started))s" >&2
+    # The real node has no pod network: the controller stays on the hollow nodes. Its agent reads
+    # this machine's dpkg database, and keeps its state apart from this machine's own.
+    sets=(--set 'controller.nodeSelector.loopguard\.dev/hollow=yes'
+      --set agent.stateDir=/var/lib/loopguard-dev-real-node)
+  fi
   kubectl get nodes
 
   log "helm upgrade --install loopguard charts/loopguard --namespace $namespace --create-namespace --wait"
@@ -70,7 +93,7 @@ up() {
   # network namespace, so the two controller replicas must not land on one node (both would bind the
   # metrics port). On real nodes every pod has a network of its own.
   helm upgrade --install loopguard charts/loopguard --namespace "$namespace" --create-namespace \
-    --wait --timeout 3m -f - <<'VALUES'
+    --wait --timeout 3m "${sets[@]}" -f - <<'VALUES'
 controller:
   affinity:
     podAntiAffinity:
@@ -109,8 +132,12 @@ MESSAGE
 }
 
 case "${1:-}" in
-  up) up ;;
+  up) up "${2:-}" ;;
   env) hack/cluster.sh env ;;
-  down) hack/cluster.sh down ;;
+  down)
+    hack/real-node.sh down lg-real-0
+    rm -rf /var/lib/loopguard-dev-real-node
+    hack/cluster.sh down
+    ;;
   *) sed -n '2,11s/^# \{0,1\}//p' "$0" >&2 && exit 2 ;;
 esac

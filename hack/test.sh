@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of loopguard on a fresh machine, as root: installs the system packages the tests
-# need, checks formatting and lints, builds (or reuses) the Kubernetes control plane, starts it, runs
-# `cargo test` for the whole workspace, and stops the control plane again, also on failure.
+# need, checks formatting and lints, builds (or reuses) the Kubernetes control plane and the container
+# image, starts the control plane, runs `cargo test` for the whole workspace, and stops the control
+# plane again, also on failure.
 #
 #   hack/test.sh            everything (what CI runs)
 #
@@ -19,7 +20,9 @@ if [[ $EUID -ne 0 ]]; then
 fi
 
 log "system packages"
-packages=(iptables nftables iproute2 curl openssl util-linux ca-certificates python3-venv)
+# buildah and mmdebstrap build the image; containerd, runc and socat run the real node.
+packages=(iptables nftables iproute2 curl openssl util-linux ca-certificates python3-venv
+  buildah mmdebstrap containerd runc socat gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query --show --showformat='${db:Status-Status}' "$p" 2>/dev/null | grep -q '^installed$' || missing+=("$p")
@@ -60,6 +63,11 @@ hack/lint-manifests.sh
 
 log "release build, as the Dockerfile's build stage runs it"
 hack/build-release.sh
+
+log "the image, from the Dockerfile, with buildah (reused while its inputs are unchanged)"
+started=$SECONDS
+hack/build-image.sh >/dev/null
+echo "image step: $((SECONDS - started))s" >&2
 
 log "tests"
 LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"

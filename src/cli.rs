@@ -39,6 +39,9 @@ pub enum Command {
     Controller(crate::controller::ControllerArgs),
     /// Run the node agent: enforce this node's policy, repair drift, report (DaemonSet).
     Agent(crate::agent::AgentArgs),
+    /// The chart's uninstall hooks: pre deletes every policy and waits until the agents removed
+    /// their rules; post deletes the node states.
+    Uninstall(crate::uninstall::UninstallArgs),
 }
 
 #[derive(Debug, Args)]

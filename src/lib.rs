@@ -17,6 +17,7 @@ pub mod rules;
 pub mod runtime;
 pub mod selection;
 pub mod telemetry;
+pub mod uninstall;
 
 use std::path::PathBuf;
 

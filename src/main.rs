@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             loopguard::runtime::run_async(loopguard::controller::run(args))
         }
         Command::Agent(args) => loopguard::agent::main(args),
+        Command::Uninstall(args) => loopguard::runtime::run_async(loopguard::uninstall::run(args)),
     };
     result.unwrap_or_else(|e| {
         eprintln!("loopguard: error: {e}");

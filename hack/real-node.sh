@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# A real node for the local control plane (hack/cluster.sh): the real kubelet (built from the same
+# pinned k8s.io/kubernetes module as the control plane) with Debian's containerd and runc, running in
+# a network namespace of its own that plays the node's host network. The machine's own network and
+# firewall are never touched.
+#
+#   hack/real-node.sh up [NAME]      start node NAME (default lg-real-0) on the running cluster
+#   hack/real-node.sh down [NAME]    stop it and remove everything it made (mounts, cgroups, netns)
+#   hack/real-node.sh import [NAME] ARCHIVE...   load OCI image archives into the node's containerd
+#
+# Inside the namespace: lo, and an eth0 (one end of a veth pair whose other end stays inside too) with the node's address (10.254.0.2) and the API
+# server's Service address (10.96.0.1). A relay (socat, through a UNIX socket) carries 10.96.0.1:443
+# to the API server on the machine's 127.0.0.1, so the kubelet and the pods reach it the way they
+# do on a real cluster. containerd and the kubelet are started with `nsenter --net` only (not
+# `ip netns exec`, whose /sys remount hides the cgroup mounts from runc). The node has no CNI
+# network: hostNetwork pods (the loopguard agent) run on it; other pods stay on hollow nodes.
+#
+# Choices (see hack/README.md): containerd 1.6.20 and runc 1.1.5 from Debian bookworm's packages,
+# because they are what a Debian 12 node runs and need no build; a static pause binary of our own
+# (hack/real-node/pause.c) as the sandbox image. This machine uses cgroup v1: the kubelet runs
+# with failCgroupV1: false, the cgroupfs driver and no QoS cgroups; containerd with
+# restrict_oom_score_adj (no CAP_SYS_RESOURCE here for the sandbox's negative oom_score_adj).
+set -Eeuo pipefail
+trap 'echo "real-node: line $LINENO: \`$BASH_COMMAND\` failed" >&2' ERR
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cluster="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/cluster}"
+cmd="${1:-}"
+node="${2:-lg-real-0}"
+dir="$cluster/real-nodes/$node"
+node_ip=10.254.0.2
+service_ip=10.96.0.1
+pause_image=loopguard.local/pause:1
+
+log() { echo "real-node: $*" >&2; }
+die() {
+  log "$*"
+  exit 1
+}
+[[ $EUID -eq 0 ]] || die "needs root"
+[[ "$node" =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ && ${#node} -le 15 ]] ||
+  die "node name $node: a DNS label of at most 15 characters (it names the network namespace too)"
+
+ctr() { command ctr --address "$dir/containerd/containerd.sock" --namespace k8s.io "$@"; }
+
+pid_of() {
+  local file="$dir/pids/$1.pid" pid
+  [[ -f "$file" ]] || return 1
+  pid="$(<"$file")"
+  [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$2" && echo "$pid"
+}
+
+start() {
+  local name="$1"
+  shift
+  setsid "$@" </dev/null >>"$dir/logs/$name.log" 2>&1 &
+  echo $! >"$dir/pids/$name.pid"
+}
+
+wait_for() {
+  local what="$1" i
+  shift
+  for i in $(seq 600); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  die "$what did not come up; see $dir/logs"
+}
+
+ensure_packages() {
+  local missing=()
+  for p in containerd runc socat; do
+    dpkg-query --show --showformat='${db:Status-Status}' "$p" 2>/dev/null | grep -q '^installed$' || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # The Debian package starts a system containerd where there is an init system; ours is separate.
+}
+
+# The pause image: a static binary in a one-layer image, archived in the cache.
+pause_archive() {
+  local cache="${LOOPGUARD_CACHE:-$HOME/.cache/loopguard}/images" src="$repo/hack/real-node/pause.c"
+  local archive
+  archive="$cache/pause-$(sha256sum "$src" | cut -c1-12).tar"
+  if [[ ! -f "$archive" ]]; then
+    mkdir -p "$cache"
+    local work
+    work="$(mktemp -d)"
+    gcc -Os -static -o "$work/pause" "$src"
+    local c
+    c="$(buildah from scratch)"
+    buildah copy --quiet "$c" "$work/pause" /pause >/dev/null
+    buildah config --entrypoint '["/pause"]' --user 65535:65535 "$c"
+    buildah commit --quiet "$c" "$pause_image" >/dev/null
+    buildah rm "$c" >/dev/null
+    buildah push --quiet "$pause_image" "oci-archive:$archive.tmp:$pause_image" >/dev/null
+    mv "$archive.tmp" "$archive"
+    rm -rf "$work"
+  fi
+  echo "$archive"
+}
+
+cmd_up() {
+  [[ -f "$cluster/cluster.env" ]] || die "no cluster in $cluster (run: hack/cluster.sh up)"
+  # shellcheck source=/dev/null
+  source "$cluster/cluster.env"
+  [[ -x "$BIN/kubelet" ]] || die "no kubelet in $BIN (hack/build-control-plane.sh builds it)"
+  if [[ -e "/run/netns/$node" ]]; then
+    die "$node is already up (hack/real-node.sh down $node first)"
+  fi
+  ensure_packages
+  command -v buildah >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah >/dev/null
+  local started=$SECONDS
+  mkdir -p "$dir"/{logs,pids,containerd,kubelet,certs,cni/bin,cni/net.d}
+  echo "$cluster" >"$dir/.cluster"
+
+  # The node's network: its own namespace, with an address and the API server's Service address.
+  ip netns add "$node"
+  ip -n "$node" link set lo up
+  ip -n "$node" link add eth0 type veth peer name eth0-peer
+  ip -n "$node" link set eth0-peer up
+  ip -n "$node" addr add "$node_ip/24" dev eth0
+  ip -n "$node" addr add "$service_ip/32" dev eth0
+  ip -n "$node" link set eth0 up
+  start relay-host socat "UNIX-LISTEN:$dir/apiserver.sock,fork,unlink-early" "TCP:127.0.0.1:$APISERVER_PORT"
+  wait_for "the relay socket" test -S "$dir/apiserver.sock"
+  start relay-node nsenter "--net=/run/netns/$node" \
+    socat "TCP-LISTEN:443,bind=$service_ip,fork,reuseaddr" "UNIX-CONNECT:$dir/apiserver.sock"
+
+  cat >"$dir/containerd/config.toml" <<EOF
+version = 2
+root = "$dir/containerd/root"
+state = "$dir/containerd/state"
+[grpc]
+  address = "$dir/containerd/containerd.sock"
+[ttrpc]
+  address = "$dir/containerd/containerd.sock.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$pause_image"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$dir/cni/bin"
+    conf_dir = "$dir/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+EOF
+  start containerd nsenter "--net=/run/netns/$node" containerd --config "$dir/containerd/config.toml"
+  wait_for containerd ctr version
+  import "$(pause_archive)"
+
+  local pki="$cluster/pki"
+  cat >"$dir/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: loopguard
+  cluster:
+    server: https://$service_ip:443
+    certificate-authority-data: $(base64 -w0 "$pki/ca.crt")
+users:
+- name: kubelet
+  user:
+    client-certificate-data: $(base64 -w0 "$pki/admin.crt")
+    client-key-data: $(base64 -w0 "$pki/admin.key")
+contexts:
+- name: loopguard
+  context: {cluster: loopguard, user: kubelet}
+current-context: loopguard
+EOF
+  cat >"$dir/kubelet/config.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+failSwapOn: false
+containerRuntimeEndpoint: unix://$dir/containerd/containerd.sock
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: false}
+  x509: {clientCAFile: $pki/ca.crt}
+authorization: {mode: AlwaysAllow}
+readOnlyPort: 0
+staticPodPath: ""
+resolvConf: /etc/resolv.conf
+evictionHard: {}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+nodeStatusReportFrequency: 10s
+EOF
+  start kubelet nsenter "--net=/run/netns/$node" "$BIN/kubelet" \
+    --config="$dir/kubelet/config.yaml" --kubeconfig="$dir/kubeconfig" \
+    --root-dir="$dir/kubelet/root" --cert-dir="$dir/certs" \
+    --hostname-override="$node" --node-ip="$node_ip" \
+    --node-labels="loopguard.dev/real-node=true" --v=1
+  wait_for "the kubelet's Node" "$BIN/kubectl" --kubeconfig "$cluster/kubeconfig" get node "$node"
+  log "$node up in $((SECONDS - started))s (kubelet $("$BIN/kubelet" --version | cut -d' ' -f2), $(containerd --version | cut -d' ' -f3), runc $(runc --version | head -n1 | cut -d' ' -f3))"
+}
+
+import() {
+  local archive
+  for archive in "$@"; do
+    ctr images import --no-unpack=false "$archive" >/dev/null
+  done
+}
+
+cmd_import() {
+  [[ -S "$dir/containerd/containerd.sock" ]] || die "$node is not up"
+  import "$@"
+}
+
+cmd_down() {
+  [[ -d "$dir" || -e "/run/netns/$node" ]] || return 0
+  # Everything in the namespace: kubelet, containerd, its shims and containers, the node relay.
+  if [[ -e "/run/netns/$node" ]]; then
+    ip netns pids "$node" | xargs -r kill -KILL 2>/dev/null || true
+  fi
+  local pid
+  if pid="$(pid_of relay-host "$dir/apiserver.sock")"; then kill -KILL "$pid" 2>/dev/null || true; fi
+  # Container shims re-parented outside the namespace hold mounts too.
+  pgrep -f "containerd-shim-runc-v2 -namespace k8s.io -address $dir/" | xargs -r kill -KILL 2>/dev/null || true
+  sleep 0.5
+  # Mounts the kubelet and containerd made (volumes, overlay root file systems), deepest first.
+  findmnt -rno TARGET | grep -F "$dir/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  # The pod cgroups containerd made, in every cgroup v1 hierarchy.
+  local hierarchy
+  for hierarchy in /sys/fs/cgroup/*/; do
+    [[ -d "$hierarchy/k8s.io" ]] || continue
+    find "$hierarchy/k8s.io" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
+  [[ -e "/run/netns/$node" ]] && ip netns delete "$node"
+  rm -rf "$dir"
+  log "$node down"
+}
+
+case "$cmd" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  import)
+    shift 2 || die "import NAME ARCHIVE..."
+    cmd_import "$@"
+    ;;
+  *) die "usage: hack/real-node.sh up|down [NAME] | import NAME ARCHIVE..." ;;
+esac
