@@ -48,7 +48,8 @@ metadata:
     pod-security.kubernetes.io/warn: privileged
     pod-security.kubernetes.io/audit: privileged
 YAML
-  "$helm" template "$release" "$repo/charts/loopguard" --namespace "$namespace" --include-crds "$@"
+  # No hooks: plain manifests have no `helm uninstall` to hook into.
+  "$helm" template "$release" "$repo/charts/loopguard" --namespace "$namespace" --include-crds --no-hooks "$@"
 }
 
 case "${1:-}" in

@@ -11,9 +11,16 @@
 //!   Nodes own them and would otherwise keep them.
 //!
 //! Objects are handled untyped, so that one written by another version of loopguard goes too.
+//!
+//! Safe by construction: `helm template` renders hooks too, and whoever applies that output (by
+//! hand, or a GitOps tool without Helm's hook support) would otherwise start a job that deletes
+//! every policy. So a hook first reads its Helm release record (the Secret, or ConfigMap with the
+//! configmap driver, named `sh.helm.release.v1.RELEASE.vREVISION`) and goes on only while Helm
+//! marks it `uninstalling`; otherwise it deletes nothing and says so.
 
 use crate::Result;
 use crate::api::{LoopbackNodeState, LoopbackPolicy};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::discovery::ApiResource;
 use kube::{Client, ResourceExt};
@@ -33,6 +40,12 @@ pub enum Step {
 pub struct UninstallArgs {
     #[arg(value_enum)]
     pub step: Step,
+    /// The Helm release record this hook belongs to (`sh.helm.release.v1.RELEASE.vREVISION`).
+    #[arg(long, value_name = "NAME")]
+    pub release_record: String,
+    /// The namespace of the release record (the release's namespace).
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NAMESPACE")]
+    pub namespace: String,
     /// Seconds to wait for the policies to be gone (pre).
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub timeout: u64,
@@ -40,6 +53,19 @@ pub struct UninstallArgs {
 
 pub async fn run(args: UninstallArgs) -> Result<()> {
     let client = Client::try_default().await?;
+    match release_status(&client, &args).await? {
+        Some(status) if status == "uninstalling" => {}
+        found => {
+            let why = found.map_or("does not exist".to_string(), |s| format!("says {s}"));
+            tracing::warn!(
+                record = %args.release_record,
+                "Helm is not uninstalling this release (its record {} {why}): nothing deleted. \
+                 Was the chart rendered with `helm template` and applied? Render it with --no-hooks",
+                args.release_record
+            );
+            return Ok(());
+        }
+    }
     match args.step {
         Step::Pre => {
             let policies = untyped::<LoopbackPolicy>(&client);
@@ -51,6 +77,20 @@ pub async fn run(args: UninstallArgs) -> Result<()> {
             delete_all(&states, "LoopbackNodeState").await
         }
     }
+}
+
+/// The `status` label of the release record (Secret, else ConfigMap), or `None` without one.
+async fn release_status(client: &Client, args: &UninstallArgs) -> Result<Option<String>> {
+    let status = |labels: &std::collections::BTreeMap<String, String>| {
+        labels.get("status").cloned().unwrap_or_default()
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
+    if let Some(record) = secrets.get_metadata_opt(&args.release_record).await? {
+        return Ok(Some(status(record.labels())));
+    }
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
+    let record = config_maps.get_metadata_opt(&args.release_record).await?;
+    Ok(record.map(|r| status(r.labels())))
 }
 
 fn untyped<K: kube::Resource<DynamicType = ()>>(client: &Client) -> Api<DynamicObject> {

@@ -9,6 +9,7 @@
 mod support;
 
 use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -729,6 +730,24 @@ async fn the_chart_runs_on_hollow_nodes() {
             "{node}: {rules:?}"
         );
     }
+
+    // `helm template` renders the uninstall hooks too, and kubectl applied them: they ran, saw
+    // that Helm is not uninstalling anything, and deleted nothing.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
+    for step in ["pre", "post"] {
+        let name = format!("{release}-loopguard-uninstall-{step}");
+        eventually(&format!("job {name} done"), TIMEOUT, || async {
+            let job = jobs.get(&name).await.ok()?;
+            (job.status?.succeeded? == 1).then_some(())
+        })
+        .await;
+    }
+    let policy = policies
+        .get(&policy_name)
+        .await
+        .expect("the policy is still there");
+    assert!(policy.metadata.deletion_timestamp.is_none());
+    assert_eq!(compliant(&policy).as_deref(), Some("True"));
 
     // Deleting the policy: the agents remove what they inserted, the controller lets it go.
     policies

@@ -63,6 +63,7 @@ pub fn install(cluster: &Cluster, namespace: &str, sets: &[&str]) {
         RELEASE,
         CHART,
         "--include-crds",
+        "--no-hooks",
         "--namespace",
         namespace,
     ]);
