@@ -291,11 +291,12 @@ stop_components() {
   stop etcd
 }
 
-# Network namespaces of hollow nodes whose harness did not get to clean up (each node's state folder
-# holds a `netns` marker file while its namespace exists), with whatever still runs in them.
+# Network namespaces of hollow nodes and their pods whose harness did not get to clean up (each
+# node's and pod's state folder holds a `netns` marker file while its namespace exists), with whatever
+# still runs in them.
 delete_hollow_netns() {
   local marker node
-  for marker in "$dir"/hollow/*/nodes/*/netns; do
+  for marker in "$dir"/hollow/*/pods/*/netns "$dir"/hollow/*/nodes/*/netns; do
     [[ -f "$marker" ]] || continue
     node="$(<"$marker")"
     [[ -e "/run/netns/$node" ]] || continue

@@ -129,6 +129,13 @@ Each node's firewall is a network namespace on this machine; drift is repaired a
 More policies: deploy/examples/. The pods' logs: $dir/hollow/cli/logs/
 Stop it all: hack/dev-cluster.sh down
 MESSAGE
+  if $real_node; then
+    cat <<MESSAGE
+The real node lg-real-0 runs the image with the real kubelet, containerd and runc. Its agent reads
+this machine's dpkg database: where nftables is installed, the CIS rule does not apply (Auto);
+a policy with \`applicability: Always\` enforces it there too. Its namespace: ip netns exec lg-real-0 ...
+MESSAGE
+  fi
 }
 
 case "${1:-}" in

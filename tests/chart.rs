@@ -794,3 +794,107 @@ async fn the_chart_runs_on_hollow_nodes() {
         .await
         .expect("shutdown");
 }
+
+/// Two broken renderings of the agent DaemonSet, and what the hollow end-to-end check sees: without
+/// `hostNetwork: true` the agent enforces its own pod's network namespace (its status may even say
+/// Compliant) and the node's stays bare; without NET_ADMIN it cannot write. Either way the node's
+/// own namespace lacks the rules and the scanner fails there: the check is red. (Hollow nodes give
+/// non-hostNetwork pods a namespace of their own, and containers only the capabilities their
+/// securityContext grants, as a real runtime does.)
+#[tokio::test]
+async fn a_broken_agent_daemonset_turns_the_hollow_check_red() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    cluster.install_crds();
+    let client = cluster.client().await;
+    let breakages: [(&str, fn(&mut Value)); 2] = [
+        ("nohostnet", |pod| {
+            pod.as_object_mut().unwrap().remove("hostNetwork");
+            pod["dnsPolicy"] = json!("ClusterFirst");
+        }),
+        ("nonetadmin", |pod| {
+            pod["containers"][0]["securityContext"]["capabilities"]["add"] = json!(["NET_RAW"]);
+        }),
+    ];
+    for (tag, breakage) in breakages {
+        let namespace = cluster.namespace(&client, tag).await;
+        let release = unique_name("lgbroken");
+        let label = unique_name(tag);
+        let options = deploy::iptables_hosts(cluster, tag, 1, ("loopguard.test/broken", &label));
+        let hollow = cluster.start_nodes(options).await;
+        let node = hollow.node_names().next().unwrap().to_owned();
+        let on_our_node = json!({ "loopguard.test/broken": label });
+        let policy_name = unique_name("broken");
+        let values = values_file(
+            cluster,
+            &json!({
+                "controller": { "replicas": 1, "nodeSelector": on_our_node },
+                "uninstallHooks": { "enabled": false },
+                "agent": { "nodeSelector": on_our_node },
+                "defaultPolicy": {
+                    "enabled": true,
+                    "name": policy_name,
+                    "spec": { "nodeSelector": { "matchLabels": on_our_node } },
+                },
+            }),
+        );
+        let rendered = template(
+            cluster,
+            &release,
+            &namespace,
+            &["-f", &values.to_string_lossy()],
+        );
+        let mut items = documents(&rendered);
+        let daemonset = items
+            .iter_mut()
+            .find(|d| d["kind"] == "DaemonSet")
+            .expect("the agent DaemonSet");
+        breakage(&mut daemonset["spec"]["template"]["spec"]);
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        cluster.kubectl_ok(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&list.to_string()),
+        );
+
+        // The agent runs, and says something about the node.
+        let states: Api<LoopbackNodeState> = Api::all(client.clone());
+        let state = eventually(&format!("{tag}: the node's state"), TIMEOUT, || async {
+            let status = states.get(&node).await.ok()?.status?;
+            (status.policy_name.as_deref() == Some(policy_name.as_str())).then_some(status)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let input = deploy::chain(&node, "nft", "INPUT");
+        println!(
+            "{tag}: the agent reports {:?} ({}); the node's INPUT: {input:?}",
+            state.compliance, state.reason
+        );
+        assert!(
+            !support::netns::scanner_passes(&node, "nft")
+                && !input.iter().any(|r| r == "-A INPUT -s ::1/128 -j DROP"),
+            "{tag}: the node's own namespace got the rules: the check would stay green"
+        );
+
+        cluster.kubectl_ok(
+            &["delete", "--ignore-not-found", "--wait=false", "-f", "-"],
+            Some(&list.to_string()),
+        );
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        eventually("the pods to be gone", TIMEOUT, || async {
+            pods.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        })
+        .await;
+        delete_namespace(&client, &namespace).await;
+        let _ = states.delete(&node, &DeleteParams::default()).await;
+        hollow
+            .shutdown(Duration::from_secs(10))
+            .await
+            .expect("shutdown");
+    }
+}

@@ -352,6 +352,9 @@ async fn a_daemonset_runs_on_three_hollow_nodes() {
                 "metadata": { "labels": { "app": "probe" } },
                 "spec": {
                     "nodeSelector": { "loopguard.test/run": run },
+                    // The node's own network, as loopguard's agent has it (other pods get one of
+                    // their own).
+                    "hostNetwork": true,
                     "terminationGracePeriodSeconds": 5,
                     "containers": [{
                         "name": "probe",

@@ -1,5 +1,6 @@
 //! One container as a host process: its command line and environment resolved like the kubelet does, and
-//! the process started inside the node's network namespace and a private mount namespace.
+//! the process started inside its pod's network namespace (the node's, for hostNetwork pods) and a
+//! private mount namespace, with only the capabilities its securityContext grants.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -35,6 +36,111 @@ pub struct ProcessSpec {
     pub working_dir: PathBuf,
     pub mounts: Vec<Mount>,
     pub log: PathBuf,
+    /// The capabilities the process keeps (a bit per capability number).
+    pub capabilities: u64,
+    /// `allowPrivilegeEscalation: false`.
+    pub no_new_privs: bool,
+}
+
+/// The capabilities a container runtime gives a container unless told otherwise (containerd's).
+const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// Linux capability names, by number.
+const CAPABILITY_NAMES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+fn capability_bit(name: &str) -> Option<u64> {
+    let name = name.trim_start_matches("CAP_");
+    CAPABILITY_NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(name))
+        .map(|n| 1 << n)
+}
+
+/// What a container's securityContext grants: all capabilities when privileged; else the
+/// runtime's default set, less `drop` (`ALL` drops them all), plus `add`.
+pub fn granted_capabilities(container: &Container) -> u64 {
+    let security = container.security_context.as_ref();
+    if security.and_then(|s| s.privileged) == Some(true) {
+        return (1 << CAPABILITY_NAMES.len()) - 1;
+    }
+    let caps = security.and_then(|s| s.capabilities.as_ref());
+    let listed = |list: Option<&Vec<String>>| -> Vec<String> { list.cloned().unwrap_or_default() };
+    let (add, drop) = (
+        listed(caps.and_then(|c| c.add.as_ref())),
+        listed(caps.and_then(|c| c.drop.as_ref())),
+    );
+    let mut granted = if drop.iter().any(|d| d.eq_ignore_ascii_case("ALL")) {
+        0
+    } else {
+        DEFAULT_CAPABILITIES
+            .iter()
+            .filter_map(|c| capability_bit(c))
+            .fold(0, |all, bit| all | bit)
+    };
+    for name in &drop {
+        granted &= !capability_bit(name).unwrap_or(0);
+    }
+    for name in &add {
+        granted |= capability_bit(name).unwrap_or(0);
+    }
+    granted
 }
 
 /// Resolves a container's process: `command[0]` (or the image's entrypoint, when `command` is empty) is
@@ -62,6 +168,11 @@ pub async fn process_spec(
         meta.name.as_deref().unwrap_or_default(),
         container.name
     ));
+    let no_new_privs = container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.allow_privilege_escalation)
+        == Some(false);
     Ok(ProcessSpec {
         program,
         args,
@@ -69,6 +180,8 @@ pub async fn process_spec(
         working_dir: container.working_dir.as_deref().unwrap_or("/").into(),
         mounts,
         log,
+        capabilities: granted_capabilities(container),
+        no_new_privs,
     })
 }
 
@@ -302,6 +415,23 @@ struct ChildSetup {
     netns: libc::c_int,
     mounts: Vec<(CString, CString, bool)>,
     working_dir: CString,
+    capabilities: u64,
+    no_new_privs: bool,
+}
+
+/// `struct __user_cap_header_struct` and `struct __user_cap_data_struct` of capset(2).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
 }
 
 impl ChildSetup {
@@ -319,6 +449,8 @@ impl ChildSetup {
                 .map(|m| Ok((c(&m.source)?, c(&m.target)?, m.read_only)))
                 .collect::<Result<_>>()?,
             working_dir: c(&spec.working_dir)?,
+            capabilities: spec.capabilities,
+            no_new_privs: spec.no_new_privs,
         })
     }
 
@@ -366,7 +498,35 @@ impl ChildSetup {
                     ))?;
                 }
             }
-            check(libc::chdir(self.working_dir.as_ptr()))
+            check(libc::chdir(self.working_dir.as_ptr()))?;
+            // Only the granted capabilities: out of the bounding set (so that exec as uid 0 cannot
+            // bring them back), then out of this process's own sets.
+            for cap in 0..64 {
+                if self.capabilities & (1 << cap) == 0
+                    && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+                    && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let header = CapHeader {
+                version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+                pid: 0,
+            };
+            let half = |shift: u32| {
+                let bits = (self.capabilities >> shift) as u32;
+                CapData {
+                    effective: bits,
+                    permitted: bits,
+                    inheritable: bits,
+                }
+            };
+            let data = [half(0), half(32)];
+            check(libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as libc::c_int)?;
+            if self.no_new_privs {
+                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            }
+            Ok(())
         }
     }
 }
@@ -374,6 +534,31 @@ impl ChildSetup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capabilities_follow_the_security_context() {
+        let container = |sc: serde_json::Value| -> Container {
+            serde_json::from_value(serde_json::json!({"name": "c", "securityContext": sc})).unwrap()
+        };
+        let agent = container(serde_json::json!({
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}}));
+        assert_eq!(
+            granted_capabilities(&agent),
+            0x3000,
+            "CapEff of the chart's agent"
+        );
+        assert_eq!(
+            granted_capabilities(&container(
+                serde_json::json!({"capabilities": {"drop": ["ALL"]}})
+            )),
+            0
+        );
+        let default = granted_capabilities(&container(serde_json::json!({})));
+        assert_eq!(default & (1 << 12), 0, "no NET_ADMIN by default");
+        assert_ne!(default & (1 << 13), 0, "NET_RAW by default");
+        let privileged = granted_capabilities(&container(serde_json::json!({"privileged": true})));
+        assert_ne!(privileged & (1 << 21), 0, "SYS_ADMIN when privileged");
+    }
 
     #[test]
     fn expands_like_kubelet() {

@@ -124,7 +124,10 @@ impl HollowOptions {
 struct NodeContext {
     client: Client,
     name: String,
-    netns: Netns,
+    /// The node's host network: hostNetwork pods run here.
+    netns: Arc<Netns>,
+    /// The API server on the host, for the proxy of each pod network namespace.
+    upstream: std::net::SocketAddr,
     images: Vec<ImageMapping>,
     state_dir: PathBuf,
     restart_backoff: Duration,
@@ -255,7 +258,8 @@ async fn start_node(
     let context = Arc::new(NodeContext {
         client: client.clone(),
         name: name.to_owned(),
-        netns: Netns::create(name, &node_dir)?,
+        netns: Arc::new(Netns::create(name, &node_dir)?),
+        upstream,
         images: options.images.clone(),
         state_dir: options.state_dir.clone(),
         restart_backoff: options.restart_backoff,

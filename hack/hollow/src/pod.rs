@@ -20,6 +20,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::Netns;
 use crate::container::{self, POD_IP, Process, ProcessSpec};
 use crate::volumes::{self, Volumes};
 use crate::{Error, FIELD_MANAGER, IoContext, NodeContext, Result, probe};
@@ -241,6 +242,17 @@ async fn run_pod(
     }));
     let mut writer = tokio::spawn(write_status(api.clone(), pod.clone(), state.subscribe()));
     let pod_dir = node.state_dir.join("pods").join(&uid);
+    // A pod without hostNetwork gets a network namespace of its own (lo, and the API proxy), as a
+    // pod on a real node does: only hostNetwork pods see the node's network.
+    let network = match pod_network(&node, &pod, &pod_dir) {
+        Ok(network) => network,
+        Err(e) => {
+            tracing::warn!(pod = ?pod.metadata.name, "pod network: {e}");
+            writer.abort();
+            workers.lock().unwrap().remove(&uid);
+            return;
+        }
+    };
 
     let prepared = tokio::select! {
         prepared = prepare(&node, &pod, &pod_dir, &state) => Some(prepared),
@@ -266,6 +278,7 @@ async fn run_pod(
                 .map(|(index, (container, spec))| {
                     let run = ContainerRun {
                         node: node.clone(),
+                        netns: network.netns.clone(),
                         index,
                         termination_log: termination_log(&pod_dir, &container.name),
                         container,
@@ -296,8 +309,41 @@ async fn run_pod(
     if let Some(Stop::Deleted(_)) = stopped {
         finish_deletion(api, pod).await;
     }
+    drop(network);
     let _ = std::fs::remove_dir_all(&pod_dir);
     workers.lock().unwrap().remove(&uid);
+}
+
+/// The network a pod's containers run in; dropping it deletes a namespace of the pod's own.
+struct PodNetwork {
+    netns: Arc<Netns>,
+    proxy: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        if let Some(proxy) = &self.proxy {
+            proxy.abort();
+        }
+    }
+}
+
+fn pod_network(node: &NodeContext, pod: &Pod, pod_dir: &Path) -> Result<PodNetwork> {
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    if host_network {
+        return Ok(PodNetwork {
+            netns: node.netns.clone(),
+            proxy: None,
+        });
+    }
+    std::fs::create_dir_all(pod_dir).context(|| format!("creating {}", pod_dir.display()))?;
+    let name = format!("{}-p{}", node.name, &uid(pod)[..8.min(uid(pod).len())]);
+    let netns = Arc::new(Netns::create(&name, pod_dir)?);
+    let proxy = crate::proxy::serve(&netns, node.upstream)?;
+    Ok(PodNetwork {
+        netns,
+        proxy: Some(proxy),
+    })
 }
 
 /// Deletes the pod object for good once its processes are gone, as the kubelet does.
@@ -397,6 +443,7 @@ fn termination_log(pod_dir: &Path, container: &str) -> PathBuf {
 /// One container's process, restarted per the pod's restart policy.
 struct ContainerRun {
     node: Arc<NodeContext>,
+    netns: Arc<Netns>,
     index: usize,
     container: Container,
     spec: ProcessSpec,
@@ -479,7 +526,7 @@ impl ContainerRun {
         let _ = std::fs::write(&self.termination_log, b"");
         let started_at = Time(Timestamp::now());
         let started = Instant::now();
-        let process = match container::spawn(&self.spec, self.node.netns.fd()) {
+        let process = match container::spawn(&self.spec, self.netns.fd()) {
             Ok(process) => process,
             Err(e) => {
                 tracing::warn!(container = %self.container.name, "{e}");
@@ -508,7 +555,7 @@ impl ContainerRun {
             let (state, index) = (self.state.clone(), self.index);
             let set_ready = move |ready| state.send_modify(|s| s.containers[index].ready = ready);
             let ports = self.container.ports.clone().unwrap_or_default();
-            tokio::spawn(probe::run(self.node.clone(), probe, ports, set_ready))
+            tokio::spawn(probe::run(self.netns.clone(), probe, ports, set_ready))
         });
         let exit_code = self.wait(process).await;
         if let Some(probe) = probe {

@@ -1,4 +1,4 @@
-//! Readiness probes, run from inside the node namespace. httpGet (HTTP; HTTPS as a TCP connect) and
+//! Readiness probes, run from inside the pod's network namespace. httpGet (HTTP; HTTPS as a TCP connect) and
 //! tcpSocket probes are run; exec and grpc probes count as passing.
 
 use std::io::{BufRead, BufReader, Write};
@@ -9,12 +9,12 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ContainerPort, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::NodeContext;
+use crate::Netns;
 
 /// Runs `probe` every period and calls `set_ready` whenever the readiness it concludes changes, after
 /// the probe's success or failure threshold. Runs until aborted.
 pub async fn run(
-    node: Arc<NodeContext>,
+    netns: Arc<Netns>,
     probe: Probe,
     ports: Vec<ContainerPort>,
     set_ready: impl Fn(bool),
@@ -30,8 +30,8 @@ pub async fn run(
     let ports = Arc::new(ports);
     let (mut ready, mut streak) = (false, 0);
     loop {
-        let (node, probe, ports) = (node.clone(), probe.clone(), ports.clone());
-        let passed = tokio::task::spawn_blocking(move || node.netns.run(|| check(&probe, &ports)))
+        let (netns, probe, ports) = (netns.clone(), probe.clone(), ports.clone());
+        let passed = tokio::task::spawn_blocking(move || netns.run(|| check(&probe, &ports)))
             .await
             .is_ok_and(|r| r.unwrap_or(false));
         streak = if passed == ready { 0 } else { streak + 1 };
