@@ -808,7 +808,8 @@ async fn a_broken_agent_daemonset_turns_the_hollow_check_red() {
     };
     cluster.install_crds();
     let client = cluster.client().await;
-    let breakages: [(&str, fn(&mut Value)); 2] = [
+    type Breakage = fn(&mut Value);
+    let breakages: [(&str, Breakage); 2] = [
         ("nohostnet", |pod| {
             pod.as_object_mut().unwrap().remove("hostNetwork");
             pod["dnsPolicy"] = json!("ClusterFirst");
