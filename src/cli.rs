@@ -42,6 +42,25 @@ pub enum Command {
     /// The chart's uninstall hooks: pre deletes every policy and waits until the agents removed
     /// their rules; post deletes the node states.
     Uninstall(crate::uninstall::UninstallArgs),
+    /// The evidence an auditor asks for, per policy and node, from the cluster of your kubeconfig:
+    /// a table, JSON, CSV or one HTML page. Exit 0 all good, 1 a node fails, 2 error.
+    Report(crate::report::ReportArgs),
+    /// Print a shell completion script: `source <(loopguard completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `loopguard completion SHELL`.
+pub fn run_completion(shell: clap_complete::Shell) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    use std::io::Write as _;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "loopguard", &mut script);
+    // A closed pipe (`| head`) is the reader's choice, not an error worth a panic.
+    let _ = std::io::stdout().write_all(&script);
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -76,7 +95,8 @@ pub fn run_crd(args: &CrdArgs) -> Result<ExitCode> {
 pub enum NodeCommand {
     /// Report whether the node is compliant. Exit 0 compliant, 1 not compliant, 3 not applicable, 2 error.
     Check(CheckArgs),
-    /// Make the node compliant with the smallest change. Exit 0 done, 3 not applicable, 2 error.
+    /// Make the node compliant with the smallest change. Exit 0 compliant after, 1 still not
+    /// compliant, 3 not applicable, 2 error (with --dry-run: 0 plan printed).
     Enforce(EnforceArgs),
     /// Remove exactly the rules loopguard inserted (adopted rules stay). Exit 0 done, 2 error.
     Cleanup(CleanupArgs),
@@ -147,12 +167,18 @@ pub struct EnforceArgs {
     /// insert: missing rules go to the top of the chain; append: to the end, as the seed script does.
     #[arg(long, value_enum, default_value_t = PlacementArg::Insert)]
     pub placement: PlacementArg,
+    /// Print the plan (the ip6tables-restore lines) without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct CleanupArgs {
     #[command(flatten)]
     pub target: Target,
+    /// Print what would be removed without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -261,19 +287,39 @@ pub fn run_node(command: NodeCommand) -> Result<ExitCode> {
                 1
             }))
         }
-        NodeCommand::Enforce(_) => {
-            let report = engine.enforce()?;
+        NodeCommand::Enforce(args) => {
+            let report = if args.dry_run {
+                engine.plan_enforce()?
+            } else {
+                engine.enforce()?
+            };
             print_report(output, engine.facts(), &report);
-            Ok(ExitCode::from(if report.applicable { 0 } else { 3 }))
+            Ok(ExitCode::from(if !report.applicable {
+                3
+            } else if report.compliant || report.dry_run {
+                0
+            } else {
+                1
+            }))
         }
-        NodeCommand::Cleanup(_) => {
-            let report = engine.cleanup()?;
+        NodeCommand::Cleanup(args) => {
+            let report = if args.dry_run {
+                engine.plan_cleanup()?
+            } else {
+                engine.cleanup()?
+            };
             if output == Output::Text {
                 let removed = report.changes.as_ref().map_or(0, Vec::len);
                 print!("{}", render_text(engine.facts(), &report));
-                println!(
-                    "result:     removed {removed} rule(s) loopguard had inserted; rules it found in place stay"
-                );
+                if report.dry_run {
+                    println!(
+                        "result:     would remove {removed} rule(s) loopguard had inserted; nothing written"
+                    );
+                } else {
+                    println!(
+                        "result:     removed {removed} rule(s) loopguard had inserted; rules it found in place stay"
+                    );
+                }
             } else {
                 print_report(output, engine.facts(), &report);
             }
@@ -337,14 +383,35 @@ async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration
     Ok(())
 }
 
+/// The ComplianceAsCode rule the verdict stands for.
+pub const RULE_ID: &str = "xccdf_org.ssgproject.content_rule_set_ipv6_loopback_traffic";
+
 fn print_report(output: Output, facts: &NodeFacts, report: &Report) {
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string(report).expect("report serializes")
-        ),
+        Output::Json => println!("{}", json_report(report)),
         Output::Text => print!("{}{}", render_text(facts, report), verdict_line(report)),
     }
+}
+
+/// The report as `--output json` prints it: when, where, by which loopguard, for which rule.
+pub fn json_report(report: &Report) -> serde_json::Value {
+    let mut value = serde_json::to_value(report).expect("report serializes");
+    let context = serde_json::json!({
+        "timestamp": jiff::Timestamp::now().to_string(),
+        "hostname": hostname(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "ruleId": RULE_ID,
+    });
+    if let (Some(all), serde_json::Value::Object(extra)) = (value.as_object_mut(), context) {
+        all.extend(extra);
+    }
+    value
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The human-readable report: facts, findings and changes (the verdict line is separate).
@@ -400,6 +467,11 @@ pub fn render_text(facts: &NodeFacts, report: &Report) -> String {
     if let Some(changes) = &report.changes {
         if changes.is_empty() {
             let _ = writeln!(s, "changes:    none (nothing written)");
+        } else if report.dry_run {
+            let _ = writeln!(s, "changes (dry run, nothing written):");
+            for edit in changes {
+                let _ = writeln!(s, "  {edit}");
+            }
         } else {
             let _ = writeln!(s, "changes:");
             for edit in changes {

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod demo;
 pub mod metrics;
 pub mod node;
+pub mod report;
 pub mod rules;
 pub mod runtime;
 pub mod selection;

@@ -18,6 +18,10 @@ fn main() -> ExitCode {
             loopguard::runtime::run_async(loopguard::controller::run(args))
         }
         Command::Agent(args) => loopguard::agent::main(args),
+        Command::Completion { shell } => loopguard::cli::run_completion(shell),
+        Command::Report(args) => tokio::runtime::Runtime::new()
+            .map_err(|e| loopguard::Error::io("starting the async runtime", e))
+            .and_then(|rt| rt.block_on(loopguard::report::run(args))),
         Command::Uninstall(args) => loopguard::runtime::run_async(loopguard::uninstall::run(args)),
     };
     result.unwrap_or_else(|e| {

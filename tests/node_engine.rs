@@ -42,6 +42,8 @@ both_backends!(
     two_loopguards_take_turns,
     a_foreign_writer_never_loses_a_rule,
     a_pair_behind_a_catch_all_is_reported_shadowed,
+    dry_runs_print_the_plan_and_write_nothing,
+    enforce_fails_when_the_node_stays_non_compliant,
 );
 
 fn enforce_is_idempotent_and_second_run_writes_nothing(backend: &'static str) {
@@ -944,4 +946,87 @@ fn runtime_changes_are_noticed_at_the_next_resync() {
     assert_eq!(code, 0, "{report}");
     let (clean, log) = watch.stop();
     assert!(clean, "{log}");
+}
+
+/// `--dry-run` prints the plan (the restore lines) and writes nothing: no restore, no state file.
+fn dry_runs_print_the_plan_and_write_nothing(backend: &'static str) {
+    let node = Node::new("dryrun", backend);
+    node.ip6("-A INPUT -p tcp --dport 22 -j ACCEPT");
+    let before = node.save();
+    let (code, report) = node.json("enforce", &["--dry-run"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["dryRun"], true);
+    assert_eq!(report["compliant"], false, "the node as it is");
+    assert_eq!(changes(&report), 3);
+    let text = String::from_utf8(node.loopguard("enforce", &["--dry-run"]).stdout).unwrap();
+    assert!(
+        text.contains("dry run, nothing written") && text.contains("-I INPUT 1 -i lo -j ACCEPT"),
+        "{text}"
+    );
+    assert_eq!(node.restores(), 0);
+    assert_eq!(node.save(), before);
+    assert!(!node.state_file().exists());
+
+    let (code, _) = node.json("enforce", &[]);
+    assert_eq!(code, 0);
+    let enforced = node.save();
+    let (code, report) = node.json("cleanup", &["--dry-run"]);
+    assert_eq!(code, 0);
+    assert_eq!(edits(&report).len(), 3, "{report}");
+    assert!(edits(&report).iter().all(|(action, _)| action == "delete"));
+    assert_eq!(node.restores(), 1, "only the real enforce wrote");
+    assert_eq!(node.save(), enforced);
+    assert!(node.state_file().exists());
+}
+
+/// `enforce` exits 1 when the node is still not compliant afterwards (here the restore is
+/// swallowed), and the JSON says when, where, by which version and for which rule.
+fn enforce_fails_when_the_node_stays_non_compliant(backend: &'static str) {
+    let node = Node::new("stays", backend);
+    let out = node
+        .loopguard_command("enforce", &["--output", "json"])
+        .env("LGT_RESTORE_NOOP", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["compliant"], false);
+    assert_eq!(
+        report["ruleId"],
+        "xccdf_org.ssgproject.content_rule_set_ipv6_loopback_traffic"
+    );
+    assert_eq!(report["version"], env!("CARGO_PKG_VERSION"));
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(report["hostname"], hostname.trim());
+    let stamp: jiff::Timestamp = report["timestamp"].as_str().unwrap().parse().unwrap();
+    assert!((jiff::Timestamp::now() - stamp).get_seconds().abs() < 60);
+    let (code, _) = node.json("enforce", &[]);
+    assert_eq!(code, 0, "compliant once the restore goes through");
+}
+
+#[test]
+fn shell_completions_are_printed() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN)
+            .args(["completion", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            script.contains("loopguard")
+                && script.contains("enforce")
+                && script.contains("dry-run"),
+            "{shell}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["completion", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
 }

@@ -80,9 +80,13 @@ pub struct Report {
     pub ipv6_enabled: bool,
     pub firewall_managers: Vec<FirewallManager>,
     pub findings: Vec<RuleReport>,
-    /// The edits applied (enforce and cleanup only); empty when nothing was written.
+    /// The edits applied (enforce and cleanup only); empty when nothing was written. With
+    /// `dryRun`, the edits that would be applied, none of them written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub changes: Option<Vec<Edit>>,
+    /// True when this is a plan only: nothing was written, not even the state file.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
     /// When the last restore of this run returned: the rules were back from that moment.
     #[serde(skip)]
     pub applied_at: Option<Instant>,
@@ -204,7 +208,18 @@ impl Engine {
     /// Makes the node compliant with the smallest plan, in one restore per family; writes nothing
     /// when it already is. Rules owned in families no longer enforced are removed.
     pub fn enforce(&self) -> Result<Report> {
-        let _lock = self.state_file.lock(self.config.wait)?;
+        self.enforce_or_plan(false)
+    }
+
+    /// What `enforce` would do, without writing anything (not even the state file).
+    pub fn plan_enforce(&self) -> Result<Report> {
+        self.enforce_or_plan(true)
+    }
+
+    fn enforce_or_plan(&self, dry_run: bool) -> Result<Report> {
+        let _lock = (!dry_run)
+            .then(|| self.state_file.lock(self.config.wait))
+            .transpose()?;
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
         let tables = self.xtables().read(&families)?;
@@ -227,6 +242,9 @@ impl Engine {
             .collect();
         plan.extend(rules::plan_cleanup(&tables, &ownership, &dropped));
 
+        if dry_run {
+            return Ok(self.planned(&tables, &ownership, plan));
+        }
         if plan.is_empty() {
             if ownership != recorded {
                 self.store(&ownership)?;
@@ -238,17 +256,38 @@ impl Engine {
 
     /// Removes exactly the rules loopguard inserted, in every family it owns rules in.
     pub fn cleanup(&self) -> Result<Report> {
-        let _lock = self.state_file.lock(self.config.wait)?;
+        self.cleanup_or_plan(false)
+    }
+
+    /// What `cleanup` would remove, without writing anything.
+    pub fn plan_cleanup(&self) -> Result<Report> {
+        self.cleanup_or_plan(true)
+    }
+
+    fn cleanup_or_plan(&self, dry_run: bool) -> Result<Report> {
+        let _lock = (!dry_run)
+            .then(|| self.state_file.lock(self.config.wait))
+            .transpose()?;
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
         let tables = self.xtables().read(&families)?;
         ownership.reconcile(&tables, &families);
         let plan = rules::plan_cleanup(&tables, &ownership, &ownership.families());
+        if dry_run {
+            return Ok(self.planned(&tables, &ownership, plan));
+        }
         if plan.is_empty() {
             self.store(&ownership)?;
             return Ok(self.report(&tables, &ownership, Some(Vec::new())));
         }
         self.apply_and_verify(plan, &tables, ownership, &families)
+    }
+
+    /// The report of a dry run: the node as it is, and the plan as `changes`.
+    fn planned(&self, tables: &Tables, ownership: &Ownership, plan: RulePlan) -> Report {
+        let mut report = self.report(tables, ownership, Some(plan.edits));
+        report.dry_run = true;
+        report
     }
 
     /// Applies a non-empty plan, then reads the chains again: the report tells what is there now.
@@ -376,6 +415,7 @@ impl Engine {
             firewall_managers: self.facts.firewall_managers.clone(),
             findings,
             changes,
+            dry_run: false,
             applied_at: None,
         }
     }

@@ -13,7 +13,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
 
 /// The shim in front of a `*-restore` binary. It logs each call to `restores.log`; notes in
 /// `overlaps.log` when two restores run at once (each holds `restore.active` while it runs);
-/// holds each restore for `$LGT_RESTORE_HOLD` seconds when set (to widen that window); and with
+/// holds each restore for `$LGT_RESTORE_HOLD` seconds when set (to widen that window); swallows it
+/// (success, nothing applied) with `$LGT_RESTORE_NOOP` set; and with
 /// `$LGT_KILL_AFTER_RESTORE` set, SIGKILLs loopguard right after a successful restore, before it
 /// can write down what it did.
 fn restore_shim(dir: &Path, real: &Path) -> String {
@@ -23,8 +24,7 @@ fn restore_shim(dir: &Path, real: &Path) -> String {
 echo "$0 $*" >> {dir}/restores.log
 mkdir {dir}/restore.active 2>/dev/null || echo "$$" >> {dir}/overlaps.log
 [ -n "$LGT_RESTORE_HOLD" ] && sleep "$LGT_RESTORE_HOLD"
-{real} "$@"
-rc=$?
+if [ -n "$LGT_RESTORE_NOOP" ]; then cat >/dev/null; rc=0; else {real} "$@"; rc=$?; fi
 rmdir {dir}/restore.active 2>/dev/null
 [ $rc -eq 0 ] && [ -n "$LGT_KILL_AFTER_RESTORE" ] && kill -9 $PPID
 exit $rc

@@ -1,0 +1,799 @@
+//! `loopguard report`: the evidence an auditor asks for, per policy and node, read from the cluster
+//! (the kubeconfig as kubectl finds it) and written as a table, JSON (schema:
+//! `docs/report.schema.json`, `loopguard report --schema`), CSV, or one self-contained HTML page.
+//!
+//! Building the evidence and rendering it are pure; only [`run`] talks to the API server.
+
+use crate::api::{LoopbackNodeState, LoopbackNodeStateStatus, LoopbackPolicy};
+use crate::{Error, Result};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+use schemars::JsonSchema;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// The ComplianceAsCode rule, and what it stands for.
+pub const RULE_ID: &str = crate::cli::RULE_ID;
+pub const RULE_TITLE: &str = "Set configuration for IPv6 loopback traffic";
+pub const REFERENCES: [&str; 2] = [
+    "CIS Debian Linux 12 / Ubuntu 24.04 Benchmark 4.4.3.2 (Ensure ip6tables loopback traffic is configured)",
+    "PCI DSS v4.0 1.4.1",
+];
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+    Html,
+}
+
+/// Flags of `loopguard report`.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    #[arg(long, short, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// Only this policy's nodes.
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// A node state verified longer ago than this (seconds) counts as Unknown: no live agent
+    /// vouches for it (the default is the chart's heartbeat plus grace period).
+    #[arg(long, value_name = "SECONDS", default_value_t = 720)]
+    pub stale_after: u64,
+    /// Report on the cluster's Nodes (those matching --node-selector) only, and count each one
+    /// without a LoopbackNodeState as Missing: no agent has ever reported from it.
+    #[arg(long)]
+    pub expect_every_node: bool,
+    /// With --expect-every-node: the nodes the agent DaemonSet covers, as a label selector
+    /// (`kubernetes.io/os=linux`; empty: every node).
+    #[arg(long, value_name = "SELECTOR", default_value = "")]
+    pub node_selector: String,
+    /// What makes the exit code 1: any node not compliant (`non-compliant`, the default: a node
+    /// NonCompliant, in Error, Unknown or Missing), or only nodes no live agent covers
+    /// (`uncovered`: Error, Unknown or Missing; what `helm test` checks).
+    #[arg(long, value_enum, default_value_t = FailOn::NonCompliant)]
+    pub fail_on: FailOn,
+    /// Print the JSON Schema of `--output json` and exit.
+    #[arg(long)]
+    pub schema: bool,
+}
+
+/// What fails `loopguard report`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailOn {
+    NonCompliant,
+    Uncovered,
+}
+
+/// The whole report (`--output json`).
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Evidence {
+    /// When the report was made (RFC 3339).
+    pub generated_at: String,
+    /// The API server the report was read from.
+    pub cluster: String,
+    /// The loopguard version that made the report.
+    pub loopguard_version: String,
+    pub rule: RuleEvidence,
+    pub summary: Summary,
+    pub policies: Vec<PolicyEvidence>,
+    /// One row per node.
+    pub nodes: Vec<NodeEvidence>,
+}
+
+/// The rule the evidence is about.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleEvidence {
+    /// The ComplianceAsCode (XCCDF) rule id scanners report.
+    pub id: String,
+    pub title: String,
+    pub references: Vec<String>,
+    /// The rules a compliant node carries, in ip6tables-save syntax.
+    pub baseline: Vec<String>,
+}
+
+/// Nodes by verdict.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub nodes: usize,
+    pub compliant: usize,
+    pub non_compliant: usize,
+    pub not_applicable: usize,
+    pub errored: usize,
+    /// Not verified recently: no live agent vouches for them.
+    pub unknown: usize,
+    pub unmanaged: usize,
+    /// Nodes of the cluster without any LoopbackNodeState (only with --expect-every-node).
+    pub missing: usize,
+}
+
+impl Summary {
+    /// Nodes no live agent covers: missing, not verified recently, or unable to check.
+    pub fn uncovered(&self) -> usize {
+        self.missing + self.unknown + self.errored
+    }
+
+    /// Nodes that do not carry the baseline, or of which nobody knows.
+    pub fn failing(&self) -> usize {
+        self.uncovered() + self.non_compliant
+    }
+}
+
+/// One policy.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyEvidence {
+    pub name: String,
+    pub mode: String,
+    pub generation: Option<i64>,
+    /// The Compliant condition: status, reason and message.
+    pub compliant: String,
+    pub reason: String,
+    pub message: String,
+    pub targeted_nodes: i32,
+    pub compliant_nodes: i32,
+    pub not_applicable_nodes: i32,
+}
+
+/// One node.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeEvidence {
+    pub node: String,
+    pub policy: Option<String>,
+    /// Compliant, NonCompliant, NotApplicable, Error, Unmanaged, Unknown (not verified recently) or
+    /// Missing (a node without any LoopbackNodeState).
+    pub verdict: String,
+    pub reason: String,
+    pub message: String,
+    /// The baseline rules present on the node (ip6tables-save syntax, with the family).
+    pub rules_present: Vec<String>,
+    /// Every baseline rule with its state and whether loopguard inserted it.
+    pub rules: Vec<RuleRow>,
+    pub backend: Option<String>,
+    pub last_verified_time: Option<String>,
+    pub agent_version: Option<String>,
+    pub repairs: i64,
+    pub last_repair_time: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleRow {
+    pub family: String,
+    pub rule: String,
+    pub state: String,
+    pub owned: bool,
+}
+
+/// Builds the evidence from what the cluster holds (pure).
+///
+/// `expected_nodes`, when given, are the cluster's nodes that should each have a state: the report
+/// covers only them, and those without a state are rows of verdict Missing.
+pub fn evidence(
+    policies: &[LoopbackPolicy],
+    states: &[(String, LoopbackNodeStateStatus)],
+    expected_nodes: Option<&[String]>,
+    only_policy: Option<&str>,
+    stale_after: Duration,
+    now: jiff::Timestamp,
+    cluster: &str,
+) -> Evidence {
+    let mut nodes: Vec<NodeEvidence> = states
+        .iter()
+        .filter(|(_, s)| only_policy.is_none_or(|p| s.policy_name.as_deref() == Some(p)))
+        .filter(|(name, _)| expected_nodes.is_none_or(|nodes| nodes.contains(name)))
+        .map(|(name, s)| node_evidence(name, s, stale_after, now))
+        .collect();
+    for node in expected_nodes.unwrap_or_default() {
+        if !states.iter().any(|(name, _)| name == node) {
+            nodes.push(missing_node(node));
+        }
+    }
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    let mut summary = Summary {
+        nodes: nodes.len(),
+        ..Summary::default()
+    };
+    for n in &nodes {
+        match n.verdict.as_str() {
+            "Compliant" => summary.compliant += 1,
+            "NonCompliant" => summary.non_compliant += 1,
+            "NotApplicable" => summary.not_applicable += 1,
+            "Error" => summary.errored += 1,
+            "Unmanaged" => summary.unmanaged += 1,
+            "Missing" => summary.missing += 1,
+            _ => summary.unknown += 1,
+        }
+    }
+    let policies = policies
+        .iter()
+        .filter(|p| only_policy.is_none_or(|o| p.name_any() == o))
+        .map(policy_evidence)
+        .collect();
+    Evidence {
+        generated_at: now.to_string(),
+        cluster: cluster.to_string(),
+        loopguard_version: env!("CARGO_PKG_VERSION").to_string(),
+        rule: RuleEvidence {
+            id: RULE_ID.into(),
+            title: RULE_TITLE.into(),
+            references: REFERENCES.iter().map(|r| r.to_string()).collect(),
+            baseline: crate::rules::Rule::baseline(crate::rules::Family::Ipv6)
+                .iter()
+                .map(|r| r.save_syntax())
+                .collect(),
+        },
+        summary,
+        policies,
+        nodes,
+    }
+}
+
+fn node_evidence(
+    name: &str,
+    s: &LoopbackNodeStateStatus,
+    stale_after: Duration,
+    now: jiff::Timestamp,
+) -> NodeEvidence {
+    let age = s
+        .last_verified_time
+        .as_ref()
+        .map(|t| now.duration_since(t.0).unsigned_abs());
+    // Agents verify and heartbeat unmanaged nodes too: an old state means no live agent there.
+    let stale = age.is_none_or(|a| a > stale_after);
+    let (verdict, reason, message) = if stale {
+        let when = age.map_or("never".to_string(), |a| format!("{}s ago", a.as_secs()));
+        (
+            "Unknown".to_string(),
+            "NotVerifiedRecently".to_string(),
+            format!(
+                "last verified {when}; it says {:?}: {}",
+                s.compliance, s.message
+            ),
+        )
+    } else {
+        (
+            format!("{:?}", s.compliance),
+            s.reason.clone(),
+            s.message.clone(),
+        )
+    };
+    let family = |f: crate::api::IpFamily| format!("{f:?}");
+    let rules: Vec<RuleRow> = s
+        .rules
+        .iter()
+        .map(|r| RuleRow {
+            family: family(r.family),
+            rule: r.rule.clone(),
+            state: format!("{:?}", r.state),
+            owned: r.owned,
+        })
+        .collect();
+    NodeEvidence {
+        node: name.to_string(),
+        policy: s.policy_name.clone(),
+        verdict,
+        reason,
+        message,
+        rules_present: rules
+            .iter()
+            .filter(|r| r.state != "Missing")
+            .map(|r| format!("{} {}", r.family, r.rule))
+            .collect(),
+        rules,
+        backend: s.backend.clone(),
+        last_verified_time: s.last_verified_time.as_ref().map(|t| t.0.to_string()),
+        agent_version: s.agent_version.clone(),
+        repairs: s.repairs,
+        last_repair_time: s.last_repair_time.as_ref().map(|t| t.0.to_string()),
+    }
+}
+
+fn missing_node(name: &str) -> NodeEvidence {
+    NodeEvidence {
+        node: name.to_string(),
+        policy: None,
+        verdict: "Missing".into(),
+        reason: "NoNodeState".into(),
+        message: "no agent has reported from this node: is a loopguard agent pod running there \
+                  (kubectl get pods -l app.kubernetes.io/component=agent -o wide)?"
+            .into(),
+        rules_present: Vec::new(),
+        rules: Vec::new(),
+        backend: None,
+        last_verified_time: None,
+        agent_version: None,
+        repairs: 0,
+        last_repair_time: None,
+    }
+}
+
+fn policy_evidence(p: &LoopbackPolicy) -> PolicyEvidence {
+    let status = p.status.clone().unwrap_or_default();
+    let compliant = status.conditions.iter().find(|c| c.type_ == "Compliant");
+    PolicyEvidence {
+        name: p.name_any(),
+        mode: format!("{:?}", p.spec.mode),
+        generation: p.metadata.generation,
+        compliant: compliant.map_or("Unknown".into(), |c| format!("{:?}", c.status)),
+        reason: compliant.map_or(String::new(), |c| c.reason.clone()),
+        message: compliant.map_or(String::new(), |c| c.message.clone()),
+        targeted_nodes: status.targeted_nodes,
+        compliant_nodes: status.compliant_nodes,
+        not_applicable_nodes: status.not_applicable_nodes,
+    }
+}
+
+/// The JSON Schema of `--output json`.
+pub fn schema() -> String {
+    let schema = schemars::schema_for!(Evidence);
+    serde_json::to_string_pretty(&schema).expect("schema serializes") + "\n"
+}
+
+/// Renders the evidence in `format`.
+pub fn render(e: &Evidence, format: Format) -> String {
+    match format {
+        Format::Json => serde_json::to_string_pretty(e).expect("serializes") + "\n",
+        Format::Table => table(e),
+        Format::Csv => csv(e),
+        Format::Html => html(e),
+    }
+}
+
+fn table(e: &Evidence) -> String {
+    let mut out = String::new();
+    let s = &e.summary;
+    let _ = writeln!(
+        out,
+        "{} ({}), {} nodes: {} compliant, {} non-compliant, {} not applicable, {} errors, {} unknown, {} unmanaged, {} missing",
+        e.rule.id,
+        e.generated_at,
+        s.nodes,
+        s.compliant,
+        s.non_compliant,
+        s.not_applicable,
+        s.errored,
+        s.unknown,
+        s.unmanaged,
+        s.missing
+    );
+    let rows: Vec<[String; 8]> = e
+        .nodes
+        .iter()
+        .map(|n| {
+            [
+                n.node.clone(),
+                n.policy.clone().unwrap_or_else(|| "-".into()),
+                n.verdict.clone(),
+                format!("{}/{}", n.rules_present.len(), n.rules.len()),
+                n.backend.clone().unwrap_or_else(|| "-".into()),
+                n.last_verified_time.clone().unwrap_or_else(|| "-".into()),
+                n.repairs.to_string(),
+                n.agent_version.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let header = [
+        "NODE", "POLICY", "VERDICT", "RULES", "BACKEND", "VERIFIED", "REPAIRS", "AGENT",
+    ];
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    let _ = writeln!(out, "{}", line(header.to_vec()));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
+    }
+}
+
+fn csv(e: &Evidence) -> String {
+    let mut out = String::from(
+        "node,policy,verdict,reason,rules_present,backend,last_verified_time,agent_version,repairs,last_repair_time,rule_id,references\n",
+    );
+    for n in &e.nodes {
+        let fields = [
+            n.node.clone(),
+            n.policy.clone().unwrap_or_default(),
+            n.verdict.clone(),
+            n.reason.clone(),
+            n.rules_present.join("; "),
+            n.backend.clone().unwrap_or_default(),
+            n.last_verified_time.clone().unwrap_or_default(),
+            n.agent_version.clone().unwrap_or_default(),
+            n.repairs.to_string(),
+            n.last_repair_time.clone().unwrap_or_default(),
+            e.rule.id.clone(),
+            e.rule.references.join("; "),
+        ];
+        let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        out.push_str(&row.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn html(e: &Evidence) -> String {
+    let s = &e.summary;
+    let failing = s.failing();
+    let overall = if failing == 0 && s.compliant > 0 {
+        ("pass", "Every managed node carries the baseline")
+    } else if failing == 0 {
+        ("none", "No node is verified compliant")
+    } else {
+        ("fail", "Some nodes do not carry the baseline")
+    };
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>loopguard evidence: {title}</title>
+<style>
+body {{ font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem; color: #1d2433; padding: 0 1.5rem; }}
+h1 {{ font-size: 1.6rem; margin: 0 0 .2rem; }} h2 {{ font-size: 1.15rem; margin: 2rem 0 .6rem; }}
+.meta {{ color: #5b6478; font-size: .9rem; }} code {{ font: .85rem ui-monospace, monospace; background: #f1f3f7; padding: .05rem .3rem; border-radius: 3px; }}
+.banner {{ margin: 1.2rem 0; padding: .9rem 1.1rem; border-radius: 8px; font-weight: 600; }}
+.banner.pass {{ background: #e4f6ea; color: #14632f; }} .banner.fail {{ background: #fde8e8; color: #8a1c1c; }} .banner.none {{ background: #fff4dc; color: #7a5200; }}
+.cards {{ display: grid; grid-template-columns: repeat(auto-fit, minmax(9rem, 1fr)); gap: .8rem; }}
+.card {{ border: 1px solid #e1e5ee; border-radius: 8px; padding: .8rem 1rem; }}
+.card .n {{ font-size: 1.8rem; font-weight: 700; display: block; }} .card .l {{ color: #5b6478; font-size: .85rem; }}
+table {{ border-collapse: collapse; width: 100%; font-size: .88rem; }}
+th, td {{ text-align: left; padding: .45rem .55rem; border-bottom: 1px solid #e8ebf2; vertical-align: top; }}
+th {{ background: #f6f7fa; font-weight: 600; }}
+.v {{ font-weight: 600; padding: .1rem .45rem; border-radius: 4px; white-space: nowrap; }}
+.v-Compliant {{ background: #e4f6ea; color: #14632f; }} .v-NonCompliant, .v-Error, .v-Unknown, .v-Missing {{ background: #fde8e8; color: #8a1c1c; }}
+.v-NotApplicable, .v-Unmanaged {{ background: #eef0f5; color: #454d60; }}
+ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-size: .8rem; }}
+</style></head><body>
+<h1>IPv6 loopback baseline: compliance evidence</h1>
+<div class="meta">Rule <code>{id}</code>, {title}<br>{refs}<br>Generated {at} from <code>{cluster}</code> by loopguard {version}</div>
+<div class="banner {class}" id="overall">{overall}</div>
+<div class="cards">
+"#,
+        title = escape(&e.rule.title),
+        id = escape(&e.rule.id),
+        refs = e
+            .rule
+            .references
+            .iter()
+            .map(|r| escape(r))
+            .collect::<Vec<_>>()
+            .join("; "),
+        at = escape(&e.generated_at),
+        cluster = escape(&e.cluster),
+        version = escape(&e.loopguard_version),
+        class = overall.0,
+        overall = overall.1,
+    );
+    for (id, label, n) in [
+        ("nodes", "nodes", s.nodes),
+        ("compliant", "compliant", s.compliant),
+        ("non-compliant", "not compliant", s.non_compliant),
+        ("not-applicable", "not applicable", s.not_applicable),
+        ("errored", "errors", s.errored),
+        ("unknown", "unknown (no live agent)", s.unknown),
+        ("unmanaged", "unmanaged", s.unmanaged),
+        ("missing", "missing (no agent report)", s.missing),
+    ] {
+        let _ = writeln!(
+            h,
+            r#"<div class="card"><span class="n" id="count-{id}">{n}</span><span class="l">{label}</span></div>"#
+        );
+    }
+    h.push_str("</div>\n<h2>Baseline</h2>\n<ul class=\"rules\">");
+    for rule in &e.rule.baseline {
+        let _ = write!(h, "<li><code>{}</code></li>", escape(rule));
+    }
+    h.push_str("</ul>\n<h2>Policies</h2>\n<table><tr><th>Policy</th><th>Mode</th><th>Compliant</th><th>Nodes</th><th>Why</th></tr>\n");
+    for p in &e.policies {
+        let _ = writeln!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}/{} ({} not applicable)</td><td>{} <span class=\"small\">{}</span></td></tr>",
+            escape(&p.name),
+            escape(&p.mode),
+            escape(&p.compliant),
+            p.compliant_nodes,
+            p.targeted_nodes - p.not_applicable_nodes,
+            p.not_applicable_nodes,
+            escape(&p.reason),
+            escape(&p.message)
+        );
+    }
+    h.push_str("</table>\n<h2>Nodes</h2>\n<table id=\"nodes\"><tr><th>Node</th><th>Verdict</th><th>Rules</th><th>Backend</th><th>Last verified</th><th>Repairs</th><th>Agent</th></tr>\n");
+    for n in &e.nodes {
+        let rules: String = n
+            .rules
+            .iter()
+            .map(|r| {
+                format!(
+                    "<li><code>{}</code> {}{}</li>",
+                    escape(&r.rule),
+                    escape(&r.state),
+                    if r.owned {
+                        ", inserted by loopguard"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            h,
+            "<tr><td>{node}<div class=\"small\">{policy}</div></td><td><span class=\"v v-{v}\">{v}</span><div class=\"small\">{reason}: {message}</div></td><td><ul class=\"rules\">{rules}</ul></td><td>{backend}</td><td>{verified}</td><td>{repairs}<div class=\"small\">{last}</div></td><td>{agent}</td></tr>",
+            node = escape(&n.node),
+            policy = escape(n.policy.as_deref().unwrap_or("no policy")),
+            v = escape(&n.verdict),
+            reason = escape(&n.reason),
+            message = escape(&n.message),
+            backend = escape(n.backend.as_deref().unwrap_or("-")),
+            verified = escape(n.last_verified_time.as_deref().unwrap_or("never")),
+            repairs = n.repairs,
+            last = escape(n.last_repair_time.as_deref().unwrap_or("")),
+            agent = escape(n.agent_version.as_deref().unwrap_or("-")),
+        );
+    }
+    h.push_str("</table>\n</body></html>\n");
+    h
+}
+
+/// `loopguard report`: exit 0 when every managed node is compliant or not applicable, 1 when one
+/// is not (non-compliant, in error, unknown, or missing; with `--fail-on uncovered` only the last
+/// three), 2 on error.
+pub async fn run(args: ReportArgs) -> Result<ExitCode> {
+    if args.schema {
+        print!("{}", schema());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = kube::Config::infer().await.map_err(|e| {
+        Error::Invalid(format!(
+            "no cluster to report on ({e}): set KUBECONFIG or use ~/.kube/config"
+        ))
+    })?;
+    let cluster = config.cluster_url.to_string();
+    let client = Client::try_from(config)?;
+    let policies = Api::<LoopbackPolicy>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let expected: Option<Vec<String>> = if args.expect_every_node {
+        let nodes = Api::<Node>::all(client.clone())
+            .list(&ListParams::default().labels(&args.node_selector))
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(s) if s.code == 400 => Error::Invalid(format!(
+                    "--node-selector {:?} is not a label selector ({}): use key=value,key2=value2",
+                    args.node_selector, s.message
+                )),
+                e => e.into(),
+            })?;
+        Some(nodes.items.iter().map(|n| n.name_any()).collect())
+    } else {
+        None
+    };
+    let states: Vec<(String, LoopbackNodeStateStatus)> = Api::<LoopbackNodeState>::all(client)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|s| (s.name_any(), s.status.unwrap_or_default()))
+        .collect();
+    let e = evidence(
+        &policies,
+        &states,
+        expected.as_deref(),
+        args.policy.as_deref(),
+        Duration::from_secs(args.stale_after),
+        jiff::Timestamp::now(),
+        &cluster,
+    );
+    print!("{}", render(&e, args.output));
+    let failing = match args.fail_on {
+        FailOn::NonCompliant => e.summary.failing(),
+        FailOn::Uncovered => e.summary.uncovered(),
+    };
+    Ok(ExitCode::from(if failing == 0 { 0 } else { 1 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Compliance;
+    use crate::api::node_state::RuleState;
+    use crate::api::{IpFamily, NodeRule};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn state(compliance: Compliance, verified: &str) -> LoopbackNodeStateStatus {
+        LoopbackNodeStateStatus {
+            policy_name: Some("base".into()),
+            compliance,
+            reason: "RulesInPlace".into(),
+            message: "a, \"quoted\" <message>".into(),
+            backend: Some("iptables-nft".into()),
+            rules: vec![
+                NodeRule {
+                    family: IpFamily::IPv6,
+                    chain: "INPUT".into(),
+                    rule: "-A INPUT -i lo -j ACCEPT".into(),
+                    state: RuleState::Present,
+                    owned: true,
+                },
+                NodeRule {
+                    family: IpFamily::IPv6,
+                    chain: "INPUT".into(),
+                    rule: "-A INPUT -s ::1/128 -j DROP".into(),
+                    state: RuleState::Missing,
+                    owned: false,
+                },
+            ],
+            last_verified_time: Some(Time(verified.parse().unwrap())),
+            agent_version: Some("0.1.0".into()),
+            repairs: 2,
+            ..Default::default()
+        }
+    }
+
+    fn sample() -> Evidence {
+        let now: jiff::Timestamp = "2026-06-01T12:00:00Z".parse().unwrap();
+        evidence(
+            &[],
+            &[
+                (
+                    "b".into(),
+                    state(Compliance::Compliant, "2026-06-01T11:59:00Z"),
+                ),
+                (
+                    "a".into(),
+                    state(Compliance::NonCompliant, "2026-06-01T11:59:00Z"),
+                ),
+                (
+                    "c".into(),
+                    state(Compliance::Compliant, "2026-06-01T10:00:00Z"),
+                ),
+                (
+                    "deleted-node".into(),
+                    state(Compliance::Compliant, "2026-06-01T11:59:00Z"),
+                ),
+            ],
+            Some(&["a".into(), "b".into(), "c".into(), "d".into()]),
+            None,
+            Duration::from_secs(720),
+            now,
+            "https://k8s.example:6443",
+        )
+    }
+
+    #[test]
+    fn a_report_not_verified_recently_is_unknown() {
+        let e = sample();
+        assert_eq!(
+            e.nodes
+                .iter()
+                .map(|n| (n.node.as_str(), n.verdict.as_str()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("a", "NonCompliant"),
+                ("b", "Compliant"),
+                ("c", "Unknown"),
+                ("d", "Missing")
+            ]
+        );
+        assert_eq!(
+            (
+                e.summary.compliant,
+                e.summary.non_compliant,
+                e.summary.unknown,
+                e.summary.missing
+            ),
+            (1, 1, 1, 1)
+        );
+        assert_eq!((e.summary.uncovered(), e.summary.failing()), (2, 3));
+        assert_eq!(
+            e.nodes[1].rules_present,
+            vec!["IPv6 -A INPUT -i lo -j ACCEPT"]
+        );
+        assert_eq!(e.rule.id, RULE_ID);
+    }
+
+    #[test]
+    fn an_unmanaged_node_counts_as_covered_only_while_its_agent_reports() {
+        let now: jiff::Timestamp = "2026-06-01T12:00:00Z".parse().unwrap();
+        let e = evidence(
+            &[],
+            &[
+                (
+                    "fresh".into(),
+                    state(Compliance::Unmanaged, "2026-06-01T11:55:00Z"),
+                ),
+                (
+                    "old".into(),
+                    state(Compliance::Unmanaged, "2026-06-01T11:00:00Z"),
+                ),
+            ],
+            Some(&["fresh".into(), "old".into()]),
+            None,
+            Duration::from_secs(720),
+            now,
+            "https://k8s.example:6443",
+        );
+        assert_eq!((e.summary.unmanaged, e.summary.unknown), (1, 1));
+        assert_eq!(e.summary.uncovered(), 1);
+        assert_eq!(e.nodes[1].reason, "NotVerifiedRecently");
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_quoting() {
+        let csv = render(&sample(), Format::Csv);
+        let first = csv.lines().nth(1).unwrap();
+        assert!(
+            first.starts_with("a,base,NonCompliant,RulesInPlace,IPv6 -A INPUT -i lo -j ACCEPT,"),
+            "{first}"
+        );
+        assert_eq!(csv.lines().count(), 5);
+        assert_eq!(csv_field("x, \"y\""), "\"x, \"\"y\"\"\"");
+    }
+
+    #[test]
+    fn the_html_page_is_self_contained_and_escaped() {
+        let page = render(&sample(), Format::Html);
+        assert!(
+            !page.contains("http://") && !page.contains("src="),
+            "no external assets"
+        );
+        assert!(page.contains(r#"id="count-unknown">1<"#));
+        assert!(page.contains("&quot;quoted&quot; &lt;message&gt;"));
+        assert!(!page.contains("<message>"));
+    }
+
+    #[test]
+    fn the_published_schema_is_current() {
+        assert_eq!(
+            include_str!("../docs/report.schema.json"),
+            schema(),
+            "docs/report.schema.json is stale: loopguard report --schema > docs/report.schema.json"
+        );
+    }
+
+    #[test]
+    fn the_schema_describes_the_json() {
+        let schema: serde_json::Value = serde_json::from_str(&schema()).unwrap();
+        assert_eq!(schema["title"], "Evidence");
+        assert!(schema["properties"]["nodes"].is_object());
+    }
+}
