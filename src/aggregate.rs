@@ -234,7 +234,11 @@ pub fn aggregate(
     unavailable.sort();
     stale.sort();
     status.non_compliant_node_names = failing.iter().take(MAX_LISTED_NODES).cloned().collect();
-    status.summary = format!("{}/{}", status.compliant_nodes, status.targeted_nodes);
+    status.summary = format!(
+        "{}/{}",
+        status.compliant_nodes,
+        status.targeted_nodes - status.not_applicable_nodes
+    );
     let problems = Problems {
         errored: &errored_names,
         unavailable: &unavailable,
@@ -641,7 +645,7 @@ mod tests {
             (5, 1, 1, 1, 1, 1)
         );
         assert_eq!(s.non_compliant_node_names, vec!["b", "d"]);
-        assert_eq!(s.summary, "1/5");
+        assert_eq!(s.summary, "1/4", "NotApplicable nodes are left out");
         assert_eq!(
             cond(&s, "Compliant"),
             (ConditionStatus::False, "NodeErrors".into())

@@ -92,6 +92,30 @@ impl Liveness {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    component: String,
+}
+
+/// `loopguard_build_info{version, component} 1`: which loopguard runs where.
+pub fn register_build_info(registry: &mut Registry, component: &str) {
+    let info = prometheus_client::metrics::family::Family::<
+        BuildLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    >::default();
+    info.get_or_create(&BuildLabels {
+        version: env!("CARGO_PKG_VERSION").into(),
+        component: component.into(),
+    })
+    .set(1);
+    registry.sub_registry_with_prefix("loopguard").register(
+        "build_info",
+        "The loopguard version running, 1 per process",
+        info,
+    );
+}
+
 /// Binds `addr` and serves the endpoints until the process ends.
 pub async fn serve(
     addr: SocketAddr,

@@ -471,7 +471,7 @@ async fn conditions_and_counts_follow_node_reports() {
     assert_eq!(cond(&s, "Compliant"), ("False".into(), "NodeErrors".into()));
     assert_eq!(cond(&s, "Degraded"), ("True".into(), "NodeErrors".into()));
     assert_eq!(cond(&s, "Progressing").0, "False");
-    assert_eq!(s.summary, "1/4");
+    assert_eq!(s.summary, "1/3", "the NotApplicable node is left out");
 
     // The errored and non-compliant nodes recover: Compliant, and `kubectl wait` agrees.
     w.report(&nodes[1], &name, g, Compliance::Compliant, 1)
@@ -508,7 +508,7 @@ async fn conditions_and_counts_follow_node_reports() {
         .unwrap();
     let row = String::from_utf8_lossy(&row.stdout);
     assert!(
-        row.contains("Enforce") && row.contains("3/4") && row.contains("True"),
+        row.contains("Enforce") && row.contains("3/3") && row.contains("True"),
         "{row}"
     );
 
@@ -862,7 +862,7 @@ async fn a_node_without_a_live_agent_is_never_counted_compliant() {
     let Some(w) = World::new("alive").await else {
         return;
     };
-    let _ctl = Controller::start(
+    let ctl = Controller::start(
         w.cluster,
         &w.lease_ns,
         "alive",
@@ -924,6 +924,30 @@ async fn a_node_without_a_live_agent_is_never_counted_compliant() {
     assert!(
         message.contains(&format!("{} (its agent Pod is not Ready", nodes[0])),
         "{message}"
+    );
+    // What an alert on a node without a live agent reads.
+    let gauge = |state: &str| {
+        ctl.metric(&format!(
+            "loopguard_policy_nodes{{policy=\"{name}\",state=\"{state}\"}}"
+        ))
+    };
+    eventually("the per-policy gauges", Duration::from_secs(15), || async {
+        (gauge("unknown") == 1.0 && gauge("compliant") == 2.0 && gauge("targeted") == 3.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        ctl.metric(&format!(
+            "loopguard_policy_condition{{policy=\"{name}\",condition=\"Compliant\",status=\"False\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        ctl.metric(&format!(
+            "loopguard_build_info{{version=\"{}\",component=\"controller\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
     );
     w.set_agent_ready(&nodes[0], true).await;
     w.wait_status(&name, "green again", |s| {

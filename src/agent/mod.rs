@@ -97,9 +97,28 @@ struct ErrorLabels {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+const COMPLIANCE_STATES: [(api::Compliance, &str); 5] = [
+    (api::Compliance::Compliant, "Compliant"),
+    (api::Compliance::NonCompliant, "NonCompliant"),
+    (api::Compliance::NotApplicable, "NotApplicable"),
+    (api::Compliance::Error, "Error"),
+    (api::Compliance::Unmanaged, "Unmanaged"),
+];
+
 struct Metrics {
     rules_enforced: Gauge,
     compliant: Gauge,
+    /// 1 for the node's compliance now, 0 for the other values.
+    compliance: MetricFamily<StateLabels, Gauge>,
+    /// When the node was last checked successfully (Unix seconds).
+    last_check: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// 1 while drift is noticed from nftables events, 0 while polling.
+    event_driven: Gauge,
     not_converging: Gauge,
     repairs: Counter,
     repair_latency: Histogram,
@@ -120,6 +139,9 @@ impl Metrics {
         let m = Metrics {
             rules_enforced: Gauge::default(),
             compliant: Gauge::default(),
+            compliance: MetricFamily::default(),
+            last_check: Gauge::default(),
+            event_driven: Gauge::default(),
             not_converging: Gauge::default(),
             repairs: Counter::default(),
             repair_latency: buckets(),
@@ -137,8 +159,23 @@ impl Metrics {
         );
         r.register(
             "compliant",
-            "1 when the node is compliant",
+            "1 when the node is compliant (0 also when the rule does not apply: see compliance)",
             m.compliant.clone(),
+        );
+        r.register(
+            "compliance",
+            "1 for the node's compliance now (Compliant, NonCompliant, NotApplicable, Error, Unmanaged), 0 for the others",
+            m.compliance.clone(),
+        );
+        r.register(
+            "last_check_timestamp_seconds",
+            "When the node's chains were last read successfully",
+            m.last_check.clone(),
+        );
+        r.register(
+            "event_driven",
+            "1 while drift is noticed from nftables events, 0 while polling (legacy backend, or events refused)",
+            m.event_driven.clone(),
         );
         r.register(
             "not_converging",
@@ -172,6 +209,7 @@ impl Metrics {
             "Objects skipped because they could not be read (written by a newer loopguard?)",
             m.invalid_objects.clone(),
         );
+        crate::metrics::register_build_info(registry, "agent");
         m
     }
 
@@ -233,6 +271,7 @@ async fn run(args: AgentArgs) -> Result<()> {
     let policy_memo: Memo<Remembered> = Memo::beside(&args.state_file, "policy.json");
     let history_memo: Memo<History> = Memo::beside(&args.state_file, "history.json");
     let mut drift = DriftWatch::new(engine.facts().backend, args.resync);
+    metrics.event_driven.set(drift.event_driven() as i64);
     let (status, latest) = tokio::sync::watch::channel(None);
     let mut agent = Agent {
         node_name: args.node_name.clone(),
@@ -315,6 +354,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         if agent.engine.facts().backend != drift.backend() {
             tracing::warn!(from = %drift.backend(), to = %agent.engine.facts().backend, "the node's iptables backend changed; watching the new one");
             drift = DriftWatch::new(agent.engine.facts().backend, args.resync);
+            agent.metrics.event_driven.set(drift.event_driven() as i64);
         }
         if !synced && is_synced(&policies) && is_synced(&nodes) {
             synced = true;
@@ -342,7 +382,21 @@ async fn run(args: AgentArgs) -> Result<()> {
 impl Agent {
     /// Hands a status to the publisher, stamped with the time the node was checked.
     fn set_status(&mut self, mut status: api::LoopbackNodeStateStatus) {
-        status.last_verified_time = Some(Time(jiff::Timestamp::now()));
+        let now = jiff::Timestamp::now();
+        status.last_verified_time = Some(Time(now));
+        status.agent_version = Some(env!("CARGO_PKG_VERSION").into());
+        for (compliance, state) in COMPLIANCE_STATES {
+            let value = (status.compliance == compliance) as i64;
+            self.metrics
+                .compliance
+                .get_or_create(&StateLabels { state })
+                .set(value);
+        }
+        if status.compliance != api::Compliance::Error {
+            self.metrics
+                .last_check
+                .set(now.as_millisecond() as f64 / 1000.0);
+        }
         self.status.send_replace(Some(status));
     }
 

@@ -78,6 +78,7 @@ pub fn status_from_report(
         repairs: history.repairs,
         last_repair_time: history.last_repair_time.clone(),
         last_verified_time: None,
+        agent_version: None,
     }
 }
 
@@ -310,6 +311,7 @@ mod tests {
                 owned: true,
             }],
             changes: None,
+            dry_run: false,
             applied_at: None,
         }
     }

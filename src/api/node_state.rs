@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
     doc = "A LoopbackNodeState is one node's loopback firewall compliance, reported by its loopguard agent.",
     validation = Rule::new("self.metadata.name == self.spec.nodeName").message("a LoopbackNodeState is named after its node: metadata.name must equal spec.nodeName"),
     printcolumn = r#"{"name": "Compliance", "type": "string", "jsonPath": ".status.compliance"}"#,
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".status.mode"}"#,
     printcolumn = r#"{"name": "Policy", "type": "string", "jsonPath": ".status.policyName"}"#,
     printcolumn = r#"{"name": "Backend", "type": "string", "jsonPath": ".status.backend"}"#,
     printcolumn = r#"{"name": "Repairs", "type": "integer", "jsonPath": ".status.repairs"}"#,
@@ -94,8 +95,9 @@ pub struct LoopbackNodeStateStatus {
     /// The generation of that policy the agent acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_generation: Option<i64>,
-    /// The mode the agent acted in.
+    /// The mode the agent acted in: Enforce or Audit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Mode")]
     pub mode: Option<Mode>,
     /// Compliant, NonCompliant, NotApplicable, Error or Unmanaged.
     pub compliance: Compliance,
@@ -128,4 +130,7 @@ pub struct LoopbackNodeStateStatus {
     /// means no live agent vouches for the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verified_time: Option<Time>,
+    /// The loopguard version of the agent that wrote this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
 }

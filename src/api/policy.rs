@@ -23,9 +23,13 @@ use std::collections::BTreeMap;
     derive = "Default",
     doc = "A LoopbackPolicy makes the selected nodes enforce the IPv6 loopback firewall baseline (CIS 4.4.3.2, PCI-DSS v4 1.4.1) and reports their compliance.",
     printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
-    printcolumn = r#"{"name": "Nodes", "type": "string", "jsonPath": ".status.summary", "description": "Compliant nodes / targeted nodes"}"#,
+    printcolumn = r#"{"name": "Nodes", "type": "string", "jsonPath": ".status.summary", "description": "Compliant nodes / targeted nodes where the rule applies"}"#,
     printcolumn = r#"{"name": "Compliant", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Compliant\")].status"}"#,
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Degraded", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Degraded\")].status"}"#,
+    printcolumn = r#"{"name": "N/A", "type": "integer", "jsonPath": ".status.notApplicableNodes", "description": "Targeted nodes where the CIS rule does not apply", "priority": 1}"#,
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Compliant\")].reason", "priority": 1}"#,
+    printcolumn = r#"{"name": "Message", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Compliant\")].message", "priority": 1}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -176,7 +180,8 @@ pub struct LoopbackPolicyStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// "compliant/targeted", for `kubectl get`.
+    /// "compliant/applicable": compliant nodes of the targeted nodes where the rule applies, for
+    /// `kubectl get` (NotApplicable nodes are left out of both).
     #[serde(default)]
     pub summary: String,
     /// Nodes this policy selects and governs (it wins the priority order on them).

@@ -19,7 +19,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family as MetricFamily;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -80,7 +82,109 @@ struct Metrics {
     reconcile_seconds: Histogram,
     errors: Counter,
     invalid_objects: Counter,
+    /// Per policy: nodes by state (targeted, compliant, ...), from the leader's roll-up.
+    policy_nodes: MetricFamily<PolicyNodes, Gauge>,
+    /// Per policy and condition: 1 for the condition's current status, 0 for the others.
+    policy_condition: MetricFamily<PolicyCondition, Gauge>,
+    /// The policies that have series.
+    policies: std::sync::Mutex<HashSet<String>>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyNodes {
+    policy: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyCondition {
+    policy: String,
+    condition: String,
+    status: &'static str,
+}
+
+impl Metrics {
+    /// The per-policy gauges of one roll-up.
+    fn record(&self, policy: &str, s: &LoopbackPolicyStatus) {
+        let counts = [
+            ("targeted", s.targeted_nodes),
+            ("compliant", s.compliant_nodes),
+            ("non_compliant", s.non_compliant_nodes),
+            ("not_applicable", s.not_applicable_nodes),
+            ("errored", s.errored_nodes),
+            ("pending", s.pending_nodes),
+            ("unknown", s.unknown_nodes),
+            ("overridden", s.overridden_nodes),
+        ];
+        for (state, count) in counts {
+            let labels = PolicyNodes {
+                policy: policy.into(),
+                state,
+            };
+            self.policy_nodes.get_or_create(&labels).set(count.into());
+        }
+        for condition in &s.conditions {
+            for status in STATUSES {
+                let labels = PolicyCondition {
+                    policy: policy.into(),
+                    condition: condition.type_.clone(),
+                    status,
+                };
+                let now = format!("{:?}", condition.status) == status;
+                self.policy_condition.get_or_create(&labels).set(now as i64);
+            }
+        }
+    }
+
+    /// Drops the per-policy series of policies that are gone (all of them when `keep` is empty).
+    fn forget_policies_but(&self, keep: &HashSet<String>) {
+        let gone: HashSet<String> = self
+            .policies
+            .lock()
+            .expect("policies lock")
+            .difference(keep)
+            .cloned()
+            .collect();
+        for policy in &gone {
+            for state in POLICY_STATES {
+                self.policy_nodes.remove(&PolicyNodes {
+                    policy: policy.clone(),
+                    state,
+                });
+            }
+            for condition in CONDITIONS {
+                for status in STATUSES {
+                    self.policy_condition.remove(&PolicyCondition {
+                        policy: policy.clone(),
+                        condition: condition.into(),
+                        status,
+                    });
+                }
+            }
+        }
+        *self.policies.lock().expect("policies lock") = keep.clone();
+    }
+}
+
+const STATUSES: [&str; 3] = ["True", "False", "Unknown"];
+const CONDITIONS: [&str; 6] = [
+    "Compliant",
+    "Ready",
+    "Progressing",
+    "Reconciling",
+    "Degraded",
+    "Stalled",
+];
+const POLICY_STATES: [&str; 8] = [
+    "targeted",
+    "compliant",
+    "non_compliant",
+    "not_applicable",
+    "errored",
+    "pending",
+    "unknown",
+    "overridden",
+];
 
 impl Metrics {
     fn register(registry: &mut Registry) -> Metrics {
@@ -91,6 +195,9 @@ impl Metrics {
             reconcile_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
             errors: Counter::default(),
             invalid_objects: Counter::default(),
+            policy_nodes: MetricFamily::default(),
+            policy_condition: MetricFamily::default(),
+            policies: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("loopguard_controller");
         r.register(
@@ -115,6 +222,18 @@ impl Metrics {
             "Objects skipped because they could not be read (written by a newer loopguard?)",
             m.invalid_objects.clone(),
         );
+        let p = registry.sub_registry_with_prefix("loopguard_policy");
+        p.register(
+            "nodes",
+            "Nodes of a policy by state (targeted, compliant, non_compliant, not_applicable, errored, pending, unknown: no live agent, overridden); set by the leader",
+            m.policy_nodes.clone(),
+        );
+        p.register(
+            "condition",
+            "1 for the current status of each condition of a policy, 0 for the others; set by the leader",
+            m.policy_condition.clone(),
+        );
+        metrics::register_build_info(registry, "controller");
         m
     }
 }
@@ -293,6 +412,7 @@ async fn reconcile_all(ctx: &mut Context) {
     let repairs = new_repairs(&mut ctx.repairs_seen, &states);
     if !ctx.leadership.is_leader() {
         ctx.written.clear();
+        ctx.metrics.forget_policies_but(&HashSet::new());
         return;
     }
     tell_invalid(ctx).await;
@@ -334,6 +454,7 @@ async fn reconcile_all(ctx: &mut Context) {
             &now,
             ctx.settings,
         );
+        ctx.metrics.record(&policy.name_any(), &status);
         let uid = policy.uid().unwrap_or_default();
         let unchanged =
             policy.status.as_ref() == Some(&status) || ctx.written.get(&uid) == Some(&status);
@@ -366,6 +487,12 @@ async fn reconcile_all(ctx: &mut Context) {
     }
     let live: Vec<String> = policies.iter().filter_map(|p| p.uid()).collect();
     ctx.written.retain(|uid, _| live.contains(uid));
+    let current: HashSet<String> = policies
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| p.name_any())
+        .collect();
+    ctx.metrics.forget_policies_but(&current);
 }
 
 /// Records a Warning Event on each object that could not be read, once per version.
