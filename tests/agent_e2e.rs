@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use support::cluster::{Cluster, eventually};
 use support::deploy::{self, chain, delete_and_time_repair, in_node, save};
 use support::netns::scanner_passes;
+use support::prometheus::{Prometheus, Target};
 
 const NS: &str = "loopguard-system";
 const ACCEPT_IN: &str = "-A INPUT -i lo -j ACCEPT";
@@ -144,6 +145,10 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         ],
     );
     deploy::wait_agents_ready(&client, NS, &names).await;
+    // A real Prometheus scrapes every agent and controller from here to the end of the checks of
+    // the metrics, as the chart's ServiceMonitor would (with a `node` label).
+    let scrape_start = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+    let (prometheus, targets) = start_prometheus(&client, &names).await;
 
     // A policy: Compliant, with the IPv6-off node NotApplicable.
     let policies: Api<LoopbackPolicy> = Api::all(client.clone());
@@ -447,6 +452,76 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         "{per_node} writes per node in 40 s: only heartbeats expected"
     );
 
+    // Metrics made for alerting: NotApplicable is not non-compliant, polling shows, checks are recent.
+    let metrics = |node: &str| node_http(node, "/metrics");
+    let no_ipv6 = metrics(&n.no_ipv6);
+    assert_eq!(
+        metric(
+            &no_ipv6,
+            "loopguard_agent_compliance{state=\"NotApplicable\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &no_ipv6,
+            "loopguard_agent_compliance{state=\"NonCompliant\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric(&metrics(&n.nft), "loopguard_agent_event_driven"),
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics(&n.legacy), "loopguard_agent_event_driven"),
+        0.0
+    );
+    let checked = metric(
+        &metrics(&n.nft),
+        "loopguard_agent_last_check_timestamp_seconds",
+    );
+    let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+    assert!(
+        (now - checked).abs() < 10.0,
+        "last check {checked}, now {now}"
+    );
+    assert!(metrics(&n.nft).contains("loopguard_build_info{version="));
+
+    // Every query of the chart's alerts and dashboard, run by the Prometheus that has scraped the
+    // agents and controllers since before the policy existed, returns series.
+    let queries = support::prometheus::queries();
+    let started = Instant::now();
+    loop {
+        let empty: Vec<&(String, String)> = queries
+            .iter()
+            .filter(|(_, expr)| prometheus.query(expr).is_empty())
+            .collect();
+        if empty.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "queries without series: {empty:?}; errors: {:?}",
+            empty
+                .iter()
+                .filter_map(|(_, e)| prometheus.error(e))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!(
+        "{} alert and dashboard queries return series from a real Prometheus scraping {} targets",
+        queries.len(),
+        targets
+    );
+    dashboard_preview(&prometheus, scrape_start);
+    drop(prometheus);
+
+    // The auditor's evidence: `loopguard report` with the user's kubeconfig, in every format; the
+    // HTML page rendered by headless Chromium shows the cluster's numbers.
+    evidence_report(&cluster, &client).await;
+
     // The API server is down for 30 s while a rule is deleted: repaired anyway; status right after.
     let repairs_before = state(&client, &n.nft).await.unwrap().repairs;
     cluster.stop_apiserver();
@@ -613,4 +688,213 @@ fn node_http(node: &str, path: &str) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `loopguard report` against the cluster and checks it against the node states.
+/// Prometheus with every agent (port 9742 of its node) and both controllers (port 8080 of their
+/// pod's network namespace) as targets; returns it and the number of targets.
+async fn start_prometheus(client: &Client, names: &[String]) -> (Prometheus, usize) {
+    let mut targets: Vec<Target> = names
+        .iter()
+        .map(|node| Target {
+            netns: node.clone(),
+            port: 9742,
+            labels: vec![("node".into(), node.clone())],
+        })
+        .collect();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let controllers = eventually(
+        "two controller pods running",
+        Duration::from_secs(120),
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+                .await
+                .ok()?;
+            let running: Vec<Pod> = list
+                .items
+                .into_iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .collect();
+            (running.len() == 2).then_some(running)
+        },
+    )
+    .await;
+    for pod in controllers {
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap();
+        let uid = pod.uid().unwrap();
+        targets.push(Target {
+            netns: format!("{node}-p{}", &uid[..8]),
+            port: 8080,
+            labels: vec![("node".into(), node), ("pod".into(), pod.name_any())],
+        });
+    }
+    let count = targets.len();
+    (Prometheus::start(&targets), count)
+}
+
+/// The chart's dashboard, drawn from what Prometheus scraped during the test, in Chromium: every
+/// panel shows data. The screenshot is kept beside the report's (docs/dashboard.png is a copy).
+fn dashboard_preview(prometheus: &Prometheus, since: f64) {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(support::prometheus::repo_file(
+            "charts/loopguard/dashboards/loopguard.json",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+    let preview = support::dashboard::preview(&dashboard, prometheus, since, now);
+    let empty: Vec<&str> = preview
+        .panels
+        .iter()
+        .filter(|p| p.series == 0)
+        .map(|p| p.title.as_str())
+        .collect();
+    assert!(empty.is_empty(), "dashboard panels without data: {empty:?}");
+    let (dom, screenshot) = in_chromium(&preview.html, "dashboard", "1600,1500");
+    assert_eq!(
+        dom.matches("class=\"panel\"").count(),
+        preview.panels.len(),
+        "every panel on the page"
+    );
+    assert!(!dom.contains("no data"));
+    println!(
+        "dashboard preview ({} panels) rendered by Chromium: {}",
+        preview.panels.len(),
+        screenshot.display()
+    );
+}
+
+/// Where screenshots are kept: $LOOPGUARD_ARTIFACTS, else the target folder's artifacts/.
+fn artifacts() -> std::path::PathBuf {
+    let dir = std::env::var_os("LOOPGUARD_ARTIFACTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(
+                &std::env::var("CARGO_TARGET_DIR")
+                    .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").into()),
+            )
+            .join("artifacts")
+        });
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Renders `html` in Chromium at `size`: keeps the screenshot as artifacts/`name`.png, returns the
+/// DOM as the browser built it, and the screenshot's path.
+fn in_chromium(html: &str, name: &str, size: &str) -> (String, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join(format!("{name}.html"));
+    std::fs::write(&page, html).unwrap();
+    let screenshot = artifacts().join(format!("{name}.png"));
+    let shot = chromium(
+        dir.path(),
+        &page,
+        &[&format!("--screenshot={}", screenshot.display())],
+        size,
+    );
+    assert!(
+        screenshot.metadata().is_ok_and(|m| m.len() > 10_000),
+        "no screenshot: {shot:?}"
+    );
+    let dom = chromium(dir.path(), &page, &["--dump-dom"], size);
+    (String::from_utf8(dom.stdout).unwrap(), screenshot)
+}
+
+/// Headless Chromium (Debian's package; hack/test.sh installs it) on a local page.
+fn chromium(
+    profile: &std::path::Path,
+    page: &std::path::Path,
+    extra: &[&str],
+    size: &str,
+) -> std::process::Output {
+    std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--window-size={size}"))
+        .arg(format!(
+            "--user-data-dir={}",
+            profile.join("profile").display()
+        ))
+        .args(extra)
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("chromium (Debian's package; hack/test.sh installs it)")
+}
+
+async fn evidence_report(cluster: &Cluster, client: &Client) {
+    let report = |format: &str| {
+        let out = std::process::Command::new(deploy::BIN)
+            .args(["report", "--output", format])
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "report {format}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let states: Vec<LoopbackNodeState> = Api::<LoopbackNodeState>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let count = |c: Compliance| {
+        states
+            .iter()
+            .filter(|s| s.status.as_ref().map(|s| s.compliance) == Some(c))
+            .count()
+    };
+    let json: serde_json::Value = serde_json::from_str(&report("json")).unwrap();
+    assert_eq!(
+        json["rule"]["id"],
+        "xccdf_org.ssgproject.content_rule_set_ipv6_loopback_traffic"
+    );
+    assert_eq!(json["summary"]["nodes"], states.len());
+    assert_eq!(json["summary"]["compliant"], count(Compliance::Compliant));
+    assert_eq!(
+        json["summary"]["notApplicable"],
+        count(Compliance::NotApplicable)
+    );
+    for node in json["nodes"].as_array().unwrap() {
+        let state = states
+            .iter()
+            .find(|s| s.name_any() == node["node"].as_str().unwrap())
+            .unwrap();
+        let status = state.status.as_ref().unwrap();
+        assert_eq!(node["verdict"], format!("{:?}", status.compliance));
+        assert_eq!(node["repairs"], status.repairs);
+        assert_eq!(node["agentVersion"], env!("CARGO_PKG_VERSION"));
+    }
+    let csv = report("csv");
+    assert_eq!(csv.lines().count(), states.len() + 1, "{csv}");
+    let table = report("table");
+    assert!(
+        table.contains("NODE") && table.contains("VERDICT"),
+        "{table}"
+    );
+
+    // The HTML page in a real browser: its numbers are the cluster's.
+    let (dom, screenshot) = in_chromium(&report("html"), "report", "1280,1400");
+    let shown = |id: &str| -> usize {
+        let marker = format!("id=\"count-{id}\">");
+        let at = dom
+            .find(&marker)
+            .unwrap_or_else(|| panic!("no {id} on the page"))
+            + marker.len();
+        dom[at..].split('<').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(shown("nodes"), states.len());
+    assert_eq!(shown("compliant"), count(Compliance::Compliant));
+    assert_eq!(shown("not-applicable"), count(Compliance::NotApplicable));
+    assert_eq!(shown("errored"), count(Compliance::Error));
+    println!("report rendered by Chromium: {}", screenshot.display());
 }

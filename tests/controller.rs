@@ -33,7 +33,7 @@ impl Controller {
         identity: &str,
         extra: &[&str],
     ) -> Controller {
-        let port = free_port();
+        let port = support::free_port();
         let mut cmd = Command::new(BIN);
         cmd.args([
             "controller",
@@ -88,14 +88,6 @@ impl Drop for Controller {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One test's world: a client, a label that marks its nodes, and a Lease namespace.

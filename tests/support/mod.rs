@@ -1,11 +1,22 @@
 //! Shared support for the integration tests.
 
 pub mod cluster;
+pub mod dashboard;
 pub mod deploy;
 pub mod netns;
+pub mod prometheus;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 /// Runs `command` to its end, feeding it `stdin` (else no stdin), and returns what it printed.
 pub fn output(mut command: Command, stdin: Option<&str>) -> Output {

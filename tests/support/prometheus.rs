@@ -1,0 +1,258 @@
+//! A real Prometheus (hack/build-prometheus.sh) scraping loopguard's metrics endpoints inside the
+//! network namespaces of hollow nodes and pods, and the queries of the chart's alerts and dashboard.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The bin folder with `prometheus` and `promtool` (built on first use).
+pub fn bin_dir() -> PathBuf {
+    let out = super::run(
+        Command::new(format!("{REPO}/hack/build-prometheus.sh")),
+        None,
+    );
+    PathBuf::from(out.lines().last().expect("bin dir").trim())
+}
+
+/// The helm the control plane build pinned.
+pub fn helm() -> PathBuf {
+    let out = super::run(
+        {
+            let mut c = Command::new(format!("{REPO}/hack/build-control-plane.sh"));
+            c.arg("--check");
+            c
+        },
+        None,
+    );
+    PathBuf::from(out.trim()).join("helm")
+}
+
+/// The chart rendered with `sets`, only `template` (for example `templates/prometheusrule.yaml`).
+pub fn render(template: &str, sets: &[&str]) -> String {
+    let mut helm = Command::new(helm());
+    helm.args(["template", "loopguard", &format!("{REPO}/charts/loopguard")])
+        .args(["--show-only", template]);
+    for set in sets {
+        helm.args(["--set", set]);
+    }
+    super::run(helm, None)
+}
+
+/// The alerting rules of the chart's PrometheusRule, as a Prometheus rule file's `groups`.
+pub fn alert_groups() -> Value {
+    let rendered = render(
+        "templates/prometheusrule.yaml",
+        &["prometheusRule.enabled=true"],
+    );
+    let rule: Value = serde_saphyr::from_str(&rendered).expect("PrometheusRule YAML");
+    rule["spec"]["groups"].clone()
+}
+
+/// Every query a user's Prometheus runs for loopguard: each alert's query (its expression without
+/// the final comparison) and each dashboard target, with where it comes from.
+pub fn queries() -> Vec<(String, String)> {
+    let mut all = Vec::new();
+    for group in alert_groups().as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            let expr = rule["expr"].as_str().expect("expr");
+            all.push((
+                format!("alert {}", rule["alert"].as_str().unwrap()),
+                alert_query(expr).to_string(),
+            ));
+        }
+    }
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{REPO}/charts/loopguard/dashboards/loopguard.json"))
+            .expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            all.push((
+                format!("panel {}", panel["title"].as_str().unwrap()),
+                target["expr"].as_str().expect("expr").to_string(),
+            ));
+        }
+    }
+    all
+}
+
+/// `(query) <op> <threshold>` → `query`: what must return series on a live cluster even when
+/// nothing is wrong (the comparison then filters them out).
+pub fn alert_query(expr: &str) -> &str {
+    let open = expr.find('(').expect("an alert expression starts with (");
+    let mut depth = 0;
+    for (i, c) in expr.char_indices().skip(open) {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &expr[open + 1..i];
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced alert expression {expr}")
+}
+
+/// A metrics endpoint inside a network namespace, with the labels a ServiceMonitor would give it.
+pub struct Target {
+    pub netns: String,
+    pub port: u16,
+    pub labels: Vec<(String, String)>,
+}
+
+/// Prometheus scraping `targets` every second, through relays from the host into each namespace.
+pub struct Prometheus {
+    server: Child,
+    relays: Vec<Child>,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub fn start(targets: &[Target]) -> Prometheus {
+        let bin = bin_dir();
+        let dir = tempfile::tempdir().unwrap();
+        let mut relays = Vec::new();
+        let mut scrape = String::new();
+        for target in targets {
+            let port = super::free_port();
+            let relay = Command::new("socat")
+                .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
+                .arg(format!(
+                    "EXEC:nsenter --net=/run/netns/{} socat STDIO TCP\\:127.0.0.1\\:{}",
+                    target.netns, target.port
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("socat relay");
+            relays.push(relay);
+            let labels: Vec<String> = target
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}: {v:?}"))
+                .collect();
+            scrape.push_str(&format!(
+                "      - targets: ['127.0.0.1:{port}']\n        labels: {{{}}}\n",
+                labels.join(", ")
+            ));
+        }
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: loopguard\n    static_configs:\n{scrape}"
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let port = super::free_port();
+        let server = Command::new(bin.join("prometheus"))
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus");
+        let prometheus = Prometheus {
+            server,
+            relays,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        prometheus.wait_targets_up(targets.len());
+        prometheus
+    }
+
+    fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
+        let mut curl = Command::new("curl");
+        curl.args([
+            "-sf",
+            "--max-time",
+            "10",
+            "-G",
+            &format!("{}{path}", self.url),
+        ]);
+        for (k, v) in query {
+            curl.args(["--data-urlencode", &format!("{k}={v}")]);
+        }
+        let out = curl.output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn wait_targets_up(&self, count: usize) {
+        let started = Instant::now();
+        loop {
+            let up = self.query("up == 1");
+            if up.len() == count {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} of {count} targets up: {:?}",
+                up.len(),
+                self.get("/api/v1/targets", &[])
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The result vector of an instant query (empty on error).
+    pub fn query(&self, expr: &str) -> Vec<Value> {
+        let answer = self.get("/api/v1/query", &[("query", expr)]);
+        answer["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The series of a range query over `[start, end]` (Unix seconds), `step` seconds apart.
+    pub fn query_range(&self, expr: &str, start: f64, end: f64, step: f64) -> Vec<Value> {
+        let answer = self.get(
+            "/api/v1/query_range",
+            &[
+                ("query", expr),
+                ("start", &format!("{start:.3}")),
+                ("end", &format!("{end:.3}")),
+                ("step", &format!("{step:.3}")),
+            ],
+        );
+        answer["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The error Prometheus gives for `expr`, if any.
+    pub fn error(&self, expr: &str) -> Option<String> {
+        let answer = self.get("/api/v1/query", &[("query", expr)]);
+        (answer["status"] != "success").then(|| answer.to_string())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        for relay in &mut self.relays {
+            let _ = relay.kill();
+            let _ = relay.wait();
+        }
+    }
+}
+
+/// The path of a file of this repository.
+pub fn repo_file(path: &str) -> PathBuf {
+    Path::new(REPO).join(path)
+}
