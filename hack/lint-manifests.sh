@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Security and style scanners for what loopguard ships: checkov on the rendered chart (default values,
-# and every optional object switched on) and on the Dockerfile; hadolint on the Dockerfile.
+# and every optional object and hook switched on) and on the Dockerfile; hadolint on the Dockerfile.
 #
 #   hack/lint-manifests.sh
 #
@@ -67,9 +67,17 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir "$work/default" "$work/everything"
 hack/render-manifests.sh --stdout >"$work/default/loopguard.yaml"
-hack/render-manifests.sh --stdout \
-  --set serviceMonitor.enabled=true --set defaultPolicy.enabled=true \
+# Every optional object, and the hooks (uninstall Jobs, the `helm test` Pod) the plain manifests leave out.
+helm="${HELM:-$(hack/build-control-plane.sh --check 2>/dev/null)/helm}"
+"$helm" template loopguard charts/loopguard --namespace loopguard-system \
+  --set serviceMonitor.enabled=true --set prometheusRule.enabled=true \
+  --set grafanaDashboard.enabled=true --set defaultPolicy.enabled=true \
+  --set agent.priorityClassQuota.enabled=true \
   --set image.digest="sha256:$(printf '0%.0s' {1..64})" >"$work/everything/loopguard.yaml"
+grep -q 'helm.sh/hook: test' "$work/everything/loopguard.yaml" || {
+  log "the rendering with every option lacks the helm test hook: is $helm the chart's helm?"
+  exit 2
+}
 
 failed=0
 

@@ -124,6 +124,196 @@ fn chart_and_image_carry_the_product_version() {
             .any(|l| l.trim() == format!("ARG VERSION={version}")),
         "the Dockerfile's `ARG VERSION=` follows Cargo.toml ({version})"
     );
+    // Artifact Hub: the image it lists is this version's, and the chart ships the licence it names.
+    let images: Value = serde_saphyr::from_str(
+        chart["annotations"]["artifacthub.io/images"]
+            .as_str()
+            .expect("artifacthub.io/images"),
+    )
+    .expect("artifacthub.io/images parses");
+    assert_eq!(
+        images[0]["image"],
+        format!("ghcr.io/loopguard/loopguard:{version}")
+    );
+    assert_eq!(
+        chart["annotations"]["artifacthub.io/license"],
+        env!("CARGO_PKG_LICENSE")
+    );
+    let license = std::fs::read_to_string(Path::new(REPO).join("LICENSE")).expect("LICENSE");
+    assert!(license.contains("Apache License") && license.contains("Version 2.0"));
+    assert_eq!(
+        std::fs::read_to_string(Path::new(CHART).join("LICENSE")).expect("the chart's LICENSE"),
+        license,
+        "charts/loopguard/LICENSE is a copy of LICENSE"
+    );
+}
+
+/// The values a platform team sets on a real cluster reach the objects: labels on every object,
+/// environment and volumes on both components, ServiceAccount annotations, the priority-class quota.
+#[test]
+fn platform_values_reach_every_object() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    let mut sets: Vec<String> = [
+        "commonLabels.team=platform-security",
+        "agent.priorityClassQuota.enabled=true",
+        "prometheusRule.enabled=true",
+        "serviceMonitor.enabled=true",
+        "grafanaDashboard.enabled=true",
+        "defaultPolicy.enabled=true",
+    ]
+    .map(String::from)
+    .to_vec();
+    for c in ["controller", "agent"] {
+        sets.extend([
+            format!("{c}.extraEnv[0].name=HTTPS_PROXY"),
+            format!("{c}.extraEnv[0].value=http://proxy:3128"),
+            format!("{c}.extraVolumes[0].name=ca"),
+            format!("{c}.extraVolumes[0].configMap.name=corp-ca"),
+            format!("{c}.extraVolumeMounts[0].name=ca"),
+            format!("{c}.extraVolumeMounts[0].mountPath=/etc/corp-ca"),
+            format!("{c}.serviceAccount.annotations.iam\\.example/role={c}"),
+        ]);
+    }
+    let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s.as_str()]).collect();
+    let rendered = template(cluster, "lgvals", "loopguard-system", &args);
+    let docs = documents(&rendered);
+    assert!(docs.len() > 20, "{} objects", docs.len());
+    for doc in &docs {
+        assert_eq!(
+            doc["metadata"]["labels"]["team"], "platform-security",
+            "{} {} lacks commonLabels",
+            doc["kind"], doc["metadata"]["name"]
+        );
+    }
+    for kind in ["Deployment", "DaemonSet"] {
+        let workload = docs.iter().find(|d| d["kind"] == kind).expect(kind);
+        let pod = &workload["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert!(
+            container["env"]
+                .as_array()
+                .expect("env")
+                .iter()
+                .any(|e| e["name"] == "HTTPS_PROXY" && e["value"] == "http://proxy:3128"),
+            "{kind}: {}",
+            container["env"]
+        );
+        assert!(
+            container["volumeMounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .any(|m| m["name"] == "ca" && m["mountPath"] == "/etc/corp-ca"),
+            "{kind}"
+        );
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .expect("volumes")
+                .iter()
+                .any(|v| v["name"] == "ca" && v["configMap"]["name"] == "corp-ca"),
+            "{kind}"
+        );
+    }
+    let accounts: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ServiceAccount")
+        .filter(|d| d["metadata"]["annotations"]["iam.example/role"].is_string())
+        .collect();
+    assert_eq!(
+        accounts
+            .iter()
+            .map(|a| a["metadata"]["annotations"]["iam.example/role"]
+                .as_str()
+                .unwrap())
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from(["agent", "controller"])
+    );
+    let quota = docs
+        .iter()
+        .find(|d| d["kind"] == "ResourceQuota")
+        .expect("the priority-class quota");
+    assert_eq!(
+        quota["spec"]["scopeSelector"]["matchExpressions"][0]["values"][0],
+        "system-node-critical"
+    );
+    assert_eq!(quota["metadata"]["namespace"], "loopguard-system");
+}
+
+/// Installing into a namespace whose Pod Security level would reject the agent fails at once,
+/// saying how to fix it, instead of leaving a DaemonSet that never creates a pod.
+#[tokio::test]
+async fn a_namespace_that_rejects_privileged_pods_fails_the_install() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    cluster.install_crds();
+    let client = cluster.client().await;
+    let namespace = cluster.namespace(&client, "chart-psa").await;
+    let kubeconfig = cluster.kubeconfig();
+    let install = |extra: &[&str]| {
+        let mut helm = helm(cluster);
+        helm.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "install",
+                "lgpsa",
+                CHART,
+                "--dry-run=server",
+                "--namespace",
+                &namespace,
+            ])
+            .args(extra);
+        output(helm, None)
+    };
+    let label = |level: &str| {
+        cluster.kubectl_ok(
+            &[
+                "label",
+                "namespace",
+                &namespace,
+                &format!("pod-security.kubernetes.io/enforce={level}"),
+                "--overwrite",
+            ],
+            None,
+        );
+    };
+
+    let out = install(&[]);
+    assert!(
+        out.status.success(),
+        "no Pod Security label: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for level in ["baseline", "restricted"] {
+        label(level);
+        let out = install(&[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "enforce={level} was accepted");
+        assert!(
+            stderr.contains(&format!("enforces Pod Security \"{level}\""))
+                && stderr.contains(&format!(
+                    "kubectl label namespace {namespace} pod-security.kubernetes.io/enforce=privileged"
+                )),
+            "{stderr}"
+        );
+        let out = install(&["--set", "podSecurity.skipCheck=true"]);
+        assert!(
+            out.status.success(),
+            "skipCheck: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    label("privileged");
+    let out = install(&[]);
+    assert!(
+        out.status.success(),
+        "enforce=privileged: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    delete_namespace(&client, &namespace).await;
 }
 
 /// Every value in values.yaml has a row in the chart README's table (or a parent key has).
@@ -370,9 +560,12 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
     let namespace = cluster.namespace(&client, "chart-dry").await;
     let release = unique_name("lgdry");
     // Every optional object but the ServiceMonitor (its CRD belongs to the Prometheus Operator).
+    // The `helm test` Pod names a ServiceAccount a dry run does not create; the hollow-node test
+    // runs it.
     let variants: [&[&str]; 2] = [
-        &[],
+        &["--skip-tests"],
         &[
+            "--skip-tests",
             "--set",
             "defaultPolicy.enabled=true",
             "--set",
@@ -640,6 +833,7 @@ async fn the_chart_runs_on_hollow_nodes() {
     let policy_name = unique_name("chart-default");
 
     let options = deploy::iptables_hosts(cluster, "chart", 3, ("loopguard.test/chart", &run_label));
+    let logs = options.state_dir.join("logs");
     let hollow = cluster.start_nodes(options).await;
     let node_names: Vec<String> = hollow.node_names().map(str::to_owned).collect();
 
@@ -729,6 +923,46 @@ async fn the_chart_runs_on_hollow_nodes() {
                 && rules.iter().any(|r| r == "-A INPUT -s ::1/128 -j DROP"),
             "{node}: {rules:?}"
         );
+    }
+
+    // `helm test`: its Pod (applied with the rest, and failed then, before any agent reported) run
+    // again now, finds a recent report from every node the agents cover.
+    let test_pod = documents(&rendered)
+        .into_iter()
+        .find(|d| d["kind"] == "Pod")
+        .expect("the helm test Pod");
+    let test_pod_name = test_pod["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_owned();
+    cluster.kubectl_ok(
+        &[
+            "delete",
+            "pod",
+            "--ignore-not-found",
+            "-n",
+            &namespace,
+            &test_pod_name,
+        ],
+        None,
+    );
+    // A hollow node appends a container's output to this file (there is no `kubectl logs`).
+    let log_file = logs.join(format!("{namespace}_{test_pod_name}_check.log"));
+    let _ = std::fs::remove_file(&log_file);
+    cluster.kubectl_ok(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&serde_json::to_string(&test_pod).expect("json")),
+    );
+    let phase = eventually("the helm test Pod to finish", TIMEOUT, || async {
+        let phase = pods.get(&test_pod_name).await.ok()?.status?.phase?;
+        matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+    })
+    .await;
+    let log = std::fs::read_to_string(&log_file).expect("the helm test Pod's output");
+    assert_eq!(phase, "Succeeded", "helm test:\n{log}");
+    assert!(log.contains(" 3 nodes: 3 compliant,"), "{log}");
+    for node in &node_names {
+        assert!(log.contains(node.as_str()), "{node} in:\n{log}");
     }
 
     // `helm template` renders the uninstall hooks too, and kubectl applied them: they ran, saw

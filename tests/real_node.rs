@@ -281,6 +281,28 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
     let state = states.get(NODE).await.unwrap().status.unwrap();
     assert_eq!(state.backend.as_deref(), Some("iptables-nft"));
 
+    // helm test: every node the agents cover has a recent report (the test Pod runs where the
+    // controller runs, on the hollow node; a hollow node keeps no logs for `--logs`).
+    let tested = Instant::now();
+    let out = helm(
+        &cluster,
+        &[
+            "test",
+            deploy::RELEASE,
+            "--namespace",
+            NS,
+            "--timeout",
+            "2m",
+        ],
+    );
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Phase:") && l.trim_end().ends_with("Succeeded")),
+        "{out}"
+    );
+    println!("helm test: {:?}", tested.elapsed());
+
     // helm upgrade with a changed value: the DaemonSet rolls, and the rules never go away.
     let old = pod.name_any();
     let sampler = Sampler::start();

@@ -33,6 +33,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: loopguard
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Selector labels of one component: call with (dict "ctx" $ "component" "agent"). */}}
@@ -93,4 +96,13 @@ readinessProbe:
     port: metrics
   periodSeconds: 5
   failureThreshold: 3
+{{- end }}
+
+{{/* A label map as a label selector string: k1=v1,k2=v2 (sorted). */}}
+{{- define "loopguard.labelSelector" -}}
+{{- $pairs := list }}
+{{- range $k, $v := . }}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end }}
