@@ -334,7 +334,7 @@ pub fn run_node(command: NodeCommand) -> Result<ExitCode> {
 async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration) -> Result<()> {
     let mut shutdown = crate::runtime::shutdown_signal()?;
     // Subscribe before the first pass so that no change after it goes unseen.
-    let mut drift = DriftWatch::new(engine.facts().backend, resync);
+    let mut drift = DriftWatch::new(&mut engine, resync);
     let mut convergence = Convergence::default();
     let first = run_pass(
         &mut engine,
@@ -376,7 +376,7 @@ async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration
                 reason = %engine.facts().backend_reason,
                 "the node's iptables backend changed; watching the new one"
             );
-            drift = DriftWatch::new(engine.facts().backend, resync);
+            drift = DriftWatch::new(&mut engine, resync);
         }
     }
     tracing::info!("stopping; the rules stay in place");

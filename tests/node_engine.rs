@@ -345,8 +345,9 @@ fn held_xtables_lock_makes_enforce_wait_then_fail(backend: &'static str) {
 
 fn watch_repairs_a_deleted_rule(backend: &'static str) {
     let node = Node::new("watch", backend);
+    // A resync far away: the repair must come from nft events or the legacy probe.
     let mut child = node
-        .loopguard_command("watch", &["--output", "json", "--resync", "0.5"])
+        .loopguard_command("watch", &["--output", "json", "--resync", "30"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -368,19 +369,25 @@ fn watch_repairs_a_deleted_rule(backend: &'static str) {
     }
     let repaired_in = deleted.elapsed();
     eprintln!("{backend}: rule back after {repaired_in:?}");
-    if backend == "nft" {
-        // Event driven: far below the 0.5 s resync poll.
-        assert!(
-            repaired_in < Duration::from_millis(400),
-            "nft repair took {repaired_in:?}"
-        );
-    }
+    assert!(
+        repaired_in < Duration::from_secs(2),
+        "{backend} repair took {repaired_in:?}"
+    );
 
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("repaired drift"), "{stderr}");
+    let trigger = match backend {
+        "nft" => "after the nft event",
+        _ => "after the legacy table change",
+    };
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("repaired drift") && l.contains(trigger)),
+        "repaired {trigger}: {stderr}"
+    );
     assert_eq!(
         node.chain("INPUT"),
         vec![ACCEPT_IN, DROP_SRC],
@@ -496,6 +503,65 @@ fn backend_is_detected_like_iptables_wrappers() {
         detect(&node.ns)["backend"],
         "iptables-nft",
         "kubelet's hint chain in nft wins"
+    );
+}
+
+/// Backend detection runs again only where its inputs changed: the nft part when the nftables
+/// ruleset generation moves, the legacy part (a full `*-legacy-save`) when a legacy table's shape
+/// does; otherwise a resync costs no detection at all.
+#[test]
+fn backend_detection_runs_again_only_when_its_inputs_change() {
+    let node = Node::new("detect-once", "nft");
+    node.ns.restore(
+        "ip6tables",
+        "legacy",
+        "*filter\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n",
+    );
+    let name = node.ns.name.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let detector = std::thread::spawn(move || {
+        loopguard::node::netns::enter(&name).unwrap();
+        let mut detector = loopguard::node::facts::Detector::default();
+        let mut runs = Vec::new();
+        for step in rx {
+            let (backend, _) = detector.detect();
+            runs.push((step, backend, detector.nft_runs, detector.legacy_runs));
+            done_tx.send(()).unwrap();
+        }
+        runs
+    });
+    let step = |name: &'static str| {
+        tx.send(name).unwrap();
+        done_rx.recv().unwrap();
+    };
+    step("first");
+    step("nothing changed");
+    step("nothing changed again");
+    node.ns.restore(
+        "ip6tables",
+        "legacy",
+        "*filter\n-A INPUT -p tcp --dport 23 -j ACCEPT\nCOMMIT\n",
+    );
+    step("a legacy rule more");
+    node.ns
+        .restore("iptables", "nft", "*filter\n:SOMETHING - [0:0]\nCOMMIT\n");
+    step("an nft change");
+    drop(tx);
+    let runs = detector.join().unwrap();
+    let summary: Vec<(&str, String, u64, u64)> = runs
+        .into_iter()
+        .map(|(s, b, n, l)| (s, b.to_string(), n, l))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("first", "iptables-legacy".to_string(), 1, 1),
+            ("nothing changed", "iptables-legacy".to_string(), 1, 1),
+            ("nothing changed again", "iptables-legacy".to_string(), 1, 1),
+            ("a legacy rule more", "iptables-legacy".to_string(), 1, 2),
+            ("an nft change", "iptables-legacy".to_string(), 2, 2),
+        ]
     );
 }
 
@@ -727,12 +793,22 @@ fn a_fight_ends_without_piling_up_rules(backend: &'static str) {
     assert_eq!(node.copies("INPUT", "-s ::1/128 -j DROP"), 1);
     let most = most.load(Ordering::SeqCst);
     assert!(most <= 1, "INPUT held {most} DROPs at once");
-    assert!(
-        restores <= 12,
-        "{restores} restores in 10 s: the fight was not damped"
-    );
     let (clean, log) = watch.stop();
     assert!(clean, "{log}");
+    // Every write is a logged repair (the legacy watch writes in process, without a restore).
+    let repairs = log.lines().filter(|l| l.contains("repaired drift")).count();
+    eprintln!("{backend}: {repairs} repairs logged");
+    assert!(
+        repairs <= 13,
+        "{repairs} repairs in 10 s of fighting and the one after: the fight was not damped"
+    );
+    match backend {
+        "nft" => assert!(
+            restores <= 12,
+            "{restores} restores in 10 s: the fight was not damped"
+        ),
+        _ => assert_eq!(restores, 0, "the legacy watch repairs in process"),
+    }
     assert!(
         log.contains("not converging") && log.contains("-s ::1/128 -j DROP inserted"),
         "the log names what kept changing:\n{log}"
@@ -834,7 +910,10 @@ fn a_foreign_writer_never_loses_a_rule(backend: &'static str) {
     while started.elapsed() < Duration::from_secs(6) {
         for cmd in ["enforce", "cleanup"] {
             let (code, report) = node.json(cmd, &[]);
-            assert_eq!(code, 0, "{cmd}: {report}");
+            // The writer may put its rule between the ACCEPT and the DROP right after enforce
+            // wrote them: enforce then says, with exit 1, that the node is still not compliant.
+            let expected: &[i32] = if cmd == "enforce" { &[0, 1] } else { &[0] };
+            assert!(expected.contains(&code), "{cmd} exited {code}: {report}");
         }
         rounds += 1;
     }

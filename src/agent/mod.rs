@@ -250,7 +250,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         wait: Duration::from_secs(args.wait),
         ..EngineConfig::default()
     };
-    let engine = tokio::task::spawn_blocking(move || Engine::unchecked(config))
+    let mut engine = tokio::task::spawn_blocking(move || Engine::unchecked(config))
         .await
         .expect("learning the node's facts does not panic");
     tracing::info!(node = %args.node_name, backend = %engine.facts().backend, reason = %engine.facts().backend_reason, "node engine ready");
@@ -270,7 +270,7 @@ async fn run(args: AgentArgs) -> Result<()> {
 
     let policy_memo: Memo<Remembered> = Memo::beside(&args.state_file, "policy.json");
     let history_memo: Memo<History> = Memo::beside(&args.state_file, "history.json");
-    let mut drift = DriftWatch::new(engine.facts().backend, args.resync);
+    let mut drift = DriftWatch::new(&mut engine, args.resync);
     metrics.event_driven.set(drift.event_driven() as i64);
     let (status, latest) = tokio::sync::watch::channel(None);
     let mut agent = Agent {
@@ -353,7 +353,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         }
         if agent.engine.facts().backend != drift.backend() {
             tracing::warn!(from = %drift.backend(), to = %agent.engine.facts().backend, "the node's iptables backend changed; watching the new one");
-            drift = DriftWatch::new(agent.engine.facts().backend, args.resync);
+            drift = DriftWatch::new(&mut agent.engine, args.resync);
             agent.metrics.event_driven.set(drift.event_driven() as i64);
         }
         if !synced && is_synced(&policies) && is_synced(&nodes) {

@@ -4,6 +4,7 @@ use super::facts::{
     self, Applicability, ApplicabilityMode, BackendChoice, FirewallManager, NodeFacts,
 };
 use super::iptables::{Backend, Xtables};
+use super::legacy::{Applied, Held, Legacy};
 use super::state_file::{State, StateFile};
 use crate::rules::{
     self, Edit, EditKind, Family, Finding, Ownership, Placement, Rule, RulePlan, RuleState, Tables,
@@ -11,6 +12,7 @@ use crate::rules::{
 use crate::{Error, Result};
 use serde::Serialize;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How the engine behaves; one value per node (the agent changes it when its policy changes).
@@ -131,6 +133,12 @@ pub struct Engine {
     config: EngineConfig,
     facts: NodeFacts,
     state_file: StateFile,
+    /// For a long-running watch on the legacy backend: reads and writes through the kernel's
+    /// table interface once it knows the entries (see `node::legacy`). Shared by the engine's
+    /// clones, so that what one pass learns the next one uses.
+    legacy: Option<Arc<Mutex<Legacy>>>,
+    /// Backend detection, re-run at each resync only where its inputs changed (shared too).
+    detector: Arc<Mutex<facts::Detector>>,
 }
 
 impl Engine {
@@ -146,22 +154,48 @@ impl Engine {
     /// Learns the node's facts only: a missing binary shows up as an error of the first pass
     /// (what the agent wants: it reports the problem instead of exiting).
     pub fn unchecked(config: EngineConfig) -> Engine {
-        let facts = facts::discover(&config.host_root, config.backend);
+        let mut detector = facts::Detector::default();
+        let facts = facts::discover_with(&config.host_root, config.backend, &mut detector);
         let state_file = StateFile::new(config.state_file.clone());
         Engine {
             config,
             facts,
             state_file,
+            legacy: None,
+            detector: Arc::new(Mutex::new(detector)),
         }
+    }
+
+    /// Lets a long-running watch read and write legacy tables in process once it has learnt their
+    /// entries (one-shot commands keep to the binaries: learning costs two extra reads). The
+    /// returned handle is what the drift watch's probe compares against.
+    pub fn keep_legacy_tables(&mut self) -> Arc<Mutex<Legacy>> {
+        self.legacy
+            .get_or_insert_with(|| Arc::new(Mutex::new(Legacy::default())))
+            .clone()
+    }
+
+    /// The families whose chains a pass reads.
+    pub fn families(&self) -> Vec<Family> {
+        self.read_families(&self.load_ownership().unwrap_or_default())
     }
 
     pub fn facts(&self) -> &NodeFacts {
         &self.facts
     }
 
-    /// Re-reads the node facts (the periodic full re-check).
+    /// Re-reads the node facts (the periodic full re-check); the backend is detected again only
+    /// where what decides it changed.
     pub fn refresh_facts(&mut self) {
-        self.facts = facts::discover(&self.config.host_root, self.config.backend);
+        let mut detector = self.detector.lock().expect("detector lock");
+        self.facts =
+            facts::discover_with(&self.config.host_root, self.config.backend, &mut detector);
+    }
+
+    /// How often each part of the backend detection really ran.
+    pub fn detections(&self) -> (u64, u64) {
+        let detector = self.detector.lock().expect("detector lock");
+        (detector.nft_runs, detector.legacy_runs)
     }
 
     /// The ip6tables/iptables binaries of the detected backend, with the configured lock.
@@ -200,7 +234,7 @@ impl Engine {
             }
         };
         let families = self.read_families(&ownership);
-        let tables = self.xtables().read(&families)?;
+        let tables = self.read(&families)?;
         ownership.reconcile(&tables, &families);
         Ok(self.report(&tables, &ownership, None))
     }
@@ -222,7 +256,7 @@ impl Engine {
             .transpose()?;
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
-        let tables = self.xtables().read(&families)?;
+        let (tables, held) = self.read_for_change(&families, dry_run)?;
         let recorded = ownership.clone();
         ownership.reconcile(&tables, &families);
 
@@ -246,12 +280,13 @@ impl Engine {
             return Ok(self.planned(&tables, &ownership, plan));
         }
         if plan.is_empty() {
+            drop(held);
             if ownership != recorded {
                 self.store(&ownership)?;
             }
             return Ok(self.report(&tables, &ownership, Some(Vec::new())));
         }
-        self.apply_and_verify(plan, &tables, ownership, &families)
+        self.apply_and_verify(plan, &tables, held, ownership, &families)
     }
 
     /// Removes exactly the rules loopguard inserted, in every family it owns rules in.
@@ -270,17 +305,18 @@ impl Engine {
             .transpose()?;
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
-        let tables = self.xtables().read(&families)?;
+        let (tables, held) = self.read_for_change(&families, dry_run)?;
         ownership.reconcile(&tables, &families);
         let plan = rules::plan_cleanup(&tables, &ownership, &ownership.families());
         if dry_run {
             return Ok(self.planned(&tables, &ownership, plan));
         }
         if plan.is_empty() {
+            drop(held);
             self.store(&ownership)?;
             return Ok(self.report(&tables, &ownership, Some(Vec::new())));
         }
-        self.apply_and_verify(plan, &tables, ownership, &families)
+        self.apply_and_verify(plan, &tables, held, ownership, &families)
     }
 
     /// The report of a dry run: the node as it is, and the plan as `changes`.
@@ -299,13 +335,14 @@ impl Engine {
         &self,
         plan: RulePlan,
         tables: &Tables,
+        held: Option<Held>,
         mut ownership: Ownership,
         families: &[Family],
     ) -> Result<Report> {
         ownership.expect(&plan, tables);
         self.store(&ownership)?;
-        let applied = self.apply(&plan, &mut ownership);
-        let after = self.xtables().read(families);
+        let applied = self.apply(&plan, held, &mut ownership);
+        let after = self.read(families);
         if let Ok(after) = &after {
             ownership.reconcile(after, families);
         }
@@ -317,10 +354,99 @@ impl Engine {
         Ok(report)
     }
 
-    /// Applies a plan family by family, one restore each. A restore that fails changed nothing
-    /// (each is one transaction), so its family's pending inserts are dropped.
-    fn apply(&self, plan: &RulePlan, ownership: &mut Ownership) -> Result<Instant> {
+    /// Reads INPUT and OUTPUT of `families`: with the binaries, or for a legacy watch from the
+    /// kernel's table directly once its entries are known (learning them from a binary read).
+    fn read(&self, families: &[Family]) -> Result<Tables> {
+        let Some(legacy) = self.legacy_cache() else {
+            return self.xtables().read(families);
+        };
+        let mut legacy = legacy.lock().expect("legacy cache lock");
+        match legacy.read(families) {
+            Ok(Some(tables)) => return Ok(tables),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the legacy tables in process failed; reading with the binaries")
+            }
+        }
+        let before = Legacy::snapshot(families);
+        let tables = self.xtables().read(families)?;
+        let after = Legacy::snapshot(families);
+        legacy.learn(families, &before, &after, &tables);
+        Ok(tables)
+    }
+
+    /// The legacy cache, when this engine keeps one and the node is on the legacy backend.
+    fn legacy_cache(&self) -> Option<&Arc<Mutex<Legacy>>> {
+        self.legacy
+            .as_ref()
+            .filter(|_| self.facts.backend == Backend::Legacy)
+    }
+
+    /// Reads for an enforce or cleanup. A legacy watch that knows the entries reads in process
+    /// and keeps the xtables lock and the tables it read in the returned [`Held`] until the plan
+    /// is applied; otherwise as [`Engine::read`].
+    fn read_for_change(
+        &self,
+        families: &[Family],
+        dry_run: bool,
+    ) -> Result<(Tables, Option<Held>)> {
+        if let (Some(legacy), false) = (self.legacy_cache(), dry_run) {
+            let read = legacy.lock().expect("legacy cache lock").read_for_change(
+                families,
+                &self.config.lock_path,
+                self.config.wait,
+            );
+            match read {
+                Ok(Some((tables, held))) => return Ok((tables, Some(held))),
+                Ok(None) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    return Err(Error::LockTimeout {
+                        path: self.config.lock_path.clone(),
+                        seconds: self.config.wait.as_secs().max(1),
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the legacy tables in process failed; reading with the binaries")
+                }
+            }
+        }
+        Ok((self.read(families)?, None))
+    }
+
+    /// Applies a plan family by family, one transaction each: in process where `held` has the
+    /// family's table (read under the xtables lock it still holds), else one restore. A
+    /// transaction that fails changed nothing, so its family's pending inserts are dropped.
+    fn apply(
+        &self,
+        plan: &RulePlan,
+        held: Option<Held>,
+        ownership: &mut Ownership,
+    ) -> Result<Instant> {
+        let mut rest = Vec::new();
         for family in plan.families() {
+            let (Some(held), Some(legacy)) = (held.as_ref(), self.legacy_cache()) else {
+                rest.push(family);
+                continue;
+            };
+            match legacy
+                .lock()
+                .expect("legacy cache lock")
+                .apply(family, plan, held)
+            {
+                Ok(Applied::Done(_)) => {}
+                Ok(Applied::NotHere(why)) => {
+                    tracing::debug!(%family, why, "applying with the restore binary");
+                    rest.push(family);
+                }
+                Err(e) => {
+                    tracing::warn!(%family, error = %e, "writing the legacy table in process failed (nothing changed); applying with the restore binary");
+                    rest.push(family);
+                }
+            }
+        }
+        // The binaries take the xtables lock themselves.
+        drop(held);
+        for family in rest {
             let script = plan
                 .restore_script(family)
                 .expect("plan has edits for family");

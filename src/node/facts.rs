@@ -2,7 +2,9 @@
 //! iptables backend the host uses, and which firewall managers are installed.
 
 use super::iptables::{Backend, Xtables};
+use super::legacy::XtSocket;
 use crate::rules::Family;
+use crate::rules::blob::TableInfo;
 use serde::Serialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -132,10 +134,20 @@ pub fn applicability(facts: &NodeFacts, mode: ApplicabilityMode) -> Applicabilit
 /// Reads the node facts. `host_root` is where the host's filesystem is visible (`/` on the host,
 /// a hostPath mount inside the agent's container).
 pub fn discover(host_root: &Path, choice: BackendChoice) -> NodeFacts {
+    discover_with(host_root, choice, &mut Detector::default())
+}
+
+/// [`discover`], detecting the backend with `detector`, which re-runs only the parts of the
+/// detection whose inputs changed since it last ran.
+pub fn discover_with(
+    host_root: &Path,
+    choice: BackendChoice,
+    detector: &mut Detector,
+) -> NodeFacts {
     let (backend, backend_reason) = match choice {
         BackendChoice::Nft => (Backend::Nft, "chosen with --backend".to_string()),
         BackendChoice::Legacy => (Backend::Legacy, "chosen with --backend".to_string()),
-        BackendChoice::Auto => detect_backend(),
+        BackendChoice::Auto => detector.detect(),
     };
     let (firewall_managers, managers_source) = firewall_managers(host_root);
     NodeFacts {
@@ -157,26 +169,73 @@ pub fn ipv6_enabled() -> bool {
 /// The chains kubelet (1.17+) creates in the mangle table of the backend it uses.
 const KUBELET_HINT_CHAINS: [&str; 2] = ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"];
 
-/// Detects the backend like kubernetes-sigs/iptables-wrappers: kubelet's hint chains in the nft
-/// tables; else hint chains or any rules in the legacy tables; else nft. The legacy tables are
-/// read only when the kernel already has them (`/proc/net/ip*_tables_names`), so probing never
-/// loads legacy modules or creates tables.
+/// What the legacy tables say about the backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LegacyEvidence {
+    /// A kubelet hint chain found there: (chain, family).
+    pub hint: Option<(String, Family)>,
+    /// Rules in all legacy tables.
+    pub rules: usize,
+}
+
+/// Decides the backend like kubernetes-sigs/iptables-wrappers (pure): kubelet's hint chains in
+/// the nft tables; else hint chains or any rules in the legacy tables; else nft.
+pub fn decide_backend(
+    nft_hint: Option<(String, Family)>,
+    legacy: &LegacyEvidence,
+) -> (Backend, String) {
+    if let Some((chain, family)) = nft_hint {
+        return (
+            Backend::Nft,
+            format!("kubelet's {chain} chain is in the nft {family} mangle table"),
+        );
+    }
+    if let Some((chain, family)) = &legacy.hint {
+        return (
+            Backend::Legacy,
+            format!("kubelet's {chain} chain is in the legacy {family} tables"),
+        );
+    }
+    if legacy.rules > 0 {
+        return (
+            Backend::Legacy,
+            format!(
+                "no kubelet hint chains; the legacy tables hold {} rules",
+                legacy.rules
+            ),
+        );
+    }
+    (
+        Backend::Nft,
+        "no kubelet hint chains and no legacy rules: nft is the default".into(),
+    )
+}
+
+/// Detects the backend (see [`decide_backend`]), all of it.
 pub fn detect_backend() -> (Backend, String) {
+    decide_backend(nft_hint(), &legacy_evidence())
+}
+
+/// Kubelet's hint chains in the nft mangle tables.
+fn nft_hint() -> Option<(String, Family)> {
     let nft = Xtables::probe(Backend::Nft);
     for family in [Family::Ipv4, Family::Ipv6] {
         for chain in KUBELET_HINT_CHAINS {
             if nft.chain_exists(family, "mangle", chain) {
-                return (
-                    Backend::Nft,
-                    format!("kubelet's {chain} chain is in the nft {family} mangle table"),
-                );
+                return Some((chain.to_string(), family));
             }
         }
     }
+    None
+}
+
+/// Hint chains and rules in the legacy tables. The legacy tables are read only when the kernel
+/// already has them, so probing never loads legacy modules or creates tables.
+fn legacy_evidence() -> LegacyEvidence {
     let legacy = Xtables::probe(Backend::Legacy);
-    let mut legacy_rules = 0;
+    let mut evidence = LegacyEvidence::default();
     for family in [Family::Ipv4, Family::Ipv6] {
-        if !legacy_tables_exist(family) {
+        if legacy_tables(family).is_empty() {
             continue;
         }
         let Ok(save) = legacy.save(family) else {
@@ -190,33 +249,82 @@ pub fn detect_backend() -> (Backend, String) {
                     .is_some_and(|rest| rest.starts_with(' '))
             })
         };
-        if let Some(chain) = KUBELET_HINT_CHAINS.iter().find(|c| declares(c)) {
-            return (
-                Backend::Legacy,
-                format!("kubelet's {chain} chain is in the legacy {family} tables"),
-            );
+        if evidence.hint.is_none()
+            && let Some(chain) = KUBELET_HINT_CHAINS.iter().find(|c| declares(c))
+        {
+            evidence.hint = Some((chain.to_string(), family));
         }
-        legacy_rules += save.lines().filter(|l| l.starts_with('-')).count();
+        evidence.rules += save.lines().filter(|l| l.starts_with('-')).count();
     }
-    if legacy_rules > 0 {
-        return (
-            Backend::Legacy,
-            format!("no kubelet hint chains; the legacy tables hold {legacy_rules} rules"),
-        );
-    }
-    (
-        Backend::Nft,
-        "no kubelet hint chains and no legacy rules: nft is the default".into(),
-    )
+    evidence
 }
 
-/// Whether the kernel has instantiated any legacy table of `family` in this network namespace.
-fn legacy_tables_exist(family: Family) -> bool {
-    let file = match family {
-        Family::Ipv6 => "/proc/net/ip6_tables_names",
-        Family::Ipv4 => "/proc/net/ip_tables_names",
-    };
-    std::fs::read_to_string(file).is_ok_and(|s| !s.trim().is_empty())
+/// The legacy tables the kernel has instantiated for `family` in this network namespace.
+fn legacy_tables(family: Family) -> Vec<String> {
+    super::legacy::tables(family)
+}
+
+/// Every legacy table with its shape.
+type LegacyShapes = Vec<(Family, String, TableInfo)>;
+
+/// The shapes of every legacy table (`GET_INFO`: microseconds each), or `None` when one cannot be
+/// asked: what decides whether the legacy part of the detection must run again.
+fn legacy_shapes() -> Option<LegacyShapes> {
+    let mut shapes = Vec::new();
+    for family in [Family::Ipv4, Family::Ipv6] {
+        let tables = legacy_tables(family);
+        if tables.is_empty() {
+            continue;
+        }
+        let socket = XtSocket::open(family).ok()?;
+        for table in tables {
+            let info = socket.info(&table).ok()?;
+            shapes.push((family, table, info));
+        }
+    }
+    Some(shapes)
+}
+
+/// Backend detection that runs again only what changed: the nft part when the nftables ruleset
+/// generation moved, the legacy part (a `*-legacy-save` of each family) when a legacy table's
+/// shape did. Where an input cannot be read, that part runs every time.
+#[derive(Clone, Debug, Default)]
+pub struct Detector {
+    nft: Option<(u32, Option<(String, Family)>)>,
+    legacy: Option<(LegacyShapes, LegacyEvidence)>,
+    /// How many times each part really ran (for tests and benchmarks).
+    pub nft_runs: u64,
+    pub legacy_runs: u64,
+}
+
+impl Detector {
+    pub fn detect(&mut self) -> (Backend, String) {
+        let generation = super::nft::generation().ok();
+        let nft = match (&self.nft, generation) {
+            (Some((known, hint)), Some(now)) if *known == now => hint.clone(),
+            _ => {
+                self.nft_runs += 1;
+                let hint = nft_hint();
+                // The generation after the look: a change during it is seen next time.
+                self.nft = super::nft::generation().ok().map(|g| (g, hint.clone()));
+                hint
+            }
+        };
+        if nft.is_some() {
+            return decide_backend(nft, &LegacyEvidence::default());
+        }
+        let shapes = legacy_shapes();
+        let legacy = match (&self.legacy, &shapes) {
+            (Some((known, evidence)), Some(now)) if known == now => evidence.clone(),
+            _ => {
+                self.legacy_runs += 1;
+                let evidence = legacy_evidence();
+                self.legacy = legacy_shapes().map(|s| (s, evidence.clone()));
+                evidence
+            }
+        };
+        decide_backend(None, &legacy)
+    }
 }
 
 /// The firewall managers installed under `host_root`, from the dpkg database, or where there is

@@ -11,10 +11,12 @@ pub struct FileLock {
     _file: File,
 }
 
-/// Takes an exclusive `flock` on `file`, retrying every 20 ms for up to `wait`; `None` when
-/// another holder kept it that long.
+/// Takes an exclusive `flock` on `file`, retrying for up to `wait` (after 1 ms, then twice as
+/// long each time up to 20 ms: a lock held for a moment costs a moment); `None` when another
+/// holder kept it that long.
 pub fn flock_within(file: File, wait: Duration) -> Option<FileLock> {
     let deadline = Instant::now().checked_add(wait);
+    let mut pause = Duration::from_millis(1);
     loop {
         // SAFETY: flock on a file descriptor we own; LOCK_NB never blocks.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -23,7 +25,8 @@ pub fn flock_within(file: File, wait: Duration) -> Option<FileLock> {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 

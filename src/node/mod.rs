@@ -4,8 +4,10 @@ pub mod converge;
 pub mod engine;
 pub mod facts;
 pub mod iptables;
+pub mod legacy;
 pub mod lock;
 pub mod netns;
+pub mod nft;
 pub mod state_file;
 pub mod watch;
 

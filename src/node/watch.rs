@@ -1,11 +1,17 @@
-//! Drift detection: nftables netlink events (nft backend) and a periodic full re-check (both
-//! backends; the only signal with the legacy backend, whose kernel interface has no events).
+//! Drift detection: nftables netlink events (nft backend), a probe of the legacy tables' shape
+//! every 10 ms (legacy backend, whose kernel interface has no events; see `node::legacy`), and a
+//! periodic full re-check (both).
 
 use super::converge::Convergence;
 use super::engine::{Engine, Report, reason};
 use super::iptables::Backend;
+use super::legacy::{Legacy, Probe};
 use crate::Result;
+use crate::rules::Family;
+use crate::rules::blob::TableInfo;
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 
@@ -132,6 +138,8 @@ pub enum Trigger {
     Start { at: Instant },
     /// The ruleset changed (nft event); `at` is when the first event of the burst arrived.
     Changed { at: Instant },
+    /// A legacy table's shape changed (the probe); `at` is when the probe saw it.
+    Probed { at: Instant },
     /// The periodic full re-check (and, with the legacy backend, the poll).
     Resync { at: Instant },
     /// A repair held back while repairs kept being undone is due.
@@ -143,6 +151,7 @@ impl Trigger {
         match self {
             Trigger::Start { at }
             | Trigger::Changed { at }
+            | Trigger::Probed { at }
             | Trigger::Resync { at }
             | Trigger::Retry { at } => at,
         }
@@ -152,16 +161,78 @@ impl Trigger {
         match self {
             Trigger::Start { .. } => "start",
             Trigger::Changed { .. } => "nft event",
+            Trigger::Probed { .. } => "legacy table change",
             Trigger::Resync { .. } => "periodic re-check",
             Trigger::Retry { .. } => "retry after backing off",
         }
     }
 }
 
-/// Produces triggers: events (debounced) when the backend has them, and a periodic resync.
+/// How often the legacy probe looks at the tables' shape (a `GET_INFO` per table: microseconds).
+pub const LEGACY_PROBE_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The legacy probe with what it compares against: the shapes the engine last read.
+struct LegacyWatch {
+    cache: Arc<Mutex<Legacy>>,
+    probe: Probe,
+    tick: tokio::time::Interval,
+    /// The shape the probe last reported, with the engine's read generation then: a shape the
+    /// engine could not read (and so did not record) triggers one pass, not one every tick.
+    reported: HashMap<Family, (u64, TableInfo)>,
+}
+
+impl LegacyWatch {
+    fn new(cache: Arc<Mutex<Legacy>>) -> LegacyWatch {
+        let mut tick = tokio::time::interval(LEGACY_PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = LegacyWatch {
+            cache,
+            probe: Probe::new(&[]),
+            tick,
+            reported: HashMap::new(),
+        };
+        watch.refresh();
+        watch
+    }
+
+    /// Probes the tables the engine reads (they exist: it read them).
+    fn refresh(&mut self) {
+        let families: Vec<Family> = match self.cache.try_lock() {
+            Ok(cache) => cache.seen.keys().copied().collect(),
+            Err(_) => return,
+        };
+        self.probe = Probe::new(&families);
+    }
+
+    /// Whether a table's shape is new: neither what the engine last read nor what was reported.
+    fn changed(&mut self) -> bool {
+        let (seen, generation) = match self.cache.try_lock() {
+            Ok(cache) => (cache.seen.clone(), cache.generation),
+            Err(_) => return false,
+        };
+        if self.probe.families().len() != seen.len() {
+            // The engine has read a table the probe does not watch yet (its first read).
+            self.probe = Probe::new(&seen.keys().copied().collect::<Vec<_>>());
+        }
+        let mut changed = false;
+        for (family, now) in self.probe.shapes() {
+            if seen.get(&family) != Some(&now)
+                && self.reported.get(&family) != Some(&(generation, now))
+            {
+                self.reported.insert(family, (generation, now));
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+/// Produces triggers: events (debounced) when the backend has them, the legacy probe, and a
+/// periodic resync.
 pub struct DriftWatch {
     backend: Backend,
     events: Option<NftEvents>,
+    legacy: Option<LegacyWatch>,
     resync: tokio::time::Interval,
     debounce: Duration,
     /// When the first event of a transaction whose end has not been seen yet arrived.
@@ -169,16 +240,18 @@ pub struct DriftWatch {
 }
 
 impl DriftWatch {
-    /// Subscribes to events for the nft backend (falling back to polling, with a warning, when
-    /// the kernel refuses the subscription); polls every `resync` in any case.
-    pub fn new(backend: Backend, resync: Duration) -> DriftWatch {
-        let events = match backend {
-            Backend::Legacy => None,
+    /// For the nft backend, subscribes to events (falling back to the periodic re-check, with a
+    /// warning, when the kernel refuses the subscription); for the legacy backend, lets the
+    /// engine keep the tables and probes their shape. Re-checks every `resync` in any case.
+    pub fn new(engine: &mut Engine, resync: Duration) -> DriftWatch {
+        let backend = engine.facts().backend;
+        let (events, legacy) = match backend {
+            Backend::Legacy => (None, Some(LegacyWatch::new(engine.keep_legacy_tables()))),
             Backend::Nft => match NftEvents::subscribe() {
-                Ok(events) => Some(events),
+                Ok(events) => (Some(events), None),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to nftables events; falling back to polling every {resync:?}");
-                    None
+                    (None, None)
                 }
             },
         };
@@ -187,12 +260,15 @@ impl DriftWatch {
         DriftWatch {
             backend,
             events,
+            legacy,
             resync,
             debounce: Duration::from_millis(20),
             unfinished: None,
         }
     }
 
+    /// Whether drift arrives as nftables events; otherwise it is polled (the legacy probe every
+    /// 10 ms, or only the periodic re-check where neither works).
     pub fn event_driven(&self) -> bool {
         self.events.is_some()
     }
@@ -219,6 +295,20 @@ impl DriftWatch {
 
     async fn next_change(&mut self) -> Trigger {
         loop {
+            if let Some(legacy) = self.legacy.as_mut() {
+                tokio::select! {
+                    _ = self.resync.tick() => {
+                        legacy.refresh();
+                        return Trigger::Resync { at: Instant::now() };
+                    }
+                    _ = legacy.tick.tick() => {
+                        if legacy.changed() {
+                            return Trigger::Probed { at: Instant::now() };
+                        }
+                        continue;
+                    }
+                }
+            }
             let Some(events) = self.events.as_ref() else {
                 self.resync.tick().await;
                 return Trigger::Resync { at: Instant::now() };

@@ -3,6 +3,7 @@
 //!
 //! Nothing here performs I/O; `node` feeds it listings read from the kernel.
 
+pub mod blob;
 mod evaluate;
 mod ownership;
 mod parse;

@@ -1,0 +1,749 @@
+//! The kernel's own form of a legacy (x_tables) table: the blob `IP6T_SO_GET_ENTRIES` returns and
+//! `IP6T_SO_SET_REPLACE` takes, and the two edits loopguard makes to it: insert one entry into a
+//! built-in chain, delete one. Pure: the bytes come from and go to `node::legacy`.
+//!
+//! A table is a run of entries, each an `ip6t_entry` (or `ipt_entry`) header, its matches and a
+//! target; `next_offset` leads to the next. Built-in chains start at `hook_entry[hook]` and end with
+//! their policy entry at `underflow[hook]`; a user chain starts with an `ERROR` entry carrying its
+//! name; the table ends with an `ERROR` entry named `ERROR`. The only offsets inside entries are the
+//! verdicts of standard targets that jump (or go) to a user chain: they point just past its `ERROR`
+//! head; and a rule without a target (`-A INPUT`) carries the offset of the entry right after it
+//! (a fall-through). Inserting or deleting an entry shifts every offset behind it; getting that wrong would
+//! send a foreign jump somewhere else, so every edit is checked afterwards against the table it came
+//! from: the same entries (bytes, counters aside) in the same order, every jump to the same chain.
+
+use super::{Chain, Family};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Hooks (`NF_INET_*`), in the order of `hook_entry` and `underflow`.
+pub const HOOKS: usize = 5;
+
+/// The hook of a built-in chain of the filter table.
+pub fn hook(chain: Chain) -> usize {
+    match chain {
+        Chain::Input => 1,  // NF_INET_LOCAL_IN
+        Chain::Output => 3, // NF_INET_LOCAL_OUT
+    }
+}
+
+/// Where the fields of an entry header are, per family (`ipt_entry` / `ip6t_entry`, x86-64 and
+/// every other Linux ABI with 8-byte-aligned u64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Size of the header; matches start here.
+    pub header: usize,
+    target_offset: usize,
+    next_offset: usize,
+    comefrom: usize,
+    counters: usize,
+}
+
+impl Layout {
+    pub fn of(family: Family) -> Layout {
+        match family {
+            Family::Ipv6 => Layout {
+                header: 168,
+                target_offset: 140,
+                next_offset: 142,
+                comefrom: 144,
+                counters: 152,
+            },
+            Family::Ipv4 => Layout {
+                header: 112,
+                target_offset: 88,
+                next_offset: 90,
+                comefrom: 92,
+                counters: 96,
+            },
+        }
+    }
+}
+
+/// `struct xt_entry_target`: u16 size, 29-byte name, u8 revision; the data follows.
+const TARGET_HEADER: usize = 32;
+/// The standard target's name is empty; its data is an i32 verdict.
+const STANDARD_TARGET_SIZE: usize = TARGET_HEADER + 4;
+
+/// `ip6t_getinfo` minus the name: what `*_SO_GET_INFO` tells about a table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TableInfo {
+    pub valid_hooks: u32,
+    pub hook_entry: [u32; HOOKS],
+    pub underflow: [u32; HOOKS],
+    pub num_entries: u32,
+    pub size: u32,
+}
+
+/// What is wrong with a blob (or an edit of it): the caller falls back to the iptables binaries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobError(pub String);
+
+impl fmt::Display for BlobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BlobError {}
+
+fn bad(message: impl Into<String>) -> BlobError {
+    BlobError(message.into())
+}
+
+/// One entry: where it starts and how long it is, and what its target is (found once, when the
+/// table is parsed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub offset: u32,
+    pub len: u32,
+    /// Where a standard target's verdict is in the blob (0: not a standard target).
+    verdict_at: u32,
+    /// An `ERROR` target: a user chain's head, or the table's end.
+    error: bool,
+}
+
+/// A table as the kernel hands it over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Table {
+    pub family: Family,
+    pub info: TableInfo,
+    pub blob: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+fn i32_at(b: &[u8], at: usize) -> i32 {
+    i32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn name_at(b: &[u8], at: usize, len: usize) -> &[u8] {
+    let field = &b[at..at + len];
+    let end = field.iter().position(|&c| c == 0).unwrap_or(len);
+    &field[..end]
+}
+
+impl Table {
+    /// Checks the blob's structure (every entry inside it, offsets aligned, the counts and size
+    /// `info` gives) and indexes its entries.
+    pub fn parse(family: Family, info: TableInfo, blob: Vec<u8>) -> Result<Table, BlobError> {
+        let layout = Layout::of(family);
+        if blob.len() != info.size as usize {
+            return Err(bad(format!(
+                "table is {} bytes, its info says {}",
+                blob.len(),
+                info.size
+            )));
+        }
+        let mut entries = Vec::with_capacity(info.num_entries as usize);
+        let mut at = 0usize;
+        while at < blob.len() {
+            if at + layout.header > blob.len() || at % 8 != 0 {
+                return Err(bad(format!("entry at {at} does not fit the table")));
+            }
+            let target = u16_at(&blob, at + layout.target_offset) as usize;
+            let next = u16_at(&blob, at + layout.next_offset) as usize;
+            if target < layout.header
+                || target + TARGET_HEADER > next
+                || next % 8 != 0
+                || at + next > blob.len()
+            {
+                return Err(bad(format!(
+                    "entry at {at} has target offset {target} and next offset {next}"
+                )));
+            }
+            let target_size = u16_at(&blob, at + target) as usize;
+            if target_size < TARGET_HEADER || target + target_size > next {
+                return Err(bad(format!(
+                    "entry at {at} has a target of {target_size} bytes"
+                )));
+            }
+            let name = name_at(&blob, at + target + 2, 29);
+            let standard = name.is_empty() && target_size >= STANDARD_TARGET_SIZE;
+            entries.push(Entry {
+                offset: at as u32,
+                len: next as u32,
+                verdict_at: if standard {
+                    (at + target + TARGET_HEADER) as u32
+                } else {
+                    0
+                },
+                error: name == b"ERROR",
+            });
+            at += next;
+        }
+        if entries.len() != info.num_entries as usize {
+            return Err(bad(format!(
+                "table holds {} entries, its info says {}",
+                entries.len(),
+                info.num_entries
+            )));
+        }
+        let table = Table {
+            family,
+            info,
+            blob,
+            entries,
+        };
+        for h in table.hooks() {
+            for offset in [info.hook_entry[h], info.underflow[h]] {
+                table
+                    .index_at(offset)
+                    .ok_or_else(|| bad(format!("hook {h} points at {offset}, not at an entry")))?;
+            }
+            if info.hook_entry[h] > info.underflow[h] {
+                return Err(bad(format!("hook {h} starts after its policy")));
+            }
+        }
+        Ok(table)
+    }
+
+    fn layout(&self) -> Layout {
+        Layout::of(self.family)
+    }
+
+    /// The hooks the table has (filter: INPUT, FORWARD, OUTPUT).
+    fn hooks(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..HOOKS).filter(|h| self.info.valid_hooks & (1 << h) != 0)
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    fn index_at(&self, offset: u32) -> Option<usize> {
+        self.entries
+            .binary_search_by_key(&offset, |e| e.offset)
+            .ok()
+    }
+
+    fn bytes(&self, e: Entry) -> &[u8] {
+        &self.blob[e.offset as usize..(e.offset + e.len) as usize]
+    }
+
+    /// The verdict of a standard target (`None` for any other target).
+    fn verdict(&self, e: Entry) -> Option<(usize, i32)> {
+        (e.verdict_at != 0).then(|| {
+            let at = e.verdict_at as usize;
+            (at, i32_at(&self.blob, at))
+        })
+    }
+
+    /// Whether `e` is a rule without a target: a standard verdict that leads to the next entry.
+    fn falls_through(&self, e: Entry) -> bool {
+        self.verdict(e)
+            .is_some_and(|(_, v)| v >= 0 && v as u32 == e.offset + e.len)
+    }
+
+    /// The user chains, by the offset a jump to them carries (just past their `ERROR` head).
+    pub fn chain_starts(&self) -> BTreeMap<u32, Vec<u8>> {
+        let mut starts = BTreeMap::new();
+        for &e in &self.entries {
+            if e.error {
+                let target =
+                    u16_at(&self.blob, e.offset as usize + self.layout().target_offset) as usize;
+                let name = name_at(&self.blob, e.offset as usize + target + TARGET_HEADER, 32);
+                starts.insert(e.offset + e.len, name.to_vec());
+            }
+        }
+        starts
+    }
+
+    /// The rules of a built-in chain, in order (its policy entry not included).
+    pub fn chain(&self, chain: Chain) -> &[Entry] {
+        let h = hook(chain);
+        let (Some(first), Some(policy)) = (
+            self.index_at(self.info.hook_entry[h]),
+            self.index_at(self.info.underflow[h]),
+        ) else {
+            return &[];
+        };
+        &self.entries[first..policy]
+    }
+
+    /// An entry as it is, whatever the table around it: its bytes with the counters and the
+    /// kernel's bookkeeping (`comefrom`) zeroed, and a jump's offset replaced by the name of the
+    /// chain it jumps to. Two entries with the same fingerprint are the same rule.
+    pub fn fingerprint(&self, e: Entry) -> Vec<u8> {
+        self.fingerprint_in(e, &self.chain_starts())
+    }
+
+    /// [`Table::fingerprint`] with the user chains already looked up.
+    pub fn fingerprint_in(&self, e: Entry, starts: &BTreeMap<u32, Vec<u8>>) -> Vec<u8> {
+        let layout = self.layout();
+        let mut bytes = self.bytes(e).to_vec();
+        bytes[layout.comefrom..layout.comefrom + 4].fill(0);
+        bytes[layout.counters..layout.counters + 16].fill(0);
+        if let Some((at, verdict)) = self.verdict(e)
+            && verdict >= 0
+        {
+            let local = at - e.offset as usize;
+            bytes[local..local + 4].fill(0);
+            if self.falls_through(e) {
+                bytes.extend_from_slice(b"->next");
+                return bytes;
+            }
+            bytes.extend_from_slice(b"->");
+            bytes.extend_from_slice(
+                starts
+                    .get(&(verdict as u32))
+                    .map_or(&b"?"[..], |name| name.as_slice()),
+            );
+        }
+        bytes
+    }
+
+    /// The entry's bytes, ready to be inserted elsewhere (counters and `comefrom` zeroed). Only
+    /// for entries without a jump: the offset would be wrong anywhere else.
+    pub fn portable(&self, e: Entry) -> Option<Vec<u8>> {
+        if self.verdict(e).is_some_and(|(_, v)| v >= 0) {
+            return None;
+        }
+        let layout = self.layout();
+        let mut bytes = self.bytes(e).to_vec();
+        bytes[layout.comefrom..layout.comefrom + 4].fill(0);
+        bytes[layout.counters..layout.counters + 16].fill(0);
+        Some(bytes)
+    }
+
+    /// Every offset the table holds that points at an entry: hook starts, policies, jumps.
+    /// Returns (where it is, its value, what kind).
+    fn references(&self) -> Vec<(Ref, u32)> {
+        let mut refs = Vec::new();
+        for h in self.hooks() {
+            refs.push((Ref::HookEntry(h), self.info.hook_entry[h]));
+            refs.push((Ref::Underflow(h), self.info.underflow[h]));
+        }
+        for &e in &self.entries {
+            if let Some((at, verdict)) = self.verdict(e)
+                && verdict >= 0
+                && !self.falls_through(e)
+            {
+                refs.push((Ref::Jump(at), verdict as u32));
+            }
+        }
+        refs
+    }
+
+    /// Points every fall-through of `edited` (an edit of this table, `map` as [`Table::insert`]
+    /// returns it) at its entry's new successor.
+    fn fix_fall_throughs(&self, edited: &mut Table, map: &[Option<u32>]) {
+        for (new, old) in map.iter().enumerate() {
+            let Some(old) = old else { continue };
+            if !self.falls_through(self.entries[*old as usize]) {
+                continue;
+            }
+            let e = edited.entries[new];
+            if let Some((at, _)) = edited.verdict(e) {
+                edited.blob[at..at + 4].copy_from_slice(&((e.offset + e.len) as i32).to_ne_bytes());
+            }
+        }
+    }
+
+    fn set_ref(&mut self, r: Ref, value: u32) {
+        match r {
+            Ref::HookEntry(h) => self.info.hook_entry[h] = value,
+            Ref::Underflow(h) => self.info.underflow[h] = value,
+            Ref::Jump(at) => self.blob[at..at + 4].copy_from_slice(&(value as i32).to_ne_bytes()),
+        }
+    }
+
+    /// Inserts `entry` (from [`Table::portable`]) as rule `position` (0-based; the number of rules
+    /// appends) of `chain`. Returns the edited table and, per new entry, the index of the old
+    /// entry it is (for carrying the counters over).
+    pub fn insert(
+        &self,
+        chain: Chain,
+        position: usize,
+        entry: &[u8],
+    ) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        let rules = self.chain(chain);
+        if position > rules.len() {
+            return Err(bad(format!(
+                "{chain} has {} rules; cannot insert at {position}",
+                rules.len()
+            )));
+        }
+        let h = hook(chain);
+        let at = rules
+            .get(position)
+            .map_or(self.info.underflow[h], |e| e.offset);
+        let len = entry.len() as u32;
+        let check = Table::parse(
+            self.family,
+            TableInfo {
+                num_entries: 1,
+                size: len,
+                valid_hooks: 0,
+                ..TableInfo::default()
+            },
+            entry.to_vec(),
+        )?;
+        if check.verdict(check.entries[0]).is_some_and(|(_, v)| v >= 0) {
+            return Err(bad("an inserted entry may not jump"));
+        }
+        let mut edited = self.clone();
+        // Shift every reference at or behind the insertion point, except the chain's own start
+        // when the new entry becomes its first rule.
+        let refs = self.references();
+        for (r, value) in &refs {
+            let stays = *value < at || (*value == at && *r == Ref::HookEntry(h));
+            if let Ref::Jump(_) = r
+                && *value == at
+            {
+                return Err(bad("a jump points into a built-in chain"));
+            }
+            if !stays {
+                edited.set_ref(*r, value + len);
+            }
+        }
+        // Jump fields behind the insertion point moved with their entries: rewrite them there.
+        let mut blob = Vec::with_capacity(self.blob.len() + entry.len());
+        blob.extend_from_slice(&edited.blob[..at as usize]);
+        blob.extend_from_slice(entry);
+        blob.extend_from_slice(&edited.blob[at as usize..]);
+        edited.info.num_entries += 1;
+        edited.info.size += len;
+        let mut edited = Table::parse(self.family, edited.info, blob)?;
+        let index = self.index_at(at).expect("insertion point is an entry") as u32;
+        let map: Vec<Option<u32>> = (0..edited.entries.len() as u32)
+            .map(|i| match i.cmp(&index) {
+                std::cmp::Ordering::Less => Some(i),
+                std::cmp::Ordering::Equal => None,
+                std::cmp::Ordering::Greater => Some(i - 1),
+            })
+            .collect();
+        self.fix_fall_throughs(&mut edited, &map);
+        self.check_edit(&edited, &map)?;
+        Ok((edited, map))
+    }
+
+    /// Deletes rule `position` (0-based) of `chain`. Returns the table and the counter map, as
+    /// [`Table::insert`] does.
+    pub fn delete(
+        &self,
+        chain: Chain,
+        position: usize,
+    ) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        let rules = self.chain(chain);
+        let Some(&gone) = rules.get(position) else {
+            return Err(bad(format!(
+                "{chain} has {} rules; no rule {position}",
+                rules.len()
+            )));
+        };
+        let h = hook(chain);
+        let (at, len) = (gone.offset, gone.len);
+        let mut edited = self.clone();
+        for (r, value) in self.references() {
+            if value == at && r != Ref::HookEntry(h) {
+                return Err(bad("something points at the entry to delete"));
+            }
+            if let Ref::Jump(field) = r
+                && field >= at as usize
+                && field < (at + len) as usize
+            {
+                return Err(bad("the entry to delete jumps"));
+            }
+            if value > at {
+                edited.set_ref(r, value - len);
+            }
+        }
+        let mut blob = Vec::with_capacity(self.blob.len() - len as usize);
+        blob.extend_from_slice(&edited.blob[..at as usize]);
+        blob.extend_from_slice(&edited.blob[(at + len) as usize..]);
+        edited.info.num_entries -= 1;
+        edited.info.size -= len;
+        let mut edited = Table::parse(self.family, edited.info, blob)?;
+        let index = self.index_at(at).expect("deleted entry") as u32;
+        let map: Vec<Option<u32>> = (0..edited.entries.len() as u32)
+            .map(|i| Some(if i < index { i } else { i + 1 }))
+            .collect();
+        self.fix_fall_throughs(&mut edited, &map);
+        self.check_edit(&edited, &map)?;
+        Ok((edited, map))
+    }
+
+    /// Every entry the edit kept is the same rule as before (the same bytes, counters and
+    /// `comefrom` aside, and every jump to the same chain), and every hook's policy is the entry
+    /// it was.
+    fn check_edit(&self, edited: &Table, map: &[Option<u32>]) -> Result<(), BlobError> {
+        if map.len() != edited.entries.len() {
+            return Err(bad("counter map does not cover the table"));
+        }
+        let (old_starts, new_starts) = (self.chain_starts(), edited.chain_starts());
+        for (new, old) in map.iter().enumerate() {
+            let Some(old) = old else { continue };
+            let (a, b) = (self.entries[*old as usize], edited.entries[new]);
+            if !self.same_rule(a, &old_starts, edited, b, &new_starts) {
+                return Err(bad(format!(
+                    "entry {old} would change in the edit (internal error; nothing written)"
+                )));
+            }
+        }
+        for h in self.hooks() {
+            let old_policy = self.index_at(self.info.underflow[h]).expect("policy");
+            let new_policy = edited
+                .index_at(edited.info.underflow[h])
+                .expect("checked by parse");
+            if map[new_policy] != Some(old_policy as u32) {
+                return Err(bad(format!(
+                    "hook {h}'s policy would move (internal error; nothing written)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether entry `a` of this table and entry `b` of `other` are the same rule, without
+    /// copying them: the bytes outside `comefrom`, the counters and a jump's offset are equal,
+    /// and a jump leads to the same chain.
+    fn same_rule(
+        &self,
+        a: Entry,
+        a_starts: &BTreeMap<u32, Vec<u8>>,
+        other: &Table,
+        b: Entry,
+        b_starts: &BTreeMap<u32, Vec<u8>>,
+    ) -> bool {
+        let layout = self.layout();
+        let (x, y) = (self.bytes(a), other.bytes(b));
+        if x.len() != y.len() {
+            return false;
+        }
+        let skip_verdict = |t: &Table, e: Entry| {
+            t.verdict(e)
+                .filter(|(_, v)| *v >= 0)
+                .map(|(at, v)| (at - e.offset as usize, v as u32, t.falls_through(e)))
+        };
+        let (va, vb) = (skip_verdict(self, a), skip_verdict(other, b));
+        let mut holes = vec![
+            (layout.comefrom, layout.comefrom + 4),
+            (layout.counters, layout.counters + 16),
+        ];
+        match (va, vb) {
+            (None, None) => {}
+            (Some((at, _, true)), Some((at_b, _, true))) if at == at_b => {
+                holes.push((at, at + 4));
+            }
+            (Some((at, to_a, false)), Some((at_b, to_b, false))) if at == at_b => {
+                if a_starts.get(&to_a).is_none() || a_starts.get(&to_a) != b_starts.get(&to_b) {
+                    return false;
+                }
+                holes.push((at, at + 4));
+            }
+            _ => return false,
+        }
+        holes.sort();
+        let mut from = 0;
+        for (start, end) in holes {
+            if x[from..start] != y[from..start] {
+                return false;
+            }
+            from = end;
+        }
+        x[from..] == y[from..]
+    }
+
+    /// The counters `*_SO_SET_ADD_COUNTERS` adds to the new table: each kept entry gets the old
+    /// entry's (from `old_counters`, 16 bytes per old entry, as `SET_REPLACE` returned them).
+    pub fn carried_counters(map: &[Option<u32>], old_counters: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; map.len() * 16];
+        for (new, old) in map.iter().enumerate() {
+            if let Some(old) = old {
+                let from = *old as usize * 16;
+                if from + 16 <= old_counters.len() {
+                    out[new * 16..new * 16 + 16].copy_from_slice(&old_counters[from..from + 16]);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ref {
+    HookEntry(usize),
+    Underflow(usize),
+    /// The byte offset of a standard target's verdict.
+    Jump(usize),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Layout = Layout {
+        header: 168,
+        target_offset: 140,
+        next_offset: 142,
+        comefrom: 144,
+        counters: 152,
+    };
+
+    /// An IPv6 entry with no matches and a standard target (`verdict`), tagged with `tag` in its
+    /// source address so that entries differ.
+    fn standard(tag: u8, verdict: i32) -> Vec<u8> {
+        let mut e = vec![0u8; L.header + 40];
+        e[0] = tag;
+        e[L.target_offset..L.target_offset + 2].copy_from_slice(&(L.header as u16).to_ne_bytes());
+        e[L.next_offset..L.next_offset + 2]
+            .copy_from_slice(&((L.header + 40) as u16).to_ne_bytes());
+        e[L.header..L.header + 2].copy_from_slice(&40u16.to_ne_bytes());
+        e[L.header + 32..L.header + 36].copy_from_slice(&verdict.to_ne_bytes());
+        e[L.counters] = tag; // counters differ; fingerprints ignore them
+        e
+    }
+
+    fn error(name: &str) -> Vec<u8> {
+        let mut e = vec![0u8; L.header + 64];
+        e[L.target_offset..L.target_offset + 2].copy_from_slice(&(L.header as u16).to_ne_bytes());
+        e[L.next_offset..L.next_offset + 2]
+            .copy_from_slice(&((L.header + 64) as u16).to_ne_bytes());
+        e[L.header..L.header + 2].copy_from_slice(&64u16.to_ne_bytes());
+        e[L.header + 2..L.header + 7].copy_from_slice(b"ERROR");
+        e[L.header + 32..L.header + 32 + name.len()].copy_from_slice(name.as_bytes());
+        e
+    }
+
+    const ACCEPT: i32 = -2;
+    const DROP: i32 = -1;
+    const RETURN: i32 = -5;
+
+    /// filter with INPUT [a, jump MY], FORWARD [], OUTPUT [b], user chain MY [c], ERROR.
+    fn sample() -> Table {
+        let entry = 208u32;
+        // offsets: 0 a, 208 jump, 416 INPUT policy, 624 FORWARD policy, 832 b, 1040 OUTPUT
+        // policy, 1248 MY head (232 long), 1480 c, 1688 MY return, 1896 ERROR.
+        let my_start = 1248 + 232;
+        let parts = [
+            standard(1, ACCEPT),
+            standard(2, my_start),
+            standard(0, ACCEPT),
+            standard(0, DROP),
+            standard(3, DROP),
+            standard(0, ACCEPT),
+            error("MY"),
+            standard(4, ACCEPT),
+            standard(0, RETURN),
+            error("ERROR"),
+        ];
+        let blob: Vec<u8> = parts.concat();
+        let info = TableInfo {
+            valid_hooks: 0b1110,
+            hook_entry: [0, 0, 3 * entry, 4 * entry, 0],
+            underflow: [0, 2 * entry, 3 * entry, 5 * entry, 0],
+            num_entries: parts.len() as u32,
+            size: blob.len() as u32,
+        };
+        Table::parse(Family::Ipv6, info, blob).unwrap()
+    }
+
+    #[test]
+    fn chains_are_read_between_hook_entry_and_policy() {
+        let t = sample();
+        assert_eq!(t.chain(Chain::Input).len(), 2);
+        assert_eq!(t.chain(Chain::Output).len(), 1);
+        let jump = t.fingerprint(t.chain(Chain::Input)[1]);
+        assert!(jump.ends_with(b"->MY"), "a jump names its chain");
+    }
+
+    #[test]
+    fn inserting_shifts_what_lies_behind_and_keeps_every_jump() {
+        let t = sample();
+        let rule = t.portable(t.chain(Chain::Output)[0]).unwrap();
+        for position in 0..=2 {
+            let (edited, map) = t.insert(Chain::Input, position, &rule).unwrap();
+            assert_eq!(edited.chain(Chain::Input).len(), 3);
+            assert_eq!(
+                edited.fingerprint(edited.chain(Chain::Input)[position]),
+                t.fingerprint(t.chain(Chain::Output)[0])
+            );
+            let jump = edited
+                .chain(Chain::Input)
+                .iter()
+                .find(|e| edited.fingerprint(**e).ends_with(b"->MY"))
+                .copied()
+                .unwrap();
+            let (_, verdict) = edited.verdict(jump).unwrap();
+            assert_eq!(verdict, 1480 + 208, "the jump follows MY");
+            assert_eq!(edited.info.underflow[1], 416 + 208, "INPUT's policy moved");
+            assert_eq!(edited.info.hook_entry[1], 0);
+            assert_eq!(map.iter().filter(|m| m.is_none()).count(), 1);
+        }
+    }
+
+    #[test]
+    fn other_chains_keep_their_bounds() {
+        let t = sample();
+        let rule = t.portable(t.chain(Chain::Input)[0]).unwrap();
+        let forward = 2; // FORWARD is empty: hook_entry == underflow
+        assert_eq!(t.info.hook_entry[forward], t.info.underflow[forward]);
+        let (edited, _) = t.insert(Chain::Output, 1, &rule).unwrap();
+        assert_eq!(edited.chain(Chain::Output).len(), 2);
+        assert_eq!(edited.info.hook_entry[forward], t.info.hook_entry[forward]);
+    }
+
+    #[test]
+    fn deleting_the_first_rule_keeps_the_chain_start() {
+        let t = sample();
+        let (edited, map) = t.delete(Chain::Input, 0).unwrap();
+        assert_eq!(edited.chain(Chain::Input).len(), 1);
+        assert_eq!(edited.info.hook_entry[1], 0);
+        assert_eq!(map[0], Some(1));
+        let (_, verdict) = edited.verdict(edited.chain(Chain::Input)[0]).unwrap();
+        assert_eq!(verdict, 1480 - 208);
+        let back = t.portable(t.chain(Chain::Input)[0]).unwrap();
+        let (again, _) = edited.insert(Chain::Input, 0, &back).unwrap();
+        assert_eq!(
+            (0..again.entries.len())
+                .map(|i| again.fingerprint(again.entries[i]))
+                .collect::<Vec<_>>(),
+            (0..t.entries.len())
+                .map(|i| t.fingerprint(t.entries[i]))
+                .collect::<Vec<_>>(),
+            "delete then insert is the original table"
+        );
+    }
+
+    #[test]
+    fn jumps_are_never_moved_or_made() {
+        let t = sample();
+        assert!(t.portable(t.chain(Chain::Input)[1]).is_none());
+        assert!(
+            t.delete(Chain::Input, 1).is_err(),
+            "a jump is not ours to delete"
+        );
+        assert!(t.delete(Chain::Input, 2).is_err(), "no such rule");
+        assert!(t.insert(Chain::Input, 3, &standard(9, ACCEPT)).is_err());
+        assert!(t.insert(Chain::Input, 0, &standard(9, 1480)).is_err());
+    }
+
+    #[test]
+    fn counters_follow_their_entries() {
+        let old: Vec<u8> = (0..3u8).flat_map(|i| [i + 1; 16]).collect();
+        let carried = Table::carried_counters(&[Some(0), None, Some(1), Some(2)], &old);
+        assert_eq!(carried[0], 1);
+        assert_eq!(carried[16], 0);
+        assert_eq!(carried[32], 2);
+        assert_eq!(carried[48], 3);
+    }
+
+    #[test]
+    fn malformed_blobs_are_refused() {
+        let t = sample();
+        let mut info = t.info;
+        info.size -= 8;
+        assert!(Table::parse(Family::Ipv6, info, t.blob[..t.blob.len() - 8].to_vec()).is_err());
+        let mut info = t.info;
+        info.hook_entry[1] = 4;
+        assert!(Table::parse(Family::Ipv6, info, t.blob.clone()).is_err());
+        let mut blob = t.blob.clone();
+        blob[L.next_offset] = 0;
+        blob[L.next_offset + 1] = 0;
+        assert!(Table::parse(Family::Ipv6, t.info, blob).is_err());
+    }
+}
