@@ -11,6 +11,7 @@ use crate::rules::Family;
 use crate::rules::blob::TableInfo;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
@@ -171,43 +172,62 @@ impl Trigger {
 /// How often the legacy probe looks at the tables' shape (a `GET_INFO` per table: microseconds).
 pub const LEGACY_PROBE_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The legacy probe with what it compares against: the shapes the engine last read.
+/// The legacy probe, on a thread of its own (in the namespace the process is in): every
+/// [`LEGACY_PROBE_INTERVAL`] it asks the tables' shapes, and wakes the watch only when one is new.
+/// A sleep and a `getsockopt` per tick: no async wake-ups while nothing changes.
 struct LegacyWatch {
+    changed: Arc<tokio::sync::Notify>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LegacyWatch {
+    fn new(cache: Arc<Mutex<Legacy>>) -> LegacyWatch {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (wake, stopped) = (changed.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("legacy-probe".into())
+            .spawn(move || {
+                let mut probe = ShapeProbe {
+                    cache,
+                    probe: Probe::new(&[]),
+                    reported: HashMap::new(),
+                };
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(LEGACY_PROBE_INTERVAL);
+                    if probe.changed() {
+                        wake.notify_one();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the legacy probe; relying on the periodic re-check");
+        }
+        LegacyWatch { changed, stop }
+    }
+}
+
+impl Drop for LegacyWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What the probe thread compares: the shapes the engine last read.
+struct ShapeProbe {
     cache: Arc<Mutex<Legacy>>,
     probe: Probe,
-    tick: tokio::time::Interval,
     /// The shape the probe last reported, with the engine's read generation then: a shape the
     /// engine could not read (and so did not record) triggers one pass, not one every tick.
     reported: HashMap<Family, (u64, TableInfo)>,
 }
 
-impl LegacyWatch {
-    fn new(cache: Arc<Mutex<Legacy>>) -> LegacyWatch {
-        let mut tick = tokio::time::interval(LEGACY_PROBE_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watch = LegacyWatch {
-            cache,
-            probe: Probe::new(&[]),
-            tick,
-            reported: HashMap::new(),
-        };
-        watch.refresh();
-        watch
-    }
-
-    /// Probes the tables the engine reads (they exist: it read them).
-    fn refresh(&mut self) {
-        let families: Vec<Family> = match self.cache.try_lock() {
-            Ok(cache) => cache.seen.keys().copied().collect(),
-            Err(_) => return,
-        };
-        self.probe = Probe::new(&families);
-    }
-
+impl ShapeProbe {
     /// Whether a table's shape is new: neither what the engine last read nor what was reported.
     fn changed(&mut self) -> bool {
         let (seen, generation) = match self.cache.try_lock() {
             Ok(cache) => (cache.seen.clone(), cache.generation),
+            // A pass is reading or writing: it will see what there is.
             Err(_) => return false,
         };
         if self.probe.families().len() != seen.len() {
@@ -295,18 +315,10 @@ impl DriftWatch {
 
     async fn next_change(&mut self) -> Trigger {
         loop {
-            if let Some(legacy) = self.legacy.as_mut() {
+            if let Some(legacy) = self.legacy.as_ref() {
                 tokio::select! {
-                    _ = self.resync.tick() => {
-                        legacy.refresh();
-                        return Trigger::Resync { at: Instant::now() };
-                    }
-                    _ = legacy.tick.tick() => {
-                        if legacy.changed() {
-                            return Trigger::Probed { at: Instant::now() };
-                        }
-                        continue;
-                    }
+                    _ = self.resync.tick() => return Trigger::Resync { at: Instant::now() },
+                    _ = legacy.changed.notified() => return Trigger::Probed { at: Instant::now() },
                 }
             }
             let Some(events) = self.events.as_ref() else {
