@@ -2,7 +2,9 @@
 # A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) as plain
 # processes on 127.0.0.1, for tests and local development. See hack/README.md.
 #
-#   hack/cluster.sh up [--owner-pid PID]   build what is missing, start, wait until ready
+#   hack/cluster.sh up [--owner-pid PID] [--controllers LIST]
+#                                          build what is missing, start, wait until ready (LIST: the
+#                                          controller manager's --controllers, default "*")
 #   hack/cluster.sh down                   stop what `up` started, delete hollow-node netns, remove the dir
 #   hack/cluster.sh env                    print `export KUBECONFIG=...` and `export PATH=<bin dir>:...`
 #   hack/cluster.sh status                 show the components and whether the API server is ready
@@ -74,13 +76,22 @@ running_pids() {
   return 1
 }
 
+# started NAME: whether the process that `start` just launched still runs. Not pid_of: until the
+# forked shell has exec'd the command, its command line does not name $dir yet, and on a busy machine
+# that moment can last longer than a first health check.
+started() {
+  local pid
+  pid="$(<"$dir/pids/$1.pid")" || return 1
+  [[ -r "/proc/$pid/stat" ]] && [[ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]]
+}
+
 # wait_for WHAT PROCESS COMMAND...: retry COMMAND for up to 60s while PROCESS keeps running.
 wait_for() {
   local what="$1" process="$2"
   shift 2
   for _ in $(seq 600); do
     "$@" >/dev/null 2>&1 && return 0
-    pid_of "$process" >/dev/null || die "$process exited while waiting for $what; see $dir/logs/$process.log"
+    started "$process" || die "$process exited while waiting for $what; see $dir/logs/$process.log"
     sleep 0.1
   done
   die "timed out waiting for $what; see $dir/logs/$process.log"
@@ -194,7 +205,7 @@ start_controller_manager() {
     --leader-elect=false --use-service-account-credentials=true \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" \
-    --service-cluster-ip-range="$service_cidr" --profiling=false
+    --service-cluster-ip-range="$service_cidr" --profiling=false --controllers="$controllers"
 }
 
 start_scheduler() {
@@ -218,9 +229,11 @@ running() { [[ -f "$dir/cluster.env" ]] && pid_of kube-apiserver >/dev/null && p
 
 cmd_up() {
   local owner_pid=""
+  controllers="*"
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --owner-pid) owner_pid="$2" && shift 2 ;;
+      --controllers) controllers="$2" && shift 2 ;;
       *) die "up: unknown argument $1" ;;
     esac
   done
