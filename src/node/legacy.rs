@@ -167,9 +167,16 @@ impl XtSocket {
     /// The whole table. Retries while it changes between the two calls (the kernel refuses a
     /// size that is no longer the table's).
     pub fn read(&self, table: &str) -> io::Result<Table> {
+        self.read_into(table, Vec::new())
+    }
+
+    /// [`XtSocket::read`] into `buf` (its allocation reused: a large table is megabytes, and a
+    /// fresh allocation costs page faults on every read).
+    pub fn read_into(&self, table: &str, mut buf: Vec<u8>) -> io::Result<Table> {
         for _ in 0..5 {
             let info = self.info(table)?;
-            let mut buf = vec![0u8; GET_ENTRIES_HEADER + info.size as usize];
+            buf.clear();
+            buf.resize(GET_ENTRIES_HEADER + info.size as usize, 0);
             buf[..NAME_LEN].copy_from_slice(&name_field(table));
             buf[NAME_LEN..NAME_LEN + 4].copy_from_slice(&info.size.to_ne_bytes());
             match self.getsockopt(SO_GET_ENTRIES, &mut buf) {
@@ -182,8 +189,8 @@ impl XtSocket {
             if self.info(table)? != info {
                 continue;
             }
-            return Table::parse(self.family, info, buf.split_off(GET_ENTRIES_HEADER))
-                .map_err(|e| io::Error::other(e.0));
+            buf.drain(..GET_ENTRIES_HEADER);
+            return Table::parse(self.family, info, buf).map_err(|e| io::Error::other(e.0));
         }
         Err(io::Error::other(format!(
             "the {table} table kept changing while being read"
@@ -243,6 +250,8 @@ pub struct Legacy {
     /// Reads and edits done in process (for tests and benchmarks: which path ran).
     pub reads: u64,
     pub writes: u64,
+    /// Buffers of earlier reads, for the next ones.
+    spare: Vec<Vec<u8>>,
 }
 
 /// How an in-process edit ended.
@@ -278,7 +287,11 @@ impl Legacy {
     /// Reads INPUT and OUTPUT of `families` from the kernel, without a process, if every entry is
     /// one it has learnt. `Ok(None)`: read them with the binaries (and [`Legacy::learn`]).
     pub fn read(&mut self, families: &[Family]) -> io::Result<Option<Tables>> {
-        Ok(self.read_tables(families)?.map(|(tables, _)| tables))
+        let Some((tables, read)) = self.read_tables(families)? else {
+            return Ok(None);
+        };
+        self.spare.extend(read.into_iter().map(|t| t.blob));
+        Ok(Some(tables))
     }
 
     /// [`Legacy::read`] for a change: the xtables lock is taken first and kept in the returned
@@ -309,7 +322,8 @@ impl Legacy {
             if !table_exists(family, FILTER) {
                 return Ok(None);
             }
-            let table = XtSocket::open(family)?.read(FILTER)?;
+            let buf = self.spare.pop().unwrap_or_default();
+            let table = XtSocket::open(family)?.read_into(FILTER, buf)?;
             let Some(listings) = self.lines_of(&table) else {
                 return Ok(None);
             };

@@ -1,5 +1,5 @@
 //! Drift detection: nftables netlink events (nft backend), a probe of the legacy tables' shape
-//! every 10 ms (legacy backend, whose kernel interface has no events; see `node::legacy`), and a
+//! every 25 ms (legacy backend, whose kernel interface has no events; see `node::legacy`), and a
 //! periodic full re-check (both).
 
 use super::converge::Convergence;
@@ -170,7 +170,7 @@ impl Trigger {
 }
 
 /// How often the legacy probe looks at the tables' shape (a `GET_INFO` per table: microseconds).
-pub const LEGACY_PROBE_INTERVAL: Duration = Duration::from_millis(10);
+pub const LEGACY_PROBE_INTERVAL: Duration = Duration::from_millis(25);
 
 /// The legacy probe, on a thread of its own (in the namespace the process is in): every
 /// [`LEGACY_PROBE_INTERVAL`] it asks the tables' shapes, and wakes the watch only when one is new.
@@ -288,7 +288,7 @@ impl DriftWatch {
     }
 
     /// Whether drift arrives as nftables events; otherwise it is polled (the legacy probe every
-    /// 10 ms, or only the periodic re-check where neither works).
+    /// 25 ms, or only the periodic re-check where neither works).
     pub fn event_driven(&self) -> bool {
         self.events.is_some()
     }
