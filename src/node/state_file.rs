@@ -106,7 +106,7 @@ impl StateFile {
     /// to finish its pass.
     pub fn lock(&self, wait: Duration) -> Result<FileLock> {
         let path = self.lock_path();
-        let dir = path.parent().unwrap_or(Path::new("."));
+        let dir = folder_of(&path);
         std::fs::create_dir_all(dir)
             .map_err(|e| self.error(format!("cannot create {}: {e}", dir.display())))?;
         let file = std::fs::OpenOptions::new()
@@ -131,7 +131,7 @@ impl StateFile {
                 _ => Ok(()),
             };
         }
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let dir = folder_of(&self.path);
         std::fs::create_dir_all(dir)
             .map_err(|e| self.error(format!("cannot create {}: {e}", dir.display())))?;
         let mut json = serde_json::to_vec_pretty(state).expect("state serializes");
@@ -150,6 +150,15 @@ impl StateFile {
             let _ = std::fs::remove_file(&tmp);
             self.error(format!("cannot write it: {e}"))
         })
+    }
+}
+
+/// The folder a file is in; `.` for a bare file name (whose `parent()` is the empty path, which
+/// cannot be opened or created).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
     }
 }
 
@@ -174,6 +183,13 @@ mod tests {
                 pending: 0,
             }],
         }
+    }
+
+    #[test]
+    fn a_bare_file_name_lives_in_the_current_folder() {
+        assert_eq!(folder_of(Path::new("state.json")), Path::new("."));
+        assert_eq!(folder_of(Path::new("a/state.json")), Path::new("a"));
+        assert_eq!(folder_of(Path::new("/state.json")), Path::new("/"));
     }
 
     #[test]
