@@ -1,112 +1,242 @@
-//! Node engine benchmarks on a real kernel, both backends, printed as a table.
+//! Node engine benchmarks on the real kernel, both backends; writes the "Node engine" section of
+//! BENCHMARKS.md (`cargo bench --bench node_engine`, as root; `-- --quick` only checks that the
+//! bench still works and writes nothing).
 //!
-//! `cargo bench --bench node_engine` (as root). For 0, 1,000, 10,000 and 50,000 foreign rules in
-//! the filter table, it times the `loopguard node` commands as users run them, next to the seed's
-//! own shell remediation and a full `ip6tables-save -t filter` (the read loopguard avoids), and
-//! then measures drift repair: rule deleted → rule back, nft events vs legacy polling.
+//! Every command, loopguard's and the baselines', runs the same way: a fresh process started in
+//! the network namespace with `nsenter --net=/run/netns/NAME` (loopguard without `--netns`), from
+//! this process, with the same PATH (`ip6tables` there is the backend's binary). The namespace
+//! holds N foreign rules: ten each in INPUT and OUTPUT, the rest over twenty other chains.
+//! - One-shot: `loopguard node check|enforce` with backend auto-detection (what the chart runs)
+//!   and with `--backend` forced, the seed's shell script, the seed's Ansible playbook (ansible-core
+//!   from PyPI, in a cached virtualenv), and a full `ip6tables-save -t filter`.
+//! - Drift repair: `loopguard node watch` (auto-detection, the chart's 10 s resync) while the
+//!   bench deletes the DROP at random moments; timed from the delete command returning to the rule
+//!   being back, seen from outside (nft: the next ruleset change event on a netlink socket of the
+//!   bench's own, then confirmed with `ip6tables -C`; legacy: the table's entry count, polled every
+//!   millisecond, then confirmed with `-C`). Only repairs the watcher logged as triggered by the
+//!   event path (nft events; the legacy probe) are counted; others are reported.
+//! - Idle: the same watcher's CPU time and resident memory over a quiet minute.
 
 #[path = "../tests/support/netns.rs"]
 mod netns;
+#[path = "support/report.rs"]
+mod report;
 
 use netns::TestNetns;
+use report::{Samples, Section};
 use std::io::BufRead as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
-const REPS: usize = 15;
+const ANSIBLE_CORE: &str = "2.19.14";
+
+fn reps() -> usize {
+    if report::quick() { 2 } else { 15 }
+}
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let sizes: &[usize] = if quick {
+    let sizes: &[usize] = if report::quick() {
         &[0, 1_000]
     } else {
         &[0, 1_000, 10_000, 50_000]
     };
-    println!(
-        "loopguard node engine benchmark: median (p90) of {REPS} runs, milliseconds, whole processes as users run them"
-    );
-    println!("machine: {} cores, kernel {}", num_cpus(), kernel());
-    println!();
-    println!(
-        "| backend | foreign rules | check | enforce (no-op) | enforce (full) | seed script | full `-save -t filter` |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let repair_sizes: &[usize] = if report::quick() {
+        &[1_000]
+    } else {
+        &[1_000, 50_000]
+    };
+    let ansible = ansible_playbook();
+    let mut section = Section::default();
+    section.line(format!(
+        "Measured {} at commit `{}` on {}. Median / p90 / max of {} runs, milliseconds, unless said otherwise.\n",
+        report::today(),
+        report::commit(),
+        report::machine(),
+        reps()
+    ));
+
+    let mut one_shot = Vec::new();
+    let mut headline = Section::default();
     for backend in ["nft", "legacy"] {
         for &size in sizes {
-            bench_size(backend, size);
+            let (rows, line) = bench_size(backend, size, &ansible);
+            one_shot.extend(rows);
+            if size == *sizes.last().unwrap() {
+                headline.line(line);
+            }
         }
     }
-    println!();
-    println!(
-        "| backend | drift signal | repair latency, median (p90, max) of {} deletions |",
-        REPS
+    section.line("### One-shot commands\n");
+    section.table(
+        &[
+            "backend",
+            "foreign rules",
+            "command",
+            "median / p90 / max (ms)",
+        ],
+        &one_shot,
     );
-    println!("|---|---|---:|");
+
+    let mut repairs = Vec::new();
+    let mut idle = Vec::new();
     for backend in ["nft", "legacy"] {
-        bench_repair(backend);
+        for &size in repair_sizes {
+            let r = bench_repair(backend, size);
+            repairs.push(vec![
+                backend.to_string(),
+                size.to_string(),
+                r.signal.clone(),
+                format!("{} of {}", r.latency.len(), r.deletions),
+                r.latency.ms(),
+            ]);
+            idle.push(vec![
+                backend.to_string(),
+                size.to_string(),
+                format!("{:.2} %", r.idle_cpu_percent),
+                format!("{:.1} MiB", r.rss_mib),
+            ]);
+            if size == *repair_sizes.last().unwrap() {
+                headline.line(format!(
+                    "- Drift repair, {backend} backend, {size} foreign rules: median {:.0} ms, p90 {:.0} ms from the delete to the rule back, seen from outside ({} of {} deletions, those repaired on the {}); idle watcher {:.2} % of a core, {:.1} MiB.",
+                    report::ms(r.latency.median()),
+                    report::ms(r.latency.p90()),
+                    r.latency.len(),
+                    r.deletions,
+                    if backend == "nft" { "nftables event" } else { "legacy probe" },
+                    r.idle_cpu_percent,
+                    r.rss_mib,
+                ));
+            }
+        }
     }
+    section.line("### Drift repair\n");
+    section.table(
+        &[
+            "backend",
+            "foreign rules",
+            "what brought the repair",
+            "deletions counted",
+            "delete → rule back, median / p90 / max (ms)",
+        ],
+        &repairs,
+    );
+    section.line("### The watcher at idle\n");
+    section.table(
+        &[
+            "backend",
+            "foreign rules",
+            "CPU (of one core)",
+            "resident memory",
+        ],
+        &idle,
+    );
+    report::publish("node-engine", &section, &headline);
 }
 
-struct Fixture {
+/// A namespace with `size` foreign rules, and the stubs every command runs with.
+struct Fx {
     ns: TestNetns,
     backend: &'static str,
     dir: tempfile::TempDir,
 }
 
-impl Fixture {
-    fn new(backend: &'static str, foreign: usize) -> Fixture {
+impl Fx {
+    fn new(backend: &'static str, size: usize) -> Fx {
         let ns = TestNetns::new("bench");
-        if foreign > 0 {
-            ns.restore("ip6tables", backend, &foreign_rules(foreign));
+        if size > 0 {
+            ns.restore("ip6tables", backend, &foreign_rules(size));
         } else {
             ns.ip6tables(backend, "-S");
         }
         let dir = tempfile::tempdir().unwrap();
-        Fixture { ns, backend, dir }
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        // `ip6tables` is the backend's binary, as Debian's alternatives would have it.
+        for tool in ["", "-save", "-restore"] {
+            std::os::unix::fs::symlink(
+                format!("/usr/sbin/ip6tables-{backend}{tool}"),
+                bin.join(format!("ip6tables{tool}")),
+            )
+            .unwrap();
+        }
+        // The seed script asks dpkg-query whether iptables, nftables and ufw are installed:
+        // answered like a host where the rule applies.
+        let stub = bin.join("dpkg-query");
+        std::fs::write(
+            &stub,
+            "#!/bin/sh\nfor p; do :; done\n[ \"$p\" = iptables ] && echo installed\nexit 0\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Fx { ns, backend, dir }
     }
 
-    fn loopguard(&self, cmd: &str) -> Command {
-        let mut c = Command::new(BIN);
-        c.args([
-            "node",
-            cmd,
-            "--netns",
-            &self.ns.name,
-            "--backend",
-            self.backend,
-            "--state-file",
-        ])
-        .arg(self.dir.path().join("state.json"))
-        .stdout(Stdio::null());
+    fn path(&self) -> String {
+        format!(
+            "{}:{}",
+            self.dir.path().join("bin").display(),
+            std::env::var("PATH").unwrap()
+        )
+    }
+
+    /// `program` as a new process in the namespace (`nsenter --net`), with the bench's PATH.
+    fn in_ns(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns.name))
+            .arg("--")
+            .arg(program)
+            .env("PATH", self.path())
+            .stdout(Stdio::null());
+        c
+    }
+
+    fn loopguard(&self, cmd: &str, forced: bool) -> Command {
+        let mut c = self.in_ns(BIN);
+        c.args(["node", cmd, "--state-file"])
+            .arg(self.dir.path().join("state.json"));
         if cmd != "cleanup" {
             c.args(["--applicability", "always"]);
+        }
+        if forced {
+            c.args(["--backend", self.backend]);
         }
         c
     }
 
     fn seed(&self) -> Command {
-        let mut c = netns::seed_script(&self.ns.name, self.backend, &self.dir.path().join("bin"));
-        c.stdout(Stdio::null());
+        let mut c = self.in_ns("bash");
+        c.arg(Path::new(report::REPO).join("tests/fixtures/seed-remediation.sh"));
         c
     }
 
-    fn full_save(&self) -> Command {
-        let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &self.ns.name,
-            &format!("ip6tables-{}-save", self.backend),
-            "-t",
-            "filter",
-        ])
-        .stdout(Stdio::null());
+    /// The seed's playbook, run by ansible-playbook against localhost in the namespace. A mount
+    /// namespace of its own shows the playbook's package_facts a dpkg database where iptables is
+    /// installed and nftables and ufw are not (this machine has nftables), like the stub does for
+    /// the shell script.
+    fn ansible(&self, ansible: &Ansible) -> Command {
+        let mut c = self.in_ns("unshare");
+        c.args(["--mount", "sh", "-c"]).arg(format!(
+            "mount --bind {status} /var/lib/dpkg/status && exec {bin}/ansible-playbook -i localhost, -c local -e ansible_python_interpreter={bin}/python {playbook}",
+            status = ansible.dpkg_status.display(),
+            bin = ansible.bin.display(),
+            playbook = Path::new(report::REPO)
+                .join("tests/fixtures/seed-playbook.yml")
+                .display(),
+        ));
         c
     }
 
-    /// Removes the three baseline rules however they got there (the seed appends them).
+    fn save(&self) -> Command {
+        let mut c = self.in_ns(&format!("ip6tables-{}-save", self.backend));
+        c.args(["-t", "filter"]);
+        c
+    }
+
+    /// Removes the baseline rules however they got there, and loopguard's state.
     fn reset(&self) {
         let binary = format!("ip6tables-{}", self.backend);
         for rule in [
@@ -117,114 +247,393 @@ impl Fixture {
             let args: Vec<&str> = std::iter::once(binary.as_str())
                 .chain(rule.split(' '))
                 .collect();
-            let _ = self.ns.exec(&args);
+            while self.ns.exec(&args).status.success() {}
         }
         let _ = std::fs::remove_file(self.dir.path().join("state.json"));
     }
-}
 
-fn bench_size(backend: &'static str, size: usize) {
-    let fx = Fixture::new(backend, size);
-    let mut check = Vec::new();
-    let mut noop = Vec::new();
-    let mut full = Vec::new();
-    let mut seed = Vec::new();
-    let mut save = Vec::new();
-    for _ in 0..REPS {
-        fx.reset();
-        full.push(time(&mut fx.loopguard("enforce")));
-        noop.push(time(&mut fx.loopguard("enforce")));
-        check.push(time(&mut fx.loopguard("check")));
-        save.push(time(&mut fx.full_save()));
-        fx.reset();
-        seed.push(time(&mut fx.seed()));
+    /// Whether the DROP is listed (`ip6tables -C`).
+    fn drop_listed(&self) -> bool {
+        self.ns
+            .exec(&[
+                &format!("ip6tables-{}", self.backend),
+                "-C",
+                "INPUT",
+                "-s",
+                "::1/128",
+                "-j",
+                "DROP",
+            ])
+            .status
+            .success()
     }
-    println!(
-        "| {backend} | {size} | {} | {} | {} | {} | {} |",
-        stats(&mut check),
-        stats(&mut noop),
-        stats(&mut full),
-        stats(&mut seed),
-        stats(&mut save)
-    );
 }
 
-fn bench_repair(backend: &'static str) {
-    let fx = Fixture::new(backend, 1_000);
-    let resync = if backend == "nft" { "10" } else { "1" };
-    let mut child = fx
-        .loopguard("watch")
-        .args(["--resync", resync, "--log-format", "json"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut log = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    wait_for(&mut log, "watching for drift");
-    let mut latencies = Vec::new();
-    for _ in 0..REPS {
-        let started = Instant::now();
-        fx.ns.ip6tables(backend, "-D INPUT -s ::1/128 -j DROP");
-        let line = wait_for(&mut log, "repaired drift");
-        // Wall time from the delete command's start to the watcher's report, minus nothing:
-        // an upper bound on what a user would see, including the delete itself.
-        let wall = started.elapsed();
-        let reported: f64 = serde_json::from_str::<serde_json::Value>(&line).unwrap()["latency_ms"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        latencies.push(if backend == "nft" {
-            Duration::from_secs_f64(reported / 1000.0)
-        } else {
-            wall
-        });
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
-    let signal = if backend == "nft" {
-        "nftables netlink event (time from event to rule back, as the watcher logs it)".to_string()
-    } else {
-        format!("polling every {resync} s (time from the delete to the watcher's repair log)")
-    };
-    let max = latencies.iter().max().copied().unwrap();
-    println!(
-        "| {backend} | {signal} | {} (max {:.1}) |",
-        stats(&mut latencies),
-        ms(max)
-    );
-}
-
-fn wait_for(log: &mut impl Iterator<Item = std::io::Result<String>>, needle: &str) -> String {
-    for line in log {
-        let line = line.unwrap();
-        if line.contains(needle) {
-            return line;
-        }
-    }
-    panic!("watcher ended before logging {needle:?}");
-}
-
-fn time(cmd: &mut Command) -> Duration {
+fn time(cmd: &mut Command, what: &str) -> Duration {
     let started = Instant::now();
-    let status = cmd.status().unwrap();
+    let out = cmd.stderr(Stdio::piped()).output().unwrap();
     let elapsed = started.elapsed();
     assert!(
-        status.success() || status.code() == Some(1),
-        "{cmd:?}: {status}"
+        out.status.success(),
+        "{what}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
     elapsed
 }
 
-fn stats(samples: &mut [Duration]) -> String {
-    samples.sort();
-    let median = samples[samples.len() / 2];
-    let p90 = samples[(samples.len() * 9 / 10).min(samples.len() - 1)];
-    format!("{:.1} ({:.1})", ms(median), ms(p90))
+/// One row per command, and a headline line comparing loopguard with the seed's script and playbook.
+fn bench_size(backend: &'static str, size: usize, ansible: &Ansible) -> (Vec<Vec<String>>, String) {
+    let fx = Fx::new(backend, size);
+    let names = [
+        "loopguard check, auto-detected backend",
+        "loopguard check, --backend forced",
+        "loopguard enforce, nothing to do, auto",
+        "loopguard enforce, nothing to do, forced",
+        "loopguard enforce, three rules, auto",
+        "loopguard enforce, three rules, forced",
+        "the seed's shell script (three rules)",
+        "the seed's Ansible playbook (three rules)",
+        "full `ip6tables-save -t filter`",
+    ];
+    let mut samples: Vec<Samples> = vec![Samples::default(); names.len()];
+    for _ in 0..reps() {
+        for (forced, first) in [(false, 0), (true, 1)] {
+            fx.reset();
+            samples[4 + first].push(time(&mut fx.loopguard("enforce", forced), names[4 + first]));
+            samples[2 + first].push(time(&mut fx.loopguard("enforce", forced), names[2 + first]));
+            samples[first].push(time(&mut fx.loopguard("check", forced), names[first]));
+        }
+        samples[8].push(time(&mut fx.save(), names[8]));
+        fx.reset();
+        samples[6].push(time(&mut fx.seed(), names[6]));
+        assert!(fx.drop_listed(), "the seed script wrote the DROP");
+        fx.reset();
+        samples[7].push(time(&mut fx.ansible(ansible), names[7]));
+        assert!(fx.drop_listed(), "the playbook wrote the DROP");
+    }
+    let rows: Vec<Vec<String>> = names
+        .iter()
+        .zip(&samples)
+        .map(|(name, s)| {
+            vec![
+                backend.to_string(),
+                size.to_string(),
+                name.to_string(),
+                s.ms(),
+            ]
+        })
+        .collect();
+    for row in &rows {
+        eprintln!("{}", row.join(" | "));
+    }
+    let headline = format!(
+        "- {backend} backend, {size} foreign rules, median: `loopguard node enforce` writing the three rules {:.0} ms (nothing to do: {:.0} ms), the seed's shell script {:.0} ms, its Ansible playbook {:.0} ms.",
+        report::ms(samples[4].median()),
+        report::ms(samples[2].median()),
+        report::ms(samples[6].median()),
+        report::ms(samples[7].median()),
+    );
+    (rows, headline)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+struct Repair {
+    signal: String,
+    deletions: usize,
+    latency: Samples,
+    idle_cpu_percent: f64,
+    rss_mib: f64,
+}
+
+/// A tiny pseudo-random sequence (xorshift), seeded from the clock.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        Rng(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn bench_repair(backend: &'static str, size: usize) -> Repair {
+    let fx = Fx::new(backend, size);
+    let mut watch = fx.loopguard("watch", false);
+    watch
+        .args(["--resync", "10", "--log-format", "json"])
+        .stderr(Stdio::piped());
+    let mut child = watch.spawn().unwrap();
+    let (tx, log) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_log = |needle: &str| -> String {
+        loop {
+            let line = log
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("the watcher never logged {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    };
+    wait_log("watching for drift");
+    let observer = Observer::start(&fx.ns.name, backend);
+    let (expected, signal) = match backend {
+        "nft" => (
+            "nft event",
+            "nftables event (watcher) / next ruleset event, then `-C` (bench)",
+        ),
+        _ => (
+            "legacy table change",
+            "the 25 ms GET_INFO probe (watcher) / entry count polled every 1 ms, then `-C` (bench)",
+        ),
+    };
+    let mut rng = Rng::new();
+    let mut latency = Samples::default();
+    let mut deletions = 0;
+    let mut others = Vec::new();
+    while latency.len() < reps() {
+        assert!(
+            deletions < reps() * 3,
+            "too few repairs by {expected}: {others:?}"
+        );
+        // 3.5-4.5 s apart: loopguard takes more than three writes within 10 s for a fight and
+        // backs off, which would measure the back-off, not the event path.
+        std::thread::sleep(Duration::from_millis(3_500 + rng.below(1_000)));
+        observer.arm();
+        let out = fx.ns.exec(&[
+            &format!("ip6tables-{backend}"),
+            "-D",
+            "INPUT",
+            "-s",
+            "::1/128",
+            "-j",
+            "DROP",
+        ]);
+        let deleted = Instant::now();
+        assert!(out.status.success(), "delete: {out:?}");
+        deletions += 1;
+        let back = observer.back(&fx);
+        let line = wait_log("repaired drift");
+        let trigger = serde_json::from_str::<serde_json::Value>(&line).unwrap()["trigger"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if trigger == expected {
+            latency.push(back.saturating_duration_since(deleted));
+        } else {
+            others.push(trigger);
+        }
+    }
+    // Idle: nothing changes for a while; the watcher's CPU time and memory.
+    let window = if report::quick() {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(60)
+    };
+    let pid = child.id();
+    let before = report::cpu_time(pid);
+    std::thread::sleep(window);
+    let idle_cpu_percent =
+        (report::cpu_time(pid) - before).as_secs_f64() / window.as_secs_f64() * 100.0;
+    let rss_mib = rss_kib(pid) as f64 / 1024.0;
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let signal = if others.is_empty() {
+        signal.to_string()
+    } else {
+        let mut counted: std::collections::BTreeMap<&str, usize> = Default::default();
+        for other in &others {
+            *counted.entry(other.as_str()).or_default() += 1;
+        }
+        let counted: Vec<String> = counted.iter().map(|(t, n)| format!("{n} by {t}")).collect();
+        format!("{signal}; left out: {}", counted.join(", "))
+    };
+    eprintln!(
+        "{backend} {size}: repair {} ms over {} of {deletions}; idle {idle_cpu_percent:.2} %, {rss_mib:.1} MiB",
+        latency.ms(),
+        latency.len()
+    );
+    Repair {
+        signal,
+        deletions,
+        latency,
+        idle_cpu_percent,
+        rss_mib,
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sees the DROP come back from outside loopguard: a thread in the namespace that, once armed
+/// (before the delete), reports the moment the rule is back in the kernel.
+struct Observer {
+    arm: mpsc::Sender<()>,
+    back: mpsc::Receiver<Instant>,
+}
+
+impl Observer {
+    fn start(ns: &str, backend: &'static str) -> Observer {
+        let (arm, armed) = mpsc::channel::<()>();
+        let (found, back) = mpsc::channel();
+        let ns = ns.to_string();
+        std::thread::spawn(move || {
+            loopguard::node::netns::enter(&ns).unwrap();
+            match backend {
+                "nft" => nft_observer(armed, found),
+                _ => legacy_observer(armed, found),
+            }
+        });
+        Observer { arm, back }
+    }
+
+    fn arm(&self) {
+        self.arm.send(()).unwrap();
+        // The observer answers when it is ready; give it the moment to subscribe or read.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    /// When the rule was back, confirmed by listing it.
+    fn back(&self, fx: &Fx) -> Instant {
+        let at = self
+            .back
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the rule came back");
+        assert!(
+            fx.drop_listed(),
+            "the observer saw a change, but no DROP is listed"
+        );
+        at
+    }
+}
+
+/// nft: a netlink socket subscribed to ruleset changes; after the delete's own change, the next
+/// committed change is the repair (checked by listing the rule).
+fn nft_observer(armed: mpsc::Receiver<()>, found: mpsc::Sender<Instant>) {
+    // SAFETY: socket syscalls on a descriptor this thread owns, with buffers it owns.
+    let fd = unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_NETFILTER,
+        );
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+        addr.nl_family = libc::AF_NETLINK as u16;
+        assert_eq!(
+            libc::bind(
+                fd,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as u32
+            ),
+            0
+        );
+        let group: libc::c_int = libc::NFNLGRP_NFTABLES;
+        assert_eq!(
+            libc::setsockopt(
+                fd,
+                libc::SOL_NETLINK,
+                libc::NETLINK_ADD_MEMBERSHIP,
+                &group as *const _ as *const _,
+                4
+            ),
+            0
+        );
+        fd
+    };
+    let recv = |flags: i32| -> isize {
+        let mut buf = [0u8; 65536];
+        unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut _, buf.len(), flags) }
+    };
+    for () in armed {
+        // Forget what came before the delete.
+        while recv(libc::MSG_DONTWAIT) > 0 {}
+        // The delete's own transaction, then loopguard's: each ends with a NEWGEN message; a
+        // change is only counted once the rule is listed again.
+        let mut transactions = 0;
+        loop {
+            let mut buf = [0u8; 65536];
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut _, buf.len(), 0) };
+            assert!(n > 0, "netlink receive failed");
+            let at = Instant::now();
+            transactions += newgens(&buf[..n as usize]);
+            if transactions >= 2 && drop_listed_here("nft") {
+                let _ = found.send(at);
+                break;
+            }
+        }
+    }
+}
+
+/// How many `NFT_MSG_NEWGEN` messages (one closes each committed transaction) a datagram holds.
+fn newgens(mut buf: &[u8]) -> usize {
+    const NEWGEN: u16 = (10 << 8) | 15;
+    let mut count = 0;
+    while buf.len() >= 16 {
+        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize;
+        if u16::from_ne_bytes([buf[4], buf[5]]) == NEWGEN {
+            count += 1;
+        }
+        let aligned = (len + 3) & !3;
+        if len < 16 || aligned > buf.len() {
+            break;
+        }
+        buf = &buf[aligned..];
+    }
+    count
+}
+
+/// legacy: the filter table's entry count, polled every millisecond; back when it is what it was
+/// before the delete.
+fn legacy_observer(armed: mpsc::Receiver<()>, found: mpsc::Sender<Instant>) {
+    use loopguard::node::legacy::{FILTER, XtSocket};
+    let socket = XtSocket::open(loopguard::rules::Family::Ipv6).unwrap();
+    for () in armed {
+        let full = socket.info(FILTER).unwrap().num_entries;
+        // Wait for the delete, then for the entry to be back.
+        while socket.info(FILTER).unwrap().num_entries == full {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        loop {
+            if socket.info(FILTER).unwrap().num_entries == full {
+                let _ = found.send(Instant::now());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// `ip6tables-<backend> -C INPUT -s ::1/128 -j DROP` from the observer's own namespace.
+fn drop_listed_here(backend: &str) -> bool {
+    Command::new(format!("ip6tables-{backend}"))
+        .args(["-C", "INPUT", "-s", "::1/128", "-j", "DROP"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// `total` foreign rules: ten each in INPUT and OUTPUT (some at the top), the rest spread over
@@ -258,13 +667,57 @@ fn foreign_rules(total: usize) -> String {
     s
 }
 
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// ansible-core from PyPI in a virtualenv cached under ~/.cache/loopguard (keyed by the pin and
+/// the Python version), and the dpkg database the playbook is shown.
+struct Ansible {
+    bin: PathBuf,
+    dpkg_status: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+fn ansible_playbook() -> Ansible {
+    let python = "python3";
+    let version = String::from_utf8(
+        Command::new(python)
+            .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+            .output()
+            .expect("python3 (hack/test.sh installs it)")
+            .stdout,
+    )
+    .unwrap();
+    let cache = PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/loopguard");
+    let venv = cache.join(format!("ansible-core{ANSIBLE_CORE}-py{}", version.trim()));
+    if !venv.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&venv);
+        let ok = Command::new(python)
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check"])
+                .arg(format!("ansible-core=={ANSIBLE_CORE}"))
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "installing ansible-core {ANSIBLE_CORE} into {}",
+            venv.display()
+        );
+        std::fs::write(venv.join(".complete"), "").unwrap();
+    }
+    // This machine's dpkg database without nftables and ufw.
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::fs::read_to_string("/var/lib/dpkg/status").expect("a Debian machine");
+    let kept: Vec<&str> = status
+        .split("\n\n")
+        .filter(|p| !p.starts_with("Package: nftables\n") && !p.starts_with("Package: ufw\n"))
+        .collect();
+    let dpkg_status = dir.path().join("status");
+    std::fs::write(&dpkg_status, kept.join("\n\n")).unwrap();
+    Ansible {
+        bin: venv.join("bin"),
+        dpkg_status,
+        _dir: dir,
+    }
 }

@@ -77,4 +77,10 @@ echo "image step: $((SECONDS - started))s" >&2
 
 log "tests"
 LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+
+log "benchmarks, quick mode (they still work; BENCHMARKS.md is left as it is)"
+started=$SECONDS
+LOOPGUARD_REQUIRE_CLUSTER=1 cargo bench --locked --bench node_engine -- --quick
+LOOPGUARD_REQUIRE_CLUSTER=1 cargo bench --locked --bench cluster -- --quick
+echo "bench step: $((SECONDS - started))s" >&2
 log "all tests passed"

@@ -60,14 +60,20 @@ pub fn shared() -> Option<&'static Cluster> {
                 });
             }
             // The watchdog stops it when this test binary exits; nothing drops a static.
-            start("shared")
+            start("shared", &[])
         })
         .as_ref()
 }
 
 /// A control plane of its own, for a test that disturbs it (restarts a component); stopped on drop.
 pub fn private(tag: &str) -> Option<Cluster> {
-    start(tag)
+    start(tag, &[])
+}
+
+/// A control plane of its own whose controller manager runs only `controllers` (its
+/// `--controllers` flag, e.g. `*,-node-lifecycle-controller` for Nodes that no kubelet heartbeats).
+pub fn private_with_controllers(tag: &str, controllers: &str) -> Option<Cluster> {
+    start(tag, &["--controllers", controllers])
 }
 
 /// `KUBECONFIG` is reused only when it is a hack/cluster.sh cluster that answers: tests create Nodes and
@@ -96,7 +102,7 @@ fn running_cluster_from_kubeconfig() -> Option<PathBuf> {
     None
 }
 
-fn start(tag: &str) -> Option<Cluster> {
+fn start(tag: &str, up_args: &[&str]) -> Option<Cluster> {
     let binaries_built = Command::new(format!("{REPO}/hack/build-control-plane.sh"))
         .arg("--check")
         .output()
@@ -111,7 +117,11 @@ fn start(tag: &str) -> Option<Cluster> {
     let dir = std::env::temp_dir().join(format!("loopguard-{}", unique_name(tag)));
     let output = cluster_sh(
         &dir,
-        &["up", "--owner-pid", &std::process::id().to_string()],
+        &[
+            &["up", "--owner-pid", &std::process::id().to_string()],
+            up_args,
+        ]
+        .concat(),
     );
     assert!(
         output.status.success(),

@@ -5,6 +5,7 @@ pub mod dashboard;
 pub mod deploy;
 pub mod netns;
 pub mod prometheus;
+pub mod sim;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
