@@ -45,8 +45,25 @@ async fn main() {
         report::commit(),
         report::machine(),
     ));
-    real_agents(&mut section, &mut headline).await;
-    simulated(&mut section, &mut headline).await;
+    // `-- --part agents` or `-- --part sim` runs one part, and only prints.
+    let args: Vec<String> = std::env::args().collect();
+    let part = args
+        .iter()
+        .position(|a| a == "--part")
+        .and_then(|i| args.get(i + 1).cloned());
+    if part.as_deref() != Some("sim") {
+        real_agents(&mut section, &mut headline).await;
+    }
+    if part.as_deref() != Some("agents") {
+        simulated(&mut section, &mut headline).await;
+    }
+    if part.is_some() {
+        println!(
+            "{}\nheadline:\n{}\n(one part only: nothing written)",
+            section.0, headline.0
+        );
+        return;
+    }
     report::publish("cluster", &section, &headline);
 }
 

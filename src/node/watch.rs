@@ -360,6 +360,32 @@ pub struct Pass {
     pub repair_latency: Option<Duration>,
 }
 
+/// Whether a pass brought by `trigger` may write. The first pass for a policy does what the user
+/// asked for just now: it is never held back.
+fn may_write(convergence: &Convergence, trigger: &Trigger, now: Instant) -> bool {
+    matches!(trigger, Trigger::Start { .. }) || convergence.may_write(now)
+}
+
+/// Records a pass in `convergence`; returns how long the next write is held back when this one
+/// was one too many. The first pass's write is not a repair being undone (applying and deleting
+/// policies in a row is no fight), so it is not counted.
+fn record(
+    convergence: &mut Convergence,
+    trigger: &Trigger,
+    wrote: bool,
+    inserted: &[String],
+    now: Instant,
+) -> Option<Duration> {
+    match (wrote, trigger) {
+        (true, Trigger::Start { .. }) => None,
+        (true, _) => convergence.wrote(now, inserted),
+        (false, _) => {
+            convergence.quiet(now);
+            None
+        }
+    }
+}
+
 /// Runs one check (audit) or enforce on a blocking thread, and logs a repair with its latency.
 /// The periodic re-check first learns the node's facts again (backend, IPv6, packages).
 ///
@@ -371,7 +397,7 @@ pub async fn run_pass(
     audit: bool,
     trigger: Trigger,
 ) -> Result<Pass> {
-    let held_back = !audit && !convergence.may_write(Instant::now());
+    let held_back = !audit && !may_write(convergence, &trigger, Instant::now());
     let mut worker = engine.clone();
     let (worker, report) = tokio::task::spawn_blocking(move || {
         if let Trigger::Resync { .. } = trigger {
@@ -389,17 +415,19 @@ pub async fn run_pass(
     *engine = worker;
     let mut report = report?;
     let now = Instant::now();
-    if report.wrote() {
-        if let Some(hold) = convergence.wrote(now, &report.inserted()) {
-            tracing::warn!(
-                kept_changing = %convergence.describe(now),
-                backoff_s = hold.as_secs_f64(),
-                "not converging: {}",
-                convergence.describe(now)
-            );
-        }
-    } else {
-        convergence.quiet(now);
+    if let Some(hold) = record(
+        convergence,
+        &trigger,
+        report.wrote(),
+        &report.inserted(),
+        now,
+    ) {
+        tracing::warn!(
+            kept_changing = %convergence.describe(now),
+            backoff_s = hold.as_secs_f64(),
+            "not converging: {}",
+            convergence.describe(now)
+        );
     }
     if held_back && report.applicable && !report.compliant {
         report.reason = reason::NOT_CONVERGING.into();
@@ -438,6 +466,46 @@ pub async fn run_pass(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Policies applied and deleted in a row make one first pass each, every one writing: that
+    /// is no fight, and none of them, nor the repair after them, is held back.
+    #[test]
+    fn first_passes_are_never_held_back_nor_counted_as_a_fight() {
+        let mut c = Convergence::default();
+        let t0 = Instant::now();
+        let drop = vec!["ipv6 -A INPUT -s ::1/128 -j DROP".to_string()];
+        for i in 0..10 {
+            let now = t0 + Duration::from_millis(300 * i);
+            let start = Trigger::Start { at: now };
+            assert!(may_write(&c, &start, now), "first pass {i}");
+            assert_eq!(record(&mut c, &start, true, &drop, now), None);
+        }
+        let now = t0 + Duration::from_secs(3);
+        let changed = Trigger::Changed { at: now };
+        assert!(may_write(&c, &changed, now));
+        assert_eq!(record(&mut c, &changed, true, &drop, now), None);
+        assert!(!c.fighting());
+    }
+
+    /// Repairs undone again and again still are a fight, and a held-back repair stays held back.
+    #[test]
+    fn repairs_undone_in_a_row_still_back_off() {
+        let mut c = Convergence::default();
+        let t0 = Instant::now();
+        let drop = vec!["ipv6 -A INPUT -s ::1/128 -j DROP".to_string()];
+        let mut held = None;
+        for i in 0..4 {
+            let now = t0 + Duration::from_millis(100 * i);
+            held = record(&mut c, &Trigger::Changed { at: now }, true, &drop, now);
+        }
+        assert!(
+            held.is_some(),
+            "the fourth write within 10 s is one too many"
+        );
+        let now = t0 + Duration::from_millis(400);
+        assert!(!may_write(&c, &Trigger::Changed { at: now }, now));
+        assert!(may_write(&c, &Trigger::Start { at: now }, now));
+    }
 
     fn message(kind: u16, payload: usize) -> Vec<u8> {
         let len = 16 + payload;
