@@ -14,7 +14,6 @@ use crate::api::{
     Mode,
 };
 use crate::selection;
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -47,26 +46,6 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
-    pub fn from_node(node: &Node) -> Option<NodeInfo> {
-        let ready = node
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
-        let not_ready_since = ready.filter(|c| c.status != "True").map(|c| {
-            c.last_transition_time
-                .clone()
-                .unwrap_or(Time(jiff::Timestamp::UNIX_EPOCH))
-        });
-        Some(NodeInfo {
-            name: node.metadata.name.clone()?,
-            labels: node.metadata.labels.clone().unwrap_or_default(),
-            not_ready_since,
-            created: node.metadata.creation_timestamp.clone(),
-            agent: AgentPod::Missing,
-        })
-    }
-
     fn not_ready_for(&self, now: &Time) -> Option<Duration> {
         self.not_ready_since
             .as_ref()

@@ -3,6 +3,7 @@
 //! leader-elected Deployment; only the leader writes.
 
 pub mod lease;
+pub mod slim;
 
 use crate::aggregate::{self, AgentPod, NodeInfo, Settings};
 use crate::api::{
@@ -12,7 +13,7 @@ use crate::api::{
 use crate::metrics::{self, Readiness};
 use crate::runtime::{OnInvalid, keep_whole, reflect};
 use crate::{Error, Result};
-use k8s_openapi::api::core::v1::{Node, NodeStatus, ObjectReference, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -243,8 +244,8 @@ struct Context {
     client: Client,
     policies: Store<LoopbackPolicy>,
     states: Store<LoopbackNodeState>,
-    nodes: Store<Node>,
-    agents: Store<Pod>,
+    nodes: Store<slim::Node>,
+    agents: Store<slim::Pod>,
     leadership: lease::Leadership,
     recorder: Recorder,
     metrics: Metrics,
@@ -300,25 +301,25 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         watcher::Config::default(),
         dirty.clone(),
         on_invalid.clone(),
-        keep_whole,
+        slim_state,
     );
-    let nodes = reflect::<Node>(
+    let nodes = reflect::<slim::Node>(
         Api::all(client.clone()),
         watcher::Config::default(),
         dirty.clone(),
         on_invalid.clone(),
-        slim_node,
+        slim::trim_node,
     );
     let agent_namespace = args
         .agent_namespace
         .clone()
         .unwrap_or_else(|| args.namespace.clone());
-    let agents = reflect::<Pod>(
+    let agents = reflect::<slim::Pod>(
         Api::namespaced(client.clone(), &agent_namespace),
         watcher::Config::default().labels(&args.agent_selector),
         dirty.clone(),
         on_invalid,
-        slim_pod,
+        slim::trim_pod,
     );
     for store in [
         policies.wait_until_ready().await,
@@ -423,7 +424,7 @@ async fn reconcile_all(ctx: &mut Context) {
         .nodes
         .state()
         .iter()
-        .filter_map(|n| NodeInfo::from_node(n))
+        .filter_map(|n| node_info(n))
         .map(|mut n| {
             n.agent = agents.get(&n.name).cloned().unwrap_or(AgentPod::Missing);
             n
@@ -523,61 +524,36 @@ async fn tell_invalid(ctx: &mut Context) {
     }
 }
 
-/// What the controller reads of an agent Pod: its node, whether it is Ready and since when.
-fn slim_pod(pod: &mut Pod) {
-    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-    let ready = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready").cloned());
-    pod.spec = Some(PodSpec {
-        node_name,
-        ..Default::default()
-    });
-    pod.status = Some(PodStatus {
-        conditions: ready.map(|c| vec![c]),
-        ..Default::default()
-    });
-    let meta = &mut pod.metadata;
-    (
-        meta.managed_fields,
-        meta.annotations,
-        meta.labels,
-        meta.owner_references,
-    ) = (None, None, None, None);
+/// What the controller reads of a node state: everything but who wrote which field.
+fn slim_state(state: &mut LoopbackNodeState) {
+    state.metadata.managed_fields = None;
 }
 
-/// What the controller reads of a Node: its name, labels, Ready condition and creation time.
-fn slim_node(node: &mut Node) {
-    node.metadata.managed_fields = None;
-    node.metadata.annotations = None;
-    node.spec = None;
-    if let Some(status) = node.status.as_mut() {
-        let ready = status
-            .conditions
-            .as_ref()
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready").cloned());
-        *status = NodeStatus {
-            conditions: ready.map(|c| vec![c]),
-            ..Default::default()
-        };
-    }
+/// What aggregation needs of a Node.
+fn node_info(node: &slim::Node) -> Option<NodeInfo> {
+    let not_ready_since = node.status.ready().filter(|c| c.status != "True").map(|c| {
+        c.last_transition_time
+            .clone()
+            .unwrap_or(Time(jiff::Timestamp::UNIX_EPOCH))
+    });
+    Some(NodeInfo {
+        name: node.metadata.name.clone()?,
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        not_ready_since,
+        created: node.metadata.creation_timestamp.clone(),
+        agent: AgentPod::Missing,
+    })
 }
 
 /// The agent Pod of each node: Ready when one of its Pods is Ready (during a rolling update
 /// the old and the new Pod are both there); else NotReady since the latest transition.
-fn agent_pods(pods: &[Arc<Pod>]) -> HashMap<String, AgentPod> {
+fn agent_pods(pods: &[Arc<slim::Pod>]) -> HashMap<String, AgentPod> {
     let mut by_node: HashMap<String, AgentPod> = HashMap::new();
     for pod in pods {
-        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+        let Some(node) = pod.spec.node_name.clone() else {
             continue;
         };
-        let ready = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+        let ready = pod.status.ready();
         let state = match ready {
             Some(c) if c.status == "True" && pod.metadata.deletion_timestamp.is_none() => {
                 AgentPod::Ready
@@ -651,7 +627,7 @@ impl Context {
             reason: reason.into(),
             note: Some(note),
             action: "Reconcile".into(),
-            secondary: node.map(|name| ObjectRef::<Node>::new(name).into()),
+            secondary: node.map(|name| ObjectRef::<slim::Node>::new(name).into()),
         };
         match self.recorder.publish(&event, &policy.object_ref(&())).await {
             Ok(()) => {
