@@ -15,7 +15,7 @@ mod chains;
 #[path = "support/netns.rs"]
 mod netns;
 
-use chains::Chains;
+use chains::{Chains, budget, seed};
 use loopguard::node::facts::{ApplicabilityMode, BackendChoice};
 use loopguard::node::{Engine, EngineConfig, Report};
 use loopguard::rules::{EditKind, Family, Placement};
@@ -24,23 +24,6 @@ use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use std::collections::BTreeSet;
 use std::path::Path;
-
-fn budget() -> u32 {
-    std::env::var("LOOPGUARD_DIFF_CASES")
-        .ok()
-        .map(|v| v.parse().expect("LOOPGUARD_DIFF_CASES is a number"))
-        .unwrap_or(100)
-}
-
-fn seed() -> u64 {
-    match std::env::var("LOOPGUARD_DIFF_SEED") {
-        Ok(v) => v.parse().expect("LOOPGUARD_DIFF_SEED is a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    }
-}
 
 /// The IPv6 script: the generated INPUT and OUTPUT, user chains that jump and go to each other,
 /// FORWARD rules, and a counter on every rule (`[packets:bytes]`, as `-save -c` prints them).

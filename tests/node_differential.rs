@@ -18,27 +18,10 @@ mod netns;
 #[path = "support/node.rs"]
 mod node;
 
-use chains::{Chains, apply_edit, foreign};
+use chains::{Chains, apply_edit, budget, foreign, seed};
 use node::Node;
 use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
-
-fn budget() -> u32 {
-    std::env::var("LOOPGUARD_DIFF_CASES")
-        .ok()
-        .map(|v| v.parse().expect("LOOPGUARD_DIFF_CASES is a number"))
-        .unwrap_or(100)
-}
-
-fn seed() -> u64 {
-    match std::env::var("LOOPGUARD_DIFF_SEED") {
-        Ok(v) => v.parse().expect("LOOPGUARD_DIFF_SEED is a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    }
-}
 
 fn differential(backend: &'static str) {
     let (cases, seed) = (budget(), seed());

@@ -1,7 +1,7 @@
 //! Running the iptables binaries of one backend: read a built-in chain with `-S`, apply a plan
 //! with one `*-restore --noflush` transaction, and wait for the xtables lock.
 
-use super::lock::{FileLock, flock_within};
+use super::lock::FileLock;
 use crate::rules::{Chain, ChainListing, Family, Tables};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -259,22 +259,8 @@ struct XtablesLock {
 
 impl XtablesLock {
     fn acquire(path: &Path, wait: Duration) -> Result<XtablesLock> {
-        let file = match std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-        {
-            Ok(file) => file,
-            // Nowhere to lock (for example a read-only /run without the host's lock mounted):
-            // iptables-nft itself never locks, so go on without it.
-            Err(e) => {
-                tracing::debug!(path = %path.display(), error = %e, "xtables lock not available");
-                return Ok(XtablesLock { _lock: None });
-            }
-        };
-        match flock_within(file, wait) {
-            Some(lock) => Ok(XtablesLock { _lock: Some(lock) }),
+        match super::lock::xtables_lock(path, wait) {
+            Some(lock) => Ok(XtablesLock { _lock: lock }),
             None => Err(Error::LockTimeout {
                 path: path.to_path_buf(),
                 seconds: wait.as_secs().max(1),

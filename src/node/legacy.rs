@@ -12,7 +12,7 @@
 //! `GET_INFO` costs microseconds whatever the table's size: it is the change probe the drift watch
 //! polls between full checks.
 
-use super::lock::{FileLock, flock_within};
+use super::lock::FileLock;
 use crate::rules::blob::{HOOKS, Table, TableInfo};
 use crate::rules::{Chain, ChainListing, EditKind, Family, RulePlan, Tables};
 use std::collections::HashMap;
@@ -307,7 +307,7 @@ impl Legacy {
         if families.iter().any(|&f| !table_exists(f, FILTER)) {
             return Ok(None);
         }
-        let Some(lock) = xtables_lock(lock_path, wait)? else {
+        let Some(lock) = super::lock::xtables_lock(lock_path, wait) else {
             return Err(lock_timeout(lock_path, wait));
         };
         Ok(self
@@ -506,21 +506,6 @@ fn same_rules(a: &Table, b: &Table) -> bool {
             .iter()
             .zip(b.entries())
             .all(|(&x, &y)| a.fingerprint_in(x, &sa) == b.fingerprint_in(y, &sb))
-}
-
-/// Takes the xtables lock as `iptables-legacy` does (the same file); `None` when it stayed held.
-/// A lock file that cannot be opened (read-only /run) is no lock at all, as for the binaries.
-fn xtables_lock(path: &Path, wait: Duration) -> io::Result<Option<Option<FileLock>>> {
-    let file = match std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(_) => return Ok(Some(None)),
-    };
-    Ok(flock_within(file, wait).map(Some))
 }
 
 /// The legacy drift probe: polls the filter tables' shapes ([`XtSocket::info`]) of the families

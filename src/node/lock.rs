@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// An exclusive `flock` held until drop.
@@ -28,6 +29,26 @@ pub fn flock_within(file: File, wait: Duration) -> Option<FileLock> {
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(20));
     }
+}
+
+/// The xtables lock as iptables takes it (the same file, created when missing): `Some(Some(_))`
+/// held, `None` when another holder kept it for `wait`, `Some(None)` when the file cannot be
+/// opened (a read-only /run without the host's lock mounted): there is no lock to take then, and
+/// iptables itself goes on without one.
+pub fn xtables_lock(path: &Path, wait: Duration) -> Option<Option<FileLock>> {
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "xtables lock not available");
+            return Some(None);
+        }
+    };
+    flock_within(file, wait).map(Some)
 }
 
 #[cfg(test)]

@@ -8,6 +8,25 @@
 
 use proptest::prelude::*;
 
+/// How many random cases a differential test runs: `LOOPGUARD_DIFF_CASES`, 100 by default.
+pub fn budget() -> u32 {
+    std::env::var("LOOPGUARD_DIFF_CASES")
+        .ok()
+        .map(|v| v.parse().expect("LOOPGUARD_DIFF_CASES is a number"))
+        .unwrap_or(100)
+}
+
+/// The seed of a differential run: `LOOPGUARD_DIFF_SEED` (to replay one), else the clock.
+pub fn seed() -> u64 {
+    match std::env::var("LOOPGUARD_DIFF_SEED") {
+        Ok(v) => v.parse().expect("LOOPGUARD_DIFF_SEED is a number"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    }
+}
+
 pub const ACCEPT_IN: &str = "-i lo -j ACCEPT";
 pub const DROP_SRC: &str = "-s ::1/128 -j DROP";
 pub const ACCEPT_OUT: &str = "-o lo -j ACCEPT";
