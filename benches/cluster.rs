@@ -243,20 +243,19 @@ async fn steady_state(
         agents.len()
     );
     let before = request_counts(cluster);
-    let cpu_before: Vec<Duration> = agents.iter().map(|p| report::cpu_time(*p)).collect();
+    let meter = report::CpuMeter::start(&agents, Duration::from_secs(2));
     eprintln!("steady state: watching {} s", window.as_secs());
     tokio::time::sleep(window).await;
     let after = request_counts(cluster);
-    let cpu_after: Vec<Duration> = agents.iter().map(|p| report::cpu_time(*p)).collect();
+    let used = meter.stop();
     let rss: Vec<f64> = agents
         .iter()
         .filter_map(|p| deploy::rss_kib(*p))
         .map(|k| k as f64 / 1024.0)
         .collect();
-    let cpu_percent: Vec<f64> = cpu_before
+    let cpu_percent: Vec<f64> = used
         .iter()
-        .zip(&cpu_after)
-        .map(|(b, a)| (*a - *b).as_secs_f64() / window.as_secs_f64() * 100.0)
+        .map(|u| u.as_secs_f64() / window.as_secs_f64() * 100.0)
         .collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
@@ -414,7 +413,7 @@ async fn simulated(section: &mut Section, headline: &mut Section) {
     );
 
     let pid = ctl.child.id();
-    let cpu_before = report::cpu_time(pid);
+    let meter = report::CpuMeter::start(&[pid], Duration::from_secs(1));
     let run_started = Instant::now();
     let (mut written, mut lag, mut total) =
         (Samples::default(), Samples::default(), Samples::default());
@@ -450,7 +449,7 @@ async fn simulated(section: &mut Section, headline: &mut Section) {
             writes.last().unwrap()
         );
     }
-    let cpu_seconds = (report::cpu_time(pid) - cpu_before).as_secs_f64();
+    let cpu_seconds = meter.stop()[0].as_secs_f64();
     let elapsed = run_started.elapsed().as_secs_f64();
     let rss = status_kib(pid, "VmRSS:") / 1024.0;
     let peak = status_kib(pid, "VmHWM:") / 1024.0;

@@ -448,10 +448,10 @@ fn bench_repair(backend: &'static str, size: usize) -> Repair {
         Duration::from_secs(60)
     };
     let pid = child.id();
-    let before = report::cpu_time(pid);
+    let meter = report::CpuMeter::start(&[pid], Duration::from_millis(100));
     std::thread::sleep(window);
-    let idle_cpu_percent =
-        (report::cpu_time(pid) - before).as_secs_f64() / window.as_secs_f64() * 100.0;
+    let used = meter.stop()[0];
+    let idle_cpu_percent = used.as_secs_f64() / window.as_secs_f64() * 100.0;
     let rss_mib = rss_kib(pid) as f64 / 1024.0;
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = child.wait();

@@ -185,19 +185,75 @@ pub fn publish(name: &str, section: &Section, headline: &Section) {
     println!("wrote the {name} section of BENCHMARKS.md and its headline in README.md");
 }
 
-/// CPU time a process has had so far, all its threads: the scheduler's own account
-/// (`/proc/PID/task/*/schedstat`, nanoseconds), exact where utime/stime are sampled in ticks.
-pub fn cpu_time(pid: u32) -> Duration {
-    let mut total = 0u64;
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap_or_else(|e| panic!("process {pid}: {e}"));
+/// Every thread's CPU time so far (the scheduler's own account, `/proc/PID/task/*/schedstat`, in
+/// nanoseconds), by thread id.
+fn thread_times(pid: u32) -> std::collections::HashMap<u64, u64> {
+    let mut times = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return times;
+    };
     for task in tasks.flatten() {
+        let Ok(tid) = task.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
         let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-        total += stat
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+        if let Some(ns) = stat.split_whitespace().next().and_then(|v| v.parse().ok()) {
+            times.insert(tid, ns);
+        }
     }
-    Duration::from_nanos(total)
+    times
+}
+
+/// Measures the CPU time processes use from `start` to `stop`, all threads counted: the
+/// scheduler's account (exact, where utime/stime are sampled in clock ticks), read every `poll`
+/// on a thread of its own, so that a thread that exits meanwhile (tokio's blocking threads do
+/// after 10 s idle) keeps what it had used, and one that starts counts from zero.
+pub struct CpuMeter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Duration>>,
+}
+
+impl CpuMeter {
+    pub fn start(pids: &[u32], poll: Duration) -> CpuMeter {
+        use std::collections::HashMap;
+        use std::sync::atomic::Ordering;
+        let pids = pids.to_vec();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let first: Vec<HashMap<u64, u64>> = pids.iter().map(|&p| thread_times(p)).collect();
+        let thread = std::thread::spawn(move || {
+            let mut last = first.clone();
+            loop {
+                let done = stopped.load(Ordering::Relaxed);
+                for (i, &pid) in pids.iter().enumerate() {
+                    last[i].extend(thread_times(pid));
+                }
+                if done {
+                    break;
+                }
+                let slept = std::time::Instant::now();
+                while slept.elapsed() < poll && !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            first
+                .iter()
+                .zip(&last)
+                .map(|(first, last)| {
+                    let ns: u64 = last
+                        .iter()
+                        .map(|(tid, ns)| ns.saturating_sub(first.get(tid).copied().unwrap_or(0)))
+                        .sum();
+                    Duration::from_nanos(ns)
+                })
+                .collect()
+        });
+        CpuMeter { stop, thread }
+    }
+
+    /// The CPU time each process used since `start`.
+    pub fn stop(self) -> Vec<Duration> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("cpu meter")
+    }
 }
