@@ -61,34 +61,6 @@ fn ipv6_script(c: &Chains, gotos: bool) -> String {
 const IPV4_SCRIPT: &str = "*filter\n:V4 - [0:0]\n[3:300] -A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n\
 [4:400] -A INPUT -j V4\n[5:500] -A OUTPUT -j V4\n[6:600] -A V4 -p udp -j RETURN\nCOMMIT\n";
 
-fn restore_with_counters(ns: &TestNetns, command: &str, script: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            &format!("{command}-legacy-restore"),
-            "-c",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `*-legacy-save -c` of both families without the comment lines: rules, jumps and counters.
 fn saved(ns: &TestNetns) -> String {
     ["ip6tables", "iptables"]
@@ -192,8 +164,8 @@ fn one_case(
     let (kept, plain) = (TestNetns::new("lk"), TestNetns::new("lk"));
     let dir = tempfile::tempdir().unwrap();
     for ns in [&kept, &plain] {
-        restore_with_counters(ns, "ip6tables", &ipv6_script(c, gotos));
-        restore_with_counters(ns, "iptables", IPV4_SCRIPT);
+        ns.restore_with("ip6tables", "legacy", "-c", &ipv6_script(c, gotos));
+        ns.restore_with("iptables", "legacy", "-c", IPV4_SCRIPT);
     }
     let families = if ipv4 {
         vec![Family::Ipv6, Family::Ipv4]

@@ -68,6 +68,11 @@ impl TestNetns {
 
     /// Feeds a script to `<family>-<backend>-restore --noflush`.
     pub fn restore(&self, command: &str, backend: &str, script: &str) {
+        self.restore_with(command, backend, "--noflush", script);
+    }
+
+    /// Feeds a script to `<family>-<backend>-restore FLAG` (`--noflush`, or `-c` to set counters).
+    pub fn restore_with(&self, command: &str, backend: &str, flag: &str, script: &str) {
         use std::io::Write;
         let mut child = Command::new("ip")
             .args([
@@ -75,7 +80,7 @@ impl TestNetns {
                 "exec",
                 &self.name,
                 &format!("{command}-{backend}-restore"),
-                "--noflush",
+                flag,
             ])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
