@@ -31,10 +31,6 @@ const NS: &str = "loopguard-system";
 /// The chart's `agent.heartbeatInterval`: the steady-state window must hold one of each agent.
 const HEARTBEAT: Duration = Duration::from_secs(600);
 
-fn quick() -> bool {
-    report::quick()
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut section = Section::default();
@@ -140,7 +136,7 @@ async fn real_agents(section: &mut Section, headline: &mut Section) {
     deploy::wait_agents_ready(&client, NS, &infra_nodes).await;
     let policies: Api<LoopbackPolicy> = Api::all(client.clone());
 
-    let (sizes, big, applies): (&[usize], usize, usize) = if quick() {
+    let (sizes, big, applies): (&[usize], usize, usize) = if report::quick() {
         (&[3], 10, 2)
     } else {
         (&[3, 10, 50], 200, 15)
@@ -231,7 +227,7 @@ async fn steady_state(
 ) {
     // Past the burst of the apply (the last status writes, Events).
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let window = if quick() {
+    let window = if report::quick() {
         Duration::from_secs(20)
     } else {
         HEARTBEAT + Duration::from_secs(60)
@@ -382,7 +378,11 @@ fn request_counts(cluster: &Cluster) -> BTreeMap<(String, String), f64> {
 // --- simulated nodes -------------------------------------------------------------------------------
 
 async fn simulated(section: &mut Section, headline: &mut Section) {
-    let (nodes, changes) = if quick() { (200, 2) } else { (5_000, 15) };
+    let (nodes, changes) = if report::quick() {
+        (200, 2)
+    } else {
+        (5_000, 15)
+    };
     // No kubelet heartbeats these Nodes: without the node-lifecycle controller they stay Ready.
     let cluster = control_plane("bench-sim", "*,-node-lifecycle-controller");
     let w = World::on(&cluster, "sim").await;
