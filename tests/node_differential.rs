@@ -18,7 +18,7 @@ mod netns;
 #[path = "support/node.rs"]
 mod node;
 
-use chains::{Chains, apply_edit, budget, foreign, seed};
+use chains::{Chains, apply_edit_on, budget, foreign, seed};
 use node::Node;
 use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -126,10 +126,18 @@ fn one_case(backend: &'static str, c: &Chains, append: bool) -> Result<(), TestC
             .nth(2)
             .unwrap();
         let position = edit["position"].as_u64().map(|p| p as usize);
-        apply_edit(rules, edit["action"].as_str().unwrap(), position, spec);
+        apply_edit_on(
+            backend,
+            rules,
+            edit["action"].as_str().unwrap(),
+            position,
+            spec,
+        );
     }
     prop_assert_eq!(listed("INPUT"), chains::listing("INPUT", &input));
     prop_assert_eq!(listed("OUTPUT"), chains::listing("OUTPUT", &output));
+    same_entries(&node, "INPUT", &input)?;
+    same_entries(&node, "OUTPUT", &output)?;
     prop_assert_eq!(foreign(&input), foreign(&c.input));
     prop_assert_eq!(foreign(&output), foreign(&c.output));
 
@@ -155,5 +163,51 @@ fn one_case(backend: &'static str, c: &Chains, append: bool) -> Result<(), TestC
         before,
         "cleanup gives back the tables it found"
     );
+    same_entries(&node, "INPUT", &c.input)?;
+    same_entries(&node, "OUTPUT", &c.output)?;
+    Ok(())
+}
+
+/// On legacy, where `-S` (and `-save`) print a look-alike (`-i lo -p all -j ACCEPT`) exactly like
+/// loopguard's rule: every rule that prints as one of loopguard's is, in the kernel, the entry
+/// the model says (ip6tables-legacy's own entry for the rule, or the look-alike written).
+fn same_entries(node: &Node, chain: &str, model: &[String]) -> Result<(), TestCaseError> {
+    if node.backend != "legacy" {
+        return Ok(());
+    }
+    let chain_of = if chain == "INPUT" {
+        loopguard::rules::Chain::Input
+    } else {
+        loopguard::rules::Chain::Output
+    };
+    let entries = node
+        .ns
+        .legacy_entries(loopguard::rules::Family::Ipv6, chain_of);
+    prop_assert_eq!(
+        entries.len(),
+        model.len(),
+        "{} holds the model's rules",
+        chain
+    );
+    for (i, (entry, spec)) in entries.iter().zip(model).enumerate() {
+        let text = chains::listed(spec);
+        if !chains::is_baseline(&text) {
+            continue;
+        }
+        let is_loopguards = *entry == netns::legacy_entry_of(chain, &text);
+        prop_assert_eq!(
+            is_loopguards,
+            *spec == text,
+            "{} rule {} ({}) is {} in the kernel",
+            chain,
+            i + 1,
+            spec,
+            if is_loopguards {
+                "the rule itself"
+            } else {
+                "a look-alike"
+            }
+        );
+    }
     Ok(())
 }

@@ -356,23 +356,46 @@ impl Engine {
 
     /// Reads INPUT and OUTPUT of `families`: with the binaries, or for a legacy watch from the
     /// kernel's table directly once its entries are known (learning them from a binary read).
+    ///
+    /// On the legacy backend every read is held against the kernel's entries, so that a rule that
+    /// only prints like one of loopguard's is marked as such (see `rules::LOOK_ALIKE`): a one-shot
+    /// command pays two table reads for that, a watch learns once.
     fn read(&self, families: &[Family]) -> Result<Tables> {
-        let Some(legacy) = self.legacy_cache() else {
+        if self.facts.backend != Backend::Legacy {
             return self.xtables().read(families);
+        }
+        let mut once = Legacy::default();
+        let mut kept = self
+            .legacy_cache()
+            .map(|l| l.lock().expect("legacy cache lock"));
+        let legacy = match kept.as_deref_mut() {
+            Some(legacy) => {
+                match legacy.read(families) {
+                    Ok(Some(tables)) => return Ok(tables),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading the legacy tables in process failed; reading with the binaries")
+                    }
+                }
+                legacy
+            }
+            None => &mut once,
         };
-        let mut legacy = legacy.lock().expect("legacy cache lock");
-        match legacy.read(families) {
-            Ok(Some(tables)) => return Ok(tables),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(error = %e, "reading the legacy tables in process failed; reading with the binaries")
+        const TRIES: usize = 3;
+        for attempt in 1..=TRIES {
+            let before = Legacy::snapshot(families);
+            let mut tables = self.xtables().read(families)?;
+            let after = Legacy::snapshot(families);
+            if legacy.learn(families, &before, &after, &mut tables) || attempt == TRIES {
+                if attempt == TRIES {
+                    tracing::warn!(
+                        "the legacy tables kept changing while being read; rules that only print like loopguard's cannot be told apart in this read"
+                    );
+                }
+                return Ok(tables);
             }
         }
-        let before = Legacy::snapshot(families);
-        let tables = self.xtables().read(families)?;
-        let after = Legacy::snapshot(families);
-        legacy.learn(families, &before, &after, &tables);
-        Ok(tables)
+        unreachable!("the last attempt returns")
     }
 
     /// The legacy cache, when this engine keeps one and the node is on the legacy backend.

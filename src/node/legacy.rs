@@ -13,8 +13,8 @@
 //! polls between full checks.
 
 use super::lock::FileLock;
-use crate::rules::blob::{HOOKS, Table, TableInfo};
-use crate::rules::{Chain, ChainListing, EditKind, Family, RulePlan, Tables};
+use crate::rules::blob::{self, HOOKS, Table, TableInfo};
+use crate::rules::{Chain, ChainListing, EditKind, Family, LOOK_ALIKE, Rule, RulePlan, Tables};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -239,10 +239,9 @@ type Listings = [(Chain, Vec<String>); 2];
 /// is which `-S` line, and the shape of each table when it last read it.
 #[derive(Debug, Default)]
 pub struct Legacy {
-    /// (family, chain, entry fingerprint) → the line `-S` prints for it.
+    /// (family, chain, entry fingerprint) → the line `-S` prints for it (marked
+    /// [`LOOK_ALIKE`] where it prints as one of loopguard's rules but is another entry).
     lines: HashMap<(Family, Chain, Vec<u8>), String>,
-    /// (family, line) → the entry's bytes, for rules that can be inserted anywhere.
-    entries: HashMap<(Family, String), Vec<u8>>,
     /// The filter table's shape when loopguard last read it, per family.
     pub seen: HashMap<Family, TableInfo>,
     /// Counts the reads that set `seen`.
@@ -355,38 +354,47 @@ impl Legacy {
 
     /// Learns which entry is which line from `tables` (read with the binaries) and the kernel's
     /// tables before and after that read: only when they are the same table, and every chain has
-    /// as many entries as lines.
+    /// as many entries as lines. Marks in `tables` the lines that print as one of loopguard's
+    /// rules but are another entry ([`LOOK_ALIKE`]). Returns false when a family could not be
+    /// learnt (its table changed during the read): its lines are then unmarked.
     pub fn learn(
         &mut self,
         families: &[Family],
         before: &[Option<Table>],
         after: &[Option<Table>],
-        tables: &Tables,
-    ) {
+        tables: &mut Tables,
+    ) -> bool {
+        let mut learnt = true;
         for ((&family, before), after) in families.iter().zip(before).zip(after) {
             let (Some(before), Some(after)) = (before, after) else {
+                // No table before or after the read: nothing to learn, unless it appeared (or
+                // went) in between.
+                learnt &= before.is_none() && after.is_none();
                 continue;
             };
             if before.info != after.info || !same_rules(before, after) {
+                learnt = false;
                 continue;
             }
             let starts = after.chain_starts();
             for chain in Chain::ALL {
                 let entries = after.chain(chain);
-                let rules = &tables.chain(family, chain).rules;
-                if entries.len() != rules.len() {
-                    tracing::debug!(%family, %chain, entries = entries.len(), lines = rules.len(), "legacy entries and -S lines differ in number; not learning");
+                let mut listing = tables.chain(family, chain).clone();
+                if entries.len() != listing.rules.len() {
+                    tracing::debug!(%family, %chain, entries = entries.len(), lines = listing.rules.len(), "legacy entries and -S lines differ in number; not learning");
+                    learnt = false;
                     continue;
                 }
-                for (&e, line) in entries.iter().zip(rules) {
+                for (&e, line) in entries.iter().zip(listing.rules.iter_mut()) {
+                    if look_alike(after, e, family, chain, line) {
+                        line.insert_str(0, LOOK_ALIKE);
+                    }
                     self.lines.insert(
                         (family, chain, after.fingerprint_in(e, &starts)),
                         line.clone(),
                     );
-                    if let Some(bytes) = after.portable(e) {
-                        self.entries.insert((family, line.clone()), bytes);
-                    }
                 }
+                tables.insert(family, chain, listing);
             }
             self.seen.insert(family, after.info);
         }
@@ -394,8 +402,8 @@ impl Legacy {
         // Bounded: a node whose foreign rules keep changing must not grow this forever.
         if self.lines.len() > 100_000 {
             self.lines.clear();
-            self.entries.clear();
         }
+        learnt
     }
 
     /// Applies `plan`'s edits of `family` in process, to the table `held` read (under the lock
@@ -423,19 +431,27 @@ impl Legacy {
                         EditKind::Insert(n) => n.saturating_sub(1).min(chain_lines.len()),
                         _ => chain_lines.len(),
                     };
-                    let Some(bytes) = self.entries.get(&(family, spec.clone())) else {
-                        return Ok(Applied::NotHere(format!(
-                            "no known entry for {}",
-                            edit.rule
-                        )));
-                    };
+                    // The entry ip6tables-legacy writes for the rule, never one that only
+                    // prints like it.
+                    let bytes = blob::rule_entry(edit.target);
+                    self.lines
+                        .insert((family, edit.chain, bytes.clone()), spec.clone());
                     chain_lines.insert(position, spec);
-                    current.insert(edit.chain, position, bytes)
+                    current.insert(edit.chain, position, &bytes)
                 }
                 EditKind::Delete => {
-                    let Some(position) = chain_lines.iter().position(|l| *l == spec) else {
+                    // As `ip6tables -D` does: the first entry that is the rule's, whatever
+                    // else prints like it.
+                    let bytes = blob::rule_entry(edit.target);
+                    let Some(position) = current.position_of(edit.chain, &bytes) else {
                         return Ok(Applied::NotHere(format!("{} is not there", edit.rule)));
                     };
+                    if chain_lines.get(position) != Some(&spec) {
+                        return Ok(Applied::NotHere(format!(
+                            "the entry of {} is not listed as it",
+                            edit.rule
+                        )));
+                    }
                     chain_lines.remove(position);
                     current.delete(edit.chain, position)
                 }
@@ -496,6 +512,18 @@ fn lock_timeout(path: &Path, wait: Duration) -> io::Error {
             wait.as_secs().max(1)
         ),
     )
+}
+
+/// Whether entry `e` of `chain` prints as `line`, one of loopguard's rules, without being the
+/// entry ip6tables writes for it.
+fn look_alike(table: &Table, e: blob::Entry, family: Family, chain: Chain, line: &str) -> bool {
+    let Some(rule) = Rule::baseline(family)
+        .into_iter()
+        .find(|r| r.chain() == chain && r.spec() == line)
+    else {
+        return false;
+    };
+    table.portable(e) != Some(blob::rule_entry(rule))
 }
 
 /// Whether two reads of a table hold the same rules (counters aside).

@@ -12,7 +12,7 @@
 //! send a foreign jump somewhere else, so every edit is checked afterwards against the table it came
 //! from: the same entries (bytes, counters aside) in the same order, every jump to the same chain.
 
-use super::{Chain, Family};
+use super::{Chain, Family, Rule, RuleKind};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -64,6 +64,95 @@ impl Layout {
 const TARGET_HEADER: usize = 32;
 /// The standard target's name is empty; its data is an i32 verdict.
 const STANDARD_TARGET_SIZE: usize = TARGET_HEADER + 4;
+
+/// Where the fields of the address part of an entry are (`ip6t_ip6` / `ipt_ip`).
+struct AddressLayout {
+    src: usize,
+    smsk: usize,
+    iniface: usize,
+    outiface: usize,
+    iniface_mask: usize,
+    outiface_mask: usize,
+    /// The address length (16 or 4).
+    len: usize,
+}
+
+impl AddressLayout {
+    fn of(family: Family) -> AddressLayout {
+        match family {
+            Family::Ipv6 => AddressLayout {
+                src: 0,
+                smsk: 32,
+                iniface: 64,
+                outiface: 80,
+                iniface_mask: 96,
+                outiface_mask: 112,
+                len: 16,
+            },
+            Family::Ipv4 => AddressLayout {
+                src: 0,
+                smsk: 8,
+                iniface: 16,
+                outiface: 32,
+                iniface_mask: 48,
+                outiface_mask: 64,
+                len: 4,
+            },
+        }
+    }
+}
+
+/// `NF_ACCEPT` and `NF_DROP` as a standard target's verdict (`-verdict - 1`).
+const VERDICT_ACCEPT: i32 = -2;
+const VERDICT_DROP: i32 = -1;
+
+/// The entry `ip6tables-legacy` (or `iptables-legacy`) writes for one of loopguard's rules, with
+/// zero counters: the bytes loopguard inserts, and the only entry it ever takes for its own.
+/// Another rule can print the same line (`-i lo -p all -j ACCEPT` sets the protocol flag) and
+/// still be another entry; `ip6tables -D` compares these bytes, and so does loopguard.
+pub fn rule_entry(rule: Rule) -> Vec<u8> {
+    let layout = Layout::of(rule.family);
+    let addresses = AddressLayout::of(rule.family);
+    let mut e = vec![0u8; layout.header + STANDARD_TARGET_SIZE.next_multiple_of(8)];
+    // An interface name matches up to and including its NUL: "lo" masks three bytes.
+    let mut interface = |at: usize, mask: usize| {
+        e[at..at + 2].copy_from_slice(b"lo");
+        e[mask..mask + 3].fill(0xff);
+    };
+    let verdict = match rule.kind {
+        RuleKind::AcceptLoopbackIn => {
+            interface(addresses.iniface, addresses.iniface_mask);
+            VERDICT_ACCEPT
+        }
+        RuleKind::AcceptLoopbackOut => {
+            interface(addresses.outiface, addresses.outiface_mask);
+            VERDICT_ACCEPT
+        }
+        RuleKind::DropLoopbackSource => {
+            let (src, mask) = match rule.family {
+                // ::1/128
+                Family::Ipv6 => {
+                    let mut src = [0u8; 16];
+                    src[15] = 1;
+                    (src.to_vec(), vec![0xff; 16])
+                }
+                // 127.0.0.0/8
+                Family::Ipv4 => (vec![127, 0, 0, 0], vec![0xff, 0, 0, 0]),
+            };
+            e[addresses.src..addresses.src + addresses.len].copy_from_slice(&src);
+            e[addresses.smsk..addresses.smsk + addresses.len].copy_from_slice(&mask);
+            VERDICT_DROP
+        }
+    };
+    let len = e.len();
+    e[layout.target_offset..layout.target_offset + 2]
+        .copy_from_slice(&(layout.header as u16).to_ne_bytes());
+    e[layout.next_offset..layout.next_offset + 2].copy_from_slice(&(len as u16).to_ne_bytes());
+    let target = layout.header;
+    e[target..target + 2].copy_from_slice(&((len - target) as u16).to_ne_bytes());
+    e[target + TARGET_HEADER..target + TARGET_HEADER + 4].copy_from_slice(&verdict.to_ne_bytes());
+    e
+}
 
 /// `ip6t_getinfo` minus the name: what `*_SO_GET_INFO` tells about a table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -294,6 +383,14 @@ impl Table {
             );
         }
         bytes
+    }
+
+    /// The 0-based position in `chain` of the first rule whose entry is `entry` (counters and
+    /// `comefrom` aside): the rule `ip6tables -D` would delete.
+    pub fn position_of(&self, chain: Chain, entry: &[u8]) -> Option<usize> {
+        self.chain(chain)
+            .iter()
+            .position(|&e| self.portable(e).is_some_and(|bytes| bytes == entry))
     }
 
     /// The entry's bytes, ready to be inserted elsewhere (counters and `comefrom` zeroed). Only

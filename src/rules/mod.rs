@@ -13,7 +13,7 @@ pub use evaluate::{
     Evaluation, Finding, RuleState, Tables, compliant_pair, evaluate, scanner_counts_as,
 };
 pub use ownership::{OwnedRule, Ownership};
-pub use parse::{ChainListing, OPAQUE, Shape, split_args};
+pub use parse::{ChainListing, LOOK_ALIKE, OPAQUE, Shape, split_args};
 pub use plan::{Edit, EditKind, RulePlan, plan_cleanup, plan_enforce};
 
 use serde::{Deserialize, Serialize};

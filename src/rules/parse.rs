@@ -18,6 +18,13 @@ pub struct ChainListing {
 /// No loopguard spec starts with `#`, so an opaque rule never matches one of loopguard's.
 pub const OPAQUE: &str = "# unparsed: ";
 
+/// The prefix of a line that `-S` prints exactly like one of loopguard's rules but that is another
+/// entry in the kernel (on the legacy backend `-i lo -p all -j ACCEPT` lists as `-i lo -j ACCEPT`,
+/// yet its entry differs, and `ip6tables -D INPUT -i lo -j ACCEPT` does not remove it). The
+/// scanners read it as the rule it prints as; ownership and deletes never take it for
+/// loopguard's. Only the legacy reader, which sees the entries' bytes, marks lines this way.
+pub const LOOK_ALIKE: &str = "# look-alike: ";
+
 impl ChainListing {
     /// Parses the output of `iptables -S CHAIN`: the `-P` (policy) line is skipped, every other
     /// line is a rule of the chain, in order.
@@ -54,6 +61,7 @@ impl ChainListing {
     pub fn render(&self, chain: Chain) -> String {
         let mut out = format!("-P {} ACCEPT\n", chain.name());
         for rule in &self.rules {
+            let rule = rule.strip_prefix(LOOK_ALIKE).unwrap_or(rule);
             if rule.is_empty() {
                 out.push_str(&format!("-A {}\n", chain.name()));
             } else {
@@ -148,6 +156,8 @@ impl Shape {
     /// Reads a spec (`-i lo -j ACCEPT`). Never fails: what is not understood makes it `unusual`.
     pub fn of(spec: &str) -> Shape {
         let mut shape = Shape::default();
+        // A look-alike shows exactly as the text it prints.
+        let spec = spec.strip_prefix(LOOK_ALIKE).unwrap_or(spec);
         if spec.starts_with(OPAQUE) {
             shape.unusual = true;
             return shape;

@@ -306,6 +306,45 @@ mod tests {
         assert!(evaluate(&after, V6).compliant);
     }
 
+    /// A rule that only prints like loopguard's (legacy `-i lo -p all -j ACCEPT`) passes the
+    /// scanner like the rule, but is never counted, deleted or completed as loopguard's.
+    #[test]
+    fn look_alikes_count_for_the_scanner_never_for_ownership() {
+        use crate::rules::LOOK_ALIKE;
+        let look_alike = format!("{LOOK_ALIKE}{A}");
+        let t = tables(&[&look_alike, D], &[O]);
+        assert!(
+            evaluate(&t, V6).compliant,
+            "the scanner reads it as the rule"
+        );
+        assert!(plan_enforce(&t, NONE, V6, Placement::Insert).is_empty());
+        let [accept, _, _] = Rule::baseline(Family::Ipv6);
+        assert_eq!(t.count(accept), 0, "not a copy of loopguard's rule");
+        // loopguard's own ACCEPT went; the look-alike stays, and is not taken for it.
+        let mut own = Ownership::default();
+        let t = tables(&["-j X"], &[O]);
+        let (after, owned) = enforce(&t, &own, Placement::Insert);
+        own = owned;
+        let mut gone = input(&after);
+        gone[0] = look_alike.clone();
+        let drifted = tables(&gone.iter().map(String::as_str).collect::<Vec<_>>(), &[O]);
+        own.reconcile(&drifted, V6);
+        assert_eq!(own.owned(accept), 0);
+        let cleanup = plan_cleanup(&drifted, &own, V6);
+        assert!(
+            cleanup.edits.iter().all(|e| e.target != accept),
+            "{cleanup:?}"
+        );
+        assert_eq!(
+            ChainListing { rules: gone }
+                .render(Chain::Input)
+                .lines()
+                .nth(1),
+            Some("-A INPUT -i lo -j ACCEPT"),
+            "rendered as -S prints it"
+        );
+    }
+
     #[test]
     fn lone_accept_gets_a_drop_right_after_it() {
         let t = tables(&["-j X", A, "-j Y", D], &[O]);

@@ -91,9 +91,48 @@ fn foreign_input() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Rules that print exactly like one of loopguard's (`-S` drops `-p all`), yet on the legacy
+/// backend are other entries: `ip6tables -D` leaves them, and so must loopguard. On nft they are
+/// the same rule as loopguard's.
+pub const SAME_TEXT: [&str; 4] = [
+    "-i lo -p all -j ACCEPT",
+    "-i lo -p 0 -j ACCEPT",
+    "-s ::1/128 -p all -j DROP",
+    "-o lo -p all -j ACCEPT",
+];
+
+/// A rule as `-S` prints it: the generated spec without `-p all` (`-p 0`), which it never shows.
+pub fn listed(spec: &str) -> String {
+    spec.replace(" -p all", "").replace(" -p 0", "")
+}
+
+/// A rule as loopguard's legacy reader sees it: as `-S` prints it, marked as a look-alike where
+/// that text is one of loopguard's rules but the rule written is not.
+pub fn legacy_view(spec: &str) -> String {
+    let text = listed(spec);
+    if text != spec && is_baseline(&text) {
+        format!("{}{text}", loopguard::rules::LOOK_ALIKE)
+    } else {
+        text
+    }
+}
+
+/// Whether the kernel holds `a` and `b` as the same rule: on legacy only when written alike
+/// (the protocol flag of `-p all` is in the entry), on nft when they print alike.
+pub fn same_rule(backend: &str, a: &str, b: &str) -> bool {
+    if backend == "legacy" {
+        a == b
+    } else {
+        listed(a) == listed(b)
+    }
+}
+
 /// Rules that look like loopguard's but are not (some of which the scanners still accept).
 fn look_alike_input() -> impl Strategy<Value = String> {
     prop_oneof![
+        Just(SAME_TEXT[0].to_string()),
+        Just(SAME_TEXT[1].to_string()),
+        Just(SAME_TEXT[2].to_string()),
         Just("-i lo -m comment --comment loopback -j ACCEPT".to_string()),
         Just("-s ::1/128 -i eth0 -j DROP".to_string()),
         Just("-i lo -p tcp -j ACCEPT".to_string()),
@@ -130,6 +169,7 @@ fn output_rule() -> impl Strategy<Value = String> {
         1 => Just("-o eth0 -j ACCEPT".to_string()),
         1 => Just("-o lo -p tcp -m tcp --dport 80 -j ACCEPT".to_string()),
         1 => Just("-o lo -m comment --comment x -j ACCEPT".to_string()),
+        1 => Just(SAME_TEXT[3].to_string()),
         1 => Just(format!("-j {}", USER_CHAINS[0])),
         1 => Just(String::new()),
         2 => Just(ACCEPT_OUT.to_string()),
@@ -191,15 +231,27 @@ pub fn rule_line(chain: &str, spec: &str) -> String {
 pub fn listing(chain: &str, rules: &[String]) -> String {
     let mut s = format!("-P {chain} ACCEPT\n");
     for rule in rules {
-        s.push_str(&rule_line(chain, rule));
+        s.push_str(&rule_line(chain, &listed(rule)));
         s.push('\n');
     }
     s
 }
 
-/// How iptables applies one edit to a chain: `-I N`, `-A`, or `-D SPEC` (the first identical
-/// rule). Panics when a delete finds nothing: iptables would reject the whole transaction.
+/// How `ip6tables-legacy` applies one edit to a chain: `-I N`, `-A`, or `-D SPEC` (the first
+/// identical rule; a look-alike is not one). Panics when a delete finds nothing: iptables would
+/// reject the whole transaction.
 pub fn apply_edit(rules: &mut Vec<String>, action: &str, position: Option<usize>, spec: &str) {
+    apply_edit_on("legacy", rules, action, position, spec)
+}
+
+/// [`apply_edit`] as `backend`'s iptables does it (see [`same_rule`]).
+pub fn apply_edit_on(
+    backend: &str,
+    rules: &mut Vec<String>,
+    action: &str,
+    position: Option<usize>,
+    spec: &str,
+) {
     match action {
         "insert" => {
             let at = position.expect("insert has a position") - 1;
@@ -215,7 +267,7 @@ pub fn apply_edit(rules: &mut Vec<String>, action: &str, position: Option<usize>
         "delete" => {
             let at = rules
                 .iter()
-                .position(|r| r == spec)
+                .position(|r| same_rule(backend, r, spec))
                 .unwrap_or_else(|| panic!("-D {spec}: no such rule in {rules:?}"));
             rules.remove(at);
         }

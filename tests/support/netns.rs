@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use loopguard::rules::blob::Table;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,6 +57,41 @@ impl TestNetns {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The legacy filter table of `family` as the kernel hands it over (`*_SO_GET_ENTRIES`: every
+    /// entry's bytes, counters and jump offsets included), or `None` when the namespace has none.
+    /// Two namespaces hold the same rules, written the same way, exactly when these are equal.
+    pub fn legacy_table(&self, family: loopguard::rules::Family) -> Option<Table> {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            use loopguard::node::legacy::{FILTER, XtSocket, table_exists};
+            loopguard::node::netns::enter(&name).expect("enter the namespace");
+            table_exists(family, FILTER).then(|| {
+                XtSocket::open(family)
+                    .and_then(|s| s.read(FILTER))
+                    .expect("read the legacy filter table")
+            })
+        })
+        .join()
+        .expect("table reader")
+    }
+
+    /// The rules of `chain` (INPUT or OUTPUT) of the legacy filter table, each as its entry's
+    /// bytes (counters zeroed). Panics when the table is not there.
+    pub fn legacy_entries(
+        &self,
+        family: loopguard::rules::Family,
+        chain: loopguard::rules::Chain,
+    ) -> Vec<Vec<u8>> {
+        let table = self
+            .legacy_table(family)
+            .unwrap_or_else(|| panic!("{}: no legacy {family} filter table", self.name));
+        table
+            .chain(chain)
+            .iter()
+            .map(|&e| table.fingerprint(e))
+            .collect()
     }
 
     /// `ip6tables-<backend> ARGS` (IPv6) inside the namespace.
@@ -192,4 +228,39 @@ pub fn seed_script(netns: &str, backend: &str, bin: &Path) -> Command {
         "/tests/fixtures/seed-remediation.sh"
     ));
     command
+}
+
+/// The entry `ip6tables-legacy` itself writes for `-A CHAIN SPEC` (counters zeroed): written in a
+/// namespace of its own and read back. The oracle for "this is loopguard's rule, not a rule that
+/// only prints like it"; kept per spec for the test binary's life.
+pub fn legacy_entry_of(chain: &str, spec: &str) -> Vec<u8> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    type Known = HashMap<(String, String), Vec<u8>>;
+    static KNOWN: Mutex<Option<Known>> = Mutex::new(None);
+    let key = (chain.to_string(), spec.to_string());
+    if let Some(bytes) = KNOWN
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .get(&key)
+    {
+        return bytes.clone();
+    }
+    let ns = TestNetns::new("oracle");
+    let mut args = vec!["ip6tables-legacy".to_string(), "-A".into(), chain.into()];
+    args.extend(loopguard::rules::split_args(spec));
+    ns.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let chain_of = match chain {
+        "INPUT" => loopguard::rules::Chain::Input,
+        _ => loopguard::rules::Chain::Output,
+    };
+    let entries = ns.legacy_entries(loopguard::rules::Family::Ipv6, chain_of);
+    assert_eq!(entries.len(), 1, "one rule written");
+    KNOWN
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .insert(key, entries[0].clone());
+    entries[0].clone()
 }
