@@ -362,6 +362,9 @@ async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration
         };
         match run_pass(&mut engine, &mut convergence, audit, trigger).await {
             Ok(pass) => {
+                if pass.look_again {
+                    drift.look_again();
+                }
                 if pass.report.wrote() || !pass.report.same_state(&last) {
                     print_report(output, engine.facts(), &pass.report);
                 }

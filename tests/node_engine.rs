@@ -1109,3 +1109,156 @@ fn shell_completions_are_printed() {
         "an unknown shell is a usage error"
     );
 }
+
+/// Waits until `node`'s INPUT is `want`, polling with the machine's own xtables lock (not the
+/// node's, which loopguard listens to: polling must not be what wakes it). Returns how long.
+fn wait_for_input(node: &Node, want: &[&str], within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let input = node.chain("INPUT");
+        if input == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "INPUT not {want:?} within {within:?}: {input:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The legacy watch with a resync far away (600 s): a rule replaced by a foreign rule of the
+/// same size leaves the table's shape as it was, yet is repaired at once, because the writer
+/// took the xtables lock, as every iptables binary does.
+#[test]
+fn legacy_watch_sees_a_same_size_replacement_through_the_lock() {
+    // The premise: the replacement leaves the table's shape (size, entries, hooks) as it was.
+    let scratch = TestNetns::new("shape");
+    scratch.run(&[
+        "ip6tables-legacy",
+        "-A",
+        "INPUT",
+        "-i",
+        "lo",
+        "-j",
+        "ACCEPT",
+    ]);
+    let shape = || {
+        scratch
+            .legacy_table(loopguard::rules::Family::Ipv6)
+            .unwrap()
+            .info
+    };
+    let before = shape();
+    scratch.run(&[
+        "ip6tables-legacy",
+        "-R",
+        "INPUT",
+        "1",
+        "-i",
+        "eth0",
+        "-j",
+        "ACCEPT",
+    ]);
+    assert_eq!(shape(), before, "same shape");
+
+    let node = Node::new("samesize", "legacy");
+    let invoker = node.invoker();
+    let mut watch = node.watch(&["--resync", "600"]);
+    watch.wait_for("compliant", Duration::from_secs(10), |r| {
+        r["compliant"] == true
+    });
+    let out = invoker.ip6tables(&["-R", "INPUT", "1", "-i", "eth0", "-j", "ACCEPT"]);
+    assert!(out.status.success(), "{out:?}");
+    let took = wait_for_input(
+        &node,
+        &["-A INPUT -i eth0 -j ACCEPT", ACCEPT_IN, DROP_SRC],
+        Duration::from_secs(2),
+    );
+    eprintln!("same-size replacement repaired after {took:?}");
+    let (clean, log) = watch.stop();
+    assert!(clean, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("repaired drift") && l.contains("after the legacy table change")),
+        "repaired on the probe: {log}"
+    );
+}
+
+/// The legacy watch with a resync far away: loopguard's OUTPUT rule deleted right after
+/// loopguard's own repair wrote (by a program that does not share loopguard's lock file, so
+/// only the probe or the read after the write can see it) is repaired within 2 s.
+#[test]
+fn legacy_watch_repairs_a_change_right_after_its_own_write() {
+    let node = Node::new("rightafter", "legacy");
+    let mut watch = node.watch(&["--resync", "600"]);
+    watch.wait_for("compliant", Duration::from_secs(10), |r| {
+        r["compliant"] == true
+    });
+    for round in 0..2 {
+        node.ip6("-D INPUT -s ::1/128 -j DROP");
+        // As soon as loopguard's repair lands, take OUTPUT's rule away.
+        let started = Instant::now();
+        while !node
+            .ns
+            .exec(&[
+                "ip6tables-legacy",
+                "-C",
+                "INPUT",
+                "-s",
+                "::1/128",
+                "-j",
+                "DROP",
+            ])
+            .status
+            .success()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "round {round}: DROP not repaired"
+            );
+        }
+        node.ip6("-D OUTPUT -o lo -j ACCEPT");
+        let started = Instant::now();
+        while node.chain("OUTPUT") != vec![ACCEPT_OUT] {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "round {round}: OUTPUT not repaired within 2 s; log:\n{}",
+                watch.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Two writes a round: past the fight window (3 writes in 10 s), so that back-off does
+        // not hold the next round.
+        std::thread::sleep(Duration::from_millis(10_500));
+    }
+    let (clean, log) = watch.stop();
+    assert!(clean, "{log}");
+}
+
+/// What the legacy watch cannot see cheaply: a same-size replacement by a writer that does not
+/// take loopguard's xtables lock (another lock file, or a program writing the table itself). The
+/// periodic re-check finds it: within the resync (here 2 s) and a second, never later.
+#[test]
+fn legacy_watch_finds_a_lockless_same_size_change_at_the_resync() {
+    let node = Node::new("lockless", "legacy");
+    let mut watch = node.watch(&["--resync", "2"]);
+    watch.wait_for("compliant", Duration::from_secs(10), |r| {
+        r["compliant"] == true
+    });
+    // Not the node's lock file: the machine's (as a container without /run/xtables.lock would).
+    node.ip6("-R INPUT 1 -i eth0 -j ACCEPT");
+    let took = wait_for_input(
+        &node,
+        &["-A INPUT -i eth0 -j ACCEPT", ACCEPT_IN, DROP_SRC],
+        Duration::from_secs(3),
+    );
+    eprintln!("lockless same-size replacement repaired after {took:?}");
+    let (clean, log) = watch.stop();
+    assert!(clean, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("repaired drift") && l.contains("after the periodic re-check")),
+        "found by the resync: {log}"
+    );
+}

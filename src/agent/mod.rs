@@ -225,6 +225,8 @@ struct Agent {
     node_name: String,
     engine: Engine,
     convergence: Convergence,
+    /// The last pass's rules were undone right after its write: the drift watch looks again.
+    look_again: bool,
     policy_memo: Memo<Remembered>,
     history_memo: Memo<History>,
     following: Option<Remembered>,
@@ -277,6 +279,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         node_name: args.node_name.clone(),
         engine,
         convergence: Convergence::default(),
+        look_again: false,
         following: None,
         releasing: None,
         history: history_memo.load().unwrap_or_default(),
@@ -350,6 +353,9 @@ async fn run(args: AgentArgs) -> Result<()> {
             _ = changed.notified() => {}
             _ = retry.tick() => {}
             trigger = drift.next(agent.convergence.retry_at(Instant::now())) => agent.pass(trigger).await,
+        }
+        if std::mem::take(&mut agent.look_again) {
+            drift.look_again();
         }
         if agent.engine.facts().backend != drift.backend() {
             tracing::warn!(from = %drift.backend(), to = %agent.engine.facts().backend, "the node's iptables backend changed; watching the new one");
@@ -589,6 +595,7 @@ impl Agent {
                 } else {
                     self.metrics.check_seconds.observe(elapsed);
                 }
+                self.look_again |= pass.look_again;
                 if let Some(latency) = pass.repair_latency {
                     self.history.repairs += 1;
                     self.history.last_repair_time = Some(Time(jiff::Timestamp::now()));

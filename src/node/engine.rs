@@ -180,6 +180,11 @@ impl Engine {
         self.read_families(&self.load_ownership().unwrap_or_default())
     }
 
+    /// The xtables lock file every iptables user opens (the legacy watch listens to it).
+    pub fn lock_path(&self) -> &std::path::Path {
+        &self.config.lock_path
+    }
+
     pub fn facts(&self) -> &NodeFacts {
         &self.facts
     }

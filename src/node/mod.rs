@@ -6,6 +6,7 @@ pub mod facts;
 pub mod iptables;
 pub mod legacy;
 pub mod lock;
+pub mod lock_events;
 pub mod netns;
 pub mod nft;
 pub mod state_file;

@@ -1,16 +1,19 @@
-//! Drift detection: nftables netlink events (nft backend), a probe of the legacy tables' shape
-//! every 25 ms (legacy backend, whose kernel interface has no events; see `node::legacy`), and a
-//! periodic full re-check (both).
+//! Drift detection: nftables netlink events (nft backend); for the legacy backend, whose kernel
+//! interface has no events, every 25 ms a probe of the tables' shape (see `node::legacy`) and of
+//! the xtables lock's use by other programs (see `node::lock_events`); and a periodic full
+//! re-check (both).
 
 use super::converge::Convergence;
 use super::engine::{Engine, Report, reason};
 use super::iptables::Backend;
 use super::legacy::{Legacy, Probe};
+use super::lock_events::LockEvents;
 use crate::Result;
 use crate::rules::Family;
 use crate::rules::blob::TableInfo;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -145,6 +148,9 @@ pub enum Trigger {
     Resync { at: Instant },
     /// A repair held back while repairs kept being undone is due.
     Retry { at: Instant },
+    /// The read right after loopguard's own write found the rules not in place: someone changed
+    /// the chains at that moment, and no probe may see it again (its baseline is that read).
+    Undone { at: Instant },
 }
 
 impl Trigger {
@@ -154,7 +160,8 @@ impl Trigger {
             | Trigger::Changed { at }
             | Trigger::Probed { at }
             | Trigger::Resync { at }
-            | Trigger::Retry { at } => at,
+            | Trigger::Retry { at }
+            | Trigger::Undone { at } => at,
         }
     }
 
@@ -165,6 +172,7 @@ impl Trigger {
             Trigger::Probed { .. } => "legacy table change",
             Trigger::Resync { .. } => "periodic re-check",
             Trigger::Retry { .. } => "retry after backing off",
+            Trigger::Undone { .. } => "change right after loopguard's write",
         }
     }
 }
@@ -181,10 +189,24 @@ struct LegacyWatch {
 }
 
 impl LegacyWatch {
-    fn new(cache: Arc<Mutex<Legacy>>) -> LegacyWatch {
+    /// Starts the probe; it also listens to the xtables lock at `lock_path` (see
+    /// `node::lock_events`), which catches what the shape cannot show.
+    fn new(cache: Arc<Mutex<Legacy>>, lock_path: &Path) -> LegacyWatch {
         let changed = Arc::new(tokio::sync::Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
         let (wake, stopped) = (changed.clone(), stop.clone());
+        let own = cache
+            .lock()
+            .expect("legacy cache lock")
+            .own_lock_opens
+            .clone();
+        let mut lock = match LockEvents::watch(lock_path, own) {
+            Ok(events) => Some(events),
+            Err(e) => {
+                tracing::warn!(path = %lock_path.display(), error = %e, "cannot watch the xtables lock; a rule replaced by one of the same size is found at the periodic re-check");
+                None
+            }
+        };
         let spawned = std::thread::Builder::new()
             .name("legacy-probe".into())
             .spawn(move || {
@@ -195,7 +217,9 @@ impl LegacyWatch {
                 };
                 while !stopped.load(Ordering::Relaxed) {
                     std::thread::sleep(LEGACY_PROBE_INTERVAL);
-                    if probe.changed() {
+                    // Both, every tick: the lock's count must be kept up to date.
+                    let used = lock.as_mut().is_some_and(LockEvents::foreign_use);
+                    if probe.changed() | used {
                         wake.notify_one();
                     }
                 }
@@ -257,6 +281,8 @@ pub struct DriftWatch {
     debounce: Duration,
     /// When the first event of a transaction whose end has not been seen yet arrived.
     unfinished: Option<Instant>,
+    /// Set by [`DriftWatch::look_again`]: the next call returns at once.
+    again: Option<Instant>,
 }
 
 impl DriftWatch {
@@ -266,7 +292,10 @@ impl DriftWatch {
     pub fn new(engine: &mut Engine, resync: Duration) -> DriftWatch {
         let backend = engine.facts().backend;
         let (events, legacy) = match backend {
-            Backend::Legacy => (None, Some(LegacyWatch::new(engine.keep_legacy_tables()))),
+            Backend::Legacy => {
+                let cache = engine.keep_legacy_tables();
+                (None, Some(LegacyWatch::new(cache, engine.lock_path())))
+            }
             Backend::Nft => match NftEvents::subscribe() {
                 Ok(events) => (Some(events), None),
                 Err(e) => {
@@ -284,7 +313,14 @@ impl DriftWatch {
             resync,
             debounce: Duration::from_millis(20),
             unfinished: None,
+            again: None,
         }
+    }
+
+    /// Makes the next [`DriftWatch::next`] return at once: the pass that just wrote found its
+    /// rules gone again (see [`Pass::look_again`]).
+    pub fn look_again(&mut self) {
+        self.again.get_or_insert_with(Instant::now);
     }
 
     /// Whether drift arrives as nftables events; otherwise it is polled (the legacy probe every
@@ -314,6 +350,9 @@ impl DriftWatch {
     }
 
     async fn next_change(&mut self) -> Trigger {
+        if let Some(at) = self.again.take() {
+            return Trigger::Undone { at };
+        }
         loop {
             if let Some(legacy) = self.legacy.as_ref() {
                 tokio::select! {
@@ -358,6 +397,9 @@ pub struct Pass {
     pub report: Report,
     /// Set when the pass wrote: time from the trigger to the rules being back.
     pub repair_latency: Option<Duration>,
+    /// The pass wrote, and the read right after found the rules not in place: look again at
+    /// once ([`DriftWatch::look_again`]), as the back-off allows.
+    pub look_again: bool,
 }
 
 /// Whether a pass brought by `trigger` may write. The first pass for a policy does what the user
@@ -429,6 +471,7 @@ pub async fn run_pass(
             convergence.describe(now)
         );
     }
+    let look_again = !audit && report.wrote() && report.applicable && !report.compliant;
     if held_back && report.applicable && !report.compliant {
         report.reason = reason::NOT_CONVERGING.into();
         report.message = convergence.describe(now);
@@ -440,6 +483,7 @@ pub async fn run_pass(
         return Ok(Pass {
             report,
             repair_latency: None,
+            look_again,
         });
     }
     let repair_latency = report
@@ -460,6 +504,7 @@ pub async fn run_pass(
     Ok(Pass {
         report,
         repair_latency,
+        look_again,
     })
 }
 

@@ -1,0 +1,184 @@
+//! The xtables lock as a change signal for the legacy backend. The kernel's legacy tables have no
+//! change events, and their shape (size, entry count) misses a rule replaced by one of the same
+//! size. But every iptables binary opens the lock file (`/run/xtables.lock`) before it touches a
+//! table, reads and writes alike, and closes it when done: an inotify watch on that file says
+//! "some program just used iptables" for the cost of a few syscalls, and the drift watch then reads
+//! the table once.
+//!
+//! loopguard opens the same file itself. It counts its own opens (before opening), and the watch
+//! counts closes: every close beyond loopguard's own count is another program's. The count is
+//! read after the events are drained, so loopguard's own closes never exceed it; another
+//! program's close can at worst be seen a moment late, while one of loopguard's opens is still
+//! unclosed. Writers that do not take the lock (a program writing the table directly, or one
+//! with another lock file) are not seen here: the shape probe or the periodic re-check find them.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// An inotify watch on the xtables lock file.
+pub struct LockEvents {
+    fd: OwnedFd,
+    path: PathBuf,
+    own: Arc<AtomicU64>,
+    /// Closes of the file seen so far (everyone's).
+    closes: u64,
+    /// Closes already reported as another program's.
+    reported: u64,
+}
+
+const MASK: u32 = libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE;
+/// The watch is gone (the file was deleted or replaced): watch the new file.
+const GONE: u32 = libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
+
+impl LockEvents {
+    /// Watches `path`, creating it as iptables does when it is not there yet. `own` counts
+    /// loopguard's opens of the file.
+    pub fn watch(path: &Path, own: Arc<AtomicU64>) -> io::Result<LockEvents> {
+        // SAFETY: inotify_init1 takes flags only; the descriptor is owned at once.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let events = LockEvents {
+            fd,
+            path: path.to_path_buf(),
+            own,
+            closes: 0,
+            reported: 0,
+        };
+        events.add_watch()?;
+        Ok(events)
+    }
+
+    fn add_watch(&self) -> io::Result<()> {
+        if !self.path.exists() {
+            // Closed before the watch exists: not an event, so not counted either.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&self.path)?;
+        }
+        let path = CString::new(self.path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::other("the lock path holds a NUL byte"))?;
+        // SAFETY: a valid descriptor and a NUL-terminated path that outlives the call.
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                self.fd.as_raw_fd(),
+                path.as_ptr(),
+                MASK | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF,
+            )
+        };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether another program has used the lock since the last call that said so.
+    pub fn foreign_use(&mut self) -> bool {
+        let gone = self.drain();
+        if gone && let Err(e) = self.add_watch() {
+            tracing::debug!(path = %self.path.display(), error = %e, "cannot watch the xtables lock again");
+        }
+        // Read after draining: loopguard's own closes drained so far never exceed it.
+        let own = self.own.load(Ordering::SeqCst);
+        let foreign = self.closes.saturating_sub(own);
+        if foreign > self.reported {
+            self.reported = foreign;
+            return true;
+        }
+        gone
+    }
+
+    /// Counts the queued close events; returns whether the watch went away.
+    fn drain(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        let mut gone = false;
+        loop {
+            // SAFETY: read into a buffer we own, with its length.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                )
+            };
+            if n <= 0 {
+                return gone;
+            }
+            let (closes, went) = count_events(&buf[..n as usize]);
+            self.closes += closes;
+            gone |= went;
+        }
+    }
+}
+
+/// Walks `struct inotify_event`s (wd, mask, cookie, len, then `len` bytes of name): the number of
+/// closes, and whether the watch went away.
+fn count_events(mut buf: &[u8]) -> (u64, bool) {
+    const HEADER: usize = 16;
+    let (mut closes, mut gone) = (0, false);
+    while buf.len() >= HEADER {
+        let mask = u32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes"));
+        let len = u32::from_ne_bytes(buf[12..16].try_into().expect("4 bytes")) as usize;
+        if mask & MASK != 0 {
+            closes += 1;
+        }
+        gone |= mask & GONE != 0;
+        buf = &buf[(HEADER + len).min(buf.len())..];
+    }
+    (closes, gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close_of(path: &Path) {
+        drop(std::fs::File::open(path).unwrap());
+    }
+
+    #[test]
+    fn only_other_programs_closes_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xtables.lock");
+        let own = Arc::new(AtomicU64::new(0));
+        let mut events = LockEvents::watch(&path, own.clone()).unwrap();
+        assert!(path.exists(), "created as iptables does");
+        assert!(!events.foreign_use());
+        // loopguard's own use: counted before the open.
+        own.fetch_add(1, Ordering::SeqCst);
+        close_of(&path);
+        assert!(!events.foreign_use(), "loopguard's own close");
+        close_of(&path);
+        assert!(events.foreign_use(), "another program's close");
+        assert!(!events.foreign_use(), "reported once");
+        // An open of loopguard's still pending hides another's close until it closes.
+        own.fetch_add(1, Ordering::SeqCst);
+        close_of(&path);
+        assert!(!events.foreign_use());
+        close_of(&path);
+        assert!(events.foreign_use());
+    }
+
+    #[test]
+    fn a_replaced_lock_file_is_watched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xtables.lock");
+        let own = Arc::new(AtomicU64::new(0));
+        let mut events = LockEvents::watch(&path, own).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert!(events.foreign_use(), "the file was replaced: look again");
+        close_of(&path);
+        assert!(events.foreign_use(), "the new file is watched");
+    }
+}
