@@ -875,6 +875,11 @@ fn a_foreign_writer_never_loses_a_rule(backend: &'static str) {
     let mine = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let writer_rules = mine.clone();
     let invoker = node.invoker();
+    let (inserted, refused) = (
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let (ins, refs) = (inserted.clone(), refused.clone());
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let writer = Repeat::start(move |round| {
         seed ^= seed << 13;
@@ -890,6 +895,9 @@ fn a_foreign_writer_never_loses_a_rule(backend: &'static str) {
             // A position made stale by loopguard's own write is refused; nothing was inserted.
             if out.status.success() {
                 own.push(format!("-A INPUT -s {source} -j ACCEPT"));
+                ins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            } else {
+                refs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         } else {
             let at = seed as usize % own.len();
@@ -931,6 +939,16 @@ fn a_foreign_writer_never_loses_a_rule(backend: &'static str) {
     expected.sort();
     input.sort();
     assert_eq!(input, expected, "INPUT holds exactly the writer's rules");
+    // The writer really wrote: most of its inserts went through, beside loopguard.
+    let (inserted, refused) = (
+        inserted.load(std::sync::atomic::Ordering::SeqCst),
+        refused.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    eprintln!("{backend}: the writer inserted {inserted} rules, {refused} inserts refused");
+    assert!(
+        inserted >= 20 && refused * 2 <= inserted,
+        "the writer inserted {inserted} rules and had {refused} refused"
+    );
     assert!(node.chain("OUTPUT").is_empty());
 }
 

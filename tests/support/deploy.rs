@@ -108,6 +108,11 @@ pub fn is_ready(pod: &Pod) -> bool {
 
 /// The agent processes running on this machine (the hollow nodes' containers), by pid.
 pub fn agent_pids() -> Vec<u32> {
+    // The hollow kubelet starts the binary by its canonical path; the target directory may sit
+    // behind a symlink (a cache on another disk), so compare canonical paths.
+    use std::os::unix::ffi::OsStrExt;
+    let canonical = |path: &[u8]| std::fs::canonicalize(std::ffi::OsStr::from_bytes(path));
+    let bin = std::fs::canonicalize(BIN).expect("the loopguard binary");
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -117,7 +122,9 @@ pub fn agent_pids() -> Vec<u32> {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.first().is_some_and(|a| *a == BIN.as_bytes())
+        if args
+            .first()
+            .is_some_and(|a| *a == BIN.as_bytes() || canonical(a).is_ok_and(|p| p == bin))
             && args.get(1).is_some_and(|a| *a == b"agent")
         {
             pids.push(pid);
@@ -143,11 +150,19 @@ pub fn chain(node: &str, backend: &str, chain: &str) -> Vec<String> {
             "exec",
             node,
             &format!("ip6tables-{backend}"),
+            "-w",
+            "5",
             "-S",
             chain,
         ])
         .output()
         .unwrap();
+    // An empty answer from a failed command would pass every "nothing left" check.
+    assert!(
+        out.status.success(),
+        "ip6tables-{backend} -S {chain} in {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with("-A"))
@@ -161,6 +176,11 @@ pub fn save(node: &str, backend: &str) -> String {
         .args(["netns", "exec", node, &format!("ip6tables-{backend}-save")])
         .output()
         .unwrap();
+    assert!(
+        out.status.success(),
+        "ip6tables-{backend}-save in {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     super::netns::without_counters(&String::from_utf8_lossy(&out.stdout))
 }
 
