@@ -5,9 +5,10 @@ use super::iptables::{Backend, Xtables};
 use super::legacy::XtSocket;
 use crate::rules::Family;
 use crate::rules::blob::TableInfo;
+use crate::rules::catalog::{self, Host, RuleId};
 use serde::Serialize;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// How the backend is chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -57,16 +58,6 @@ impl FirewallManager {
             FirewallManager::Firewalld => "firewalld",
         }
     }
-
-    /// Binaries that betray the manager where there is no dpkg database.
-    fn binaries(self) -> &'static [&'static str] {
-        match self {
-            FirewallManager::Iptables => &["iptables", "ip6tables"],
-            FirewallManager::Nftables => &["nft"],
-            FirewallManager::Ufw => &["ufw"],
-            FirewallManager::Firewalld => &["firewalld"],
-        }
-    }
 }
 
 impl fmt::Display for FirewallManager {
@@ -86,6 +77,9 @@ pub struct NodeFacts {
     pub firewall_managers: Vec<FirewallManager>,
     /// Where the firewall managers were read from.
     pub managers_source: String,
+    /// What the rule platforms read (packages, firewalld and ufw enablement).
+    #[serde(skip)]
+    pub host: Host,
 }
 
 /// Whether the baseline applies to a node, and why (not).
@@ -104,25 +98,21 @@ pub fn applicability(facts: &NodeFacts, mode: ApplicabilityMode) -> Applicabilit
     if !facts.ipv6_enabled {
         return not("IPv6 is disabled (net.ipv6.conf.all.disable_ipv6 = 1)".into());
     }
-    let has = |m| facts.firewall_managers.contains(&m);
     if mode == ApplicabilityMode::Auto {
-        if !has(FirewallManager::Iptables) {
-            return not(format!(
-                "iptables is not installed ({}); the CIS rule applies only to iptables hosts (use applicability Always to enforce anyway)",
-                facts.managers_source
-            ));
-        }
-        for manager in [FirewallManager::Nftables, FirewallManager::Ufw] {
-            if has(manager) {
-                return not(format!(
-                    "{manager} is installed ({}); the CIS rule applies only where neither nftables nor ufw is (use applicability Always to enforce anyway)",
-                    facts.managers_source
-                ));
-            }
-        }
-        return Applicability {
-            applicable: true,
-            reason: "iptables is installed, nftables and ufw are not, and IPv6 is on".into(),
+        let decided = catalog::applies(RuleId::Ipv6Loopback, &facts.host);
+        return match decided.applies {
+            Some(true) => Applicability {
+                applicable: true,
+                reason: format!("{}, and IPv6 is on", decided.why),
+            },
+            Some(false) => not(format!(
+                "{} (use applicability Always to enforce anyway)",
+                decided.why
+            )),
+            None => not(format!(
+                "cannot tell whether the CIS rule applies: {}",
+                decided.why
+            )),
         };
     }
     Applicability {
@@ -149,13 +139,15 @@ pub fn discover_with(
         BackendChoice::Legacy => (Backend::Legacy, "chosen with --backend".to_string()),
         BackendChoice::Auto => detector.detect(),
     };
-    let (firewall_managers, managers_source) = firewall_managers(host_root);
+    let ipv6 = ipv6_enabled();
+    let host = super::packages::read_host(host_root, ipv6);
     NodeFacts {
-        ipv6_enabled: ipv6_enabled(),
+        ipv6_enabled: ipv6,
         backend,
         backend_reason,
-        firewall_managers,
-        managers_source,
+        firewall_managers: firewall_managers(&host),
+        managers_source: host.packages.describe(),
+        host,
     }
 }
 
@@ -327,84 +319,39 @@ impl Detector {
     }
 }
 
-/// The firewall managers installed under `host_root`, from the dpkg database, or where there is
-/// none, from the binaries present.
-pub fn firewall_managers(host_root: &Path) -> (Vec<FirewallManager>, String) {
-    let status = host_root.join("var/lib/dpkg/status");
-    if let Ok(text) = std::fs::read_to_string(&status) {
-        return (
-            installed_packages(&text),
-            format!("dpkg status {}", status.display()),
-        );
-    }
-    let found = FirewallManager::ALL
+/// The firewall managers installed on the host (see [`Host::installed`]).
+pub fn firewall_managers(host: &Host) -> Vec<FirewallManager> {
+    FirewallManager::ALL
         .into_iter()
-        .filter(|m| m.binaries().iter().any(|b| binary_present(host_root, b)))
-        .collect();
-    (
-        found,
-        format!("binaries under {} (no dpkg database)", host_root.display()),
-    )
-}
-
-fn binary_present(root: &Path, name: &str) -> bool {
-    ["usr/sbin", "sbin", "usr/bin", "bin", "usr/local/sbin"]
-        .iter()
-        .map(|dir| root.join(dir).join(name))
-        // symlink_metadata: an absolute symlink under a mounted host root points into our own
-        // filesystem, so its presence is the fact, not its target.
-        .any(|path: PathBuf| std::fs::symlink_metadata(path).is_ok())
-}
-
-/// Parses a dpkg status file: a manager counts when its package's status is `installed`, the
-/// same test as the seed's `dpkg-query --showformat='${db:Status-Status}'`.
-pub fn installed_packages(status_file: &str) -> Vec<FirewallManager> {
-    let mut found = Vec::new();
-    for paragraph in status_file.split("\n\n") {
-        let field = |name: &str| {
-            paragraph
-                .lines()
-                .find_map(|l| l.strip_prefix(name).map(str::trim))
-        };
-        let (Some(package), Some(status)) = (field("Package:"), field("Status:")) else {
-            continue;
-        };
-        let installed = status.split_whitespace().nth(2) == Some("installed");
-        if let Some(m) = FirewallManager::ALL
-            .into_iter()
-            .find(|m| m.package() == package)
-            && installed
-        {
-            found.push(m);
-        }
-    }
-    found.sort();
-    found.dedup();
-    found
+        .filter(|m| host.installed(m.package()) == Some(true))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const STATUS: &str = "Package: iptables\nStatus: install ok installed\nVersion: 1.8.9\n\n\
-        Package: nftables\nStatus: deinstall ok config-files\n\n\
-        Package: ufw\nStatus: install ok unpacked\n\n\
-        Package: libnftables1\nStatus: install ok installed\n";
+    use crate::rules::catalog::PackageBasis;
+    use std::collections::BTreeSet;
 
     fn facts(managers: &[FirewallManager], ipv6: bool) -> NodeFacts {
+        let host = Host {
+            packages: PackageBasis::Installed {
+                packages: managers.iter().map(|m| m.package().to_string()).collect(),
+                source: "test".into(),
+            },
+            binaries: BTreeSet::new(),
+            firewalld_enabled: false,
+            ufw_enabled: false,
+            ipv6_enabled: ipv6,
+        };
         NodeFacts {
             ipv6_enabled: ipv6,
             backend: Backend::Nft,
             backend_reason: String::new(),
-            firewall_managers: managers.to_vec(),
+            firewall_managers: firewall_managers(&host),
             managers_source: "test".into(),
+            host,
         }
-    }
-
-    #[test]
-    fn dpkg_status_counts_only_installed_packages() {
-        assert_eq!(installed_packages(STATUS), vec![FirewallManager::Iptables]);
     }
 
     #[test]
@@ -442,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn binaries_are_the_fallback_without_dpkg() {
+    fn binaries_are_the_fallback_without_a_package_database() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("usr/sbin")).unwrap();
         std::os::unix::fs::symlink(
@@ -451,11 +398,11 @@ mod tests {
         )
         .unwrap();
         std::fs::write(root.path().join("usr/sbin/nft"), "").unwrap();
-        let (found, source) = firewall_managers(root.path());
+        let host = super::super::packages::read_host(root.path(), true);
         assert_eq!(
-            found,
+            firewall_managers(&host),
             vec![FirewallManager::Iptables, FirewallManager::Nftables]
         );
-        assert!(source.contains("no dpkg database"));
+        assert!(host.packages.describe().contains("no dpkg or rpm database"));
     }
 }

@@ -9,6 +9,7 @@ pub mod lock;
 pub mod lock_events;
 pub mod netns;
 pub mod nft;
+pub mod packages;
 pub mod state_file;
 pub mod watch;
 

@@ -4,6 +4,7 @@
 //! Nothing here performs I/O; `node` feeds it listings read from the kernel.
 
 pub mod blob;
+pub mod catalog;
 mod evaluate;
 mod ownership;
 mod parse;
