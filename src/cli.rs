@@ -5,6 +5,7 @@ use crate::node::facts::{ApplicabilityMode, BackendChoice, NodeFacts};
 use crate::node::watch::{DriftWatch, Trigger, run_pass};
 use crate::node::{Engine, EngineConfig, Report};
 use crate::rules::Placement;
+use crate::rules::catalog::FamilyMode;
 use crate::telemetry::LogFormat;
 use crate::{Error, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -145,9 +146,18 @@ pub struct Desired {
     /// auto: only where the CIS rule applies (iptables installed, nftables and ufw not); always: whenever IPv6 is on.
     #[arg(long, value_enum, default_value_t = ApplicabilityMode::Auto)]
     pub applicability: ApplicabilityMode,
-    /// Where the host's filesystem is (its dpkg database tells which firewall managers are installed).
+    /// Where the host's filesystem is (its dpkg status and rpm database tell which firewall tools are installed).
     #[arg(long, value_name = "PATH", default_value = "/")]
     pub host_root: PathBuf,
+    /// The nftables loopback rule (set_nftables_loopback_traffic): enforce writes loopguard's own `table inet loopguard` where the rule applies and fails.
+    #[arg(long, value_enum, default_value_t = FamilyMode::Report)]
+    pub nftables: FamilyMode,
+    /// The ufw loopback rule (set_ufw_loopback_traffic): checked and reported (loopguard never enables ufw).
+    #[arg(long, value_enum, default_value_t = FamilyMode::Report)]
+    pub ufw: FamilyMode,
+    /// The firewalld loopback rules: reported where firewalld is enabled (loopguard never touches inet firewalld).
+    #[arg(long, value_enum, default_value_t = FamilyMode::Report)]
+    pub firewalld: FamilyMode,
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +273,9 @@ impl NodeCommand {
             config.families = crate::rules::families(desired.ip_families.contains(&IpFamily::Ipv4));
             config.applicability = desired.applicability;
             config.host_root = desired.host_root.clone();
+            config.nftables = desired.nftables;
+            config.ufw = desired.ufw;
+            config.firewalld = desired.firewalld;
         }
         if let Some(p) = placement {
             config.placement = p.into();
@@ -465,6 +478,39 @@ pub fn render_text(facts: &NodeFacts, report: &Report) -> String {
             f.finding.rule,
             f.finding.state.as_str(),
             who
+        );
+    }
+    let shown: Vec<_> = report
+        .rules
+        .iter()
+        .filter(|r| r.verdict != crate::rules::catalog::Verdict::Ignored)
+        .collect();
+    if !shown.is_empty() {
+        let _ = writeln!(s, "rules:");
+        for r in shown {
+            let detail = match r.verdict {
+                crate::rules::catalog::Verdict::NotApplicable => &r.why,
+                _ => &r.message,
+            };
+            let _ = writeln!(
+                s,
+                "  {:<38} {:<14} {} ({})",
+                r.id,
+                format!("{:?}", r.verdict),
+                detail,
+                r.mode
+            );
+        }
+    }
+    for change in &report.nftables_changes {
+        let _ = writeln!(
+            s,
+            "nftables:   {change}{}",
+            if report.dry_run {
+                " (dry run, nothing written)"
+            } else {
+                ""
+            }
         );
     }
     if let Some(changes) = &report.changes {

@@ -118,6 +118,7 @@ fn engine(dir: &Path, ns: &TestNetns, families: Vec<Family>, append: bool) -> En
         backend: BackendChoice::Legacy,
         wait: std::time::Duration::from_secs(5),
         lock_path: dir.join("xtables.lock"),
+        ..EngineConfig::default()
     };
     let name = ns.name.clone();
     std::thread::spawn(move || {

@@ -312,6 +312,8 @@ mod tests {
             }],
             changes: None,
             dry_run: false,
+            rules: vec![],
+            nftables_changes: vec![],
             applied_at: None,
         }
     }

@@ -3,9 +3,11 @@
 use super::facts::{
     self, Applicability, ApplicabilityMode, BackendChoice, FirewallManager, NodeFacts,
 };
+use super::families::{self, Action, FamilyOutcome};
 use super::iptables::{Backend, Xtables};
 use super::legacy::{Applied, Held, Legacy};
 use super::state_file::{State, StateFile};
+use crate::rules::catalog::{self, FamilyMode, RuleId, RuleResult, Verdict};
 use crate::rules::{
     self, Edit, EditKind, Family, Finding, Ownership, Placement, Rule, RulePlan, RuleState, Tables,
 };
@@ -27,6 +29,10 @@ pub struct EngineConfig {
     /// How long to wait for the xtables lock.
     pub wait: Duration,
     pub lock_path: PathBuf,
+    /// The rule families beside iptables: nftables, ufw, firewalld (see `node::families`).
+    pub nftables: FamilyMode,
+    pub ufw: FamilyMode,
+    pub firewalld: FamilyMode,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +46,9 @@ impl Default for EngineConfig {
             backend: BackendChoice::Auto,
             wait: Duration::from_secs(5),
             lock_path: super::iptables::default_lock_path(),
+            nftables: FamilyMode::Ignore,
+            ufw: FamilyMode::Ignore,
+            firewalld: FamilyMode::Ignore,
         }
     }
 }
@@ -89,6 +98,12 @@ pub struct Report {
     /// True when this is a plan only: nothing was written, not even the state file.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// Every loopback rule with its ComplianceAsCode and CIS ids, whether it applies and why,
+    /// and its verdict.
+    pub rules: Vec<RuleResult>,
+    /// What was written to nftables (`create table inet loopguard`); with `dryRun`, what would be.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nftables_changes: Vec<String>,
     /// When the last restore of this run returned: the rules were back from that moment.
     #[serde(skip)]
     pub applied_at: Option<Instant>,
@@ -124,6 +139,7 @@ impl Report {
 
     pub fn wrote(&self) -> bool {
         self.changes.as_ref().is_some_and(|c| !c.is_empty())
+            || (!self.dry_run && !self.nftables_changes.is_empty())
     }
 }
 
@@ -241,7 +257,15 @@ impl Engine {
         let families = self.read_families(&ownership);
         let tables = self.read(&families)?;
         ownership.reconcile(&tables, &families);
-        Ok(self.report(&tables, &ownership, None))
+        let report = self.report(&tables, &ownership, None);
+        Ok(self.with_families(report, Action::Check))
+    }
+
+    /// Runs the other rule families and composes their results into `report`.
+    fn with_families(&self, report: Report, action: Action) -> Report {
+        let modes = [self.config.nftables, self.config.ufw, self.config.firewalld];
+        let outcome = families::run(&self.facts, modes, &self.state_file, action);
+        compose(report, outcome)
     }
 
     /// Makes the node compliant with the smallest plan, in one restore per family; writes nothing
@@ -259,6 +283,21 @@ impl Engine {
         let _lock = (!dry_run)
             .then(|| self.state_file.lock(self.config.wait))
             .transpose()?;
+        let report = self.enforce_iptables(dry_run)?;
+        let action = if dry_run {
+            Action::Plan
+        } else {
+            Action::Enforce
+        };
+        let mut report = self.with_families(report, action);
+        if !report.nftables_changes.is_empty() && !dry_run && report.applied_at.is_none() {
+            report.applied_at = Some(Instant::now());
+        }
+        Ok(report)
+    }
+
+    /// The iptables family's enforce (the state lock held by the caller).
+    fn enforce_iptables(&self, dry_run: bool) -> Result<Report> {
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
         let (tables, held) = self.read_for_change(&families, dry_run)?;
@@ -308,6 +347,16 @@ impl Engine {
         let _lock = (!dry_run)
             .then(|| self.state_file.lock(self.config.wait))
             .transpose()?;
+        let report = self.cleanup_iptables(dry_run)?;
+        if dry_run {
+            // What cleanup would delete in nftables: loopguard's table, when it has one.
+            return Ok(self.with_families(report, Action::Check));
+        }
+        Ok(self.with_families(report, Action::Cleanup))
+    }
+
+    /// The iptables family's cleanup (the state lock held by the caller).
+    fn cleanup_iptables(&self, dry_run: bool) -> Result<Report> {
         let mut ownership = self.load_ownership()?;
         let families = self.read_families(&ownership);
         let (tables, held) = self.read_for_change(&families, dry_run)?;
@@ -512,8 +561,10 @@ impl Engine {
     }
 
     fn store(&self, ownership: &Ownership) -> Result<()> {
-        self.state_file
-            .store(&State::new(self.facts.backend, ownership.clone()))
+        let mut state = State::new(self.facts.backend, ownership.clone());
+        // The nftables family's record stays as it is (see `node::families`).
+        state.nft_table = self.state_file.load()?.and_then(|s| s.nft_table);
+        self.state_file.store(&state)
     }
 
     fn report(&self, tables: &Tables, ownership: &Ownership, changes: Option<Vec<Edit>>) -> Report {
@@ -530,7 +581,7 @@ impl Engine {
             .collect();
         let compliant = applicability.applicable && evaluation.compliant;
         let (reason, message) = if !applicability.applicable {
-            (reason::NOT_APPLICABLE, applicability.reason)
+            (reason::NOT_APPLICABLE, applicability.reason.clone())
         } else if let (true, Some((family, catch_all))) = (compliant, &evaluation.shadowed_by) {
             (
                 reason::SHADOWED,
@@ -570,7 +621,119 @@ impl Engine {
             findings,
             changes,
             dry_run: false,
+            rules: self.iptables_results(tables, &applicability),
+            nftables_changes: Vec::new(),
             applied_at: None,
         }
     }
+
+    /// The iptables family's rules: the seed (IPv6), and IPv4 where the policy enforces it.
+    fn iptables_results(&self, tables: &Tables, applicability: &Applicability) -> Vec<RuleResult> {
+        [
+            (RuleId::Ipv6Loopback, Family::Ipv6),
+            (RuleId::Ipv4Loopback, Family::Ipv4),
+        ]
+        .into_iter()
+        .map(|(id, family)| {
+            let decided = catalog::Applies {
+                applies: Some(applicability.applicable),
+                why: applicability.reason.clone(),
+            };
+            let result = RuleResult::new(id, FamilyMode::Enforce, decided);
+            if !self.config.families.contains(&family) {
+                let mut result = RuleResult::new(
+                    id,
+                    FamilyMode::Ignore,
+                    catalog::applies(id, &self.facts.host),
+                );
+                result = result.with(
+                    Verdict::Ignored,
+                    families::reason::IGNORED,
+                    format!("{family} is not in the policy's ipFamilies"),
+                );
+                return result;
+            }
+            if !applicability.applicable {
+                return result.with(
+                    Verdict::NotApplicable,
+                    reason::NOT_APPLICABLE,
+                    applicability.reason.clone(),
+                );
+            }
+            let evaluation = rules::evaluate(tables, &[family]);
+            let owned = Rule::baseline(family)
+                .into_iter()
+                .any(|rule| self.load_ownership().is_ok_and(|o| o.owned(rule) > 0));
+            let mut result = if evaluation.compliant {
+                result.with(
+                    Verdict::Pass,
+                    reason::IN_PLACE,
+                    "the rules are in place as the scanner reads them",
+                )
+            } else {
+                result.with(
+                    Verdict::Fail,
+                    reason::NOT_IN_PLACE,
+                    "the rules are not in place (see the findings)",
+                )
+            };
+            result.owned = owned;
+            result
+        })
+        .collect()
+    }
+}
+
+/// Puts the other families' results beside the iptables family's. With every other family
+/// ignored the verdict is the iptables family's alone (as before families existed); otherwise the
+/// node is compliant when every rule that applies passes, and not applicable when none applies.
+fn compose(mut report: Report, outcome: FamilyOutcome) -> Report {
+    report.nftables_changes = outcome.changes;
+    let considered: Vec<RuleResult> = outcome
+        .results
+        .iter()
+        .filter(|r| r.mode != FamilyMode::Ignore)
+        .cloned()
+        .collect();
+    report.rules.extend(outcome.results);
+    if considered.is_empty() {
+        return report;
+    }
+    let applying = considered.iter().any(|r| r.applies != Some(false));
+    let iptables_applicable = report.applicable;
+    report.applicable = iptables_applicable || applying;
+    let failing: Vec<&RuleResult> = report.rules.iter().filter(|r| r.counts_against()).collect();
+    report.compliant = report.applicable && failing.is_empty();
+    if !report.applicable {
+        let whys: Vec<String> = report
+            .rules
+            .iter()
+            .filter(|r| r.mode != FamilyMode::Ignore)
+            .map(|r| format!("{}: {}", r.id, r.why))
+            .collect();
+        report.message = format!(
+            "no loopback rule applies to this node ({})",
+            whys.join("; ")
+        );
+    } else if let Some(first) = failing.first() {
+        report.reason = first.reason.clone();
+        report.message = failing
+            .iter()
+            .map(|r| format!("{}: {}", r.id, r.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+    } else if !iptables_applicable {
+        report.reason = reason::IN_PLACE.into();
+        let passing: Vec<&str> = report
+            .rules
+            .iter()
+            .filter(|r| r.verdict == Verdict::Pass)
+            .map(|r| r.id)
+            .collect();
+        report.message = format!(
+            "every loopback rule that applies is in place: {}",
+            passing.join(", ")
+        );
+    }
+    report
 }

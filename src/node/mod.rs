@@ -3,12 +3,14 @@
 pub mod converge;
 pub mod engine;
 pub mod facts;
+pub mod families;
 pub mod iptables;
 pub mod legacy;
 pub mod lock;
 pub mod lock_events;
 pub mod netns;
 pub mod nft;
+pub mod nftables;
 pub mod packages;
 pub mod state_file;
 pub mod watch;

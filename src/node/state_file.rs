@@ -24,6 +24,20 @@ pub struct State {
     pub backend: Backend,
     #[serde(flatten)]
     pub ownership: Ownership,
+    /// loopguard's nftables table (`table inet loopguard`): `pending` is written before the
+    /// transaction that creates it, `owned` after; absent when loopguard has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nft_table: Option<NftTable>,
+}
+
+/// What the state file says of loopguard's nftables table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NftTable {
+    /// A transaction creating it was about to run (settled by the next look at the table).
+    Pending,
+    /// loopguard created it: cleanup deletes it.
+    Owned,
 }
 
 impl State {
@@ -32,6 +46,7 @@ impl State {
             version: VERSION,
             backend,
             ownership,
+            nft_table: None,
         }
     }
 }
@@ -123,7 +138,7 @@ impl StateFile {
 
     /// Writes the state atomically, or removes the file when nothing is owned.
     pub fn store(&self, state: &State) -> Result<()> {
-        if state.ownership.is_empty() {
+        if state.ownership.is_empty() && state.nft_table.is_none() {
             return match std::fs::remove_file(&self.path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     Err(self.error(format!("cannot remove it: {e}")))

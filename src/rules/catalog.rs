@@ -195,6 +195,99 @@ impl fmt::Display for RuleId {
     }
 }
 
+/// What a policy asks of one rule family.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+pub enum FamilyMode {
+    /// Make the node pass the family's rules where they apply.
+    Enforce,
+    /// Check and report only; a failing rule makes the node non-compliant for that rule.
+    Report,
+    /// Leave the family out (the report says so).
+    #[default]
+    Ignore,
+}
+
+impl fmt::Display for FamilyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FamilyMode::Enforce => "Enforce",
+            FamilyMode::Report => "Report",
+            FamilyMode::Ignore => "Ignore",
+        })
+    }
+}
+
+/// The verdict on one rule for one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Verdict {
+    /// The rule applies and the node passes ComplianceAsCode's check for it.
+    Pass,
+    /// The rule applies and the node fails the check.
+    Fail,
+    /// The rule's platform does not select this node.
+    NotApplicable,
+    /// The policy leaves the rule's family out.
+    Ignored,
+    /// It could not be told (see the reason).
+    Unknown,
+}
+
+/// One rule's result on one node: what `--output json` and the node state list per rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleResult {
+    /// ComplianceAsCode's rule id.
+    pub id: &'static str,
+    pub cis: &'static [&'static str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datadog: Option<&'static str>,
+    pub family: RuleFamily,
+    pub mode: FamilyMode,
+    /// Whether the rule applies (`null`: could not be told).
+    pub applies: Option<bool>,
+    /// Why it applies or not, naming the facts and where they were read.
+    pub why: String,
+    pub verdict: Verdict,
+    /// One CamelCase word.
+    pub reason: String,
+    pub message: String,
+    /// Whether what passes the check is loopguard's own (it inserted or created it).
+    pub owned: bool,
+}
+
+impl RuleResult {
+    /// A result for `rule`, with its ids filled in.
+    pub fn new(rule: RuleId, mode: FamilyMode, decided: Applies) -> RuleResult {
+        RuleResult {
+            id: rule.cac_id(),
+            cis: rule.cis_ids(),
+            datadog: rule.datadog_id(),
+            family: rule.family(),
+            mode,
+            applies: decided.applies,
+            why: decided.why,
+            verdict: Verdict::Unknown,
+            reason: String::new(),
+            message: String::new(),
+            owned: false,
+        }
+    }
+
+    pub fn with(mut self, verdict: Verdict, reason: &str, message: impl Into<String>) -> Self {
+        self.verdict = verdict;
+        self.reason = reason.to_string();
+        self.message = message.into();
+        self
+    }
+
+    /// Whether this result keeps the node from being compliant.
+    pub fn counts_against(&self) -> bool {
+        self.mode != FamilyMode::Ignore && matches!(self.verdict, Verdict::Fail | Verdict::Unknown)
+    }
+}
+
 /// Whether a rule applies, and why, in words that name the facts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -6,6 +6,7 @@
 pub mod blob;
 pub mod catalog;
 mod evaluate;
+pub mod nft;
 mod ownership;
 mod parse;
 mod plan;
