@@ -117,6 +117,12 @@ impl Report {
             .flatten()
             .filter(|e| e.kind != EditKind::Delete)
             .map(|e| format!("{} {}", e.family, e.rule))
+            .chain(
+                self.nftables_changes
+                    .iter()
+                    .filter(|c| c.starts_with("create"))
+                    .map(|c| format!("nftables {}", c.trim_start_matches("create "))),
+            )
             .collect()
     }
 
