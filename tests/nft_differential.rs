@@ -348,15 +348,28 @@ fn a_foreign_table_named_loopguard_is_never_touched() {
 }
 
 /// `nft flush ruleset` (what Debian's nftables.service does on reload) and a deleted table come
-/// back on the nftables event path, with a resync far away.
+/// back on the nftables event path, with a resync far away: on a node whose iptables backend is
+/// nft, and on one whose backend is legacy (loopguard's table is nftables all the same).
 #[test]
 fn a_flushed_ruleset_gets_loopguards_table_back_on_the_event_path() {
+    flushed_ruleset_comes_back("nft");
+    flushed_ruleset_comes_back("legacy");
+}
+
+fn flushed_ruleset_comes_back(backend: &str) {
     let ns = TestNetns::new("nftflush");
     let dir = tempfile::tempdir().unwrap();
     let mut watch = Command::new(BIN);
     watch
         .args(["node", "watch", "--netns", &ns.name, "--output", "json"])
-        .args(["--nftables", "enforce", "--resync", "600"])
+        .args([
+            "--nftables",
+            "enforce",
+            "--resync",
+            "600",
+            "--backend",
+            backend,
+        ])
         .arg("--state-file")
         .arg(dir.path().join("state.json"))
         .arg("--host-root")
@@ -389,16 +402,26 @@ fn a_flushed_ruleset_gets_loopguards_table_back_on_the_event_path() {
         args.extend(how);
         ns.run(&args);
         let took = wait("the table back", &has_table);
-        eprintln!("after nft {}: table back in {took:?}", how.join(" "));
+        eprintln!(
+            "{backend}: after nft {}: table back in {took:?}",
+            how.join(" ")
+        );
         assert!(oracle_passes(&ns));
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
+    // On legacy the iptables probe may look first (a pass of loopguard's own runs the legacy
+    // binaries, whose use of the xtables lock wakes it once): either way not the resync.
+    let quick = |l: &&str| {
+        l.contains("after the nft event")
+            || (backend == "legacy" && l.contains("after the legacy table change"))
+    };
     assert!(
         log.lines()
-            .filter(|l| l.contains("repaired drift") && l.contains("after the nft event"))
+            .filter(|l| l.contains("repaired drift"))
+            .filter(quick)
             .count()
             >= 2,
         "both repairs came from nftables events: {log}"

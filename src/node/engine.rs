@@ -202,6 +202,11 @@ impl Engine {
         self.read_families(&self.load_ownership().unwrap_or_default())
     }
 
+    /// Whether the nftables rule family is checked (then nftables events matter on any backend).
+    pub fn watches_nftables(&self) -> bool {
+        self.config.nftables != FamilyMode::Ignore
+    }
+
     /// The xtables lock file every iptables user opens (the legacy watch listens to it).
     pub fn lock_path(&self) -> &std::path::Path {
         &self.config.lock_path

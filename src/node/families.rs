@@ -67,26 +67,32 @@ pub fn run(
     outcome
 }
 
-/// The result as far as applicability decides it: `Ok(result)` when it is final (ignored, not
-/// applicable, cannot tell), `Err(result)` to go on checking.
-fn decided(
-    facts: &NodeFacts,
-    rule: RuleId,
-    mode: FamilyMode,
-) -> std::result::Result<RuleResult, RuleResult> {
+/// The result as far as applicability decides it.
+enum Decided {
+    /// Final: ignored, not applicable, or it cannot be told.
+    Final(RuleResult),
+    /// The rule applies: go on checking.
+    Applies(RuleResult),
+}
+
+fn decided(facts: &NodeFacts, rule: RuleId, mode: FamilyMode) -> Decided {
     let applies = catalog::applies(rule, &facts.host);
     let result = RuleResult::new(rule, mode, applies.clone());
     if mode == FamilyMode::Ignore {
-        return Ok(result.with(
+        return Decided::Final(result.with(
             Verdict::Ignored,
             reason::IGNORED,
             format!("the policy leaves {} out", rule.family()),
         ));
     }
     match applies.applies {
-        Some(false) => Ok(result.with(Verdict::NotApplicable, reason::NOT_APPLICABLE, applies.why)),
-        None => Ok(result.with(Verdict::Unknown, reason::PACKAGES_UNREADABLE, applies.why)),
-        Some(true) => Err(result),
+        Some(false) => {
+            Decided::Final(result.with(Verdict::NotApplicable, reason::NOT_APPLICABLE, applies.why))
+        }
+        None => {
+            Decided::Final(result.with(Verdict::Unknown, reason::PACKAGES_UNREADABLE, applies.why))
+        }
+        Some(true) => Decided::Applies(result),
     }
 }
 
@@ -109,8 +115,8 @@ fn nftables_pass(
         return;
     }
     let result = match decided(facts, rule, mode) {
-        Ok(result) => result,
-        Err(result) => match check_or_enforce(facts, mode, state, action, outcome) {
+        Decided::Final(result) => result,
+        Decided::Applies(result) => match check_or_enforce(facts, mode, state, action, outcome) {
             Ok((verdict, reason, message, owned)) => {
                 let mut result = result.with(verdict, reason, message);
                 result.owned = owned;
@@ -251,15 +257,15 @@ fn store(facts: &NodeFacts, state: &StateFile, table: Option<NftTable>) -> Resul
 fn ufw_result(facts: &NodeFacts, mode: FamilyMode) -> RuleResult {
     let rule = RuleId::UfwLoopback;
     match decided(facts, rule, mode) {
-        Ok(result) => result,
-        Err(result) if !facts.host.ufw_enabled => result.with(
+        Decided::Final(result) => result,
+        Decided::Applies(result) if !facts.host.ufw_enabled => result.with(
             Verdict::Fail,
             reason::UFW_INACTIVE,
             "ufw is installed but not enabled, so `ufw status verbose` shows no rules and the CIS check fails. \
              loopguard never enables ufw: its default-deny incoming policy would cut the kubelet, NodePorts and the CNI. \
              Either remove ufw (`apt-get purge ufw`, as the CIS profile and AKS do), or enable it yourself with rules for the node's traffic",
         ),
-        Err(result) => result.with(
+        Decided::Applies(result) => result.with(
             Verdict::Unknown,
             reason::NOT_CHECKED,
             "ufw is enabled: checking its loopback rules is not built yet (run `ufw status verbose` on the node)",
@@ -269,8 +275,8 @@ fn ufw_result(facts: &NodeFacts, mode: FamilyMode) -> RuleResult {
 
 fn firewalld_result(facts: &NodeFacts, mode: FamilyMode, rule: RuleId) -> RuleResult {
     match decided(facts, rule, mode) {
-        Ok(result) => result,
-        Err(result) => result.with(
+        Decided::Final(result) => result,
+        Decided::Applies(result) => result.with(
             Verdict::Unknown,
             reason::NOT_CHECKED,
             "firewalld is enabled: loopguard never touches inet firewalld, and checking its zones is not built yet \

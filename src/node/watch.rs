@@ -294,7 +294,13 @@ impl DriftWatch {
         let (events, legacy) = match backend {
             Backend::Legacy => {
                 let cache = engine.keep_legacy_tables();
-                (None, Some(LegacyWatch::new(cache, engine.lock_path())))
+                let legacy = LegacyWatch::new(cache, engine.lock_path());
+                // loopguard's nftables table lives outside the legacy tables: its events too.
+                let events = engine
+                    .watches_nftables()
+                    .then(|| NftEvents::subscribe().ok())
+                    .flatten();
+                (events, Some(legacy))
             }
             Backend::Nft => match NftEvents::subscribe() {
                 Ok(events) => (Some(events), None),
@@ -326,7 +332,8 @@ impl DriftWatch {
     /// Whether drift arrives as nftables events; otherwise it is polled (the legacy probe every
     /// 25 ms, or only the periodic re-check where neither works).
     pub fn event_driven(&self) -> bool {
-        self.events.is_some()
+        // On legacy the iptables rules are probed; events there are nftables' only.
+        self.events.is_some() && self.legacy.is_none()
     }
 
     /// The backend this watch listens to (it must be made anew when the node's changes).
@@ -355,9 +362,17 @@ impl DriftWatch {
         }
         loop {
             if let Some(legacy) = self.legacy.as_ref() {
+                let nft = async {
+                    match self.events.as_ref() {
+                        Some(events) => events.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = self.resync.tick() => return Trigger::Resync { at: Instant::now() },
                     _ = legacy.changed.notified() => return Trigger::Probed { at: Instant::now() },
+                    // Any nftables change (a flush, a deleted table): one check, no debounce.
+                    _ = nft => return Trigger::Changed { at: Instant::now() },
                 }
             }
             let Some(events) = self.events.as_ref() else {
