@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
 # The loopguard image: one binary, `loopguard controller` and `loopguard agent`, on a small Debian with
-# iptables (both the legacy and the nft backends: the agent uses whichever the node uses).
+# iptables (both the legacy and the nft backends: the agent uses whichever the node uses) and nft.
 #
 #   docker build -t ghcr.io/loopguard/loopguard:0.1.0 .
 #
@@ -32,9 +32,10 @@ LABEL org.opencontainers.image.title="loopguard" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/loopguard/loopguard" \
       org.opencontainers.image.base.name="docker.io/library/debian:12.11-slim"
-# iptables brings iptables/ip6tables with both backends (-legacy and -nft) and their -save/-restore.
+# iptables brings iptables/ip6tables with both backends (-legacy and -nft) and their -save/-restore;
+# nftables brings nft, for the nftables loopback rule in loopguard's own table.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables=1.8.9-2 \
+    && apt-get install -y --no-install-recommends iptables=1.8.9-2 nftables=1.0.6-2+deb12u2 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/loopguard /usr/local/bin/loopguard
 # Non-root by default: the controller runs so. The agent's Pod runs it as uid 0 with NET_ADMIN and

@@ -17,6 +17,7 @@ use crate::node::converge::Convergence;
 use crate::node::facts::ApplicabilityMode;
 use crate::node::watch::{DriftWatch, Trigger, run_pass};
 use crate::node::{Engine, EngineConfig, Report};
+use crate::rules::catalog::FamilyMode;
 use crate::runtime::{OnInvalid, is_synced, keep_whole, reflect};
 use crate::{Error, Result, selection};
 use k8s_openapi::api::core::v1::Node;
@@ -484,6 +485,7 @@ impl Agent {
             api::Placement::Append => crate::rules::Placement::Append,
         };
         self.engine.reconfigure(families, applicability, placement);
+        self.engine.set_rule_families(rule_family_modes(spec));
         self.history = History::continued(Some(self.history.clone()), &policy.name);
         tracing::info!(policy = %policy.name, generation = ?policy.generation, mode = ?spec.mode, "following policy");
         self.following = Some(policy);
@@ -625,4 +627,15 @@ impl Agent {
             }
         }
     }
+}
+
+/// The modes of the rule families besides iptables, as the policy asks (absent: ignored); in
+/// Audit mode an Enforce family is only reported.
+fn rule_family_modes(spec: &api::LoopbackPolicySpec) -> [FamilyMode; 3] {
+    let families = &spec.rule_families;
+    [families.nftables, families.ufw, families.firewalld].map(|mode| match (mode, spec.mode) {
+        (api::FamilyMode::Ignore, _) => FamilyMode::Ignore,
+        (_, api::Mode::Audit) | (api::FamilyMode::Report, _) => FamilyMode::Report,
+        (api::FamilyMode::Enforce, api::Mode::Enforce) => FamilyMode::Enforce,
+    })
 }

@@ -5,6 +5,7 @@ use super::memory::History;
 use crate::api::node_state::RuleState as ApiRuleState;
 use crate::api::{
     self, Compliance, IpFamily, LoopbackNodeState, LoopbackNodeStateStatus, Mode, NodeRule,
+    RuleCheck,
 };
 use crate::node::Report;
 use crate::rules::{Family, RuleState};
@@ -54,6 +55,21 @@ pub fn status_from_report(
             .firewall_managers
             .iter()
             .map(|m| m.to_string())
+            .collect(),
+        checks: report
+            .rules
+            .iter()
+            .map(|r| RuleCheck {
+                id: r.id.to_string(),
+                cis: r.cis.iter().map(|c| c.to_string()).collect(),
+                family: r.family.to_string(),
+                mode: r.mode.to_string(),
+                applies: r.applies,
+                why: r.why.clone(),
+                verdict: format!("{:?}", r.verdict),
+                reason: r.reason.clone(),
+                message: r.message.clone(),
+            })
             .collect(),
         rules: report
             .findings

@@ -8,10 +8,12 @@ pub mod policy;
 pub use conditions::{Condition, ConditionStatus};
 pub use node_state::{
     Compliance, LoopbackNodeState, LoopbackNodeStateSpec, LoopbackNodeStateStatus, NodeRule,
+    RuleCheck,
 };
 pub use policy::{
-    Applicability, IpFamily, LoopbackPolicy, LoopbackPolicySpec, LoopbackPolicyStatus, Mode,
-    NodeSelector, NodeSelectorRequirement, OnRemoval, Placement, SelectorOperator,
+    Applicability, FamilyMode, IpFamily, LoopbackPolicy, LoopbackPolicySpec, LoopbackPolicyStatus,
+    Mode, NodeSelector, NodeSelectorRequirement, OnRemoval, Placement, RuleFamilies,
+    SelectorOperator,
 };
 
 use kube::CustomResourceExt;

@@ -85,6 +85,35 @@ pub struct NodeRule {
     pub owned: bool,
 }
 
+/// One loopback rule of the CIS benchmarks (one per firewall tool) on the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleCheck {
+    /// ComplianceAsCode's rule id (set_ipv6_loopback_traffic, set_nftables_loopback_traffic, ...).
+    pub id: String,
+    /// The CIS ids (benchmark:section).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cis: Vec<String>,
+    /// The firewall tool: iptables, nftables, ufw or firewalld.
+    pub family: String,
+    /// What the policy asks of the family: Enforce, Report or Ignore.
+    pub mode: String,
+    /// Whether the rule applies to the node (absent: it could not be told).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applies: Option<bool>,
+    /// Why it applies or not, naming the facts and where they were read.
+    #[serde(default)]
+    pub why: String,
+    /// Pass, Fail, NotApplicable, Ignored or Unknown.
+    pub verdict: String,
+    /// A CamelCase word.
+    #[serde(default)]
+    pub reason: String,
+    /// The verdict in a sentence.
+    #[serde(default)]
+    pub message: String,
+}
+
 /// What the node's agent last found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -119,6 +148,10 @@ pub struct LoopbackNodeStateStatus {
     /// The baseline rules as found.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<NodeRule>,
+    /// Every loopback rule of the CIS benchmarks, one per firewall tool: whether it applies and
+    /// why, and its verdict.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<RuleCheck>,
     /// Drift repairs since the node started following this policy (kept across agent restarts).
     #[serde(default)]
     pub repairs: i64,

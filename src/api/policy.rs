@@ -73,6 +73,64 @@ pub struct LoopbackPolicySpec {
     /// policy, then to the name that sorts first.
     #[serde(default)]
     pub priority: i32,
+
+    /// The loopback rules of the other firewall tools, one mode per rule family. The CIS
+    /// benchmarks have one loopback control per tool, and which applies to a node is decided as
+    /// ComplianceAsCode's platforms decide it (from the node's dpkg and rpm packages, firewalld
+    /// and ufw). The iptables family is what ipFamilies and applicability configure. Absent: every
+    /// other family is ignored, as before families existed. mode Audit makes every family report
+    /// only.
+    #[serde(default, skip_serializing_if = "RuleFamilies::is_default")]
+    pub rule_families: RuleFamilies,
+}
+
+/// What the policy asks of each rule family besides iptables.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.ufw) || self.ufw != 'Enforce'").message("ufw can be Report or Ignore: loopguard never enables or edits ufw (its default-deny incoming policy would cut the kubelet, NodePorts and the CNI)"),
+    validation = Rule::new("!has(self.firewalld) || self.firewalld != 'Enforce'").message("firewalld can be Report or Ignore: loopguard never touches firewalld's zones")
+)]
+pub struct RuleFamilies {
+    /// set_nftables_loopback_traffic (CIS Ubuntu 24.04 / Debian 12 4.3.6): applies where nftables
+    /// is installed and firewalld is not enabled. Enforce writes a table of loopguard's own,
+    /// `table inet loopguard` (iif lo accept, ip saddr 127.0.0.0/8 drop, ip6 saddr ::1 drop),
+    /// where ComplianceAsCode's check fails; it never writes into another table, and the table
+    /// can only drop spoofed loopback packets, never let anything through.
+    #[serde(default, skip_serializing_if = "FamilyMode::is_ignore")]
+    pub nftables: FamilyMode,
+    /// set_ufw_loopback_traffic (CIS 4.2.4): applies where ufw is installed, active or not.
+    /// Report or Ignore: an installed but inactive ufw fails (UfwInactive).
+    #[serde(default, skip_serializing_if = "FamilyMode::is_ignore")]
+    pub ufw: FamilyMode,
+    /// firewalld_loopback_traffic_trusted and _restricted (CIS RHEL 9 4.2.2): apply where
+    /// firewalld is enabled. Report or Ignore.
+    #[serde(default, skip_serializing_if = "FamilyMode::is_ignore")]
+    pub firewalld: FamilyMode,
+}
+
+impl RuleFamilies {
+    pub fn is_default(&self) -> bool {
+        *self == RuleFamilies::default()
+    }
+}
+
+/// What a policy asks of one rule family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum FamilyMode {
+    /// Make the node pass the family's rule where it applies.
+    Enforce,
+    /// Check and report; a failing rule makes the node NonCompliant for that rule.
+    Report,
+    /// Leave the family out.
+    #[default]
+    Ignore,
+}
+
+impl FamilyMode {
+    pub fn is_ignore(&self) -> bool {
+        *self == FamilyMode::Ignore
+    }
 }
 
 fn default_ip_families() -> Vec<IpFamily> {

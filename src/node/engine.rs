@@ -251,6 +251,11 @@ impl Engine {
         self.config.placement = placement;
     }
 
+    /// Changes what the other rule families do from now on: nftables, ufw, firewalld.
+    pub fn set_rule_families(&mut self, modes: [FamilyMode; 3]) {
+        [self.config.nftables, self.config.ufw, self.config.firewalld] = modes;
+    }
+
     pub fn applicability(&self) -> Applicability {
         facts::applicability(&self.facts, self.config.applicability)
     }

@@ -1,0 +1,175 @@
+//! One policy, whichever firewall, end to end: the chart on hollow nodes of a control plane of
+//! its own, one node where only iptables is installed (the seed's rule applies) and one with
+//! nftables too (the nftables rule applies instead). A policy with `ruleFamilies.nftables:
+//! Enforce` makes both pass the rule that applies to them; each node state lists every rule with
+//! its verdict; a flushed ruleset is repaired; deleting the policy removes loopguard's table and
+//! rules and nothing else; the API refuses `ufw: Enforce` with a message.
+
+mod support;
+
+use kube::api::{Api, DeleteParams, PostParams};
+use loopguard::api::{Compliance, LoopbackNodeState, LoopbackNodeStateStatus, LoopbackPolicy};
+use serde_json::json;
+use std::time::Duration;
+use support::cluster::eventually;
+use support::deploy::{self, chain, in_node};
+use support::netns::scanner_passes;
+
+const NS: &str = "loopguard-system";
+
+fn check<'a>(status: &'a LoopbackNodeStateStatus, id: &str) -> &'a loopguard::api::RuleCheck {
+    status
+        .checks
+        .iter()
+        .find(|c| c.id == id)
+        .unwrap_or_else(|| panic!("no {id} in {:?}", status.checks))
+}
+
+fn nft_ruleset(node: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", node, "nft", "list", "ruleset"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft list ruleset in {node}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn has_loopguard_table(node: &str) -> bool {
+    nft_ruleset(node).contains("table inet loopguard {")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_policy_makes_every_node_pass_the_rule_that_applies_to_it() {
+    let Some(cluster) = support::cluster::private("fam") else {
+        return;
+    };
+    let client = cluster.client().await;
+    let options = deploy::iptables_hosts(&cluster, "fam", 2, ("loopguard.dev/fam", "yes"));
+    let names = options.nodes.clone();
+    let (seed_node, nft_node) = (names[0].clone(), names[1].clone());
+    deploy::install_packages(&options.node_root(&nft_node), &["iptables", "nftables"]);
+    let hollow = cluster.start_nodes(options).await;
+    deploy::install(
+        &cluster,
+        NS,
+        &[
+            "agent.resync=600",
+            "logFormat=plain",
+            "controller.leaseDuration=5",
+        ],
+    );
+    deploy::wait_agents_ready(&client, NS, &names).await;
+
+    // The API refuses what loopguard will never do.
+    let mut kubectl = cluster.kubectl();
+    kubectl.args(["apply", "-f", "-"]);
+    let refused = support::output(
+        kubectl,
+        Some(
+            r#"{"apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackPolicy",
+                "metadata": {"name": "bad"}, "spec": {"ruleFamilies": {"ufw": "Enforce"}}}"#,
+        ),
+    );
+    assert!(!refused.status.success(), "ufw: Enforce accepted");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("loopguard never enables or edits ufw"),
+        "{refused:?}"
+    );
+
+    let policies: Api<LoopbackPolicy> = Api::all(client.clone());
+    let policy: LoopbackPolicy = serde_json::from_value(json!({
+        "apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackPolicy",
+        "metadata": {"name": "fleet"},
+        "spec": {
+            "nodeSelector": {"matchLabels": {"loopguard.dev/fam": "yes"}},
+            "ruleFamilies": {"nftables": "Enforce", "ufw": "Report"},
+        },
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    cluster.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Compliant",
+            "lbp/fleet",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let states: Api<LoopbackNodeState> = Api::all(client.clone());
+    let state = |node: String| {
+        let states = states.clone();
+        async move { states.get(&node).await.ok()?.status }
+    };
+
+    // The seed's rule where only iptables is installed; the nftables rule where nftables is.
+    let seeded = state(seed_node.clone()).await.unwrap();
+    assert_eq!(seeded.compliance, Compliance::Compliant);
+    assert_eq!(check(&seeded, "set_ipv6_loopback_traffic").verdict, "Pass");
+    assert_eq!(
+        check(&seeded, "set_nftables_loopback_traffic").verdict,
+        "NotApplicable"
+    );
+    assert!(scanner_passes(&seed_node, "nft"));
+    assert!(
+        !has_loopguard_table(&seed_node),
+        "no table where the rule does not apply"
+    );
+
+    let nft = state(nft_node.clone()).await.unwrap();
+    assert_eq!(nft.compliance, Compliance::Compliant, "{nft:?}");
+    let rule = check(&nft, "set_nftables_loopback_traffic");
+    assert_eq!((rule.verdict.as_str(), rule.applies), ("Pass", Some(true)));
+    assert!(rule.cis.iter().any(|c| c == "ubuntu2404:4.3.6"), "{rule:?}");
+    let seed_rule = check(&nft, "set_ipv6_loopback_traffic");
+    assert_eq!(seed_rule.verdict, "NotApplicable");
+    assert!(
+        seed_rule.why.contains("nftables is installed"),
+        "{seed_rule:?}"
+    );
+    assert_eq!(
+        check(&nft, "set_ufw_loopback_traffic").verdict,
+        "NotApplicable"
+    );
+    assert!(has_loopguard_table(&nft_node));
+    assert!(
+        chain(&nft_node, "nft", "INPUT").is_empty(),
+        "no ip6tables rules where the seed's rule does not apply"
+    );
+
+    // Debian's nftables.service reload flushes the ruleset: the table comes back at once.
+    in_node(&nft_node, &["nft", "flush", "ruleset"]);
+    eventually(
+        "the table back after a flush",
+        Duration::from_secs(10),
+        || async { has_loopguard_table(&nft_node).then_some(()) },
+    )
+    .await;
+
+    // Deleting the policy removes loopguard's table and rules, and nothing else.
+    in_node(&nft_node, &["nft", "add", "table", "inet", "theirs"]);
+    policies
+        .delete("fleet", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the policy gone", Duration::from_secs(60), || async {
+        policies
+            .get_opt("fleet")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !has_loopguard_table(&nft_node),
+        "{}",
+        nft_ruleset(&nft_node)
+    );
+    assert!(nft_ruleset(&nft_node).contains("table inet theirs"));
+    assert!(chain(&seed_node, "nft", "INPUT").is_empty());
+    hollow.shutdown(Duration::from_secs(5)).await.unwrap();
+}
