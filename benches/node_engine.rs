@@ -199,7 +199,16 @@ impl Fx {
         c.args(["node", cmd, "--state-file"])
             .arg(self.dir.path().join("state.json"));
         if cmd != "cleanup" {
+            // The seed's rule only, as the seed's script and playbook do.
             c.args(["--applicability", "always"]);
+            c.args([
+                "--nftables",
+                "ignore",
+                "--ufw",
+                "ignore",
+                "--firewalld",
+                "ignore",
+            ]);
         }
         if forced {
             c.args(["--backend", self.backend]);

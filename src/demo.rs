@@ -89,8 +89,21 @@ fn tour(s: &Scratch) -> Result<()> {
             .map(String::from)
             .to_vec();
         if cmd != "cleanup" {
-            // The demo namespace has no host of its own to judge applicability from.
-            args.extend(["--applicability", "always"].map(String::from));
+            // The demo namespace has no host of its own to judge applicability from; steps 1-5
+            // show the seed's ip6tables rule, step 6 the nftables one.
+            args.extend(
+                [
+                    "--applicability",
+                    "always",
+                    "--nftables",
+                    "ignore",
+                    "--ufw",
+                    "ignore",
+                    "--firewalld",
+                    "ignore",
+                ]
+                .map(String::from),
+            );
         }
         args
     };
@@ -167,6 +180,36 @@ fn tour(s: &Scratch) -> Result<()> {
         "5. Cleanup removes exactly the rules loopguard inserted (rules it found in place would stay).",
     );
     loopguard(&node("cleanup"))?;
+
+    step(
+        "6. A node with nftables installed (most node images): the CIS rule that applies there is the nftables one.",
+    );
+    say(
+        "   loopguard reads the host's packages (here a dpkg database that lists iptables and nftables) and writes a table of its own, `table inet loopguard`, never another table.",
+    );
+    let host = s.dir.join("nftables-host");
+    let dpkg = host.join("var/lib/dpkg");
+    std::fs::create_dir_all(&dpkg).map_err(|e| Error::io("creating the demo host", e))?;
+    std::fs::write(
+        dpkg.join("status"),
+        "Package: iptables\nStatus: install ok installed\n\nPackage: nftables\nStatus: install ok installed\n",
+    )
+    .map_err(|e| Error::io("writing the demo host's dpkg status", e))?;
+    let nft_node = |cmd: &str| -> Vec<String> {
+        let mut args: Vec<String> = ["node", cmd, "--netns", &s.netns, "--state-file", state]
+            .map(String::from)
+            .to_vec();
+        if cmd != "cleanup" {
+            args.extend(["--host-root".to_string(), host.display().to_string()]);
+            args.extend(["--nftables", "enforce"].map(String::from));
+        }
+        args
+    };
+    loopguard(&nft_node("enforce"))?;
+    say(
+        "   `nft flush ruleset` (what Debian's nftables.service does on reload) would bring a watcher's repair at once; cleanup deletes the table:",
+    );
+    loopguard(&nft_node("cleanup"))?;
     Ok(())
 }
 

@@ -402,6 +402,10 @@ fn the_agents_capabilities_suffice_for_both_backends() {
             backend,
             "--applicability",
             "always",
+            // This machine has nftables installed: its rule applies, and nft must work with
+            // the same capabilities.
+            "--nftables",
+            "enforce",
             "--state-file",
             state_file.to_str().expect("path"),
         ])
@@ -414,7 +418,12 @@ fn the_agents_capabilities_suffice_for_both_backends() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("result:     COMPLIANT"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("result:     COMPLIANT"), "{stdout}");
+        assert!(
+            stdout.contains("nftables:   create table inet loopguard"),
+            "nft wrote loopguard's table with these capabilities: {stdout}"
+        );
     }
     let out = enforce(&["net_admin".to_owned()], "legacy");
     assert!(

@@ -108,7 +108,10 @@ fn nftables_pass(
     if action == Action::Cleanup {
         let mut result = RuleResult::new(rule, mode, catalog::applies(rule, &facts.host));
         result = match cleanup_table(facts, state, outcome) {
-            Ok(message) => result.with(Verdict::NotApplicable, reason::NOT_APPLICABLE, message),
+            Ok(message) => {
+                result.why = message.clone();
+                result.with(Verdict::NotApplicable, reason::NOT_APPLICABLE, message)
+            }
             Err(e) => result.with(Verdict::Unknown, reason::NFT_FAILED, e.to_string()),
         };
         outcome.results.push(result);
