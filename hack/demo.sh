@@ -9,9 +9,9 @@ if [[ $EUID -ne 0 ]]; then
   echo "the demo needs root (it creates a network namespace): run sudo $0" >&2
   exit 2
 fi
-if ! command -v ip6tables-nft >/dev/null || ! command -v ip >/dev/null; then
+if ! command -v ip6tables-nft >/dev/null || ! command -v ip >/dev/null || ! command -v nft >/dev/null; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables iproute2 >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables iproute2 nftables >/dev/null
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/loopguard/target}"
