@@ -12,7 +12,7 @@ use loopguard::api::{Compliance, LoopbackNodeState, LoopbackNodeStateStatus, Loo
 use serde_json::json;
 use std::time::Duration;
 use support::cluster::eventually;
-use support::deploy::{self, chain, in_node};
+use support::deploy::{self, chain, has_loopguard_table, in_node, nft_ruleset};
 use support::netns::scanner_passes;
 
 const NS: &str = "loopguard-system";
@@ -23,19 +23,6 @@ fn check<'a>(status: &'a LoopbackNodeStateStatus, id: &str) -> &'a loopguard::ap
         .iter()
         .find(|c| c.id == id)
         .unwrap_or_else(|| panic!("no {id} in {:?}", status.checks))
-}
-
-fn nft_ruleset(node: &str) -> String {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", node, "nft", "list", "ruleset"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "nft list ruleset in {node}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn has_loopguard_table(node: &str) -> bool {
-    nft_ruleset(node).contains("table inet loopguard {")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -280,6 +280,19 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
     let states: Api<LoopbackNodeState> = Api::all(client.clone());
     let state = states.get(NODE).await.unwrap().status.unwrap();
     assert_eq!(state.backend.as_deref(), Some("iptables-nft"));
+    // This machine has nftables installed, so its rule applies too, and the chart's default
+    // policy enforces it: nft from the image, under the runtime's seccomp profile and the agent's
+    // two capabilities, wrote loopguard's table in the node's namespace.
+    let nft_rule = state
+        .checks
+        .iter()
+        .find(|c| c.id == "set_nftables_loopback_traffic")
+        .unwrap_or_else(|| panic!("no nftables rule in {:?}", state.checks));
+    assert_eq!(nft_rule.verdict, "Pass", "{nft_rule:?}");
+    assert!(
+        deploy::has_loopguard_table(NODE),
+        "table inet loopguard in {NODE}"
+    );
 
     // helm test: every node the agents cover has a recent report (the test Pod runs where the
     // controller runs, on the hollow node; a hollow node keeps no logs for `--logs`).
@@ -378,6 +391,10 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
         assert!(
             chain(node, backend, "INPUT").is_empty() && chain(node, backend, "OUTPUT").is_empty(),
             "loopguard's rules left on {node}"
+        );
+        assert!(
+            !deploy::has_loopguard_table(node),
+            "loopguard's nftables table left on {node}"
         );
     }
     let policies: Api<LoopbackPolicy> = Api::all(client.clone());

@@ -170,6 +170,23 @@ pub fn chain(node: &str, backend: &str, chain: &str) -> Vec<String> {
         .collect()
 }
 
+/// `nft list ruleset` of a node (asserting that `nft` itself worked).
+pub fn nft_ruleset(node: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", node, "nft", "list", "ruleset"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft list ruleset in {node}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether a node holds loopguard's nftables table.
+pub fn has_loopguard_table(node: &str) -> bool {
+    nft_ruleset(node)
+        .lines()
+        .any(|l| l == "table inet loopguard {")
+}
+
 /// `ip6tables-<backend>-save` of a node without comments and counters.
 pub fn save(node: &str, backend: &str) -> String {
     let out = Command::new("ip")
