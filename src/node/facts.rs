@@ -343,6 +343,7 @@ mod tests {
             firewalld_enabled: false,
             ufw_enabled: false,
             ipv6_enabled: ipv6,
+            os_id: None,
         };
         NodeFacts {
             ipv6_enabled: ipv6,

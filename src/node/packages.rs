@@ -32,7 +32,20 @@ pub fn read_host(host_root: &Path, ipv6_enabled: bool) -> Host {
         firewalld_enabled: firewalld_enabled(host_root),
         ufw_enabled: ufw_enabled(host_root),
         ipv6_enabled,
+        os_id: os_id(host_root),
     }
+}
+
+/// `ID=` of the host's os-release (`/etc/os-release`, else `/usr/lib/os-release`).
+fn os_id(root: &Path) -> Option<String> {
+    ["etc/os-release", "usr/lib/os-release"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(root.join(p)).ok())
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("ID="))
+                .map(|id| id.trim().trim_matches('"').to_string())
+        })
 }
 
 fn binaries_of(package: &str) -> &'static [&'static str] {
@@ -297,9 +310,15 @@ mod tests {
         }
         let r = root();
         write(r.path(), "usr/sbin/nft", "");
+        write(
+            r.path(),
+            "usr/lib/os-release",
+            "NAME=Bottlerocket\nID=\"bottlerocket\"\n",
+        );
         assert!(matches!(packages(r.path()), PackageBasis::NoDatabase(_)));
         let host = read_host(r.path(), true);
         assert_eq!(host.binaries, BTreeSet::from(["nft".to_string()]));
+        assert_eq!(host.os_id.as_deref(), Some("bottlerocket"));
     }
 
     #[test]

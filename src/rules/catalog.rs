@@ -59,6 +59,21 @@ pub struct Host {
     /// ufw is enabled (`ENABLED=yes` in `/etc/ufw/ufw.conf`).
     pub ufw_enabled: bool,
     pub ipv6_enabled: bool,
+    /// The host's `ID` from os-release (`debian`, `bottlerocket`, `cos`, ...), when it has one.
+    pub os_id: Option<String>,
+}
+
+/// The vendor's own CIS benchmark item for the loopback rules, for hosts outside
+/// ComplianceAsCode's platforms: Bottlerocket's and Container-Optimized OS's ask for exactly the
+/// seed's ip6tables rules.
+pub fn vendor_benchmark(os_id: &str) -> Option<&'static str> {
+    match os_id {
+        "bottlerocket" => Some("CIS Bottlerocket 3.4.2.2 asks for the seed's ip6tables rules"),
+        "cos" => {
+            Some("CIS Google Container-Optimized OS 3.3.1.2 asks for the seed's ip6tables rules")
+        }
+        _ => None,
+    }
 }
 
 impl Host {
@@ -309,8 +324,12 @@ pub fn applies(rule: RuleId, host: &Host) -> Applies {
         PackageBasis::Installed { source, .. } => source.clone(),
         PackageBasis::NoDatabase(why) => {
             let found: Vec<&str> = host.binaries.iter().map(String::as_str).collect();
+            let vendor = match (rule, host.os_id.as_deref().and_then(vendor_benchmark)) {
+                (RuleId::Ipv6Loopback, Some(item)) => format!("; {item}"),
+                _ => String::new(),
+            };
             format!(
-                "{why}: {}",
+                "{why}: {}{vendor}",
                 if found.is_empty() {
                     "none".into()
                 } else {
@@ -410,6 +429,7 @@ mod tests {
             firewalld_enabled,
             ufw_enabled: false,
             ipv6_enabled: true,
+            os_id: None,
         }
     }
 
@@ -478,12 +498,18 @@ mod tests {
             firewalld_enabled: false,
             ufw_enabled: false,
             ipv6_enabled: true,
+            os_id: Some("bottlerocket".into()),
         };
         let seed = applies(RuleId::Ipv6Loopback, &bottlerocket);
         assert_eq!(seed.applies, Some(true));
         assert!(
             seed.why
                 .contains("no package database: ip6tables, iptables"),
+            "{}",
+            seed.why
+        );
+        assert!(
+            seed.why.contains("CIS Bottlerocket 3.4.2.2"),
             "{}",
             seed.why
         );
