@@ -127,6 +127,20 @@ async fn one_policy_makes_every_node_pass_the_rule_that_applies_to_it() {
         "no ip6tables rules where the seed's rule does not apply"
     );
 
+    // `kubectl get lbns` shows which rule each node carries.
+    let listed = cluster.kubectl_ok(&["get", "lbns", &seed_node, &nft_node], None);
+    let row = |node: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(node))
+            .unwrap_or_else(|| panic!("{node} not in {listed}"))
+            .to_string()
+    };
+    assert!(listed.lines().next().unwrap().contains("RULES"), "{listed}");
+    assert!(row(&seed_node).contains(" iptables=Pass "), "{listed}");
+    assert!(row(&nft_node).contains(" nftables=Pass "), "{listed}");
+    assert!(!row(&nft_node).contains("iptables="), "{listed}");
+
     // Debian's nftables.service reload flushes the ruleset: the table comes back at once.
     in_node(&nft_node, &["nft", "flush", "ruleset"]);
     eventually(

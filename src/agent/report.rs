@@ -8,6 +8,7 @@ use crate::api::{
     RuleCheck,
 };
 use crate::node::Report;
+use crate::rules::catalog::Verdict;
 use crate::rules::{Family, RuleState};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
@@ -56,6 +57,7 @@ pub fn status_from_report(
             .iter()
             .map(|m| m.to_string())
             .collect(),
+        rule_summary: rule_summary(report),
         checks: report
             .rules
             .iter()
@@ -96,6 +98,26 @@ pub fn status_from_report(
         last_verified_time: None,
         agent_version: None,
     }
+}
+
+/// `nftables=Pass,ufw=Fail`: the rules that apply (or cannot be told), by family; the iptables
+/// family's IPv4 rule is named `iptables-ipv4`.
+fn rule_summary(report: &Report) -> String {
+    report
+        .rules
+        .iter()
+        .filter(|r| r.applies != Some(false) && r.verdict != Verdict::Ignored)
+        .map(|r| {
+            let name = match r.id {
+                "set_loopback_traffic" => "iptables-ipv4".to_string(),
+                "firewalld_loopback_traffic_trusted" => "firewalld-trusted".to_string(),
+                "firewalld_loopback_traffic_restricted" => "firewalld-restricted".to_string(),
+                _ => r.family.to_string(),
+            };
+            format!("{name}={:?}", r.verdict)
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The status for a node whose agent could not check or enforce.

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".status.mode"}"#,
     printcolumn = r#"{"name": "Policy", "type": "string", "jsonPath": ".status.policyName"}"#,
     printcolumn = r#"{"name": "Backend", "type": "string", "jsonPath": ".status.backend"}"#,
+    printcolumn = r#"{"name": "Rules", "type": "string", "jsonPath": ".status.ruleSummary", "description": "The CIS loopback rules that apply to the node, by firewall tool, with their verdicts"}"#,
     printcolumn = r#"{"name": "Repairs", "type": "integer", "jsonPath": ".status.repairs"}"#,
     printcolumn = r#"{"name": "Verified", "type": "date", "jsonPath": ".status.lastVerifiedTime"}"#,
     printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1}"#,
@@ -152,6 +153,10 @@ pub struct LoopbackNodeStateStatus {
     /// why, and its verdict.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<RuleCheck>,
+    /// The rules that apply, by firewall tool, with their verdicts: `nftables=Pass,ufw=Fail`
+    /// (what `kubectl get lbns` shows).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rule_summary: String,
     /// Drift repairs since the node started following this policy (kept across agent restarts).
     #[serde(default)]
     pub repairs: i64,
