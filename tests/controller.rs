@@ -637,8 +637,16 @@ async fn a_node_without_a_live_agent_is_never_counted_compliant() {
     )
     .await
     .unwrap();
+    // The Pod is first seen terminating (not Ready), then gone: wait for the second.
+    let gone = |s: &LoopbackPolicyStatus| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Compliant" && c.message.contains("no agent Pod runs on it"))
+    };
     let s = w
-        .wait_status(&name, "node 1 without an agent", |s| s.unknown_nodes == 1)
+        .wait_status(&name, "node 1 without an agent", |s| {
+            s.unknown_nodes == 1 && gone(s)
+        })
         .await;
     assert_eq!(s.non_compliant_node_names, vec![nodes[1].clone()]);
     let message = &s
