@@ -15,13 +15,13 @@ mod chains;
 #[path = "support/netns.rs"]
 mod netns;
 
-use chains::{Chains, budget, seed};
+use chains::Chains;
 use loopguard::node::facts::{ApplicabilityMode, BackendChoice};
 use loopguard::node::{Engine, EngineConfig, Report};
 use loopguard::rules::{Family, Placement};
 use netns::TestNetns;
 use proptest::prelude::*;
-use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::TestCaseError;
 use std::path::Path;
 
 /// The IPv6 script: the generated INPUT and OUTPUT, user chains that jump and go to each other,
@@ -270,18 +270,7 @@ fn one_case(
 
 #[test]
 fn in_process_edits_match_ip6tables_legacy() {
-    let (cases, seed) = (budget(), seed());
-    eprintln!("{cases} cases, seed {seed} (replay with LOOPGUARD_DIFF_SEED={seed})");
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    let config = ProptestConfig {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 100,
-        ..ProptestConfig::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    let (mut runner, seed) = chains::runner("", 100);
     let strategy = (
         chains::chains(),
         any::<bool>(),

@@ -18,10 +18,9 @@ mod chains;
 #[path = "support/netns.rs"]
 mod netns;
 
-use chains::{budget, seed};
 use netns::TestNetns;
 use proptest::prelude::*;
-use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -299,18 +298,7 @@ fn one_case(c: &Case) -> Result<(), TestCaseError> {
 
 #[test]
 fn nftables_rule_matches_complianceascode_and_touches_no_foreign_table() {
-    let (cases, seed) = (budget(), seed());
-    eprintln!("{cases} cases, seed {seed} (replay with LOOPGUARD_DIFF_SEED={seed})");
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    let config = ProptestConfig {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 100,
-        ..ProptestConfig::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    let (mut runner, seed) = chains::runner("", 100);
     if let Err(e) = runner.run(&case(), |c| one_case(&c)) {
         panic!("{e}\nreplay with LOOPGUARD_DIFF_SEED={seed}");
     }

@@ -18,24 +18,13 @@ mod netns;
 #[path = "support/node.rs"]
 mod node;
 
-use chains::{Chains, apply_edit_on, budget, foreign, seed};
+use chains::{Chains, apply_edit_on, budget, foreign};
 use node::Node;
 use proptest::prelude::*;
-use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::TestCaseError;
 
 fn differential(backend: &'static str) {
-    let (cases, seed) = (budget(), seed());
-    eprintln!("{backend}: {cases} cases, seed {seed} (replay with LOOPGUARD_DIFF_SEED={seed})");
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    let config = ProptestConfig {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 300,
-        ..ProptestConfig::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    let (mut runner, seed) = chains::runner(&format!("{backend}: "), 300);
     let started = std::time::Instant::now();
     if let Err(e) = runner.run(&(chains::chains(), any::<bool>()), |(c, append)| {
         one_case(backend, &c, append)
@@ -43,7 +32,8 @@ fn differential(backend: &'static str) {
         panic!("{backend}: {e}\nreplay with LOOPGUARD_DIFF_SEED={seed}");
     }
     eprintln!(
-        "{backend}: {cases} cases passed in {:.1} s",
+        "{backend}: {} cases passed in {:.1} s",
+        budget(),
         started.elapsed().as_secs_f64()
     );
 }

@@ -637,14 +637,19 @@ impl Engine {
             findings,
             changes,
             dry_run: false,
-            rules: self.iptables_results(tables, &applicability),
+            rules: self.iptables_results(tables, ownership, &applicability),
             nftables_changes: Vec::new(),
             applied_at: None,
         }
     }
 
     /// The iptables family's rules: the seed (IPv6), and IPv4 where the policy enforces it.
-    fn iptables_results(&self, tables: &Tables, applicability: &Applicability) -> Vec<RuleResult> {
+    fn iptables_results(
+        &self,
+        tables: &Tables,
+        ownership: &Ownership,
+        applicability: &Applicability,
+    ) -> Vec<RuleResult> {
         [
             (RuleId::Ipv6Loopback, Family::Ipv6),
             (RuleId::Ipv4Loopback, Family::Ipv4),
@@ -679,7 +684,7 @@ impl Engine {
             let evaluation = rules::evaluate(tables, &[family]);
             let owned = Rule::baseline(family)
                 .into_iter()
-                .any(|rule| self.load_ownership().is_ok_and(|o| o.owned(rule) > 0));
+                .any(|rule| ownership.owned(rule) > 0);
             let mut result = if evaluation.compliant {
                 result.with(
                     Verdict::Pass,

@@ -28,9 +28,7 @@ pub enum Action {
 
 /// Reason words of the families' results.
 pub mod reason {
-    pub const IN_PLACE: &str = "RulesInPlace";
-    pub const NOT_IN_PLACE: &str = "RulesNotInPlace";
-    pub const NOT_APPLICABLE: &str = "RuleNotApplicable";
+    pub use super::super::engine::reason::{IN_PLACE, NOT_APPLICABLE, NOT_IN_PLACE};
     pub const IGNORED: &str = "FamilyIgnored";
     pub const PACKAGES_UNREADABLE: &str = "PackageDatabaseUnreadable";
     pub const FOREIGN_TABLE: &str = "ForeignTable";

@@ -27,6 +27,25 @@ pub fn seed() -> u64 {
     }
 }
 
+/// A proptest runner for a differential test: `budget()` cases from `seed()` (printed with
+/// `label`, so a failure can be replayed), shrinking at most `max_shrink_iters` times. Returns
+/// the runner and the seed.
+pub fn runner(label: &str, max_shrink_iters: u32) -> (proptest::test_runner::TestRunner, u64) {
+    use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
+    let (cases, seed) = (budget(), seed());
+    eprintln!("{label}{cases} cases, seed {seed} (replay with LOOPGUARD_DIFF_SEED={seed})");
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = ProptestConfig {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters,
+        ..ProptestConfig::default()
+    };
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
+    (TestRunner::new_with_rng(config, rng), seed)
+}
+
 pub const ACCEPT_IN: &str = "-i lo -j ACCEPT";
 pub const DROP_SRC: &str = "-s ::1/128 -j DROP";
 pub const ACCEPT_OUT: &str = "-o lo -j ACCEPT";
