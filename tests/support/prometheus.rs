@@ -114,11 +114,29 @@ pub struct Prometheus {
     server: Child,
     relays: Vec<Child>,
     pub url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Prometheus {
+    /// Starts Prometheus and its relays and waits until every target is up. A port that
+    /// `free_port` gave can be taken before the relay or Prometheus binds it: a start whose server
+    /// or relay exited is made again on new ports (three times at most).
     pub fn start(targets: &[Target]) -> Prometheus {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let mut prometheus = Prometheus::spawn(targets);
+            match prometheus.wait_targets_up(targets.len()) {
+                Ok(()) => return prometheus,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!(
+            "Prometheus never scraped every target:\n{}",
+            failures.join("\n---\n")
+        );
+    }
+
+    fn spawn(targets: &[Target]) -> Prometheus {
         let bin = bin_dir();
         let dir = tempfile::tempdir().unwrap();
         let mut relays = Vec::new();
@@ -165,14 +183,20 @@ impl Prometheus {
             .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
             .spawn()
             .expect("prometheus");
-        let prometheus = Prometheus {
+        Prometheus {
             server,
             relays,
             url: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        prometheus.wait_targets_up(targets.len());
-        prometheus
+            dir,
+        }
+    }
+
+    /// The last lines Prometheus logged.
+    fn log_tail(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
@@ -191,19 +215,32 @@ impl Prometheus {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
-    fn wait_targets_up(&self, count: usize) {
+    fn wait_targets_up(&mut self, count: usize) -> Result<(), String> {
         let started = Instant::now();
         loop {
             let up = self.query("up == 1");
             if up.len() == count {
-                return;
+                return Ok(());
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{} of {count} targets up: {:?}",
-                up.len(),
-                self.get("/api/v1/targets", &[])
-            );
+            if let Ok(Some(status)) = self.server.try_wait() {
+                return Err(format!(
+                    "prometheus exited ({status}):\n{}",
+                    self.log_tail()
+                ));
+            }
+            for relay in &mut self.relays {
+                if let Ok(Some(status)) = relay.try_wait() {
+                    return Err(format!("a socat relay exited ({status})"));
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(format!(
+                    "{} of {count} targets up after 60 s: {:?}\nprometheus log:\n{}",
+                    up.len(),
+                    self.get("/api/v1/targets", &[]),
+                    self.log_tail()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
     }
