@@ -130,7 +130,7 @@ pub struct Target {
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// Seconds to wait for the xtables lock before giving up.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = wait_seconds)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = crate::args::wait_seconds)]
     pub wait: u64,
     /// Where rules loopguard inserted are recorded.
     #[arg(long, value_name = "PATH", default_value = crate::node::state_file::DEFAULT_PATH, env = "LOOPGUARD_STATE_FILE")]
@@ -199,30 +199,8 @@ pub struct WatchArgs {
     #[arg(long)]
     pub audit: bool,
     /// Seconds between full re-checks (and polls, with the legacy backend, which has no events).
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::args::seconds)]
     pub resync: Duration,
-}
-
-/// Parses `--resync`: seconds (fractions allowed) between 0.1 and one day. Shorter would make
-/// the re-check a busy loop, longer is no re-check at all.
-pub fn seconds(text: &str) -> std::result::Result<Duration, String> {
-    const MIN: f64 = 0.1;
-    const MAX: f64 = 86_400.0;
-    match text.trim().parse::<f64>() {
-        Ok(s) if (MIN..=MAX).contains(&s) => Ok(Duration::from_secs_f64(s)),
-        Ok(_) => Err(format!(
-            "must be between {MIN} and {MAX} seconds (10 is the default)"
-        )),
-        Err(_) => Err("must be a number of seconds, for example 10 or 0.5".into()),
-    }
-}
-
-/// Parses `--wait`: whole seconds, at most an hour.
-pub fn wait_seconds(text: &str) -> std::result::Result<u64, String> {
-    match text.trim().parse::<u64>() {
-        Ok(s) if s <= 3600 => Ok(s),
-        _ => Err("must be a whole number of seconds between 0 and 3600".into()),
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -399,9 +377,6 @@ async fn watch(mut engine: Engine, output: Output, audit: bool, resync: Duration
     Ok(())
 }
 
-/// The ComplianceAsCode rule the verdict stands for.
-pub const RULE_ID: &str = "xccdf_org.ssgproject.content_rule_set_ipv6_loopback_traffic";
-
 fn print_report(output: Output, facts: &NodeFacts, report: &Report) {
     match output {
         Output::Json => println!("{}", json_report(report)),
@@ -416,7 +391,7 @@ pub fn json_report(report: &Report) -> serde_json::Value {
         "timestamp": jiff::Timestamp::now().to_string(),
         "hostname": hostname(),
         "version": env!("CARGO_PKG_VERSION"),
-        "ruleId": RULE_ID,
+        "ruleId": crate::rules::catalog::SEED_XCCDF_ID,
     });
     if let (Some(all), serde_json::Value::Object(extra)) = (value.as_object_mut(), context) {
         all.extend(extra);

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod aggregate;
 pub mod api;
+pub mod args;
 pub mod cli;
 pub mod controller;
 pub mod demo;

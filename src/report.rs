@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// The ComplianceAsCode rule, and what it stands for.
-pub const RULE_ID: &str = crate::cli::RULE_ID;
+pub const RULE_ID: &str = crate::rules::catalog::SEED_XCCDF_ID;
 pub const RULE_TITLE: &str = "Set configuration for IPv6 loopback traffic";
 pub const REFERENCES: [&str; 2] = [
     "CIS Debian Linux 12 / Ubuntu 24.04 Benchmark 4.4.3.2 (Ensure ip6tables loopback traffic is configured)",

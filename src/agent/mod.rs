@@ -58,13 +58,13 @@ pub struct AgentArgs {
     #[arg(long, env = "LOOPGUARD_METRICS_ADDR", default_value = "0.0.0.0:9742")]
     pub metrics_addr: SocketAddr,
     /// Seconds between full re-checks (and polls, with the legacy backend).
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::cli::seconds)]
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::args::seconds)]
     pub resync: Duration,
     /// iptables backend: detect it like kubernetes-sigs/iptables-wrappers, or force one.
     #[arg(long, value_enum, default_value_t = crate::node::facts::BackendChoice::Auto)]
     pub backend: crate::node::facts::BackendChoice,
     /// Seconds to wait for the xtables lock.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = crate::cli::wait_seconds)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = crate::args::wait_seconds)]
     pub wait: u64,
     /// Seconds between heartbeats: the node's status is written at least this often (with a new
     /// lastVerifiedTime) even when nothing changes, so the controller knows the agent is alive.

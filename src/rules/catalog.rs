@@ -20,6 +20,9 @@ use serde::Serialize;
 use std::collections::BTreeSet;
 use std::fmt;
 
+/// The seed's rule as XCCDF results name it (what `--output json` and the reports carry).
+pub const SEED_XCCDF_ID: &str = "xccdf_org.ssgproject.content_rule_set_ipv6_loopback_traffic";
+
 /// The packages whose presence decides a loopback rule.
 pub const FIREWALL_PACKAGES: [&str; 4] = ["iptables", "nftables", "ufw", "firewalld"];
 
