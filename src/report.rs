@@ -81,6 +81,9 @@ pub struct Evidence {
     pub loopguard_version: String,
     pub rule: RuleEvidence,
     pub summary: Summary,
+    /// Per loopback rule of the CIS benchmarks (ComplianceAsCode id): the nodes verified recently,
+    /// by verdict.
+    pub rules: Vec<crate::api::RuleTally>,
     pub policies: Vec<PolicyEvidence>,
     /// One row per node.
     pub nodes: Vec<NodeEvidence>,
@@ -140,6 +143,9 @@ pub struct PolicyEvidence {
     pub targeted_nodes: i32,
     pub compliant_nodes: i32,
     pub not_applicable_nodes: i32,
+    /// Selected nodes where no agent can run (Windows, Fargate, virtual-kubelet), with the label
+    /// that tells.
+    pub unsupported_nodes: Vec<String>,
 }
 
 /// One node.
@@ -157,6 +163,9 @@ pub struct NodeEvidence {
     pub rules_present: Vec<String>,
     /// Every baseline rule with its state and whether loopguard inserted it.
     pub rules: Vec<RuleRow>,
+    /// Every loopback rule of the CIS benchmarks (one per firewall tool): whether it applies and
+    /// why, and its verdict on the node.
+    pub checks: Vec<CheckRow>,
     pub backend: Option<String>,
     pub last_verified_time: Option<String>,
     pub agent_version: Option<String>,
@@ -171,6 +180,32 @@ pub struct RuleRow {
     pub rule: String,
     pub state: String,
     pub owned: bool,
+}
+
+/// One loopback rule on one node.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckRow {
+    /// ComplianceAsCode's rule id.
+    pub id: String,
+    /// The CIS ids (benchmark:section).
+    pub cis: Vec<String>,
+    /// iptables, nftables, ufw or firewalld.
+    pub family: String,
+    /// Enforce, Report or Ignore.
+    pub mode: String,
+    pub applies: Option<bool>,
+    pub why: String,
+    /// Pass, Fail, NotApplicable, Ignored or Unknown.
+    pub verdict: String,
+    pub reason: String,
+}
+
+impl CheckRow {
+    /// `set_nftables_loopback_traffic=Pass`.
+    fn short(&self) -> String {
+        format!("{}={}", self.id, self.verdict)
+    }
 }
 
 /// Builds the evidence from what the cluster holds (pure).
@@ -218,6 +253,18 @@ pub fn evidence(
         .filter(|p| only_policy.is_none_or(|o| p.name_any() == o))
         .map(policy_evidence)
         .collect();
+    // Only what a live agent vouches for counts per rule, as in the policies' status.
+    let fresh: Vec<&str> = nodes
+        .iter()
+        .filter(|n| !matches!(n.verdict.as_str(), "Unknown" | "Missing"))
+        .map(|n| n.node.as_str())
+        .collect();
+    let rules = crate::aggregate::tally_rules(
+        states
+            .iter()
+            .filter(|(name, _)| fresh.contains(&name.as_str()))
+            .map(|(_, s)| s.checks.as_slice()),
+    );
     Evidence {
         generated_at: now.to_string(),
         cluster: cluster.to_string(),
@@ -232,6 +279,7 @@ pub fn evidence(
                 .collect(),
         },
         summary,
+        rules,
         policies,
         nodes,
     }
@@ -289,6 +337,20 @@ fn node_evidence(
             .map(|r| format!("{} {}", r.family, r.rule))
             .collect(),
         rules,
+        checks: s
+            .checks
+            .iter()
+            .map(|c| CheckRow {
+                id: c.id.clone(),
+                cis: c.cis.clone(),
+                family: c.family.clone(),
+                mode: c.mode.clone(),
+                applies: c.applies,
+                why: c.why.clone(),
+                verdict: c.verdict.clone(),
+                reason: c.reason.clone(),
+            })
+            .collect(),
         backend: s.backend.clone(),
         last_verified_time: s.last_verified_time.as_ref().map(|t| t.0.to_string()),
         agent_version: s.agent_version.clone(),
@@ -308,6 +370,7 @@ fn missing_node(name: &str) -> NodeEvidence {
             .into(),
         rules_present: Vec::new(),
         rules: Vec::new(),
+        checks: Vec::new(),
         backend: None,
         last_verified_time: None,
         agent_version: None,
@@ -329,6 +392,7 @@ fn policy_evidence(p: &LoopbackPolicy) -> PolicyEvidence {
         targeted_nodes: status.targeted_nodes,
         compliant_nodes: status.compliant_nodes,
         not_applicable_nodes: status.not_applicable_nodes,
+        unsupported_nodes: status.unsupported_node_names,
     }
 }
 
@@ -365,7 +429,14 @@ fn table(e: &Evidence) -> String {
         s.unmanaged,
         s.missing
     );
-    let rows: Vec<[String; 8]> = e
+    for r in &e.rules {
+        let _ = writeln!(
+            out,
+            "  {}: {} pass, {} fail, {} not applicable, {} ignored, {} unknown",
+            r.id, r.pass, r.fail, r.not_applicable, r.ignored, r.unknown
+        );
+    }
+    let rows: Vec<[String; 9]> = e
         .nodes
         .iter()
         .map(|n| {
@@ -378,11 +449,12 @@ fn table(e: &Evidence) -> String {
                 n.last_verified_time.clone().unwrap_or_else(|| "-".into()),
                 n.repairs.to_string(),
                 n.agent_version.clone().unwrap_or_else(|| "-".into()),
+                applying(n),
             ]
         })
         .collect();
     let header = [
-        "NODE", "POLICY", "VERDICT", "RULES", "BACKEND", "VERIFIED", "REPAIRS", "AGENT",
+        "NODE", "POLICY", "VERDICT", "RULES", "BACKEND", "VERIFIED", "REPAIRS", "AGENT", "CHECKS",
     ];
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
@@ -408,6 +480,22 @@ fn table(e: &Evidence) -> String {
     out
 }
 
+/// The checks that apply to a node (or could not be told), `id=verdict`, for one cell; `-` when
+/// none does.
+fn applying(n: &NodeEvidence) -> String {
+    let shown: Vec<String> = n
+        .checks
+        .iter()
+        .filter(|c| c.applies != Some(false))
+        .map(CheckRow::short)
+        .collect();
+    if shown.is_empty() {
+        "-".into()
+    } else {
+        shown.join(",")
+    }
+}
+
 fn csv_field(value: &str) -> String {
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
@@ -418,7 +506,7 @@ fn csv_field(value: &str) -> String {
 
 fn csv(e: &Evidence) -> String {
     let mut out = String::from(
-        "node,policy,verdict,reason,rules_present,backend,last_verified_time,agent_version,repairs,last_repair_time,rule_id,references\n",
+        "node,policy,verdict,reason,rules_present,backend,last_verified_time,agent_version,repairs,last_repair_time,rule_id,references,checks\n",
     );
     for n in &e.nodes {
         let fields = [
@@ -434,6 +522,11 @@ fn csv(e: &Evidence) -> String {
             n.last_repair_time.clone().unwrap_or_default(),
             e.rule.id.clone(),
             e.rule.references.join("; "),
+            n.checks
+                .iter()
+                .map(CheckRow::short)
+                .collect::<Vec<_>>()
+                .join("; "),
         ];
         let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
         out.push_str(&row.join(","));
@@ -536,6 +629,19 @@ ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-siz
             escape(&p.message)
         );
     }
+    h.push_str("</table>\n<h2>Loopback rules</h2>\n<table id=\"rules\"><tr><th>Rule (ComplianceAsCode)</th><th>Pass</th><th>Fail</th><th>Not applicable</th><th>Ignored</th><th>Unknown</th></tr>\n");
+    for r in &e.rules {
+        let _ = writeln!(
+            h,
+            "<tr id=\"rule-{id}\"><td><code>{id}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            r.pass,
+            r.fail,
+            r.not_applicable,
+            r.ignored,
+            r.unknown,
+            id = escape(&r.id),
+        );
+    }
     h.push_str("</table>\n<h2>Nodes</h2>\n<table id=\"nodes\"><tr><th>Node</th><th>Verdict</th><th>Rules</th><th>Backend</th><th>Last verified</th><th>Repairs</th><th>Agent</th></tr>\n");
     for n in &e.nodes {
         let rules: String = n
@@ -553,6 +659,19 @@ ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-siz
                     }
                 )
             })
+            .chain(
+                n.checks
+                    .iter()
+                    .filter(|c| c.applies != Some(false))
+                    .map(|c| {
+                        format!(
+                            "<li><code>{}</code> {}<span class=\"small\"> {}</span></li>",
+                            escape(&c.id),
+                            escape(&c.verdict),
+                            escape(&c.reason)
+                        )
+                    }),
+            )
             .collect();
         let _ = writeln!(
             h,
@@ -755,6 +874,95 @@ mod tests {
         assert_eq!((e.summary.unmanaged, e.summary.unknown), (1, 1));
         assert_eq!(e.summary.uncovered(), 1);
         assert_eq!(e.nodes[1].reason, "NotVerifiedRecently");
+    }
+
+    #[test]
+    fn every_format_counts_and_lists_the_rules_per_rule_id() {
+        let check = |id: &str, applies: bool, verdict: &str| crate::api::RuleCheck {
+            id: id.into(),
+            cis: vec!["ubuntu2404:4.3.6".into()],
+            family: "nftables".into(),
+            mode: "Enforce".into(),
+            applies: Some(applies),
+            why: String::new(),
+            verdict: verdict.into(),
+            reason: if verdict == "Fail" {
+                "UfwInactive".into()
+            } else {
+                String::new()
+            },
+            message: String::new(),
+        };
+        let with = |compliance, verified: &str, checks| LoopbackNodeStateStatus {
+            checks,
+            ..state(compliance, verified)
+        };
+        let now: jiff::Timestamp = "2026-06-01T12:00:00Z".parse().unwrap();
+        let e = evidence(
+            &[],
+            &[
+                (
+                    "ubuntu".into(),
+                    with(
+                        Compliance::NonCompliant,
+                        "2026-06-01T11:59:00Z",
+                        vec![
+                            check("set_ipv6_loopback_traffic", false, "NotApplicable"),
+                            check("set_nftables_loopback_traffic", true, "Pass"),
+                            check("set_ufw_loopback_traffic", true, "Fail"),
+                        ],
+                    ),
+                ),
+                (
+                    "al2023".into(),
+                    with(
+                        Compliance::Compliant,
+                        "2026-06-01T11:59:00Z",
+                        vec![check("set_nftables_loopback_traffic", true, "Pass")],
+                    ),
+                ),
+                // Not verified recently: its checks are not counted.
+                (
+                    "old".into(),
+                    with(
+                        Compliance::Compliant,
+                        "2026-06-01T09:00:00Z",
+                        vec![check("set_nftables_loopback_traffic", true, "Fail")],
+                    ),
+                ),
+            ],
+            None,
+            None,
+            Duration::from_secs(720),
+            now,
+            "https://k8s.example:6443",
+        );
+        let nft = e
+            .rules
+            .iter()
+            .find(|r| r.id == "set_nftables_loopback_traffic")
+            .unwrap();
+        assert_eq!((nft.pass, nft.fail), (2, 0));
+        let table = render(&e, Format::Table);
+        assert!(
+            table.contains("  set_ufw_loopback_traffic: 0 pass, 1 fail, 0 not applicable"),
+            "{table}"
+        );
+        assert!(
+            table.contains("set_nftables_loopback_traffic=Pass,set_ufw_loopback_traffic=Fail"),
+            "{table}"
+        );
+        let csv = render(&e, Format::Csv);
+        assert!(csv.lines().next().unwrap().ends_with(",checks"), "{csv}");
+        assert!(
+            csv.contains("set_ipv6_loopback_traffic=NotApplicable; set_nftables_loopback_traffic=Pass; set_ufw_loopback_traffic=Fail"),
+            "{csv}"
+        );
+        let page = render(&e, Format::Html);
+        assert!(page.contains(r#"<tr id="rule-set_ufw_loopback_traffic"><td><code>set_ufw_loopback_traffic</code></td><td>0</td><td>1</td>"#), "{page}");
+        assert!(page.contains("<li><code>set_ufw_loopback_traffic</code> Fail<span class=\"small\"> UfwInactive</span></li>"));
+        let json = render(&e, Format::Json);
+        assert!(json.contains("\"checks\""), "{json}");
     }
 
     #[test]

@@ -22,6 +22,22 @@ fn selects(selector: &NodeSelector, labels: &BTreeMap<String, String>) -> bool {
         })
 }
 
+/// Why no loopguard agent can run on a node with `labels`, if none can: the label that tells.
+/// The chart keeps the agent off these nodes; the controller counts them `Unsupported`.
+pub fn unsupported(labels: &BTreeMap<String, String>) -> Option<String> {
+    let label = |key: &str| labels.get(key).map(String::as_str);
+    if let Some(os) = label("kubernetes.io/os").filter(|os| *os != "linux") {
+        return Some(format!("kubernetes.io/os={os}"));
+    }
+    if label("eks.amazonaws.com/compute-type") == Some("fargate") {
+        return Some("eks.amazonaws.com/compute-type=fargate".into());
+    }
+    if label("type") == Some("virtual-kubelet") {
+        return Some("type=virtual-kubelet".into());
+    }
+    None
+}
+
 /// Whether a policy is live (not being deleted) and selects the node.
 pub fn selects_node(policy: &LoopbackPolicy, labels: &BTreeMap<String, String>) -> bool {
     policy.metadata.deletion_timestamp.is_none() && selects(&policy.spec.node_selector, labels)

@@ -86,6 +86,70 @@ async fn one_policy_makes_every_node_pass_the_rule_that_applies_to_it() {
         ],
         None,
     );
+    // A Windows node the policy selects: no agent can run there; it is named, never waited for.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let windows: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "fam-win-1", "labels": {
+            "kubernetes.io/os": "windows", "loopguard.dev/fam": "yes"}},
+    }))
+    .unwrap();
+    nodes
+        .create(&PostParams::default(), &windows)
+        .await
+        .unwrap();
+    let status = eventually(
+        "the Windows node counted Unsupported",
+        Duration::from_secs(30),
+        || async {
+            let status = policies.get("fleet").await.ok()?.status?;
+            (status.unsupported_nodes == 1).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(
+        status.unsupported_node_names,
+        ["fam-win-1 (kubernetes.io/os=windows)"]
+    );
+    assert_eq!((status.targeted_nodes, status.pending_nodes), (2, 0));
+    let compliant = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Compliant")
+        .unwrap();
+    assert_eq!(
+        format!("{:?}", compliant.status),
+        "True",
+        "{}",
+        compliant.message
+    );
+    assert!(
+        compliant.message.contains("fam-win-1"),
+        "{}",
+        compliant.message
+    );
+    // The policy counts the nodes per rule id.
+    let tally = |id: &str| {
+        status
+            .rules
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {id} in {:?}", status.rules))
+    };
+    let seed = tally("set_ipv6_loopback_traffic");
+    assert_eq!((seed.pass, seed.not_applicable), (1, 1), "{seed:?}");
+    let nft_rule = tally("set_nftables_loopback_traffic");
+    assert_eq!(
+        (nft_rule.pass, nft_rule.not_applicable),
+        (1, 1),
+        "{nft_rule:?}"
+    );
+    nodes
+        .delete("fam-win-1", &DeleteParams::default())
+        .await
+        .unwrap();
+
     let states: Api<LoopbackNodeState> = Api::all(client.clone());
     let state = |node: String| {
         let states = states.clone();

@@ -18,6 +18,7 @@ use crate::node::facts::ApplicabilityMode;
 use crate::node::watch::{DriftWatch, Trigger, run_pass};
 use crate::node::{Engine, EngineConfig, Report};
 use crate::rules::catalog::FamilyMode;
+use crate::rules::catalog::RuleId;
 use crate::runtime::{OnInvalid, is_synced, keep_whole, reflect};
 use crate::{Error, Result, selection};
 use k8s_openapi::api::core::v1::Node;
@@ -111,8 +112,19 @@ const COMPLIANCE_STATES: [(api::Compliance, &str); 5] = [
     (api::Compliance::Unmanaged, "Unmanaged"),
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: &'static str,
+    verdict: &'static str,
+}
+
+/// The verdicts a node state's checks carry.
+const RULE_VERDICTS: [&str; 5] = ["Pass", "Fail", "NotApplicable", "Ignored", "Unknown"];
+
 struct Metrics {
     rules_enforced: Gauge,
+    /// Per loopback rule (ComplianceAsCode id): 1 for its verdict now, 0 for the others.
+    rule_verdict: MetricFamily<RuleLabels, Gauge>,
     compliant: Gauge,
     /// 1 for the node's compliance now, 0 for the other values.
     compliance: MetricFamily<StateLabels, Gauge>,
@@ -139,6 +151,7 @@ impl Metrics {
         };
         let m = Metrics {
             rules_enforced: Gauge::default(),
+            rule_verdict: MetricFamily::default(),
             compliant: Gauge::default(),
             compliance: MetricFamily::default(),
             last_check: Gauge::default(),
@@ -157,6 +170,11 @@ impl Metrics {
             "rules_enforced",
             "Baseline rules in place on this node",
             m.rules_enforced.clone(),
+        );
+        r.register(
+            "rule_verdict",
+            "Per loopback rule of the CIS benchmarks (rule: ComplianceAsCode id): 1 for its verdict on this node now (Pass, Fail, NotApplicable, Ignored, Unknown), 0 for the others; all 0 while no policy governs the node or the check failed",
+            m.rule_verdict.clone(),
         );
         r.register(
             "compliant",
@@ -398,6 +416,19 @@ impl Agent {
                 .compliance
                 .get_or_create(&StateLabels { state })
                 .set(value);
+        }
+        for rule in RuleId::ALL {
+            let check = status.checks.iter().find(|c| c.id == rule.cac_id());
+            for verdict in RULE_VERDICTS {
+                let value = check.is_some_and(|c| c.verdict == verdict) as i64;
+                self.metrics
+                    .rule_verdict
+                    .get_or_create(&RuleLabels {
+                        rule: rule.cac_id(),
+                        verdict,
+                    })
+                    .set(value);
+            }
         }
         if status.compliance != api::Compliance::Error {
             self.metrics

@@ -102,13 +102,24 @@ fn compliant(
 ) -> (ConditionStatus, &'static str, String) {
     use ConditionStatus::*;
     if s.targeted_nodes == 0 {
-        let extra = if s.overridden_nodes > 0 {
-            format!(
-                " ({} selected nodes are governed by other policies)",
+        let mut others = Vec::new();
+        if s.overridden_nodes > 0 {
+            others.push(format!(
+                "{} selected nodes are governed by other policies",
                 s.overridden_nodes
-            )
-        } else {
+            ));
+        }
+        if s.unsupported_nodes > 0 {
+            others.push(format!(
+                "{} selected nodes cannot run a loopguard agent: {}",
+                s.unsupported_nodes,
+                names(&s.unsupported_node_names)
+            ));
+        }
+        let extra = if others.is_empty() {
             String::new()
+        } else {
+            format!(" ({})", others.join("; "))
         };
         (
             False,
@@ -142,11 +153,17 @@ fn compliant(
     } else if s.pending_nodes > 0 {
         (Unknown, "AwaitingNodeReports", w.not_reported.clone())
     } else {
-        let na = if s.not_applicable_nodes > 0 {
-            format!("; {} not applicable", s.not_applicable_nodes)
-        } else {
-            String::new()
-        };
+        let mut na = String::new();
+        if s.not_applicable_nodes > 0 {
+            na.push_str(&format!("; {} not applicable", s.not_applicable_nodes));
+        }
+        if s.unsupported_nodes > 0 {
+            na.push_str(&format!(
+                "; {} selected nodes cannot run an agent and are left out: {}",
+                s.unsupported_nodes,
+                names(&s.unsupported_node_names)
+            ));
+        }
         (
             True,
             "AllNodesCompliant",

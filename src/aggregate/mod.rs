@@ -20,6 +20,8 @@ pub use notices::{Notice, notices};
 
 use crate::api::conditions::merge;
 use crate::api::{Compliance, LoopbackNodeStateStatus, LoopbackPolicy, LoopbackPolicyStatus, Mode};
+use crate::api::{RuleCheck, RuleTally};
+use crate::rules::catalog::RuleId;
 use crate::selection;
 use conditions::{Problems, condition_updates};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -109,6 +111,8 @@ pub fn aggregate(
     let mut errored_names = Vec::new();
     let mut unavailable = Vec::new();
     let mut stale = Vec::new();
+    let mut unsupported = Vec::new();
+    let mut rules = RuleTallies::default();
     for node in nodes {
         if !selection::selects_node(policy, &node.labels) {
             continue;
@@ -116,6 +120,10 @@ pub fn aggregate(
         let winner = selection::governing(&node.labels, policies.iter().copied());
         if winner.map(|w| &w.metadata.name) != Some(&policy.metadata.name) {
             status.overridden_nodes += 1;
+            continue;
+        }
+        if let Some(why) = selection::unsupported(&node.labels) {
+            unsupported.push(format!("{} ({why})", node.name));
             continue;
         }
         status.targeted_nodes += 1;
@@ -135,6 +143,9 @@ pub fn aggregate(
             }
             (compliance, Vouch::Live) => compliance,
         };
+        if let Some(report) = current {
+            rules.add(&report.checks);
+        }
         match compliance {
             Some(Compliance::Compliant) => status.compliant_nodes += 1,
             Some(Compliance::NotApplicable) => status.not_applicable_nodes += 1,
@@ -163,6 +174,10 @@ pub fn aggregate(
     errored_names.sort();
     unavailable.sort();
     stale.sort();
+    unsupported.sort();
+    status.unsupported_nodes = unsupported.len() as i32;
+    status.unsupported_node_names = unsupported.into_iter().take(MAX_LISTED_NODES).collect();
+    status.rules = rules.into_tallies();
     status.non_compliant_node_names = failing.iter().take(MAX_LISTED_NODES).cloned().collect();
     status.summary = format!(
         "{}/{}",
@@ -181,4 +196,46 @@ pub fn aggregate(
         .unwrap_or_default();
     status.conditions = merge(previous_conditions, updates, generation, now);
     status
+}
+
+/// Nodes per loopback rule and verdict, over the checks of each node counted, in the catalog's
+/// order (ids it does not know last): the policy status's `rules` and the report's.
+pub fn tally_rules<'a>(nodes: impl IntoIterator<Item = &'a [RuleCheck]>) -> Vec<RuleTally> {
+    let mut tallies = RuleTallies::default();
+    for checks in nodes {
+        tallies.add(checks);
+    }
+    tallies.into_tallies()
+}
+
+#[derive(Default)]
+struct RuleTallies(BTreeMap<(usize, String), RuleTally>);
+
+impl RuleTallies {
+    fn add(&mut self, checks: &[RuleCheck]) {
+        for check in checks {
+            let order = RuleId::ALL
+                .iter()
+                .position(|r| r.cac_id() == check.id)
+                .unwrap_or(RuleId::ALL.len());
+            let tally = self
+                .0
+                .entry((order, check.id.clone()))
+                .or_insert_with(|| RuleTally {
+                    id: check.id.clone(),
+                    ..Default::default()
+                });
+            match check.verdict.as_str() {
+                "Pass" => tally.pass += 1,
+                "Fail" => tally.fail += 1,
+                "NotApplicable" => tally.not_applicable += 1,
+                "Ignored" => tally.ignored += 1,
+                _ => tally.unknown += 1,
+            }
+        }
+    }
+
+    fn into_tallies(self) -> Vec<RuleTally> {
+        self.0.into_values().collect()
+    }
 }

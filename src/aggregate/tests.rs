@@ -478,3 +478,154 @@ fn ready_is_what_gitops_tools_wait_for() {
         (ConditionStatus::True, "NodesNotCompliant".into())
     );
 }
+
+fn check(id: &str, verdict: &str) -> crate::api::RuleCheck {
+    crate::api::RuleCheck {
+        id: id.into(),
+        cis: vec![],
+        family: "nftables".into(),
+        mode: "Enforce".into(),
+        applies: Some(verdict != "NotApplicable"),
+        why: String::new(),
+        verdict: verdict.into(),
+        reason: String::new(),
+        message: String::new(),
+    }
+}
+
+#[test]
+fn nodes_no_agent_can_run_on_are_named_and_never_waited_for() {
+    let p = policy("base", 1, 0, &[]);
+    let mut win = node("win-1", &[("kubernetes.io/os", "windows")]);
+    win.agent = AgentPod::Missing;
+    let mut fargate = node(
+        "fargate-ip-1",
+        &[("eks.amazonaws.com/compute-type", "fargate")],
+    );
+    fargate.agent = AgentPod::Missing;
+    let mut aci = node("virtual-node-aci", &[("type", "virtual-kubelet")]);
+    aci.agent = AgentPod::Missing;
+    let nodes = [
+        node("a", &[("kubernetes.io/os", "linux")]),
+        win,
+        fargate,
+        aci,
+    ];
+    let s = run(
+        &p,
+        &[&p],
+        &nodes,
+        &[("a", report("base", 1, Compliance::Compliant))],
+    );
+    assert_eq!((s.targeted_nodes, s.unsupported_nodes), (1, 3));
+    assert_eq!(s.pending_nodes + s.unknown_nodes, 0);
+    assert_eq!(
+        s.unsupported_node_names,
+        [
+            "fargate-ip-1 (eks.amazonaws.com/compute-type=fargate)",
+            "virtual-node-aci (type=virtual-kubelet)",
+            "win-1 (kubernetes.io/os=windows)",
+        ]
+    );
+    let compliant = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Compliant")
+        .unwrap();
+    assert_eq!(compliant.status, ConditionStatus::True);
+    assert!(
+        compliant
+            .message
+            .contains("3 selected nodes cannot run an agent"),
+        "{}",
+        compliant.message
+    );
+    assert_eq!(s.summary, "1/1");
+
+    // A policy that selects only such nodes targets none, and says why.
+    let only = policy("windows", 1, 0, &[("kubernetes.io/os", "windows")]);
+    let s = run(&only, &[&only], &nodes, &[]);
+    assert_eq!(
+        cond(&s, "Compliant"),
+        (ConditionStatus::False, "NoTargetNodes".into())
+    );
+    let message = &s.conditions[0].message;
+    assert!(
+        message.contains("cannot run a loopguard agent: win-1"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_policy_counts_nodes_per_rule_id_from_live_current_reports() {
+    let p = policy("base", 2, 0, &[]);
+    let with = |compliance, checks: Vec<crate::api::RuleCheck>| LoopbackNodeStateStatus {
+        checks,
+        ..report("base", 2, compliance)
+    };
+    let mut gone = node("d", &[]);
+    gone.agent = AgentPod::Missing;
+    gone.created = Some(t("2026-05-01T00:00:00Z"));
+    let nodes = [node("a", &[]), node("b", &[]), node("c", &[]), gone];
+    let s = run(
+        &p,
+        &[&p],
+        &nodes,
+        &[
+            (
+                "a",
+                with(
+                    Compliance::Compliant,
+                    vec![
+                        check("set_ipv6_loopback_traffic", "NotApplicable"),
+                        check("set_nftables_loopback_traffic", "Pass"),
+                        check("set_ufw_loopback_traffic", "Ignored"),
+                    ],
+                ),
+            ),
+            (
+                "b",
+                with(
+                    Compliance::NonCompliant,
+                    vec![
+                        check("set_nftables_loopback_traffic", "Pass"),
+                        check("set_ufw_loopback_traffic", "Fail"),
+                        check("set_ipv6_loopback_traffic", "NotApplicable"),
+                    ],
+                ),
+            ),
+            // An older generation's report is not counted per rule either.
+            (
+                "c",
+                LoopbackNodeStateStatus {
+                    checks: vec![check("set_nftables_loopback_traffic", "Fail")],
+                    ..report("base", 1, Compliance::NonCompliant)
+                },
+            ),
+            // Nor is the report of a node no live agent vouches for.
+            (
+                "d",
+                with(
+                    Compliance::Compliant,
+                    vec![check("set_nftables_loopback_traffic", "Pass")],
+                ),
+            ),
+        ],
+    );
+    let tally = |id: &str| s.rules.iter().find(|r| r.id == id).cloned().unwrap();
+    let ids: Vec<&str> = s.rules.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "set_ipv6_loopback_traffic",
+            "set_nftables_loopback_traffic",
+            "set_ufw_loopback_traffic"
+        ],
+        "the catalog's order"
+    );
+    assert_eq!(tally("set_ipv6_loopback_traffic").not_applicable, 2);
+    let nft = tally("set_nftables_loopback_traffic");
+    assert_eq!((nft.pass, nft.fail), (2, 0));
+    let ufw = tally("set_ufw_loopback_traffic");
+    assert_eq!((ufw.ignored, ufw.fail), (1, 1));
+}

@@ -12,7 +12,7 @@ pub use node_state::{
 };
 pub use policy::{
     Applicability, FamilyMode, IpFamily, LoopbackPolicy, LoopbackPolicySpec, LoopbackPolicyStatus,
-    Mode, NodeSelector, NodeSelectorRequirement, OnRemoval, Placement, RuleFamilies,
+    Mode, NodeSelector, NodeSelectorRequirement, OnRemoval, Placement, RuleFamilies, RuleTally,
     SelectorOperator,
 };
 

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Degraded", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Degraded\")].status"}"#,
     printcolumn = r#"{"name": "N/A", "type": "integer", "jsonPath": ".status.notApplicableNodes", "description": "Targeted nodes where the CIS rule does not apply", "priority": 1}"#,
+    printcolumn = r#"{"name": "Unsupported", "type": "integer", "jsonPath": ".status.unsupportedNodes", "description": "Selected nodes where no loopguard agent can run (Windows, Fargate, virtual-kubelet)", "priority": 1}"#,
     printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Compliant\")].reason", "priority": 1}"#,
     printcolumn = r#"{"name": "Message", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Compliant\")].message", "priority": 1}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
@@ -231,6 +232,29 @@ pub enum SelectorOperator {
     DoesNotExist,
 }
 
+/// How many nodes stand where on one loopback rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleTally {
+    /// ComplianceAsCode's rule id (set_ipv6_loopback_traffic, set_nftables_loopback_traffic, ...).
+    pub id: String,
+    /// Nodes where it applies and passes.
+    #[serde(default)]
+    pub pass: i32,
+    /// Nodes where it applies and fails (Report mode, or a repair failing).
+    #[serde(default)]
+    pub fail: i32,
+    /// Nodes where it does not apply.
+    #[serde(default)]
+    pub not_applicable: i32,
+    /// Nodes where the policy leaves its firewall tool out (Ignore).
+    #[serde(default)]
+    pub ignored: i32,
+    /// Nodes where it could not be told (see each node's LoopbackNodeState).
+    #[serde(default)]
+    pub unknown: i32,
+}
+
 /// The rolled-up compliance of the nodes a policy targets.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -268,6 +292,18 @@ pub struct LoopbackPolicyStatus {
     /// Nodes this policy selects but another policy governs (higher priority, or older).
     #[serde(default)]
     pub overridden_nodes: i32,
+    /// Selected nodes where no loopguard agent can run (Windows, Fargate, virtual-kubelet, told
+    /// by their labels). They are not targeted: never waited for, never counted compliant.
+    #[serde(default)]
+    pub unsupported_nodes: i32,
+    /// Up to 20 of them, sorted, each with the label that tells: `win-1 (kubernetes.io/os=windows)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub unsupported_node_names: Vec<String>,
+    /// Per loopback rule of the CIS benchmarks (ComplianceAsCode id): how the targeted nodes that
+    /// reported the current generation, with a live agent, stand on it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleTally>,
     /// Up to 20 non-compliant, errored or unknown nodes, sorted by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]

@@ -11,6 +11,7 @@ use crate::api::{
     OnRemoval,
 };
 use crate::metrics::{self, Readiness};
+use crate::rules::catalog::RuleId;
 use crate::runtime::{OnInvalid, keep_whole, reflect};
 use crate::{Error, Result};
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -85,6 +86,8 @@ struct Metrics {
     invalid_objects: Counter,
     /// Per policy: nodes by state (targeted, compliant, ...), from the leader's roll-up.
     policy_nodes: MetricFamily<PolicyNodes, Gauge>,
+    /// Per policy, loopback rule (ComplianceAsCode id) and verdict: nodes, from the leader's roll-up.
+    policy_rule_nodes: MetricFamily<PolicyRule, Gauge>,
     /// Per policy and condition: 1 for the condition's current status, 0 for the others.
     policy_condition: MetricFamily<PolicyCondition, Gauge>,
     /// The policies that have series.
@@ -95,6 +98,13 @@ struct Metrics {
 struct PolicyNodes {
     policy: String,
     state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyRule {
+    policy: String,
+    rule: &'static str,
+    verdict: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,6 +126,7 @@ impl Metrics {
             ("pending", s.pending_nodes),
             ("unknown", s.unknown_nodes),
             ("overridden", s.overridden_nodes),
+            ("unsupported", s.unsupported_nodes),
         ];
         for (state, count) in counts {
             let labels = PolicyNodes {
@@ -123,6 +134,26 @@ impl Metrics {
                 state,
             };
             self.policy_nodes.get_or_create(&labels).set(count.into());
+        }
+        for rule in RuleId::ALL {
+            let tally = s.rules.iter().find(|t| t.id == rule.cac_id());
+            for verdict in RULE_VERDICTS {
+                let count = tally.map_or(0, |t| match verdict {
+                    "pass" => t.pass,
+                    "fail" => t.fail,
+                    "not_applicable" => t.not_applicable,
+                    "ignored" => t.ignored,
+                    _ => t.unknown,
+                });
+                let labels = PolicyRule {
+                    policy: policy.into(),
+                    rule: rule.cac_id(),
+                    verdict,
+                };
+                self.policy_rule_nodes
+                    .get_or_create(&labels)
+                    .set(count.into());
+            }
         }
         for condition in &s.conditions {
             for status in STATUSES {
@@ -153,6 +184,15 @@ impl Metrics {
                     state,
                 });
             }
+            for rule in RuleId::ALL {
+                for verdict in RULE_VERDICTS {
+                    self.policy_rule_nodes.remove(&PolicyRule {
+                        policy: policy.clone(),
+                        rule: rule.cac_id(),
+                        verdict,
+                    });
+                }
+            }
             for condition in CONDITIONS {
                 for status in STATUSES {
                     self.policy_condition.remove(&PolicyCondition {
@@ -176,7 +216,8 @@ const CONDITIONS: [&str; 6] = [
     "Degraded",
     "Stalled",
 ];
-const POLICY_STATES: [&str; 8] = [
+const RULE_VERDICTS: [&str; 5] = ["pass", "fail", "not_applicable", "ignored", "unknown"];
+const POLICY_STATES: [&str; 9] = [
     "targeted",
     "compliant",
     "non_compliant",
@@ -185,6 +226,7 @@ const POLICY_STATES: [&str; 8] = [
     "pending",
     "unknown",
     "overridden",
+    "unsupported",
 ];
 
 impl Metrics {
@@ -197,6 +239,7 @@ impl Metrics {
             errors: Counter::default(),
             invalid_objects: Counter::default(),
             policy_nodes: MetricFamily::default(),
+            policy_rule_nodes: MetricFamily::default(),
             policy_condition: MetricFamily::default(),
             policies: Default::default(),
         };
@@ -226,8 +269,13 @@ impl Metrics {
         let p = registry.sub_registry_with_prefix("loopguard_policy");
         p.register(
             "nodes",
-            "Nodes of a policy by state (targeted, compliant, non_compliant, not_applicable, errored, pending, unknown: no live agent, overridden); set by the leader",
+            "Nodes of a policy by state (targeted, compliant, non_compliant, not_applicable, errored, pending, unknown: no live agent, overridden, unsupported: no agent can run there); set by the leader",
             m.policy_nodes.clone(),
+        );
+        p.register(
+            "rule_nodes",
+            "Targeted nodes of a policy with a live, current report, per loopback rule (ComplianceAsCode id) and verdict (pass, fail, not_applicable, ignored, unknown); set by the leader",
+            m.policy_rule_nodes.clone(),
         );
         p.register(
             "condition",
