@@ -70,6 +70,11 @@ started=$SECONDS
 hack/build-prometheus.sh >/dev/null
 echo "prometheus step: $((SECONDS - started))s" >&2
 
+log "a Debian host root with ufw, for the ufw tests (reused while its pins are unchanged)"
+started=$SECONDS
+hack/build-ufw-root.sh >/dev/null
+echo "ufw root step: $((SECONDS - started))s" >&2
+
 log "the image, from the Dockerfile, with buildah (reused while its inputs are unchanged)"
 started=$SECONDS
 hack/build-image.sh >/dev/null

@@ -152,7 +152,7 @@ pub struct Desired {
     /// The nftables loopback rule (set_nftables_loopback_traffic): enforce writes loopguard's own `table inet loopguard` where the rule applies and fails.
     #[arg(long, value_enum, default_value_t = FamilyMode::Report)]
     pub nftables: FamilyMode,
-    /// The ufw loopback rule (set_ufw_loopback_traffic): checked and reported (loopguard never enables ufw).
+    /// The ufw loopback rule (set_ufw_loopback_traffic): enforce adds the missing rules of its remediation with the host's ufw where ufw is active (loopguard never enables ufw).
     #[arg(long, value_enum, default_value_t = FamilyMode::Report)]
     pub ufw: FamilyMode,
     /// The firewalld loopback rules: reported where firewalld is enabled (loopguard never touches inet firewalld).
@@ -186,6 +186,9 @@ pub struct EnforceArgs {
 pub struct CleanupArgs {
     #[command(flatten)]
     pub target: Target,
+    /// Where the host's filesystem is: the ufw rules loopguard added are deleted with the host's own ufw there.
+    #[arg(long, value_name = "PATH", default_value = "/")]
+    pub host_root: PathBuf,
     /// Print what would be removed without writing anything.
     #[arg(long)]
     pub dry_run: bool,
@@ -240,7 +243,10 @@ impl NodeCommand {
             NodeCommand::Check(a) => (Some(&a.desired), None),
             NodeCommand::Enforce(a) => (Some(&a.desired), Some(a.placement)),
             NodeCommand::Watch(a) => (Some(&a.enforce.desired), Some(a.enforce.placement)),
-            NodeCommand::Cleanup(_) => (None, None),
+            NodeCommand::Cleanup(a) => {
+                config.host_root = a.host_root.clone();
+                (None, None)
+            }
         };
         if let Some(desired) = desired {
             if !desired.ip_families.contains(&IpFamily::Ipv6) {
@@ -253,6 +259,11 @@ impl NodeCommand {
             config.host_root = desired.host_root.clone();
             config.nftables = desired.nftables;
             config.ufw = desired.ufw;
+            if desired.firewalld == FamilyMode::Enforce {
+                return Err(Error::Invalid(
+                    "--firewalld enforce: loopguard never touches firewalld's zones; use report or ignore".into(),
+                ));
+            }
             config.firewalld = desired.firewalld;
         }
         if let Some(p) = placement {
@@ -477,10 +488,15 @@ pub fn render_text(facts: &NodeFacts, report: &Report) -> String {
             );
         }
     }
-    for change in &report.nftables_changes {
+    for change in &report.family_changes {
         let _ = writeln!(
             s,
-            "nftables:   {change}{}",
+            "{:<11} {change}{}",
+            if change.starts_with("ufw") {
+                "ufw:"
+            } else {
+                "nftables:"
+            },
             if report.dry_run {
                 " (dry run, nothing written)"
             } else {

@@ -432,6 +432,41 @@ fn the_agents_capabilities_suffice_for_both_backends() {
     );
 }
 
+#[test]
+fn only_ufw_enforce_gets_the_host_root_and_chroot() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    let daemonset = |extra: &[&str]| {
+        documents(&template(cluster, "lg", "loopguard-system", extra))
+            .into_iter()
+            .find(|d| d["kind"] == "DaemonSet")
+            .expect("the agent DaemonSet")
+    };
+    let added = |d: &Value| {
+        d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+            .clone()
+    };
+    let host_paths = |d: &Value| -> Vec<String> {
+        d["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["hostPath"]["path"].as_str().map(String::from))
+            .collect()
+    };
+    let stock = daemonset(&[]);
+    assert_eq!(added(&stock), json!(["NET_ADMIN", "NET_RAW"]));
+    assert!(!host_paths(&stock).contains(&"/".to_string()));
+    let ufw = daemonset(&["--set", "agent.ufw.enforce=true"]);
+    assert_eq!(added(&ufw), json!(["NET_ADMIN", "NET_RAW", "SYS_CHROOT"]));
+    assert!(
+        host_paths(&ufw).contains(&"/".to_string()),
+        "{:?}",
+        host_paths(&ufw)
+    );
+}
+
 // --- helm ------------------------------------------------------------------------------------------------
 
 #[test]

@@ -3,7 +3,7 @@
 //! nftables too (the nftables rule applies instead). A policy with `ruleFamilies.nftables:
 //! Enforce` makes both pass the rule that applies to them; each node state lists every rule with
 //! its verdict; a flushed ruleset is repaired; deleting the policy removes loopguard's table and
-//! rules and nothing else; the API refuses `ufw: Enforce` with a message.
+//! rules and nothing else; the API refuses `firewalld: Enforce` with a message.
 
 mod support;
 
@@ -54,12 +54,13 @@ async fn one_policy_makes_every_node_pass_the_rule_that_applies_to_it() {
         kubectl,
         Some(
             r#"{"apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackPolicy",
-                "metadata": {"name": "bad"}, "spec": {"ruleFamilies": {"ufw": "Enforce"}}}"#,
+                "metadata": {"name": "bad"}, "spec": {"ruleFamilies": {"firewalld": "Enforce"}}}"#,
         ),
     );
-    assert!(!refused.status.success(), "ufw: Enforce accepted");
+    assert!(!refused.status.success(), "firewalld: Enforce accepted");
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("loopguard never enables or edits ufw"),
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("loopguard never touches firewalld's zones"),
         "{refused:?}"
     );
 

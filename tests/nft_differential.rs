@@ -215,7 +215,7 @@ fn nft_rule(report: &Value) -> &Value {
 }
 
 fn nft_changes(report: &Value) -> usize {
-    report["nftablesChanges"].as_array().map_or(0, Vec::len)
+    report["familyChanges"].as_array().map_or(0, Vec::len)
 }
 
 fn one_case(c: &Case) -> Result<(), TestCaseError> {

@@ -351,7 +351,7 @@ mod tests {
             changes: None,
             dry_run: false,
             rules: vec![],
-            nftables_changes: vec![],
+            family_changes: vec![],
             applied_at: None,
         }
     }

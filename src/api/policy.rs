@@ -89,7 +89,6 @@ pub struct LoopbackPolicySpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!has(self.ufw) || self.ufw != 'Enforce'").message("ufw can be Report or Ignore: loopguard never enables or edits ufw (its default-deny incoming policy would cut the kubelet, NodePorts and the CNI)"),
     validation = Rule::new("!has(self.firewalld) || self.firewalld != 'Enforce'").message("firewalld can be Report or Ignore: loopguard never touches firewalld's zones")
 )]
 pub struct RuleFamilies {
@@ -101,7 +100,11 @@ pub struct RuleFamilies {
     #[serde(default, skip_serializing_if = "FamilyMode::is_ignore")]
     pub nftables: FamilyMode,
     /// set_ufw_loopback_traffic (CIS 4.2.4): applies where ufw is installed, active or not.
-    /// Report or Ignore: an installed but inactive ufw fails (UfwInactive).
+    /// Enforce, where ufw is active, adds the rules of ComplianceAsCode's remediation that `ufw
+    /// status verbose` does not show (`ufw allow in on lo`, `allow out on lo`, `deny in from
+    /// 127.0.0.0/8`, `deny in from ::1`) with the host's ufw, and cleanup deletes exactly those
+    /// (the chart needs agent.ufw.enforce=true for it). loopguard never enables ufw: an installed
+    /// but inactive ufw fails (UfwInactive) in every mode.
     #[serde(default, skip_serializing_if = "FamilyMode::is_ignore")]
     pub ufw: FamilyMode,
     /// firewalld_loopback_traffic_trusted and _restricted (CIS RHEL 9 4.2.2): apply where

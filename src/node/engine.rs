@@ -101,9 +101,10 @@ pub struct Report {
     /// Every loopback rule with its ComplianceAsCode and CIS ids, whether it applies and why,
     /// and its verdict.
     pub rules: Vec<RuleResult>,
-    /// What was written to nftables (`create table inet loopguard`); with `dryRun`, what would be.
+    /// What was written beside iptables (`create table inet loopguard`, `ufw allow in on lo`);
+    /// with `dryRun`, what would be.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub nftables_changes: Vec<String>,
+    pub family_changes: Vec<String>,
     /// When the last restore of this run returned: the rules were back from that moment.
     #[serde(skip)]
     pub applied_at: Option<Instant>,
@@ -117,12 +118,15 @@ impl Report {
             .flatten()
             .filter(|e| e.kind != EditKind::Delete)
             .map(|e| format!("{} {}", e.family, e.rule))
-            .chain(
-                self.nftables_changes
-                    .iter()
-                    .filter(|c| c.starts_with("create"))
-                    .map(|c| format!("nftables {}", c.trim_start_matches("create "))),
-            )
+            .chain(self.family_changes.iter().filter_map(|c| {
+                if let Some(table) = c.strip_prefix("create ") {
+                    Some(format!("nftables {table}"))
+                } else if c.starts_with("ufw ") && !c.starts_with("ufw delete") {
+                    Some(c.clone())
+                } else {
+                    None
+                }
+            }))
             .collect()
     }
 
@@ -145,7 +149,7 @@ impl Report {
 
     pub fn wrote(&self) -> bool {
         self.changes.as_ref().is_some_and(|c| !c.is_empty())
-            || (!self.dry_run && !self.nftables_changes.is_empty())
+            || (!self.dry_run && !self.family_changes.is_empty())
     }
 }
 
@@ -280,7 +284,8 @@ impl Engine {
     /// Runs the other rule families and composes their results into `report`.
     fn with_families(&self, report: Report, action: Action) -> Report {
         let modes = [self.config.nftables, self.config.ufw, self.config.firewalld];
-        let outcome = families::run(&self.facts, modes, &self.state_file, action);
+        let ufw = super::ufw::Ufw::new(&self.config.host_root);
+        let outcome = families::run(&self.facts, modes, &self.state_file, &ufw, action);
         compose(report, outcome)
     }
 
@@ -306,7 +311,7 @@ impl Engine {
             Action::Enforce
         };
         let mut report = self.with_families(report, action);
-        if !report.nftables_changes.is_empty() && !dry_run && report.applied_at.is_none() {
+        if !report.family_changes.is_empty() && !dry_run && report.applied_at.is_none() {
             report.applied_at = Some(Instant::now());
         }
         Ok(report)
@@ -578,8 +583,11 @@ impl Engine {
 
     fn store(&self, ownership: &Ownership) -> Result<()> {
         let mut state = State::new(self.facts.backend, ownership.clone());
-        // The nftables family's record stays as it is (see `node::families`).
-        state.nft_table = self.state_file.load()?.and_then(|s| s.nft_table);
+        // The other families' records stay as they are (see `node::families`).
+        if let Some(recorded) = self.state_file.load()? {
+            state.nft_table = recorded.nft_table;
+            state.ufw_rules = recorded.ufw_rules;
+        }
         self.state_file.store(&state)
     }
 
@@ -638,7 +646,7 @@ impl Engine {
             changes,
             dry_run: false,
             rules: self.iptables_results(tables, ownership, &applicability),
-            nftables_changes: Vec::new(),
+            family_changes: Vec::new(),
             applied_at: None,
         }
     }
@@ -709,7 +717,7 @@ impl Engine {
 /// ignored the verdict is the iptables family's alone (as before families existed); otherwise the
 /// node is compliant when every rule that applies passes, and not applicable when none applies.
 fn compose(mut report: Report, outcome: FamilyOutcome) -> Report {
-    report.nftables_changes = outcome.changes;
+    report.family_changes = outcome.changes;
     let considered: Vec<RuleResult> = outcome
         .results
         .iter()

@@ -4,16 +4,21 @@
 //!
 //! - nftables: `table inet loopguard`, created in one transaction where the check fails, deleted
 //!   by cleanup only when loopguard created it and it holds nothing but loopguard's rules.
-//! - ufw: reported. loopguard never enables ufw (its default-deny incoming policy would cut the
-//!   kubelet, NodePorts and the CNI); an inactive ufw fails the CIS check, with the ways out.
+//! - ufw: where ufw is active, the four rules of ComplianceAsCode's remediation that `ufw status
+//!   verbose` does not show are added with the host's `ufw` (Enforce), each recorded before it is
+//!   added; cleanup deletes exactly those. loopguard never enables ufw (its default-deny incoming
+//!   policy would cut the kubelet, NodePorts and the CNI); an inactive ufw fails the CIS check,
+//!   with the ways out.
 //! - firewalld: reported as applying where it is enabled; loopguard never touches `inet firewalld`.
 
 use super::facts::NodeFacts;
 use super::nftables;
-use super::state_file::{NftTable, StateFile};
+use super::state_file::{NftTable, State, StateFile};
+use super::ufw::Ufw;
 use crate::Result;
 use crate::rules::catalog::{self, FamilyMode, RuleId, RuleResult, Verdict};
 use crate::rules::nft::{self, OwnTable};
+use crate::rules::ufw::{self as ufw_rules, UfwRule};
 
 /// What the pass may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +39,7 @@ pub mod reason {
     pub const FOREIGN_TABLE: &str = "ForeignTable";
     pub const NFT_FAILED: &str = "NftablesUnavailable";
     pub const UFW_INACTIVE: &str = "UfwInactive";
+    pub const UFW_FAILED: &str = "UfwUnavailable";
     pub const NOT_CHECKED: &str = "NotChecked";
 }
 
@@ -51,12 +57,13 @@ pub fn run(
     facts: &NodeFacts,
     modes: [FamilyMode; 3],
     state: &StateFile,
+    host_ufw: &Ufw,
     action: Action,
 ) -> FamilyOutcome {
     let [nftables, ufw, firewalld] = modes;
     let mut outcome = FamilyOutcome::default();
     nftables_pass(facts, nftables, state, action, &mut outcome);
-    outcome.results.push(ufw_result(facts, ufw));
+    ufw_pass(facts, ufw, state, host_ufw, action, &mut outcome);
     for rule in [RuleId::FirewalldTrusted, RuleId::FirewalldRestricted] {
         outcome
             .results
@@ -242,36 +249,176 @@ fn cleanup_table(
 
 /// Records what loopguard owns of nftables, keeping the rest of the state file.
 fn store(facts: &NodeFacts, state: &StateFile, table: Option<NftTable>) -> Result<()> {
-    let Some(mut current) = state.load()? else {
-        if table.is_none() {
-            return Ok(());
-        }
-        let mut fresh =
-            super::state_file::State::new(facts.backend, crate::rules::Ownership::default());
-        fresh.nft_table = table;
-        return state.store(&fresh);
-    };
-    current.nft_table = table;
+    record(facts, state, |s| s.nft_table = table)
+}
+
+/// Changes the state file's record with `edit`, keeping the rest; writes no file where there is
+/// none and the record stays empty.
+fn record(facts: &NodeFacts, state: &StateFile, edit: impl FnOnce(&mut State)) -> Result<()> {
+    let existed = state.load()?;
+    let mut current = existed
+        .clone()
+        .unwrap_or_else(|| State::new(facts.backend, crate::rules::Ownership::default()));
+    edit(&mut current);
+    if existed.is_none() && current.owns_nothing() {
+        return Ok(());
+    }
     state.store(&current)
 }
 
-fn ufw_result(facts: &NodeFacts, mode: FamilyMode) -> RuleResult {
+const UFW_INACTIVE_MESSAGE: &str = "ufw is installed but not active, so `ufw status verbose` shows no rules and the CIS check fails. \
+     loopguard never enables ufw: its default-deny incoming policy would cut the kubelet, NodePorts and the CNI. \
+     Either remove ufw (`apt-get purge ufw`, as the CIS profile and AKS do), or enable it yourself with rules for the node's traffic";
+
+fn ufw_pass(
+    facts: &NodeFacts,
+    mode: FamilyMode,
+    state: &StateFile,
+    host_ufw: &Ufw,
+    action: Action,
+    outcome: &mut FamilyOutcome,
+) {
     let rule = RuleId::UfwLoopback;
-    match decided(facts, rule, mode) {
+    if action == Action::Cleanup {
+        let mut result = RuleResult::new(rule, mode, catalog::applies(rule, &facts.host));
+        result = match ufw_cleanup(facts, state, host_ufw, outcome) {
+            Ok(message) => {
+                result.why = message.clone();
+                result.with(Verdict::NotApplicable, reason::NOT_APPLICABLE, message)
+            }
+            Err(e) => result.with(Verdict::Unknown, reason::UFW_FAILED, e.to_string()),
+        };
+        outcome.results.push(result);
+        return;
+    }
+    let result = match decided(facts, rule, mode) {
         Decided::Final(result) => result,
-        Decided::Applies(result) if !facts.host.ufw_enabled => result.with(
+        Decided::Applies(result) if !facts.host.ufw_enabled => {
+            result.with(Verdict::Fail, reason::UFW_INACTIVE, UFW_INACTIVE_MESSAGE)
+        }
+        Decided::Applies(result) => {
+            match ufw_check_or_enforce(facts, mode, state, host_ufw, action, outcome) {
+                Ok((verdict, reason, message, owned)) => {
+                    let mut result = result.with(verdict, reason, message);
+                    result.owned = owned;
+                    result
+                }
+                Err(e) => result.with(Verdict::Unknown, reason::UFW_FAILED, e.to_string()),
+            }
+        }
+    };
+    outcome.results.push(result);
+}
+
+fn ufw_check_or_enforce(
+    facts: &NodeFacts,
+    mode: FamilyMode,
+    state: &StateFile,
+    host_ufw: &Ufw,
+    action: Action,
+    outcome: &mut FamilyOutcome,
+) -> Result<Checked> {
+    let ipv6 = facts.ipv6_enabled;
+    let status = host_ufw.status()?;
+    if !ufw_rules::active(&status) {
+        return Ok((
             Verdict::Fail,
             reason::UFW_INACTIVE,
-            "ufw is installed but not enabled, so `ufw status verbose` shows no rules and the CIS check fails. \
-             loopguard never enables ufw: its default-deny incoming policy would cut the kubelet, NodePorts and the CNI. \
-             Either remove ufw (`apt-get purge ufw`, as the CIS profile and AKS do), or enable it yourself with rules for the node's traffic",
-        ),
-        Decided::Applies(result) => result.with(
-            Verdict::Unknown,
-            reason::NOT_CHECKED,
-            "ufw is enabled: checking its loopback rules is not built yet (run `ufw status verbose` on the node)",
-        ),
+            UFW_INACTIVE_MESSAGE.into(),
+            false,
+        ));
     }
+    let recorded = state.load()?.map(|s| s.ufw_rules).unwrap_or_default();
+    let missing = ufw_rules::missing(&status, ipv6);
+    let owned = !recorded.is_empty();
+    if missing.is_empty() {
+        return Ok(ufw_passing(owned));
+    }
+    let words = |rules: &[UfwRule]| {
+        rules
+            .iter()
+            .map(|r| format!("`{r}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let message = format!(
+        "ufw status verbose does not show what {} would add",
+        words(&missing)
+    );
+    if mode != FamilyMode::Enforce || action == Action::Check {
+        return Ok((Verdict::Fail, reason::NOT_IN_PLACE, message, owned));
+    }
+    outcome
+        .changes
+        .extend(missing.iter().map(|r| r.to_string()));
+    if action == Action::Plan {
+        return Ok((Verdict::Fail, reason::NOT_IN_PLACE, message, owned));
+    }
+    for rule in &missing {
+        // Recorded first: a crash between the two leaves a record of a rule that may exist,
+        // never a rule of loopguard's that nothing records.
+        record(facts, state, |s| {
+            if !s.ufw_rules.contains(rule) {
+                s.ufw_rules.push(*rule);
+            }
+        })?;
+        host_ufw.add(*rule)?;
+    }
+    let after = ufw_rules::missing(&host_ufw.status()?, ipv6);
+    if after.is_empty() {
+        Ok(ufw_passing(true))
+    } else {
+        Ok((
+            Verdict::Fail,
+            reason::NOT_IN_PLACE,
+            format!(
+                "ufw status verbose still does not show what {} would add, after loopguard ran them (is IPV6=no in /etc/default/ufw while IPv6 is on?)",
+                words(&after)
+            ),
+            true,
+        ))
+    }
+}
+
+fn ufw_passing(owned: bool) -> Checked {
+    (
+        Verdict::Pass,
+        reason::IN_PLACE,
+        "ufw is active and `ufw status verbose` shows the loopback allows and the loopback-source denies, as ComplianceAsCode's check reads it".into(),
+        owned,
+    )
+}
+
+/// Deletes the ufw rules loopguard added, and only those.
+fn ufw_cleanup(
+    facts: &NodeFacts,
+    state: &StateFile,
+    host_ufw: &Ufw,
+    outcome: &mut FamilyOutcome,
+) -> Result<String> {
+    let recorded = state.load()?.map(|s| s.ufw_rules).unwrap_or_default();
+    if recorded.is_empty() {
+        return Ok("loopguard added no ufw rules here".into());
+    }
+    let status = host_ufw.status()?;
+    let mut deleted = Vec::new();
+    for rule in &recorded {
+        // A rule no longer shown is gone already (or ufw is off): nothing to delete.
+        if rule.listed(&status) {
+            host_ufw.delete(*rule)?;
+            outcome.changes.push(format!("ufw delete {}", rule.words()));
+            deleted.push(format!("`ufw delete {}`", rule.words()));
+        }
+        record(facts, state, |s| s.ufw_rules.retain(|r| r != rule))?;
+    }
+    Ok(if deleted.is_empty() {
+        "the ufw rules loopguard added were already gone".into()
+    } else {
+        format!(
+            "deleted the ufw rules loopguard added: {}",
+            deleted.join(", ")
+        )
+    })
 }
 
 fn firewalld_result(facts: &NodeFacts, mode: FamilyMode, rule: RuleId) -> RuleResult {

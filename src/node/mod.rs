@@ -13,6 +13,7 @@ pub mod nft;
 pub mod nftables;
 pub mod packages;
 pub mod state_file;
+pub mod ufw;
 pub mod watch;
 
 pub use engine::{Engine, EngineConfig, Report};

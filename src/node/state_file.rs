@@ -28,6 +28,10 @@ pub struct State {
     /// transaction that creates it, `owned` after; absent when loopguard has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nft_table: Option<NftTable>,
+    /// The ufw rules loopguard added (recorded before `ufw` runs): cleanup deletes these, and
+    /// only these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ufw_rules: Vec<crate::rules::ufw::UfwRule>,
 }
 
 /// What the state file says of loopguard's nftables table.
@@ -41,12 +45,18 @@ pub enum NftTable {
 }
 
 impl State {
+    /// Whether it records nothing loopguard owns (then there is no file).
+    pub fn owns_nothing(&self) -> bool {
+        self.ownership.is_empty() && self.nft_table.is_none() && self.ufw_rules.is_empty()
+    }
+
     pub fn new(backend: Backend, ownership: Ownership) -> State {
         State {
             version: VERSION,
             backend,
             ownership,
             nft_table: None,
+            ufw_rules: Vec::new(),
         }
     }
 }
@@ -138,7 +148,7 @@ impl StateFile {
 
     /// Writes the state atomically, or removes the file when nothing is owned.
     pub fn store(&self, state: &State) -> Result<()> {
-        if state.ownership.is_empty() && state.nft_table.is_none() {
+        if state.owns_nothing() {
             return match std::fs::remove_file(&self.path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     Err(self.error(format!("cannot remove it: {e}")))

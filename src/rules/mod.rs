@@ -10,6 +10,7 @@ pub mod nft;
 mod ownership;
 mod parse;
 mod plan;
+pub mod ufw;
 
 pub use evaluate::{
     Evaluation, Finding, RuleState, Tables, compliant_pair, evaluate, scanner_counts_as,
