@@ -341,7 +341,7 @@ mod tests {
             },
             binaries: BTreeSet::new(),
             firewalld_enabled: false,
-            ufw_enabled: false,
+            ufw: crate::rules::catalog::UfwConf::Disabled,
             ipv6_enabled: ipv6,
             os_id: None,
         };

@@ -16,7 +16,7 @@ use super::nftables;
 use super::state_file::{NftTable, State, StateFile};
 use super::ufw::Ufw;
 use crate::Result;
-use crate::rules::catalog::{self, FamilyMode, RuleId, RuleResult, Verdict};
+use crate::rules::catalog::{self, FamilyMode, RuleId, RuleResult, UfwConf, Verdict};
 use crate::rules::nft::{self, OwnTable};
 use crate::rules::ufw::{self as ufw_rules, UfwRule};
 
@@ -40,6 +40,7 @@ pub mod reason {
     pub const NFT_FAILED: &str = "NftablesUnavailable";
     pub const UFW_INACTIVE: &str = "UfwInactive";
     pub const UFW_FAILED: &str = "UfwUnavailable";
+    pub const UFW_CONFIG_UNREADABLE: &str = "UfwConfigUnreadable";
     pub const NOT_CHECKED: &str = "NotChecked";
 }
 
@@ -293,19 +294,29 @@ fn ufw_pass(
     }
     let result = match decided(facts, rule, mode) {
         Decided::Final(result) => result,
-        Decided::Applies(result) if !facts.host.ufw_enabled => {
-            result.with(Verdict::Fail, reason::UFW_INACTIVE, UFW_INACTIVE_MESSAGE)
-        }
-        Decided::Applies(result) => {
-            match ufw_check_or_enforce(facts, mode, state, host_ufw, action, outcome) {
-                Ok((verdict, reason, message, owned)) => {
-                    let mut result = result.with(verdict, reason, message);
-                    result.owned = owned;
-                    result
-                }
-                Err(e) => result.with(Verdict::Unknown, reason::UFW_FAILED, e.to_string()),
+        Decided::Applies(result) => match &facts.host.ufw {
+            UfwConf::Disabled => {
+                result.with(Verdict::Fail, reason::UFW_INACTIVE, UFW_INACTIVE_MESSAGE)
             }
-        }
+            UfwConf::Unreadable(why) => result.with(
+                Verdict::Unknown,
+                reason::UFW_CONFIG_UNREADABLE,
+                format!(
+                    "{why}: whether ufw is enabled cannot be told, so loopguard neither checks nor writes its rules; \
+                     check the file's permissions on the node (it is root's, mode 0644 as ufw installs it)"
+                ),
+            ),
+            UfwConf::Enabled => {
+                match ufw_check_or_enforce(facts, mode, state, host_ufw, action, outcome) {
+                    Ok((verdict, reason, message, owned)) => {
+                        let mut result = result.with(verdict, reason, message);
+                        result.owned = owned;
+                        result
+                    }
+                    Err(e) => result.with(Verdict::Unknown, reason::UFW_FAILED, e.to_string()),
+                }
+            }
+        },
     };
     outcome.results.push(result);
 }

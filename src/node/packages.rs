@@ -4,7 +4,7 @@
 //! unit links, and ufw's `ENABLED=` from `/etc/ufw/ufw.conf`. The decision itself is pure
 //! (`rules::catalog`).
 
-use crate::rules::catalog::{FIREWALL_PACKAGES, Host, PackageBasis};
+use crate::rules::catalog::{FIREWALL_PACKAGES, Host, PackageBasis, UfwConf};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +30,7 @@ pub fn read_host(host_root: &Path, ipv6_enabled: bool) -> Host {
             .map(|b| b.to_string())
             .collect(),
         firewalld_enabled: firewalld_enabled(host_root),
-        ufw_enabled: ufw_enabled(host_root),
+        ufw: ufw_conf(host_root),
         ipv6_enabled,
         os_id: os_id(host_root),
     }
@@ -189,11 +189,22 @@ fn firewalld_enabled(root: &Path) -> bool {
 }
 
 /// Whether ufw is enabled (`ENABLED=yes` in `/etc/ufw/ufw.conf`, which `ufw enable` writes).
-fn ufw_enabled(root: &Path) -> bool {
-    std::fs::read_to_string(root.join("etc/ufw/ufw.conf")).is_ok_and(|conf| {
-        conf.lines()
-            .any(|l| l.trim().trim_matches('"') == "ENABLED=yes" || l.trim() == "ENABLED=\"yes\"")
-    })
+fn ufw_conf(root: &Path) -> UfwConf {
+    let path = root.join("etc/ufw/ufw.conf");
+    match std::fs::read_to_string(&path) {
+        Ok(conf) => {
+            let enabled = conf.lines().any(|l| {
+                l.trim().trim_matches('"') == "ENABLED=yes" || l.trim() == "ENABLED=\"yes\""
+            });
+            if enabled {
+                UfwConf::Enabled
+            } else {
+                UfwConf::Disabled
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => UfwConf::Disabled,
+        Err(e) => UfwConf::Unreadable(format!("cannot read {}: {e}", path.display())),
+    }
 }
 
 #[cfg(test)]
@@ -340,14 +351,18 @@ mod tests {
         .unwrap();
         assert!(!firewalld_enabled(r.path()), "masked");
 
-        assert!(!ufw_enabled(r.path()));
+        assert_eq!(ufw_conf(r.path()), UfwConf::Disabled);
         write(
             r.path(),
             "etc/ufw/ufw.conf",
             "# comment\nENABLED=no\nLOGLEVEL=low\n",
         );
-        assert!(!ufw_enabled(r.path()));
+        assert_eq!(ufw_conf(r.path()), UfwConf::Disabled);
         write(r.path(), "etc/ufw/ufw.conf", "ENABLED=yes\n");
-        assert!(ufw_enabled(r.path()));
+        assert_eq!(ufw_conf(r.path()), UfwConf::Enabled);
+        // A folder where the file should be: unreadable, and it says why.
+        std::fs::remove_file(r.path().join("etc/ufw/ufw.conf")).unwrap();
+        std::fs::create_dir(r.path().join("etc/ufw/ufw.conf")).unwrap();
+        assert!(matches!(ufw_conf(r.path()), UfwConf::Unreadable(why) if why.contains("ufw.conf")),);
     }
 }

@@ -59,11 +59,22 @@ pub struct Host {
     pub binaries: BTreeSet<String>,
     /// The firewalld unit is enabled (linked into a `.wants` folder, not masked).
     pub firewalld_enabled: bool,
-    /// ufw is enabled (`ENABLED=yes` in `/etc/ufw/ufw.conf`).
-    pub ufw_enabled: bool,
+    /// What `/etc/ufw/ufw.conf` says (`ENABLED=yes`: enabled).
+    pub ufw: UfwConf,
     pub ipv6_enabled: bool,
     /// The host's `ID` from os-release (`debian`, `bottlerocket`, `cos`, ...), when it has one.
     pub os_id: Option<String>,
+}
+
+/// ufw's setting as its configuration file says it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum UfwConf {
+    Enabled,
+    /// `ENABLED=no`, or no ufw.conf (ufw not installed).
+    #[default]
+    Disabled,
+    /// ufw.conf is there but cannot be read: why.
+    Unreadable(String),
 }
 
 /// The vendor's own CIS benchmark item for the loopback rules, for hosts outside
@@ -392,10 +403,10 @@ pub fn applies(rule: RuleId, host: &Host) -> Applies {
         }
         RuleId::UfwLoopback => {
             if has("ufw") {
-                let active = if host.ufw_enabled {
-                    "enabled"
-                } else {
-                    "not enabled"
+                let active = match host.ufw {
+                    UfwConf::Enabled => "enabled",
+                    UfwConf::Disabled => "not enabled",
+                    UfwConf::Unreadable(_) => "its ufw.conf unreadable",
                 };
                 (true, format!("ufw is installed ({active})"))
             } else {
@@ -430,7 +441,7 @@ mod tests {
             },
             binaries: BTreeSet::new(),
             firewalld_enabled,
-            ufw_enabled: false,
+            ufw: UfwConf::Disabled,
             ipv6_enabled: true,
             os_id: None,
         }
@@ -499,7 +510,7 @@ mod tests {
             packages: PackageBasis::NoDatabase("no package database".into()),
             binaries: ["ip6tables".to_string(), "iptables".to_string()].into(),
             firewalld_enabled: false,
-            ufw_enabled: false,
+            ufw: UfwConf::Disabled,
             ipv6_enabled: true,
             os_id: Some("bottlerocket".into()),
         };
