@@ -81,7 +81,29 @@ pub fn install(cluster: &Cluster, namespace: &str, sets: &[&str]) {
 /// Waits until the agent DaemonSet has a Ready pod on every one of `nodes`.
 pub async fn wait_agents_ready(client: &kube::Client, namespace: &str, nodes: &[String]) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let started = Instant::now();
+    let told = std::sync::atomic::AtomicBool::new(false);
+    let told = &told;
+    let pods = &pods;
     eventually("agents ready", Duration::from_secs(180), || async {
+        // Past half the time, say which nodes are waited for and what their Pods say.
+        if started.elapsed() > Duration::from_secs(90)
+            && !told.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            if let Ok(list) = pods
+                .list(&ListParams::default().labels(AGENT_SELECTOR))
+                .await
+            {
+                for pod in list.items.iter().filter(|p| !is_ready(p)) {
+                    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+                    let status = pod
+                        .status
+                        .as_ref()
+                        .map(|s| serde_json::to_string(&s.container_statuses).unwrap_or_default());
+                    eprintln!("agent Pod not Ready after 90 s on {node:?}: {status:?}");
+                }
+            }
+        }
         let list = pods
             .list(&ListParams::default().labels(AGENT_SELECTOR))
             .await

@@ -406,7 +406,16 @@ fn ensure_mount_target(mount: &Mount) -> Result<()> {
                     .map(drop)
             })
     };
-    created.context(|| format!("creating mount point {}", target.display()))
+    created.context(|| format!("creating mount point {}", target.display()))?;
+    if mount.source.is_dir() != target.is_dir() {
+        return Err(Error::Invalid(format!(
+            "cannot bind {} onto {}: one is a folder, the other is not (an earlier pod left that mount \
+             point on this machine; remove it if nothing uses it)",
+            mount.source.display(),
+            target.display()
+        )));
+    }
+    Ok(())
 }
 
 /// What the child does between fork and exec, with every path already a C string.

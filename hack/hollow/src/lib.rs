@@ -253,8 +253,16 @@ async fn start_node(
     upstream: std::net::SocketAddr,
 ) -> Result<RunningNode> {
     let node_dir = node_dir(&options.state_dir, name);
-    std::fs::create_dir_all(node_dir.join("root"))
+    std::fs::create_dir_all(node_dir.join("root/etc"))
         .context(|| format!("creating {}", node_dir.display()))?;
+    // Every Linux host has an os-release file. Without one, a hostPath of /etc/os-release would be
+    // created as a folder here (as the container runtime does), and its mount point on this machine,
+    // shared by every hollow node, would be a folder for some nodes and a file for others.
+    let os_release = node_dir.join("root/etc/os-release");
+    if !os_release.exists() {
+        std::fs::write(&os_release, "ID=hollow\nNAME=\"loopguard hollow node\"\n")
+            .context(|| format!("writing {}", os_release.display()))?;
+    }
     let context = Arc::new(NodeContext {
         client: client.clone(),
         name: name.to_owned(),
