@@ -388,6 +388,16 @@ fn watch_repairs_a_deleted_rule(backend: &'static str) {
             .any(|l| l.contains("repaired drift") && l.contains(trigger)),
         "repaired {trigger}: {stderr}"
     );
+    if backend == "nft" {
+        // The nft event names the process that made the change (NFT_MSG_NEWGEN), and so does the log.
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("repaired drift")
+                    && l.contains("changed by ip6tables-nft (pid ")),
+            "the repair names the writer: {stderr}"
+        );
+    }
     assert_eq!(
         node.chain("INPUT"),
         vec![ACCEPT_IN, DROP_SRC],

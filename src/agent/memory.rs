@@ -38,6 +38,9 @@ pub struct History {
     pub policy: String,
     pub repairs: i64,
     pub last_repair_time: Option<Time>,
+    /// The process that made the change last repaired, when the kernel named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_repair_by: Option<String>,
 }
 
 /// A small JSON file written atomically; unreadable contents are reported and treated as absent
@@ -112,6 +115,7 @@ mod tests {
             policy: "base".into(),
             repairs: 4,
             last_repair_time: Some(Time("2026-06-01T12:00:00Z".parse().unwrap())),
+            last_repair_by: Some("iptables-nft-re (pid 4242)".into()),
         };
         memo.store(Some(&h));
         assert_eq!(History::continued(memo.load(), "base"), h);

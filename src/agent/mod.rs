@@ -113,6 +113,11 @@ const COMPLIANCE_STATES: [(api::Compliance, &str); 5] = [
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriterLabels {
+    changed_by: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
     rule: &'static str,
     verdict: &'static str,
@@ -134,6 +139,8 @@ struct Metrics {
     event_driven: Gauge,
     not_converging: Gauge,
     repairs: Counter,
+    /// Repairs by the process whose change they undid (`unknown` where the kernel does not say).
+    repairs_by: MetricFamily<WriterLabels, Counter>,
     repair_latency: Histogram,
     check_seconds: Histogram,
     apply_seconds: Histogram,
@@ -158,6 +165,7 @@ impl Metrics {
             event_driven: Gauge::default(),
             not_converging: Gauge::default(),
             repairs: Counter::default(),
+            repairs_by: MetricFamily::default(),
             repair_latency: buckets(),
             check_seconds: buckets(),
             apply_seconds: buckets(),
@@ -202,6 +210,11 @@ impl Metrics {
             m.not_converging.clone(),
         );
         r.register("repairs", "Drift repairs", m.repairs.clone());
+        r.register(
+            "repairs_by_writer",
+            "Drift repairs by the process whose change they undid (changed_by: its command name as the kernel gives it for nftables transactions, cut to 15 characters; unknown elsewhere)",
+            m.repairs_by.clone(),
+        );
         r.register(
             "repair_latency_seconds",
             "From the ruleset change (or poll) to the rules being back",
@@ -632,8 +645,16 @@ impl Agent {
                 if let Some(latency) = pass.repair_latency {
                     self.history.repairs += 1;
                     self.history.last_repair_time = Some(Time(jiff::Timestamp::now()));
+                    self.history.last_repair_by = pass.changed_by.map(|w| w.to_string());
                     self.history_memo.store(Some(&self.history));
                     self.metrics.repairs.inc();
+                    let writer = pass
+                        .changed_by
+                        .map_or_else(|| "unknown".into(), |w| w.name());
+                    self.metrics
+                        .repairs_by
+                        .get_or_create(&WriterLabels { changed_by: writer })
+                        .inc();
                     self.metrics.repair_latency.observe(latency.as_secs_f64());
                 }
                 let present = pass

@@ -95,6 +95,7 @@ pub fn status_from_report(
             .collect(),
         repairs: history.repairs,
         last_repair_time: history.last_repair_time.clone(),
+        last_repair_by: history.last_repair_by.clone(),
         last_verified_time: None,
         agent_version: None,
     }
@@ -136,6 +137,7 @@ pub fn status_from_error(
         message,
         repairs: history.map_or(0, |h| h.repairs),
         last_repair_time: history.and_then(|h| h.last_repair_time.clone()),
+        last_repair_by: history.and_then(|h| h.last_repair_by.clone()),
         ..Default::default()
     }
 }
@@ -396,6 +398,7 @@ mod tests {
             policy: "base".into(),
             repairs: 3,
             last_repair_time: None,
+            last_repair_by: Some("nft (pid 77)".into()),
         };
         let s = status_from_report(&following(Mode::Enforce), &report(true, true), &history);
         assert_eq!(s.policy_name.as_deref(), Some("base"));
@@ -405,6 +408,7 @@ mod tests {
         assert!(s.rules[0].owned);
         assert_eq!(s.rules[0].family, IpFamily::IPv6);
         assert_eq!(s.repairs, 3);
+        assert_eq!(s.last_repair_by.as_deref(), Some("nft (pid 77)"));
     }
 
     #[tokio::test]

@@ -163,6 +163,10 @@ pub struct LoopbackNodeStateStatus {
     /// When drift was last repaired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_repair_time: Option<Time>,
+    /// Who made the change last repaired, where the kernel names the process (nftables
+    /// transactions): `iptables-nft-re (pid 4242)`, the command name cut to 15 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_repair_by: Option<String>,
     /// When the agent last checked the node and found what this status says. Refreshed at least
     /// once per heartbeat interval (10 minutes by default) even when nothing changes; an older one
     /// means no live agent vouches for the node.

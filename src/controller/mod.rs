@@ -529,7 +529,12 @@ async fn reconcile_all(ctx: &mut Context) {
             .iter()
             .filter(|(node, _)| states[node].policy_name == policy.metadata.name)
         {
-            let note = format!("{node}: drift repaired ({count} repairs so far)");
+            let by = states[node]
+                .last_repair_by
+                .as_ref()
+                .map(|w| format!("; the change was made by {w}"))
+                .unwrap_or_default();
+            let note = format!("{node}: drift repaired ({count} repairs so far{by})");
             ctx.event(policy, false, "DriftRepaired", note, Some(node))
                 .await;
         }

@@ -64,15 +64,16 @@ impl NftEvents {
     }
 
     /// Waits until at least one notification arrived, then drains what is queued. Returns whether
-    /// a transaction ended (`NFT_MSG_NEWGEN`, sent once per committed ruleset change). A receive
-    /// buffer overflow (ENOBUFS) means events were lost: that counts as a finished change.
-    pub async fn changed(&self) -> std::io::Result<bool> {
+    /// a transaction ended (`NFT_MSG_NEWGEN`, sent once per committed ruleset change), and the
+    /// process that committed the last one, as the kernel names it. A receive buffer overflow
+    /// (ENOBUFS) means events were lost: that counts as a finished change by nobody known.
+    pub async fn changed(&self) -> std::io::Result<(bool, Option<Writer>)> {
         loop {
             let mut guard = self.fd.readable().await?;
             match self.drain() {
                 Ok(Drained { datagrams: 0, .. }) => guard.clear_ready(),
-                Ok(drained) => return Ok(drained.end_of_transaction),
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(true),
+                Ok(drained) => return Ok((drained.end_of_transaction, drained.writer)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok((true, None)),
                 Err(e) => return Err(e),
             }
         }
@@ -94,7 +95,10 @@ impl NftEvents {
             };
             if n > 0 {
                 drained.datagrams += 1;
-                drained.end_of_transaction |= contains_newgen(&buf[..n as usize]);
+                if let Some(newgen) = last_newgen(&buf[..n as usize]) {
+                    drained.end_of_transaction = true;
+                    drained.writer = newgen;
+                }
                 continue;
             }
             let err = std::io::Error::last_os_error();
@@ -111,20 +115,87 @@ impl NftEvents {
 struct Drained {
     datagrams: usize,
     end_of_transaction: bool,
+    writer: Option<Writer>,
+}
+
+/// The process that committed an nftables transaction, from its `NFT_MSG_NEWGEN`
+/// (`NFTA_GEN_PROC_PID`, `NFTA_GEN_PROC_NAME`: the pid as the node sees it, the command name
+/// cut to 15 bytes as the kernel keeps it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Writer {
+    pub pid: u32,
+    name: [u8; 16],
+}
+
+impl Writer {
+    pub fn new(pid: u32, name: &str) -> Writer {
+        let mut bytes = [0u8; 16];
+        let cut = name.len().min(15);
+        bytes[..cut].copy_from_slice(&name.as_bytes()[..cut]);
+        Writer { pid, name: bytes }
+    }
+
+    pub fn name(&self) -> String {
+        let end = self.name.iter().position(|b| *b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+}
+
+impl std::fmt::Display for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (pid {})", self.name(), self.pid)
+    }
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
 }
 
 /// `(NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN`: the message that closes every committed
 /// nftables transaction.
 const NFT_NEWGEN: u16 = (10 << 8) | 15;
 
-/// Whether a netlink datagram holds a NEWGEN message (walking the `nlmsghdr` chain).
-fn contains_newgen(mut buf: &[u8]) -> bool {
+/// The last NEWGEN message of a netlink datagram, if it holds one (walking the `nlmsghdr`
+/// chain): `Some(writer)`, the writer when the kernel named one.
+fn last_newgen(mut buf: &[u8]) -> Option<Option<Writer>> {
     const HEADER: usize = 16;
+    // nlmsghdr, then the nfgenmsg (4 bytes), then the attributes.
+    const ATTRS: usize = HEADER + 4;
+    const NFTA_GEN_PROC_PID: u16 = 2;
+    const NFTA_GEN_PROC_NAME: u16 = 3;
+    let mut found = None;
     while buf.len() >= HEADER {
         let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
         let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
+        let message = &buf[..len.min(buf.len())];
         if kind == NFT_NEWGEN {
-            return true;
+            let (mut pid, mut name) = (None, None);
+            let mut at = ATTRS;
+            while at + 4 <= message.len() {
+                let attr_len = u16::from_ne_bytes([message[at], message[at + 1]]) as usize;
+                let attr_type = u16::from_ne_bytes([message[at + 2], message[at + 3]]) & 0x3fff;
+                if attr_len < 4 || at + attr_len > message.len() {
+                    break;
+                }
+                let value = &message[at + 4..at + attr_len];
+                match attr_type {
+                    NFTA_GEN_PROC_PID if value.len() >= 4 => {
+                        pid = Some(u32::from_be_bytes(value[..4].try_into().expect("4 bytes")));
+                    }
+                    NFTA_GEN_PROC_NAME => {
+                        let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+                        name = Some(String::from_utf8_lossy(&value[..end]).into_owned());
+                    }
+                    _ => {}
+                }
+                at += (attr_len + 3) & !3;
+            }
+            found = Some(match (pid, name) {
+                (Some(pid), Some(name)) => Some(Writer::new(pid, &name)),
+                _ => None,
+            });
         }
         let aligned = (len + 3) & !3;
         if len < HEADER || aligned > buf.len() {
@@ -132,7 +203,7 @@ fn contains_newgen(mut buf: &[u8]) -> bool {
         }
         buf = &buf[aligned..];
     }
-    false
+    found
 }
 
 /// Why the engine should look again.
@@ -140,8 +211,9 @@ fn contains_newgen(mut buf: &[u8]) -> bool {
 pub enum Trigger {
     /// The first pass, when the watch starts: what it writes is enforcement, not a repair.
     Start { at: Instant },
-    /// The ruleset changed (nft event); `at` is when the first event of the burst arrived.
-    Changed { at: Instant },
+    /// The ruleset changed (nft event); `at` is when the first event of the burst arrived, `by`
+    /// the process that committed the last transaction, when the kernel named it.
+    Changed { at: Instant, by: Option<Writer> },
     /// A legacy table's shape changed (the probe); `at` is when the probe saw it.
     Probed { at: Instant },
     /// The periodic full re-check (and, with the legacy backend, the poll).
@@ -157,7 +229,7 @@ impl Trigger {
     pub fn at(self) -> Instant {
         match self {
             Trigger::Start { at }
-            | Trigger::Changed { at }
+            | Trigger::Changed { at, .. }
             | Trigger::Probed { at }
             | Trigger::Resync { at }
             | Trigger::Retry { at }
@@ -281,6 +353,8 @@ pub struct DriftWatch {
     debounce: Duration,
     /// When the first event of a transaction whose end has not been seen yet arrived.
     unfinished: Option<Instant>,
+    /// Who committed the last transaction seen (NEWGEN) while a burst is awaited.
+    unfinished_by: Option<Writer>,
     /// Set by [`DriftWatch::look_again`]: the next call returns at once.
     again: Option<Instant>,
 }
@@ -319,6 +393,7 @@ impl DriftWatch {
             resync,
             debounce: Duration::from_millis(20),
             unfinished: None,
+            unfinished_by: None,
             again: None,
         }
     }
@@ -372,7 +447,10 @@ impl DriftWatch {
                     _ = self.resync.tick() => return Trigger::Resync { at: Instant::now() },
                     _ = legacy.changed.notified() => return Trigger::Probed { at: Instant::now() },
                     // Any nftables change (a flush, a deleted table): one check, no debounce.
-                    _ = nft => return Trigger::Changed { at: Instant::now() },
+                    result = nft => {
+                        let by = result.ok().and_then(|(_, by)| by);
+                        return Trigger::Changed { at: Instant::now(), by };
+                    }
                 }
             }
             let Some(events) = self.events.as_ref() else {
@@ -381,23 +459,31 @@ impl DriftWatch {
             };
             if let Some(at) = self.unfinished {
                 // Wait for the end of the transaction (its NEWGEN), briefly: one check per change.
-                if let Ok(Ok(false)) = tokio::time::timeout(self.debounce, events.changed()).await {
-                    continue;
+                match tokio::time::timeout(self.debounce, events.changed()).await {
+                    Ok(Ok((false, _))) => continue,
+                    Ok(Ok((true, by))) => self.unfinished_by = by.or(self.unfinished_by),
+                    _ => {}
                 }
                 self.unfinished = None;
-                return Trigger::Changed { at };
+                return Trigger::Changed {
+                    at,
+                    by: self.unfinished_by.take(),
+                };
             }
             tokio::select! {
                 _ = self.resync.tick() => return Trigger::Resync { at: Instant::now() },
                 result = events.changed() => {
                     let at = Instant::now();
                     match result {
-                        Ok(true) => return Trigger::Changed { at },
-                        Ok(false) => self.unfinished = Some(at),
+                        Ok((true, by)) => return Trigger::Changed { at, by },
+                        Ok((false, _)) => {
+                            self.unfinished = Some(at);
+                            self.unfinished_by = None;
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "nftables event socket failed; relying on the periodic re-check");
                             self.events = None;
-                            return Trigger::Changed { at };
+                            return Trigger::Changed { at, by: None };
                         }
                     }
                 }
@@ -412,6 +498,9 @@ pub struct Pass {
     pub report: Report,
     /// Set when the pass wrote: time from the trigger to the rules being back.
     pub repair_latency: Option<Duration>,
+    /// Who changed the ruleset that this pass repaired, when the kernel named the process (the
+    /// nftables transaction's NEWGEN): `iptables-nft-re (pid 4242)`.
+    pub changed_by: Option<Writer>,
     /// The pass wrote, and the read right after found the rules not in place: look again at
     /// once ([`DriftWatch::look_again`]), as the back-off allows.
     pub look_again: bool,
@@ -498,6 +587,7 @@ pub async fn run_pass(
         return Ok(Pass {
             report,
             repair_latency: None,
+            changed_by: None,
             look_again,
         });
     }
@@ -505,12 +595,20 @@ pub async fn run_pass(
         .applied_at
         .filter(|_| report.wrote())
         .map(|applied| applied.saturating_duration_since(trigger.at()));
+    let changed_by = match trigger {
+        Trigger::Changed { by, .. } => by.filter(|_| repair_latency.is_some()),
+        _ => None,
+    };
     if let Some(latency) = repair_latency {
+        let by = changed_by
+            .map(|w| format!(" (changed by {w})"))
+            .unwrap_or_default();
         tracing::info!(
             trigger = trigger.describe(),
             latency_ms = format!("{:.1}", latency.as_secs_f64() * 1000.0),
             repaired = ?report.inserted(),
-            "repaired drift: {} back {:.1} ms after the {}",
+            changed_by = changed_by.map(|w| w.to_string()),
+            "repaired drift: {} back {:.1} ms after the {}{by}",
             report.inserted().join(", "),
             latency.as_secs_f64() * 1000.0,
             trigger.describe(),
@@ -519,6 +617,7 @@ pub async fn run_pass(
     Ok(Pass {
         report,
         repair_latency,
+        changed_by,
         look_again,
     })
 }
@@ -541,7 +640,7 @@ mod tests {
             assert_eq!(record(&mut c, &start, true, &drop, now), None);
         }
         let now = t0 + Duration::from_secs(3);
-        let changed = Trigger::Changed { at: now };
+        let changed = Trigger::Changed { at: now, by: None };
         assert!(may_write(&c, &changed, now));
         assert_eq!(record(&mut c, &changed, true, &drop, now), None);
         assert!(!c.fighting());
@@ -556,14 +655,20 @@ mod tests {
         let mut held = None;
         for i in 0..4 {
             let now = t0 + Duration::from_millis(100 * i);
-            held = record(&mut c, &Trigger::Changed { at: now }, true, &drop, now);
+            held = record(
+                &mut c,
+                &Trigger::Changed { at: now, by: None },
+                true,
+                &drop,
+                now,
+            );
         }
         assert!(
             held.is_some(),
             "the fourth write within 10 s is one too many"
         );
         let now = t0 + Duration::from_millis(400);
-        assert!(!may_write(&c, &Trigger::Changed { at: now }, now));
+        assert!(!may_write(&c, &Trigger::Changed { at: now, by: None }, now));
         assert!(may_write(&c, &Trigger::Start { at: now }, now));
     }
 
@@ -582,12 +687,57 @@ mod tests {
     fn newgen_is_found_after_other_messages() {
         let newrule = (10 << 8) | 6;
         let mut datagram = message(newrule, 37);
-        assert!(!contains_newgen(&datagram));
+        assert_eq!(last_newgen(&datagram), None);
         datagram.extend(message(NFT_NEWGEN, 8));
-        assert!(contains_newgen(&datagram));
-        assert!(
-            !contains_newgen(&datagram[..10]),
+        assert_eq!(
+            last_newgen(&datagram),
+            Some(None),
+            "a NEWGEN without a writer"
+        );
+        assert_eq!(
+            last_newgen(&datagram[..10]),
+            None,
             "a truncated header is not a message"
+        );
+    }
+
+    /// A NEWGEN as the kernel sends it: nlmsghdr, nfgenmsg, then the generation, the pid and
+    /// the command name (NUL-terminated, padded to 4 bytes).
+    fn newgen(generation: u32, pid: u32, name: &str) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        let mut attr = |kind: u16, value: &[u8]| {
+            attrs.extend(((4 + value.len()) as u16).to_ne_bytes());
+            attrs.extend(kind.to_ne_bytes());
+            attrs.extend(value);
+            while attrs.len() % 4 != 0 {
+                attrs.push(0);
+            }
+        };
+        attr(1, &generation.to_be_bytes());
+        attr(2, &pid.to_be_bytes());
+        let mut name = name.as_bytes().to_vec();
+        name.push(0);
+        attr(3, &name);
+        let mut m = message(NFT_NEWGEN, 4);
+        m.extend(attrs);
+        let len = m.len() as u32;
+        m[0..4].copy_from_slice(&len.to_ne_bytes());
+        m
+    }
+
+    #[test]
+    fn the_writer_of_the_last_transaction_is_named() {
+        let mut datagram = newgen(7, 4242, "iptables-nft-re");
+        datagram.extend(newgen(8, 77, "nft"));
+        let writer = last_newgen(&datagram).unwrap().unwrap();
+        assert_eq!(writer.to_string(), "nft (pid 77)");
+        let one = last_newgen(&newgen(9, 4242, "iptables-nft-re"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(one.to_string(), "iptables-nft-re (pid 4242)");
+        assert_eq!(
+            Writer::new(1, "a-name-longer-than-fifteen").name(),
+            "a-name-longer-t"
         );
     }
 }
