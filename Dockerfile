@@ -33,7 +33,8 @@ LABEL org.opencontainers.image.title="loopguard" \
       org.opencontainers.image.source="https://github.com/loopguard/loopguard" \
       org.opencontainers.image.base.name="docker.io/library/debian:12.11-slim"
 # iptables brings iptables/ip6tables with both backends (-legacy and -nft) and their -save/-restore;
-# nftables brings nft, for the nftables loopback rule in loopguard's own table.
+# nftables brings nft, to list the input-hook chains as ComplianceAsCode reads them (loopguard writes
+# its own table over netlink).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends iptables=1.8.9-2 nftables=1.0.6-2+deb12u2 \
     && rm -rf /var/lib/apt/lists/*

@@ -415,3 +415,62 @@ fn flushed_ruleset_comes_back(backend: &str) {
         "both repairs came from nftables events: {log}"
     );
 }
+
+/// loopguard writes its table over netlink; `nft -f` of the same table must give the same table,
+/// both ways: the listing ComplianceAsCode greps and the JSON are identical, and a table `nft`
+/// wrote is read back as loopguard's own (cleanup deletes it), so the two never disagree.
+#[test]
+fn netlink_and_nft_write_the_same_table() {
+    let ours = TestNetns::new("nftsame1");
+    let dir = tempfile::tempdir().unwrap();
+    let (code, report) = loopguard(&ours, dir.path(), "enforce", &["--nftables", "enforce"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(nft_changes(&report), 1, "{report}");
+
+    let by_nft = TestNetns::new("nftsame2");
+    let script = dir.path().join("create.nft");
+    std::fs::write(&script, loopguard::rules::nft::create_script()).unwrap();
+    by_nft.run(&["nft", "-f", script.to_str().unwrap()]);
+
+    let listing = |ns: &TestNetns| ns.run(&["nft", "list", "table", "inet", "loopguard"]);
+    assert_eq!(listing(&ours), listing(&by_nft));
+    assert_eq!(
+        listing(&ours),
+        "table inet loopguard {\n\tchain input {\n\t\ttype filter hook input priority mangle; policy accept;\n\t\tiif \"lo\" accept\n\t\tip saddr 127.0.0.0/8 drop\n\t\tip6 saddr ::1 drop\n\t}\n}\n"
+    );
+    let debug = |ns: &TestNetns| {
+        // The expressions as the kernel holds them, rule handles left out.
+        ns.run(&[
+            "nft",
+            "--debug=netlink",
+            "list",
+            "table",
+            "inet",
+            "loopguard",
+        ])
+        .lines()
+        .filter(|l| l.starts_with("  ["))
+        .collect::<Vec<_>>()
+        .join("\n")
+    };
+    assert_eq!(debug(&ours), debug(&by_nft));
+    assert_eq!(
+        table_json(&ours, "inet", "loopguard"),
+        table_json(&by_nft, "inet", "loopguard")
+    );
+
+    // Replace loopguard's table with the one nft writes: still loopguard's (nothing to write),
+    // and cleanup deletes it.
+    ours.run(&["nft", "-f", script.to_str().unwrap()]);
+    let (code, again) = loopguard(&ours, dir.path(), "enforce", &["--nftables", "enforce"]);
+    assert_eq!(code, 0, "{again}");
+    assert_eq!(
+        nft_changes(&again),
+        0,
+        "nft's table is loopguard's: {again}"
+    );
+    assert_eq!(nft_rule(&again)["owned"], true, "{again}");
+    let (code, report) = loopguard(&ours, dir.path(), "cleanup", &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(tables(&ours), Vec::<(String, String)>::new(), "{report}");
+}

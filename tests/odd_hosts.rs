@@ -1,5 +1,5 @@
 //! Bad input and odd hosts, through `loopguard node enforce` in a network namespace of the test's,
-//! with a host root of the test's: `nft` missing, a kernel without nf_tables (an `nft` that fails
+//! with a host root of the test's: `nft` missing where the check must list an input-hook chain, a kernel without nf_tables (an `nft` that fails
 //! as nft does there), ufw's configuration unreadable, a corrupt dpkg status file, a corrupt rpm
 //! database. Each gives the rule a clear reason and message in the report, writes nothing for it,
 //! and the command ends with a verdict, not a crash.
@@ -114,12 +114,30 @@ fn ruleset(ns: &TestNetns) -> String {
     ns.run(&["nft", "list", "ruleset"])
 }
 
+/// An input-hook chain that is not loopguard's (iptables-nft's INPUT, with a rule), so that the
+/// check has to list it with `nft`.
+fn iptables_nft_input(ns: &TestNetns) {
+    ns.run(&[
+        "ip6tables-nft",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "22",
+        "-j",
+        "ACCEPT",
+    ]);
+}
+
 #[test]
 fn without_nft_the_nftables_rule_says_so_and_nothing_is_written() {
     let ns = TestNetns::new("nonft");
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     dpkg(&root, &["iptables", "nftables"]);
+    iptables_nft_input(&ns);
+    let before = ruleset(&ns);
     let bin = path_without_nft(dir.path(), None);
     let (code, report) = enforce(&ns, &root, &dir.path().join("state.json"), Some(&bin));
     let (verdict, why, message) = reason(&report, "set_nftables_loopback_traffic");
@@ -129,7 +147,27 @@ fn without_nft_the_nftables_rule_says_so_and_nothing_is_written() {
     );
     assert!(message.contains("nft not found in PATH"), "{message}");
     assert_eq!(code, 1, "not compliant: the rule could not be told");
-    assert_eq!(ruleset(&ns).trim(), "", "something was written");
+    assert_eq!(ruleset(&ns), before, "something was written");
+}
+
+/// Where no input-hook chain is there to list, the check needs no `nft`: loopguard writes its
+/// table over netlink and the rule passes.
+#[test]
+fn without_nft_and_nothing_to_list_the_table_is_written_over_netlink() {
+    let ns = TestNetns::new("nonft2");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    dpkg(&root, &["iptables", "nftables"]);
+    let bin = path_without_nft(dir.path(), None);
+    let (code, report) = enforce(&ns, &root, &dir.path().join("state.json"), Some(&bin));
+    let (verdict, _, message) = reason(&report, "set_nftables_loopback_traffic");
+    assert_eq!(verdict, "Pass", "{message}");
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        ruleset(&ns).contains("table inet loopguard"),
+        "{}",
+        ruleset(&ns)
+    );
 }
 
 #[test]
@@ -138,6 +176,7 @@ fn a_kernel_without_nf_tables_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     dpkg(&root, &["iptables", "nftables"]);
+    iptables_nft_input(&ns);
     // What nft prints where the kernel has no nf_tables.
     let bin = path_without_nft(
         dir.path(),

@@ -283,10 +283,14 @@ impl Engine {
 
     /// Runs the other rule families and composes their results into `report`.
     fn with_families(&self, report: Report, action: Action) -> Report {
+        compose(report, self.run_families(action))
+    }
+
+    /// Runs the other rule families (nftables, ufw, firewalld).
+    fn run_families(&self, action: Action) -> FamilyOutcome {
         let modes = [self.config.nftables, self.config.ufw, self.config.firewalld];
         let ufw = super::ufw::Ufw::new(&self.config.host_root);
-        let outcome = families::run(&self.facts, modes, &self.state_file, &ufw, action);
-        compose(report, outcome)
+        families::run(&self.facts, modes, &self.state_file, &ufw, action)
     }
 
     /// Makes the node compliant with the smallest plan, in one restore per family; writes nothing
@@ -304,16 +308,18 @@ impl Engine {
         let _lock = (!dry_run)
             .then(|| self.state_file.lock(self.config.wait))
             .transpose()?;
-        let report = self.enforce_iptables(dry_run)?;
         let action = if dry_run {
             Action::Plan
         } else {
             Action::Enforce
         };
-        let mut report = self.with_families(report, action);
-        if !report.family_changes.is_empty() && !dry_run && report.applied_at.is_none() {
-            report.applied_at = Some(Instant::now());
-        }
+        // The other families first: the nftables repair is one netlink transaction, and it does
+        // not wait for the iptables reads. The pass has repaired when its last write is done.
+        let outcome = self.run_families(action);
+        let families_wrote_at = outcome.applied_at;
+        let report = self.enforce_iptables(dry_run)?;
+        let mut report = compose(report, outcome);
+        report.applied_at = report.applied_at.max(families_wrote_at);
         Ok(report)
     }
 

@@ -50,6 +50,8 @@ pub struct FamilyOutcome {
     pub results: Vec<RuleResult>,
     /// `nft` statements, in words (`create table inet loopguard`).
     pub changes: Vec<String>,
+    /// When the last write of the pass was done.
+    pub applied_at: Option<std::time::Instant>,
 }
 
 /// Runs the nftables, ufw and firewalld families. Errors of one family are its result, never
@@ -150,17 +152,24 @@ fn check_or_enforce(
     let recorded = state.load()?.and_then(|s| s.nft_table);
     let table = nftables::own_table()?;
     let owned = recorded.is_some() && table != OwnTable::Absent;
-    if nft::cac_passes(&nftables::ruleset()?, ipv6) {
-        if action == Action::Enforce && recorded == Some(NftTable::Pending) {
-            store(facts, state, owned.then_some(NftTable::Owned))?;
-        }
-        return Ok(passing(owned));
-    }
     let may_replace = match &table {
         OwnTable::Absent => true,
         OwnTable::AsWritten | OwnTable::Partial => recorded.is_some(),
         OwnTable::Other(_) => false,
     };
+    // loopguard's table as written is an input-hook chain holding the three rules, so the check
+    // passes without listing anything else; and loopguard's own table, drifted, is put back at once
+    // (the drift repair), without first listing the other input-hook chains.
+    let repair = recorded.is_some()
+        && matches!(table, OwnTable::Absent | OwnTable::Partial)
+        && mode == FamilyMode::Enforce
+        && action == Action::Enforce;
+    if table == OwnTable::AsWritten || (!repair && nft::cac_passes(&nftables::ruleset()?, ipv6)) {
+        if action == Action::Enforce && recorded == Some(NftTable::Pending) {
+            store(facts, state, owned.then_some(NftTable::Owned))?;
+        }
+        return Ok(passing(owned));
+    }
     if !may_replace {
         let why = match &table {
             OwnTable::Other(why) => why.clone(),
@@ -191,13 +200,24 @@ fn check_or_enforce(
     if action == Action::Plan {
         return Ok((Verdict::Fail, reason::NOT_IN_PLACE, missing, owned));
     }
-    store(facts, state, Some(NftTable::Pending))?;
+    // Recorded before it is written, so that a crash in between leaves no table loopguard forgets;
+    // a table already recorded as loopguard's needs no new record to be put back.
+    let record_first = recorded != Some(NftTable::Owned);
+    if record_first {
+        store(facts, state, Some(NftTable::Pending))?;
+    }
     if let Err(e) = nftables::create() {
-        store(facts, state, recorded)?;
+        if record_first {
+            store(facts, state, recorded)?;
+        }
         return Err(e);
     }
-    store(facts, state, Some(NftTable::Owned))?;
-    if nft::cac_passes(&nftables::ruleset()?, ipv6) {
+    outcome.applied_at = Some(std::time::Instant::now());
+    if record_first {
+        store(facts, state, Some(NftTable::Owned))?;
+    }
+    if nftables::own_table()? == OwnTable::AsWritten || nft::cac_passes(&nftables::ruleset()?, ipv6)
+    {
         Ok(passing(true))
     } else {
         Ok((
@@ -234,6 +254,7 @@ fn cleanup_table(
         }
         OwnTable::AsWritten | OwnTable::Partial => {
             nftables::delete()?;
+            outcome.applied_at = Some(std::time::Instant::now());
             outcome
                 .changes
                 .push(format!("delete table inet {}", nft::TABLE));
@@ -374,6 +395,7 @@ fn ufw_check_or_enforce(
             }
         })?;
         host_ufw.add(*rule)?;
+        outcome.applied_at = Some(std::time::Instant::now());
     }
     let after = ufw_rules::missing(&host_ufw.status()?, ipv6);
     if after.is_empty() {
@@ -417,6 +439,7 @@ fn ufw_cleanup(
         // A rule no longer shown is gone already (or ufw is off): nothing to delete.
         if rule.listed(&status) {
             host_ufw.delete(*rule)?;
+            outcome.applied_at = Some(std::time::Instant::now());
             outcome.changes.push(format!("ufw delete {}", rule.words()));
             deleted.push(format!("`ufw delete {}`", rule.words()));
         }

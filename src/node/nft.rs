@@ -1,14 +1,280 @@
-//! The nftables ruleset generation: a number the kernel bumps on every committed ruleset change
-//! (`NFT_MSG_GETGEN` over netlink), so "did anything change in nftables?" costs one round trip.
+//! nf_tables over netlink, the effects: the ruleset generation (a number the kernel bumps on every
+//! committed ruleset change, so "did anything change in nftables?" costs one round trip), reading
+//! loopguard's own table and the input-hook chains, and writing or deleting loopguard's table in one
+//! transaction. The messages themselves are built and decoded in `rules::nft_wire`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::rules::nft::{self, OwnTable};
+use crate::rules::nft_wire::{self as wire, Batch, ChainInfo, NLMSG_DONE, RuleInfo, TableInfo};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWGEN: u16 = 15;
 const NFT_MSG_GETGEN: u16 = 16;
 const NFTA_GEN_ID: u16 = 1;
 const NLMSG_ERROR: u16 = 2;
+
+/// A netlink socket to nf_tables, with a receive timeout so that no answer never hangs a pass.
+struct Socket {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+/// Sequence numbers, unique within this process.
+static SEQ: AtomicU32 = AtomicU32::new(1);
+
+fn next_seq(count: u32) -> u32 {
+    SEQ.fetch_add(count, Ordering::Relaxed)
+}
+
+impl Socket {
+    fn open() -> io::Result<Socket> {
+        // SAFETY: socket and setsockopt on a descriptor we create and own, with a fully
+        // initialised timeval and its size.
+        unsafe {
+            let raw = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            );
+            if raw < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(raw);
+            let timeout = libc::timeval {
+                tv_sec: 5,
+                tv_usec: 0,
+            };
+            if libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &timeout as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Socket {
+                fd,
+                buf: vec![0; 64 * 1024],
+            })
+        }
+    }
+
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        // SAFETY: send from a buffer we own, with its length.
+        let sent = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                bytes.as_ptr() as *const libc::c_void,
+                bytes.len(),
+                0,
+            )
+        };
+        match sent {
+            n if n < 0 => Err(io::Error::last_os_error()),
+            n if n as usize != bytes.len() => Err(io::Error::other("short netlink send")),
+            _ => Ok(()),
+        }
+    }
+
+    /// One datagram (of one or more messages).
+    fn recv(&mut self) -> io::Result<&[u8]> {
+        // SAFETY: recv into a buffer we own, with its length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                self.buf.as_mut_ptr() as *mut libc::c_void,
+                self.buf.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no answer from nf_tables within 5 s",
+                )
+            } else {
+                e
+            });
+        }
+        Ok(&self.buf[..n as usize])
+    }
+
+    /// Sends a dump request and hands every nf_tables message of the answer to `each`.
+    fn dump(
+        &mut self,
+        request: &[u8],
+        seq: u32,
+        mut each: impl FnMut(u8, u16, &[u8]),
+    ) -> io::Result<()> {
+        self.send(request)?;
+        loop {
+            let datagram = self.recv()?;
+            for m in wire::messages(datagram) {
+                if m.seq != seq {
+                    continue;
+                }
+                if let Some(errno) = m.error() {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                if m.kind == NLMSG_DONE {
+                    return Ok(());
+                }
+                if let Some(kind) = m.nft() {
+                    each(m.family, kind, m.body);
+                }
+            }
+        }
+    }
+
+    /// Sends one transaction and waits for every acknowledgement; the first error fails it (the
+    /// kernel then applied none of it).
+    fn transact(&mut self, batch: &Batch, first_seq: u32) -> io::Result<()> {
+        self.send(&batch.bytes)?;
+        let mut acked = 0;
+        let mut failed = None;
+        while acked < batch.acks {
+            let datagram = self.recv()?;
+            for m in wire::messages(datagram) {
+                let Some(errno) = m.error() else { continue };
+                if m.seq <= first_seq || m.seq > first_seq + batch.acks as u32 {
+                    continue;
+                }
+                acked += 1;
+                if errno != 0 && failed.is_none() {
+                    failed = Some(errno);
+                }
+            }
+            if failed.is_some() {
+                // An aborted batch answers the failing messages only.
+                break;
+            }
+        }
+        match failed {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The interface index of `lo` in this network namespace (1 wherever the kernel made it).
+fn lo_index() -> u32 {
+    // SAFETY: a NUL-terminated constant string.
+    match unsafe { libc::if_nametoindex(c"lo".as_ptr()) } {
+        0 => 1,
+        index => index,
+    }
+}
+
+/// What the table named like loopguard's is now: the table, its chain and the chain's rules, read
+/// in one ruleset generation (a change in between reads them again).
+pub fn own_table() -> io::Result<OwnTable> {
+    let mut socket = Socket::open()?;
+    for _ in 0..5 {
+        let before = generation()?;
+        let seen = read_own(&mut socket)?;
+        if generation()? == before {
+            return Ok(seen);
+        }
+    }
+    Err(io::Error::other(
+        "the nftables ruleset kept changing while loopguard read its table",
+    ))
+}
+
+fn read_own(socket: &mut Socket) -> io::Result<OwnTable> {
+    let seq = next_seq(1);
+    socket.send(&wire::get_table(seq))?;
+    let mut table: Option<TableInfo> = None;
+    while table.is_none() {
+        let datagram = socket.recv()?;
+        for m in wire::messages(datagram) {
+            if m.seq != seq {
+                continue;
+            }
+            match m.error() {
+                Some(libc::ENOENT) => return Ok(OwnTable::Absent),
+                Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
+                None => {}
+            }
+            if m.nft() == Some(wire::NFT_MSG_NEWTABLE) {
+                table = Some(wire::parse_table(m.body));
+            }
+        }
+    }
+    let mut chain: Option<ChainInfo> = None;
+    let seq = next_seq(1);
+    socket.dump(
+        &wire::dump_chains(seq, wire::NFPROTO_INET),
+        seq,
+        |family, kind, body| {
+            if kind == wire::NFT_MSG_NEWCHAIN {
+                let c = wire::parse_chain(family, body);
+                if c.table == nft::TABLE && c.name == nft::CHAIN {
+                    chain = Some(c);
+                }
+            }
+        },
+    )?;
+    let mut rules: Vec<RuleInfo> = Vec::new();
+    if chain.is_some() {
+        let seq = next_seq(1);
+        socket.dump(&wire::dump_own_rules(seq), seq, |_, kind, body| {
+            if kind == wire::NFT_MSG_NEWRULE {
+                let rule = wire::parse_rule(body);
+                if rule.table == nft::TABLE && rule.chain == nft::CHAIN {
+                    rules.push(rule);
+                }
+            }
+        })?;
+    }
+    Ok(nft::classify(
+        table.as_ref(),
+        chain.as_ref(),
+        &rules,
+        lo_index(),
+    ))
+}
+
+/// Every base chain on an input hook, in every family (what `nft list ruleset` prints with
+/// `hook input`).
+pub fn input_hook_chains() -> io::Result<Vec<ChainInfo>> {
+    let mut socket = Socket::open()?;
+    let mut chains = Vec::new();
+    let seq = next_seq(1);
+    socket.dump(
+        &wire::dump_chains(seq, wire::NFPROTO_UNSPEC),
+        seq,
+        |family, kind, body| {
+            if kind == wire::NFT_MSG_NEWCHAIN {
+                let chain = wire::parse_chain(family, body);
+                if chain.hooks_input() {
+                    chains.push(chain);
+                }
+            }
+        },
+    )?;
+    Ok(chains)
+}
+
+/// Writes loopguard's table in one transaction, replacing any copy of it.
+pub fn create() -> io::Result<()> {
+    // Batch begin, seven messages, batch end.
+    let seq = next_seq(9);
+    Socket::open()?.transact(&wire::create_batch(seq, lo_index()), seq)
+}
+
+/// Deletes loopguard's table, and nothing else, in one transaction.
+pub fn delete() -> io::Result<()> {
+    let seq = next_seq(3);
+    Socket::open()?.transact(&wire::delete_batch(seq), seq)
+}
 
 /// The current ruleset generation of this network namespace.
 pub fn generation() -> io::Result<u32> {

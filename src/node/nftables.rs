@@ -1,6 +1,6 @@
-//! The nftables rule's effects: `nft list ruleset` (what ComplianceAsCode's check reads), the
-//! JSON listing of loopguard's own table, and one `nft -f` transaction to write or delete it.
-//! Nothing here ever names another table.
+//! The nftables rule's effects: the input-hook chains as `nft` lists them (what ComplianceAsCode's
+//! check reads), and loopguard's own table read, written and deleted over netlink (`node::nft`),
+//! one transaction each. Nothing here ever writes to another table.
 
 use crate::rules::nft::{self, OwnTable};
 use crate::{Error, Result};
@@ -56,40 +56,86 @@ fn run(args: &[&str], stdin: Option<&str>) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `nft list ruleset`, as ComplianceAsCode's check reads it.
+/// What ComplianceAsCode's check reads of `nft list ruleset`: the chains on an input hook. Each is
+/// listed alone (`nft list chain`), found over netlink: the listing of the whole ruleset takes
+/// seconds where iptables-nft holds tens of thousands of rules, and the check's `awk
+/// '/hook input/,/}/'` ranges never reach past a chain's closing brace, so the concatenated listings
+/// hold the same ranges. (A rule comment in another chain reading "hook input" would open a range
+/// for the check's awk; loopguard does not count that as a pass.) Names `nft` cannot take as a
+/// word fall back to the whole listing.
 pub fn ruleset() -> Result<String> {
-    run(&["list", "ruleset"], None)
+    let chains = super::nft::input_hook_chains()
+        .map_err(|e| netlink_error("listing the nftables chains", e))?;
+    let plain = |name: &str| {
+        name.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c))
+    };
+    if !chains.iter().all(|c| plain(&c.table) && plain(&c.name)) {
+        return run(&["list", "ruleset"], None);
+    }
+    let mut listing = String::new();
+    for chain in &chains {
+        listing.push_str(&run(
+            &[
+                "list",
+                "chain",
+                chain.family_name(),
+                &chain.table,
+                &chain.name,
+            ],
+            None,
+        )?);
+    }
+    Ok(listing)
+}
+
+/// A netlink error as loopguard reports it, with what to do.
+fn netlink_error(what: &str, e: std::io::Error) -> Error {
+    let hint = match e.raw_os_error() {
+        Some(libc::EPERM) => " (run as root, or give loopguard CAP_NET_ADMIN)",
+        Some(libc::EOPNOTSUPP | libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT) => {
+            " (this kernel has no nf_tables: the nftables rule cannot be enforced here)"
+        }
+        _ => "",
+    };
+    Error::Invalid(format!("{what} over netlink: {e}{hint}"))
 }
 
 /// What the table named like loopguard's holds now.
 pub fn own_table() -> Result<OwnTable> {
-    let table = format!("inet {}", nft::TABLE);
-    match run(&["-j", "list", "table", "inet", nft::TABLE], None) {
-        Ok(listing) => Ok(nft::own_table(Some(&listing))),
-        Err(Error::Command { stderr, .. }) if stderr.contains("No such file or directory") => {
-            Ok(OwnTable::Absent)
-        }
-        Err(e) => Err(match e {
-            Error::Command {
-                command,
-                status,
-                stderr,
-            } => Error::Command {
-                command,
-                status,
-                stderr: format!("{stderr} (listing {table})"),
-            },
-            other => other,
-        }),
-    }
+    super::nft::own_table()
+        .map_err(|e| netlink_error(&format!("reading table inet {}", nft::TABLE), e))
 }
 
 /// Writes loopguard's table (one atomic transaction, replacing a drifted copy of it).
 pub fn create() -> Result<()> {
-    run(&["-f", "-"], Some(&nft::create_script())).map(|_| ())
+    super::nft::create()
+        .map_err(|e| netlink_error(&format!("writing table inet {}", nft::TABLE), e))
 }
 
 /// Deletes loopguard's table, and nothing else.
 pub fn delete() -> Result<()> {
-    run(&["-f", "-"], Some(&nft::delete_script())).map(|_| ())
+    super::nft::delete()
+        .map_err(|e| netlink_error(&format!("deleting table inet {}", nft::TABLE), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netlink_errors_say_what_to_do() {
+        let no_tables = netlink_error("x", std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        assert!(
+            no_tables
+                .to_string()
+                .contains("this kernel has no nf_tables")
+        );
+        let not_root = netlink_error("x", std::io::Error::from_raw_os_error(libc::EPERM));
+        assert!(not_root.to_string().contains("CAP_NET_ADMIN"));
+    }
 }

@@ -7,6 +7,7 @@ pub mod blob;
 pub mod catalog;
 mod evaluate;
 pub mod nft;
+pub mod nft_wire;
 mod ownership;
 mod parse;
 mod plan;

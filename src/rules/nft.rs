@@ -20,7 +20,7 @@
 //! through anything another table drops. `iif` (not `iifname`) and no counter on the accept,
 //! because ComplianceAsCode greps the listing for `iif "lo" accept`.
 
-use serde_json::{Value, json};
+use super::nft_wire::{ChainInfo, Expr, HOOK_INPUT, NF_ACCEPT, RuleInfo, TableInfo, own_rules};
 
 /// The table loopguard owns (family `inet`: one rule for IPv4 and IPv6).
 pub const TABLE: &str = "loopguard";
@@ -44,11 +44,6 @@ pub fn create_script() -> String {
         "add table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n\tchain {CHAIN} {{\n\t\ttype filter hook input priority {PRIORITY}; policy accept;\n\t\t{}\n\t}}\n}}\n",
         RULES.join("\n\t\t")
     )
-}
-
-/// The `nft -f` transaction that removes the table, and nothing else.
-pub fn delete_script() -> String {
-    format!("delete table inet {TABLE}\n")
 }
 
 /// ComplianceAsCode's check (`sce/ubuntu.sh` of `set_nftables_loopback_traffic`) on the output of
@@ -82,7 +77,7 @@ fn hook_input_lines(ruleset: &str) -> String {
     out
 }
 
-/// What `nft -j list table inet loopguard` shows.
+/// What the table named like loopguard's is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OwnTable {
     /// No such table.
@@ -96,54 +91,40 @@ pub enum OwnTable {
     Other(String),
 }
 
-/// The expressions of each rule as `nft -j` prints them.
-fn expected_exprs() -> [Value; 3] {
-    [
-        json!([{"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "lo"}}, {"accept": null}]),
-        json!([{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
-                "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}}, {"drop": null}]),
-        json!([{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
-                "right": "::1"}}, {"drop": null}]),
-    ]
-}
-
-/// Reads the JSON listing of the table (`None`: `nft` said there is no such table).
-pub fn own_table(listing: Option<&str>) -> OwnTable {
-    let Some(listing) = listing else {
+/// Whether the table named like loopguard's is the one loopguard writes, from what the kernel says
+/// of it: the table (`None`: there is none), its `input` chain, and the rules of that chain.
+pub fn classify(
+    table: Option<&TableInfo>,
+    chain: Option<&ChainInfo>,
+    rules: &[RuleInfo],
+    lo_index: u32,
+) -> OwnTable {
+    let Some(table) = table else {
         return OwnTable::Absent;
     };
     let other = |why: &str| OwnTable::Other(why.to_string());
-    let Ok(doc) = serde_json::from_str::<Value>(listing) else {
-        return other("its listing is not the JSON nft prints");
-    };
-    let Some(items) = doc["nftables"].as_array() else {
-        return other("its listing has no nftables array");
-    };
-    let of = |kind: &str| -> Vec<&Value> { items.iter().filter_map(|i| i.get(kind)).collect() };
-    let (chains, rules) = (of("chain"), of("rule"));
-    if !of("set").is_empty() || !of("map").is_empty() || !of("flowtable").is_empty() {
-        return other("it holds sets, maps or flowtables");
+    if table.flags != 0 {
+        return other("its flags are set (dormant, or owned by a process): its rules may not run");
     }
-    if !of("counter").is_empty() || !of("quota").is_empty() || !of("limit").is_empty() {
-        return other("it holds named objects");
-    }
-    let [chain] = chains.as_slice() else {
-        return other("it does not hold exactly one chain");
+    let Some(chain) = chain else {
+        return other("it has no chain named input");
     };
-    let chain_ok = chain["name"] == CHAIN
-        && chain["type"] == "filter"
-        && chain["hook"] == "input"
-        && chain["prio"] == PRIORITY
-        && chain["policy"] == "accept";
+    if table.objects != 1 {
+        return other("it holds more than one chain, or sets, objects or flowtables");
+    }
+    let chain_ok = chain.name == CHAIN
+        && chain.chain_type == "filter"
+        && chain.hook == Some((HOOK_INPUT, PRIORITY))
+        && chain.policy == Some(NF_ACCEPT);
     if !chain_ok {
         return other("its chain is not loopguard's input chain");
     }
-    let exprs: Vec<&Value> = rules.iter().map(|r| &r["expr"]).collect();
-    let expected = expected_exprs();
+    let expected = own_rules(lo_index);
+    let exprs: Vec<&Vec<Expr>> = rules.iter().map(|r| &r.exprs).collect();
     if exprs.len() == expected.len() && exprs.iter().zip(&expected).all(|(a, b)| *a == b) {
         return OwnTable::AsWritten;
     }
-    let mut left: Vec<&Value> = expected.iter().collect();
+    let mut left: Vec<&Vec<Expr>> = expected.iter().collect();
     for expr in exprs {
         match left.iter().position(|e| *e == expr) {
             Some(at) => {
@@ -158,9 +139,6 @@ pub fn own_table(listing: Option<&str>) -> OwnTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `nft -j list table inet loopguard` after `nft -f` of [`create_script`] (nft 1.0.6).
-    pub const WRITTEN: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "loopguard", "handle": 1}}, {"chain": {"family": "inet", "table": "loopguard", "name": "input", "handle": 1, "type": "filter", "hook": "input", "prio": -150, "policy": "accept"}}, {"rule": {"family": "inet", "table": "loopguard", "chain": "input", "handle": 2, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "lo"}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "loopguard", "chain": "input", "handle": 3, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}}, {"drop": null}]}}, {"rule": {"family": "inet", "table": "loopguard", "chain": "input", "handle": 4, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": "::1"}}, {"drop": null}]}}]}"#;
 
     const LISTED: &str = "table inet loopguard {\n\tchain input {\n\t\ttype filter hook input priority mangle; policy accept;\n\t\tiif \"lo\" accept\n\t\tip saddr 127.0.0.0/8 drop\n\t\tip6 saddr ::1 drop\n\t}\n}\n";
 
@@ -200,21 +178,80 @@ mod tests {
     }
 
     #[test]
-    fn own_table_tells_loopguards_table_from_others() {
-        assert_eq!(own_table(None), OwnTable::Absent);
-        assert_eq!(own_table(Some(WRITTEN)), OwnTable::AsWritten);
-        let one_rule_gone = WRITTEN.replace(
-            r#", {"rule": {"family": "inet", "table": "loopguard", "chain": "input", "handle": 4, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": "::1"}}, {"drop": null}]}}"#,
-            "",
-        );
-        assert_eq!(own_table(Some(&one_rule_gone)), OwnTable::Partial);
-        let foreign_rule = WRITTEN.replace(r#""right": "::1""#, r#""right": "::2""#);
-        assert!(matches!(own_table(Some(&foreign_rule)), OwnTable::Other(_)));
-        let other_priority = WRITTEN.replace("\"prio\": -150", "\"prio\": 0");
+    fn classify_tells_loopguards_table_from_others() {
+        use crate::rules::nft_wire::{NFPROTO_INET, RuleInfo};
+        let table = TableInfo {
+            flags: 0,
+            objects: 1,
+        };
+        let chain = ChainInfo {
+            family: NFPROTO_INET,
+            table: TABLE.into(),
+            name: CHAIN.into(),
+            hook: Some((HOOK_INPUT, PRIORITY)),
+            chain_type: "filter".into(),
+            policy: Some(NF_ACCEPT),
+        };
+        let rules: Vec<RuleInfo> = own_rules(1)
+            .into_iter()
+            .map(|exprs| RuleInfo {
+                table: TABLE.into(),
+                chain: CHAIN.into(),
+                exprs,
+            })
+            .collect();
+        let ours = |t: &TableInfo, c: &ChainInfo, r: &[RuleInfo]| classify(Some(t), Some(c), r, 1);
+        assert_eq!(classify(None, None, &[], 1), OwnTable::Absent);
+        assert_eq!(ours(&table, &chain, &rules), OwnTable::AsWritten);
+        assert_eq!(ours(&table, &chain, &rules[..2]), OwnTable::Partial);
+        let swapped = [rules[1].clone(), rules[0].clone(), rules[2].clone()];
+        assert_eq!(ours(&table, &chain, &swapped), OwnTable::Partial);
+        // lo with another interface index is another rule.
         assert!(matches!(
-            own_table(Some(&other_priority)),
+            classify(Some(&table), Some(&chain), &rules, 2),
             OwnTable::Other(_)
         ));
-        assert!(matches!(own_table(Some("not json")), OwnTable::Other(_)));
+        let mut foreign = rules.clone();
+        foreign[2].exprs[3] = Expr::Cmp {
+            sreg: 1,
+            op: 0,
+            data: vec![0; 16],
+        };
+        assert!(matches!(ours(&table, &chain, &foreign), OwnTable::Other(_)));
+        let doubled = [rules.clone(), rules.clone()].concat();
+        assert!(matches!(ours(&table, &chain, &doubled), OwnTable::Other(_)));
+        let dormant = TableInfo {
+            flags: 1,
+            ..table.clone()
+        };
+        assert!(matches!(ours(&dormant, &chain, &rules), OwnTable::Other(_)));
+        let with_a_set = TableInfo {
+            objects: 2,
+            ..table.clone()
+        };
+        assert!(matches!(
+            ours(&with_a_set, &chain, &rules),
+            OwnTable::Other(_)
+        ));
+        let other_priority = ChainInfo {
+            hook: Some((HOOK_INPUT, 0)),
+            ..chain.clone()
+        };
+        assert!(matches!(
+            ours(&table, &other_priority, &rules),
+            OwnTable::Other(_)
+        ));
+        let dropping = ChainInfo {
+            policy: Some(0),
+            ..chain.clone()
+        };
+        assert!(matches!(
+            ours(&table, &dropping, &rules),
+            OwnTable::Other(_)
+        ));
+        assert!(matches!(
+            classify(Some(&table), None, &[], 1),
+            OwnTable::Other(_)
+        ));
     }
 }
