@@ -5,7 +5,9 @@
 #[path = "support/chains.rs"]
 mod chains;
 
-use chains::{ACCEPT_IN, ACCEPT_OUT, Chains, DROP_SRC, apply_edit, foreign, is_baseline};
+use chains::{
+    ACCEPT_IN, ACCEPT_OUT, Chains, DROP_SRC, apply_edit, foreign, is_baseline, same_rule,
+};
 use loopguard::rules::{
     Chain, ChainListing, EditKind, Family, Ownership, Placement, Rule, RulePlan, Tables, evaluate,
     plan_cleanup, plan_enforce,
@@ -149,11 +151,60 @@ fn chain_of(which: usize) -> Chain {
 struct Node {
     tables: Tables,
     stored: Ownership,
-    /// Copies of each baseline rule that others put there, net of what others deleted.
+    /// Who put each physical rule there (true: loopguard), per chain (INPUT, OUTPUT), in order.
+    tags: [Vec<bool>; 2],
+    /// Copies of each baseline rule that others put there, net of the copies of theirs that
+    /// others deleted: a delete by spec removes the first copy, which by design is loopguard's.
     external: [i64; 3],
+    /// Copies of loopguard's that others deleted, and copies others added, since loopguard last
+    /// read the chains. Within that window a copy deleted and a copy added (in either order) are
+    /// indistinguishable from nothing happening to loopguard's copy (same rule, same count, no
+    /// identity in the kernel's table): the model then counts the added copy as loopguard's. That
+    /// is the limit of what any reader of the table can know; the watcher reads after every change.
+    unseen_losses: [usize; 3],
+    unseen_adds: [usize; 3],
 }
 
 impl Node {
+    fn tags(&mut self, chain: Chain) -> &mut Vec<bool> {
+        &mut self.tags[usize::from(chain == Chain::Output)]
+    }
+
+    /// Applies loopguard's plan to the tables and to the physical copies. loopguard's delete is
+    /// by spec: the first copy goes. Copies are interchangeable, so where that first copy was
+    /// someone else's and loopguard has a copy of its own below it, the two swap owners; where
+    /// loopguard has none, it removed someone else's rule, and the count check below fails.
+    fn apply(&mut self, plan: &RulePlan) {
+        for edit in &plan.edits {
+            let spec = edit.target.spec();
+            let chain = rules(&self.tables, edit.chain);
+            let tags = self.tags(edit.chain);
+            match edit.kind {
+                EditKind::Insert(n) => tags.insert(n - 1, true),
+                EditKind::Append => tags.push(true),
+                EditKind::Delete => {
+                    let at = chain
+                        .iter()
+                        .position(|r| same_rule("legacy", r, &spec))
+                        .expect("loopguard deletes a rule that is there");
+                    if !tags.remove(at) {
+                        if let Some(own) = (0..chain.len() - 1).find(|&i| {
+                            tags[i] && same_rule("legacy", &chain[i + usize::from(i >= at)], &spec)
+                        }) {
+                            tags[own] = false;
+                        }
+                    }
+                }
+            }
+            self.tables = apply(
+                &self.tables,
+                &RulePlan {
+                    edits: vec![edit.clone()],
+                },
+            );
+        }
+    }
+
     fn count(&self, which: usize) -> i64 {
         rules(&self.tables, chain_of(which))
             .iter()
@@ -170,10 +221,12 @@ impl Node {
     ) -> RulePlan {
         let mut own = self.stored.clone();
         own.reconcile(&self.tables, V6);
+        self.unseen_losses = [0; 3];
+        self.unseen_adds = [0; 3];
         let plan = plan_for(&self.tables, &own);
         if !plan.is_empty() {
             own.expect(&plan, &self.tables);
-            self.tables = apply(&self.tables, &plan);
+            self.apply(&plan);
             if !crash {
                 own.reconcile(&self.tables, V6);
             }
@@ -202,7 +255,18 @@ proptest! {
         steps in prop::collection::vec(step(), 1..16),
     ) {
         let tables = read(&c);
-        let mut node = Node { tables: tables.clone(), stored: Ownership::default(), external: [0; 3] };
+        let tags = [
+            vec![false; rules(&tables, Chain::Input).len()],
+            vec![false; rules(&tables, Chain::Output).len()],
+        ];
+        let mut node = Node {
+            tables: tables.clone(),
+            stored: Ownership::default(),
+            tags,
+            external: [0; 3],
+            unseen_losses: [0; 3],
+            unseen_adds: [0; 3],
+        };
         for which in 0..3 {
             node.external[which] = node.count(which);
         }
@@ -225,18 +289,30 @@ proptest! {
                 Step::Insert { chain, at, spec } => {
                     loopguard_ran = false;
                     let mut r = rules(&node.tables, *chain);
-                    r.insert(at % (r.len() + 1), chains::legacy_view(spec));
+                    let at = at % (r.len() + 1);
+                    r.insert(at, chains::legacy_view(spec));
                     node.tables.insert(Family::Ipv6, *chain, ChainListing { rules: r });
-                    if let Some(which) = (0..3).find(|&w| BASELINE[w] == spec && chain_of(w) == *chain) {
-                        node.external[which] += 1;
+                    match (0..3).find(|&w| BASELINE[w] == spec && chain_of(w) == *chain) {
+                        Some(which) if node.unseen_losses[which] > 0 => {
+                            node.unseen_losses[which] -= 1;
+                            node.tags(*chain).insert(at, true);
+                        }
+                        Some(which) => {
+                            node.external[which] += 1;
+                            node.unseen_adds[which] += 1;
+                            node.tags(*chain).insert(at, false);
+                        }
+                        None => node.tags(*chain).insert(at, false),
                     }
                 }
                 Step::DeleteForeign { chain, at } => {
                     loopguard_ran = false;
                     let mut r = rules(&node.tables, *chain);
                     if !r.is_empty() && !is_baseline(&r[at % r.len()]) {
-                        r.remove(at % r.len());
+                        let at = at % r.len();
+                        r.remove(at);
                         node.tables.insert(Family::Ipv6, *chain, ChainListing { rules: r });
+                        node.tags(*chain).remove(at);
                     }
                 }
                 Step::DeleteBaseline { which } => {
@@ -245,7 +321,26 @@ proptest! {
                     if let Some(at) = r.iter().position(|x| x == BASELINE[*which]) {
                         r.remove(at);
                         node.tables.insert(Family::Ipv6, chain_of(*which), ChainListing { rules: r });
-                        node.external[*which] -= 1;
+                        // `-D` takes the first copy: when that is loopguard's, every copy the
+                        // others put there is still there.
+                        if node.tags(chain_of(*which)).remove(at) {
+                            if node.unseen_adds[*which] > 0 {
+                                // A copy added since loopguard last read takes its place.
+                                node.unseen_adds[*which] -= 1;
+                                node.external[*which] -= 1;
+                                let r = rules(&node.tables, chain_of(*which));
+                                let tags = node.tags(chain_of(*which));
+                                if let Some(i) = (0..r.len()).find(|&i| !tags[i] && r[i] == BASELINE[*which]) {
+                                    tags[i] = true;
+                                }
+                            } else {
+                                node.unseen_losses[*which] += 1;
+                            }
+                        } else {
+                            node.external[*which] -= 1;
+                            node.unseen_adds[*which] =
+                                node.unseen_adds[*which].min(node.external[*which].max(0) as usize);
+                        }
                     }
                 }
             }
@@ -253,6 +348,9 @@ proptest! {
                 for (i, &ch) in Chain::ALL.iter().enumerate() {
                     prop_assert_eq!(&foreign(&rules(&node.tables, ch)), &foreign_before[i], "{:?} moved foreign rules", step);
                 }
+            }
+            for ch in Chain::ALL {
+                prop_assert_eq!(node.tags(ch).len(), rules(&node.tables, ch).len(), "the model lost track");
             }
             for (which, rule) in BASELINE.iter().enumerate() {
                 prop_assert!(
@@ -265,7 +363,11 @@ proptest! {
         node.pass(|t, own| plan_cleanup(t, own, &own.families()), false);
         prop_assert!(node.owned().is_empty(), "owned after cleanup: {:?}", node.owned());
         for which in 0..3 {
-            prop_assert!(node.count(which) >= node.external[which]);
+            prop_assert!(
+                node.count(which) >= node.external[which],
+                "after cleanup, {} copies of {} left, others put {} there: {:?}, loopguard's: {:?}",
+                node.count(which), BASELINE[which], node.external[which], node.tables, node.tags
+            );
         }
     }
 }
