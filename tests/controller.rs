@@ -785,3 +785,114 @@ async fn objects_this_version_cannot_read_are_reported_and_skipped() {
     );
     w.clean(&[&name]).await;
 }
+
+/// `loopguard report` fails (exit 1) when a node fails, names it, and shows it on the page: one
+/// node compliant, one in error, one without any report (missing, with `--expect-every-node`);
+/// then, with every node compliant, it passes (exit 0).
+#[tokio::test]
+async fn loopguard_report_exits_1_and_names_the_nodes_that_fail() {
+    let _serial = lock().await;
+    let Some(w) = World::new("report").await else {
+        return;
+    };
+    let nodes: Vec<String> = futures::future::join_all((0..3).map(|n| w.node(n, &[], None))).await;
+    let name = unique_name("report");
+    let p = w.policy(&name, json!({})).await;
+    let g = p.metadata.generation.unwrap();
+    w.report(&nodes[0], &name, g, Compliance::Compliant, 0)
+        .await;
+    w.report(&nodes[1], &name, g, Compliance::Error, 0).await;
+    let selector = format!("loopguard.dev/test={}", w.label);
+    let report = |extra: &[&str], format: &str| {
+        let out = std::process::Command::new(support::sim::BIN)
+            .args(["report", "--policy", &name, "--output", format])
+            .args(["--expect-every-node", "--node-selector", &selector])
+            .args(extra)
+            .env("KUBECONFIG", w.cluster.kubeconfig())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            !stdout.is_empty(),
+            "report printed nothing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), stdout)
+    };
+    let verdicts = |json: &serde_json::Value| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = json["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap().to_string(),
+                    n["verdict"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+
+    let (code, out) = report(&[], "json");
+    assert_eq!(
+        code,
+        Some(1),
+        "a node in error and one missing fail the report: {out}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        verdicts(&json),
+        vec![
+            (nodes[0].clone(), "Compliant".into()),
+            (nodes[1].clone(), "Error".into()),
+            (nodes[2].clone(), "Missing".into()),
+        ]
+    );
+    let summary = &json["summary"];
+    assert_eq!(
+        (
+            &summary["nodes"],
+            &summary["compliant"],
+            &summary["errored"],
+            &summary["missing"]
+        ),
+        (&json!(3), &json!(1), &json!(1), &json!(1)),
+        "{summary}"
+    );
+    let (code, _) = report(&["--fail-on", "uncovered"], "json");
+    assert_eq!(
+        code,
+        Some(1),
+        "the error and the missing node are uncovered"
+    );
+    let (code, page) = report(&[], "html");
+    assert_eq!(code, Some(1));
+    let shown = |id: &str| -> String {
+        let marker = format!("id=\"count-{id}\">");
+        let at = page
+            .find(&marker)
+            .unwrap_or_else(|| panic!("no {id} on the page"))
+            + marker.len();
+        page[at..].split('<').next().unwrap().to_string()
+    };
+    assert_eq!(
+        ["nodes", "compliant", "errored", "missing"].map(shown),
+        ["3", "1", "1", "1"].map(String::from)
+    );
+    for node in &nodes[1..] {
+        assert!(page.contains(node.as_str()), "the page names {node}");
+    }
+
+    // Every node compliant: the report passes, whatever it fails on.
+    w.report(&nodes[1], &name, g, Compliance::Compliant, 0)
+        .await;
+    w.report(&nodes[2], &name, g, Compliance::Compliant, 0)
+        .await;
+    let (code, out) = report(&[], "json");
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = report(&["--fail-on", "uncovered"], "table");
+    assert_eq!(code, Some(0), "{out}");
+    w.clean(&[&name]).await;
+}

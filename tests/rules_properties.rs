@@ -362,11 +362,11 @@ proptest! {
         }
         node.pass(|t, own| plan_cleanup(t, own, &own.families()), false);
         prop_assert!(node.owned().is_empty(), "owned after cleanup: {:?}", node.owned());
-        for which in 0..3 {
+        for (which, rule) in BASELINE.iter().enumerate() {
             prop_assert!(
                 node.count(which) >= node.external[which],
                 "after cleanup, {} copies of {} left, others put {} there: {:?}, loopguard's: {:?}",
-                node.count(which), BASELINE[which], node.external[which], node.tables, node.tags
+                node.count(which), rule, node.external[which], node.tables, node.tags
             );
         }
     }

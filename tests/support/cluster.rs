@@ -50,7 +50,7 @@ pub struct Cluster {
 /// should skip.
 pub fn shared() -> Option<&'static Cluster> {
     static SHARED: OnceLock<Option<Cluster>> = OnceLock::new();
-    SHARED
+    let cluster = SHARED
         .get_or_init(|| {
             if let Some(dir) = running_cluster_from_kubeconfig() {
                 return Some(Cluster {
@@ -62,18 +62,39 @@ pub fn shared() -> Option<&'static Cluster> {
             // The watchdog stops it when this test binary exits; nothing drops a static.
             start("shared", &[])
         })
-        .as_ref()
+        .as_ref();
+    if cluster.is_none() {
+        skipped("no control plane (why is printed above, once per test binary)");
+    }
+    cluster
+}
+
+/// One line per skipped test, naming it.
+pub fn skipped(why: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// A control plane of its own, for a test that disturbs it (restarts a component); stopped on drop.
 pub fn private(tag: &str) -> Option<Cluster> {
-    start(tag, &[])
+    let cluster = start(tag, &[]);
+    if cluster.is_none() {
+        skipped("no control plane");
+    }
+    cluster
 }
 
 /// A control plane of its own whose controller manager runs only `controllers` (its
 /// `--controllers` flag, e.g. `*,-node-lifecycle-controller` for Nodes that no kubelet heartbeats).
 pub fn private_with_controllers(tag: &str, controllers: &str) -> Option<Cluster> {
-    start(tag, &["--controllers", controllers])
+    let cluster = start(tag, &["--controllers", controllers]);
+    if cluster.is_none() {
+        skipped("no control plane");
+    }
+    cluster
 }
 
 /// `KUBECONFIG` is reused only when it is a hack/cluster.sh cluster that answers: tests create Nodes and
