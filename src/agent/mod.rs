@@ -118,6 +118,11 @@ struct WriterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabels {
+    trigger: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
     rule: &'static str,
     verdict: &'static str,
@@ -141,6 +146,7 @@ struct Metrics {
     repairs: Counter,
     /// Repairs by the process whose change they undid (`unknown` where the kernel does not say).
     repairs_by: MetricFamily<WriterLabels, Counter>,
+    repairs_on: MetricFamily<TriggerLabels, Counter>,
     repair_latency: Histogram,
     check_seconds: Histogram,
     apply_seconds: Histogram,
@@ -166,6 +172,7 @@ impl Metrics {
             not_converging: Gauge::default(),
             repairs: Counter::default(),
             repairs_by: MetricFamily::default(),
+            repairs_on: MetricFamily::default(),
             repair_latency: buckets(),
             check_seconds: buckets(),
             apply_seconds: buckets(),
@@ -214,6 +221,11 @@ impl Metrics {
             "repairs_by_writer",
             "Drift repairs by the process whose change they undid (changed_by: its command name as the kernel gives it for nftables transactions, cut to 15 characters; unknown elsewhere)",
             m.repairs_by.clone(),
+        );
+        r.register(
+            "repairs_by_trigger",
+            "Drift repairs by what brought the pass that made them (nft_event, legacy_probe, after_own_write, resync, retry): a working event path repairs before the resync",
+            m.repairs_on.clone(),
         );
         r.register(
             "repair_latency_seconds",
@@ -654,6 +666,12 @@ impl Agent {
                     self.metrics
                         .repairs_by
                         .get_or_create(&WriterLabels { changed_by: writer })
+                        .inc();
+                    self.metrics
+                        .repairs_on
+                        .get_or_create(&TriggerLabels {
+                            trigger: trigger.label(),
+                        })
                         .inc();
                     self.metrics.repair_latency.observe(latency.as_secs_f64());
                 }

@@ -554,7 +554,7 @@ impl Engine {
             let script = plan
                 .restore_script(family)
                 .expect("plan has edits for family");
-            if let Err(e) = self.xtables().restore(family, &script) {
+            if let Err(e) = super::watch::own_write(1, || self.xtables().restore(family, &script)) {
                 ownership.abandon(family);
                 return Err(e);
             }

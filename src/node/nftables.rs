@@ -113,13 +113,13 @@ pub fn own_table() -> Result<OwnTable> {
 
 /// Writes loopguard's table (one atomic transaction, replacing a drifted copy of it).
 pub fn create() -> Result<()> {
-    super::nft::create()
+    super::watch::own_write(1, super::nft::create)
         .map_err(|e| netlink_error(&format!("writing table inet {}", nft::TABLE), e))
 }
 
 /// Deletes loopguard's table, and nothing else.
 pub fn delete() -> Result<()> {
-    super::nft::delete()
+    super::watch::own_write(1, super::nft::delete)
         .map_err(|e| netlink_error(&format!("deleting table inet {}", nft::TABLE), e))
 }
 

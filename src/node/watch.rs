@@ -63,17 +63,23 @@ impl NftEvents {
         }
     }
 
-    /// Waits until at least one notification arrived, then drains what is queued. Returns whether
-    /// a transaction ended (`NFT_MSG_NEWGEN`, sent once per committed ruleset change), and the
-    /// process that committed the last one, as the kernel names it. A receive buffer overflow
-    /// (ENOBUFS) means events were lost: that counts as a finished change by nobody known.
-    pub async fn changed(&self) -> std::io::Result<(bool, Option<Writer>)> {
+    /// Waits until at least one notification arrived, then drains what is queued, and says what
+    /// it was: another program's transaction ended (`NFT_MSG_NEWGEN`, sent once per committed
+    /// ruleset change), with the process that committed the last one as the kernel names it; only
+    /// loopguard's own transactions ended (already verified by the read that follows each write:
+    /// nothing to look at); or messages of a transaction whose end is still to come. A receive
+    /// buffer overflow (ENOBUFS) means events were lost: a change by nobody known.
+    pub async fn changed(&self) -> std::io::Result<Change> {
         loop {
             let mut guard = self.fd.readable().await?;
             match self.drain() {
                 Ok(Drained { datagrams: 0, .. }) => guard.clear_ready(),
-                Ok(drained) => return Ok((drained.end_of_transaction, drained.writer)),
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok((true, None)),
+                Ok(drained) if drained.foreign => return Ok(Change::Foreign(drained.writer)),
+                Ok(drained) if drained.own => return Ok(Change::Own),
+                Ok(_) => return Ok(Change::Partial),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    return Ok(Change::Foreign(None));
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -95,9 +101,10 @@ impl NftEvents {
             };
             if n > 0 {
                 drained.datagrams += 1;
-                if let Some(newgen) = last_newgen(&buf[..n as usize]) {
-                    drained.end_of_transaction = true;
-                    drained.writer = newgen;
+                if let Some(ends) = transaction_ends(&buf[..n as usize]) {
+                    drained.own |= ends.own;
+                    drained.foreign |= ends.foreign;
+                    drained.writer = ends.writer.or(drained.writer);
                 }
                 continue;
             }
@@ -114,8 +121,23 @@ impl NftEvents {
 #[derive(Default)]
 struct Drained {
     datagrams: usize,
-    end_of_transaction: bool,
+    /// One of loopguard's own transactions ended.
+    own: bool,
+    /// Another program's transaction ended.
+    foreign: bool,
+    /// Who committed the last of those, when the kernel named it.
     writer: Option<Writer>,
+}
+
+/// What a batch of nftables notifications held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Another program's transaction ended; who committed the last one, when named.
+    Foreign(Option<Writer>),
+    /// Only loopguard's own transactions ended.
+    Own,
+    /// Messages of a transaction that has not ended yet.
+    Partial,
 }
 
 /// The process that committed an nftables transaction, from its `NFT_MSG_NEWGEN`
@@ -157,21 +179,68 @@ impl std::fmt::Debug for Writer {
 /// nftables transaction.
 const NFT_NEWGEN: u16 = (10 << 8) | 15;
 
-/// The last NEWGEN message of a netlink datagram, if it holds one (walking the `nlmsghdr`
-/// chain): `Some(writer)`, the writer when the kernel named one.
-fn last_newgen(mut buf: &[u8]) -> Option<Option<Writer>> {
+/// The ruleset generations of loopguard's own writes, so that its own transactions are never
+/// taken for drift nor named as the change a repair undid. Only a write that is the one
+/// transaction between the generation read before it and the one read after it is recorded:
+/// where another program committed in between, both count as another program's (a pass looks).
+/// The last 64 are kept.
+static OWN_GENERATIONS: std::sync::Mutex<std::collections::VecDeque<u32>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+/// Runs `write`, one of loopguard's own ruleset writes that commits `transactions` nftables
+/// transactions (a `*-restore`, a netlink batch: one), and records their generations.
+pub fn own_write<T>(transactions: u32, write: impl FnOnce() -> T) -> T {
+    let before = super::nft::generation().ok();
+    let result = write();
+    if let (Some(before), Ok(after)) = (before, super::nft::generation())
+        && after.wrapping_sub(before) == transactions
+    {
+        let mut own = OWN_GENERATIONS.lock().expect("own generations lock");
+        for generation in (1..=transactions).map(|n| before.wrapping_add(n)) {
+            if own.len() == 64 {
+                own.pop_front();
+            }
+            own.push_back(generation);
+        }
+    }
+    result
+}
+
+fn is_own_generation(generation: u32) -> bool {
+    OWN_GENERATIONS
+        .lock()
+        .expect("own generations lock")
+        .contains(&generation)
+}
+
+/// The transactions a datagram ends.
+#[derive(Debug, PartialEq, Eq)]
+struct Ends {
+    own: bool,
+    foreign: bool,
+    /// The writer of the last transaction not loopguard's own, when the kernel named it.
+    writer: Option<Writer>,
+}
+
+/// The NEWGEN messages of a netlink datagram (walking the `nlmsghdr` chain), if it holds any.
+fn transaction_ends(buf: &[u8]) -> Option<Ends> {
+    ends_by(buf, is_own_generation)
+}
+
+fn ends_by(mut buf: &[u8], own: impl Fn(u32) -> bool) -> Option<Ends> {
     const HEADER: usize = 16;
     // nlmsghdr, then the nfgenmsg (4 bytes), then the attributes.
     const ATTRS: usize = HEADER + 4;
+    const NFTA_GEN_ID: u16 = 1;
     const NFTA_GEN_PROC_PID: u16 = 2;
     const NFTA_GEN_PROC_NAME: u16 = 3;
-    let mut found = None;
+    let mut found: Option<Ends> = None;
     while buf.len() >= HEADER {
         let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
         let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
         let message = &buf[..len.min(buf.len())];
         if kind == NFT_NEWGEN {
-            let (mut pid, mut name) = (None, None);
+            let (mut generation, mut pid, mut name) = (None, None, None);
             let mut at = ATTRS;
             while at + 4 <= message.len() {
                 let attr_len = u16::from_ne_bytes([message[at], message[at + 1]]) as usize;
@@ -181,6 +250,10 @@ fn last_newgen(mut buf: &[u8]) -> Option<Option<Writer>> {
                 }
                 let value = &message[at + 4..at + attr_len];
                 match attr_type {
+                    NFTA_GEN_ID if value.len() >= 4 => {
+                        generation =
+                            Some(u32::from_be_bytes(value[..4].try_into().expect("4 bytes")));
+                    }
                     NFTA_GEN_PROC_PID if value.len() >= 4 => {
                         pid = Some(u32::from_be_bytes(value[..4].try_into().expect("4 bytes")));
                     }
@@ -192,10 +265,20 @@ fn last_newgen(mut buf: &[u8]) -> Option<Option<Writer>> {
                 }
                 at += (attr_len + 3) & !3;
             }
-            found = Some(match (pid, name) {
-                (Some(pid), Some(name)) => Some(Writer::new(pid, &name)),
-                _ => None,
+            let ends = found.get_or_insert(Ends {
+                own: false,
+                foreign: false,
+                writer: None,
             });
+            if generation.is_some_and(&own) {
+                ends.own = true;
+            } else {
+                ends.foreign = true;
+                ends.writer = match (pid, name) {
+                    (Some(pid), Some(name)) => Some(Writer::new(pid, &name)),
+                    _ => None,
+                };
+            }
         }
         let aligned = (len + 3) & !3;
         if len < HEADER || aligned > buf.len() {
@@ -234,6 +317,18 @@ impl Trigger {
             | Trigger::Resync { at }
             | Trigger::Retry { at }
             | Trigger::Undone { at } => at,
+        }
+    }
+
+    /// The trigger as a metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::Start { .. } => "start",
+            Trigger::Changed { .. } => "nft_event",
+            Trigger::Probed { .. } => "legacy_probe",
+            Trigger::Resync { .. } => "resync",
+            Trigger::Retry { .. } => "retry",
+            Trigger::Undone { .. } => "after_own_write",
         }
     }
 
@@ -446,9 +541,14 @@ impl DriftWatch {
                 tokio::select! {
                     _ = self.resync.tick() => return Trigger::Resync { at: Instant::now() },
                     _ = legacy.changed.notified() => return Trigger::Probed { at: Instant::now() },
-                    // Any nftables change (a flush, a deleted table): one check, no debounce.
+                    // Any nftables change (a flush, a deleted table): one check, no debounce;
+                    // loopguard's own transactions were checked by the read after the write.
                     result = nft => {
-                        let by = result.ok().and_then(|(_, by)| by);
+                        let by = match result {
+                            Ok(Change::Own) => continue,
+                            Ok(Change::Foreign(by)) => by,
+                            _ => None,
+                        };
                         return Trigger::Changed { at: Instant::now(), by };
                     }
                 }
@@ -460,8 +560,13 @@ impl DriftWatch {
             if let Some(at) = self.unfinished {
                 // Wait for the end of the transaction (its NEWGEN), briefly: one check per change.
                 match tokio::time::timeout(self.debounce, events.changed()).await {
-                    Ok(Ok((false, _))) => continue,
-                    Ok(Ok((true, by))) => self.unfinished_by = by.or(self.unfinished_by),
+                    Ok(Ok(Change::Partial)) => continue,
+                    Ok(Ok(Change::Own)) => {
+                        // The messages were loopguard's own transaction's.
+                        self.unfinished = None;
+                        continue;
+                    }
+                    Ok(Ok(Change::Foreign(by))) => self.unfinished_by = by.or(self.unfinished_by),
                     _ => {}
                 }
                 self.unfinished = None;
@@ -475,8 +580,9 @@ impl DriftWatch {
                 result = events.changed() => {
                     let at = Instant::now();
                     match result {
-                        Ok((true, by)) => return Trigger::Changed { at, by },
-                        Ok((false, _)) => {
+                        Ok(Change::Foreign(by)) => return Trigger::Changed { at, by },
+                        Ok(Change::Own) => {}
+                        Ok(Change::Partial) => {
                             self.unfinished = Some(at);
                             self.unfinished_by = None;
                         }
@@ -683,19 +789,27 @@ mod tests {
         m
     }
 
+    fn foreign(_: u32) -> bool {
+        false
+    }
+
     #[test]
     fn newgen_is_found_after_other_messages() {
         let newrule = (10 << 8) | 6;
         let mut datagram = message(newrule, 37);
-        assert_eq!(last_newgen(&datagram), None);
+        assert_eq!(ends_by(&datagram, foreign), None);
         datagram.extend(message(NFT_NEWGEN, 8));
         assert_eq!(
-            last_newgen(&datagram),
-            Some(None),
+            ends_by(&datagram, foreign),
+            Some(Ends {
+                own: false,
+                foreign: true,
+                writer: None
+            }),
             "a NEWGEN without a writer"
         );
         assert_eq!(
-            last_newgen(&datagram[..10]),
+            ends_by(&datagram[..10], foreign),
             None,
             "a truncated header is not a message"
         );
@@ -729,15 +843,51 @@ mod tests {
     fn the_writer_of_the_last_transaction_is_named() {
         let mut datagram = newgen(7, 4242, "iptables-nft-re");
         datagram.extend(newgen(8, 77, "nft"));
-        let writer = last_newgen(&datagram).unwrap().unwrap();
+        let writer = ends_by(&datagram, foreign).unwrap().writer.unwrap();
         assert_eq!(writer.to_string(), "nft (pid 77)");
-        let one = last_newgen(&newgen(9, 4242, "iptables-nft-re"))
+        let one = ends_by(&newgen(9, 4242, "iptables-nft-re"), foreign)
             .unwrap()
+            .writer
             .unwrap();
         assert_eq!(one.to_string(), "iptables-nft-re (pid 4242)");
         assert_eq!(
             Writer::new(1, "a-name-longer-than-fifteen").name(),
             "a-name-longer-t"
         );
+    }
+
+    #[test]
+    fn loopguards_own_transactions_are_neither_drift_nor_named() {
+        let ours = |generation: u32| generation == 8;
+        // A foreign delete, then loopguard's own restore in the same datagram: the delete's writer.
+        let mut datagram = newgen(7, 77, "ip6tables-nft");
+        datagram.extend(newgen(8, 4242, "ip6tables-nft-r"));
+        let ends = ends_by(&datagram, ours).unwrap();
+        assert!(ends.own && ends.foreign);
+        assert_eq!(ends.writer.unwrap().to_string(), "ip6tables-nft (pid 77)");
+        // Only loopguard's own: nothing to look at, nobody to name.
+        assert_eq!(
+            ends_by(&newgen(8, 4242, "ip6tables-nft-r"), ours),
+            Some(Ends {
+                own: true,
+                foreign: false,
+                writer: None
+            })
+        );
+    }
+
+    /// A write recorded as loopguard's only when it is the one transaction in between (the
+    /// namespace of the test has its own generation counter only where it is a new netns; here
+    /// the generations are read before and after a write that commits nothing).
+    #[test]
+    fn a_write_that_commits_nothing_records_nothing() {
+        let before = crate::node::nft::generation();
+        own_write(1, || ());
+        if let Ok(g) = before {
+            assert!(
+                !is_own_generation(g.wrapping_add(1)),
+                "no transaction, no record"
+            );
+        }
     }
 }
