@@ -136,7 +136,9 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         &cluster,
         NS,
         &[
-            "agent.resync=1",
+            // The chart's resync: every repair below must come from the event path (nft events,
+            // the legacy probe), which the repairs_by_trigger metric shows, not from a resync.
+            "agent.resync=10",
             "controller.leaseDuration=5",
             "controller.cleanupTimeout=60",
             "controller.agentGracePeriod=5",
@@ -213,11 +215,16 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     let table = cluster.kubectl_ok(&["get", "lbp,lbns"], None);
     println!("{table}");
 
-    // Drift: a rule deleted by hand is back within a second, counted, and an Event says so.
+    // Drift: a rule deleted by hand is back within a second, counted, and an Event says so; the
+    // repair came from the event path (the agent's repairs_by_trigger), the resync is 10 s away.
+    let nft_events = repairs_on(&n.nft, "nft_event");
     let took = delete_and_time_repair(&n.nft, "nft", Duration::from_secs(1));
     println!("nft node: deleted rule back after {took:?}");
+    repaired_on(&n.nft, "nft_event", nft_events + 1.0).await;
+    let probed = repairs_on(&n.legacy, "legacy_probe");
     let took = delete_and_time_repair(&n.legacy, "legacy", Duration::from_secs(3));
-    println!("legacy node (1 s polling): deleted rule back after {took:?}");
+    println!("legacy node (25 ms probe): deleted rule back after {took:?}");
+    repaired_on(&n.legacy, "legacy_probe", probed + 1.0).await;
     let repaired = wait_state(&client, &n.nft, "repair counted", |s| s.repairs == 1).await;
     assert!(repaired.last_repair_time.is_some());
     eventually("DriftRepaired event", Duration::from_secs(30), || async {
@@ -255,7 +262,17 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     })
     .await;
     assert_eq!(audit.reason, "AuditFindings");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The pass that found the gap has ended (its report is out); it wrote nothing.
+    assert!(
+        !chain(&n.nft, "nft", "INPUT").iter().any(|r| r == DROP_SRC),
+        "Audit never writes"
+    );
+    // Nor does the next one: wait for a verification after that report.
+    let found_at = audit.last_verified_time.clone();
+    wait_state(&client, &n.nft, "verified again in audit", |s| {
+        s.last_verified_time > found_at
+    })
+    .await;
     assert!(
         !chain(&n.nft, "nft", "INPUT").iter().any(|r| r == DROP_SRC),
         "Audit never writes"
@@ -308,7 +325,14 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     })
     .await;
     deploy::wait_agents_ready(&client, NS, &names).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every restarted agent whose rules are compared has been through a pass (verified after
+    // the old Pods were deleted) before they are.
+    for node in [&n.legacy, &n.nft, &n.seeded] {
+        wait_state(&client, node, "verified after the restart", |s| {
+            s.last_verified_time > restarted_at
+        })
+        .await;
+    }
     let after = rulesets();
     assert_eq!(before, after, "restarting the agents changed rules");
     // The repair history survived the restart (kept beside the state file).
@@ -526,8 +550,10 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     let repairs_before = state(&client, &n.nft).await.unwrap().repairs;
     cluster.stop_apiserver();
     let outage = Instant::now();
+    let nft_events = repairs_on(&n.nft, "nft_event");
     let took = delete_and_time_repair(&n.nft, "nft", Duration::from_secs(2));
     println!("during the API outage: rule back after {took:?}");
+    repaired_on(&n.nft, "nft_event", nft_events + 1.0).await;
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
     cluster.start_apiserver();
     let client = cluster.client().await;
@@ -678,6 +704,37 @@ fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The node's agent's repairs brought by `trigger` (`loopguard_agent_repairs_by_trigger_total`).
+fn repairs_on(node: &str, trigger: &str) -> f64 {
+    metric(
+        &node_http(node, "/metrics"),
+        &format!("loopguard_agent_repairs_by_trigger_total{{trigger=\"{trigger}\"}}"),
+    )
+}
+
+/// Waits (10 s at most: the metric follows the pass) until `node`'s agent counts `count` repairs
+/// brought by `trigger`, and none by the periodic re-check.
+async fn repaired_on(node: &str, trigger: &str, count: f64) {
+    let started = Instant::now();
+    while repairs_on(node, trigger) < count {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{node}: the repair was not brought by {trigger}: {}",
+            node_http(node, "/metrics")
+                .lines()
+                .filter(|l| l.starts_with("loopguard_agent_repairs_by_trigger"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        repairs_on(node, "resync"),
+        0.0,
+        "{node}: a repair at the resync"
+    );
 }
 
 /// `curl -si http://127.0.0.1:9742PATH` inside the node: status line and body.

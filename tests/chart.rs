@@ -499,6 +499,104 @@ fn only_ufw_enforce_gets_the_host_root_and_chroot() {
     );
 }
 
+/// The ServiceMonitor scrapes a named port of both components' metrics Services, whose target
+/// port is a named container port of the pods they select; the PodMonitor selects both
+/// components' pods and names one of their container ports.
+#[test]
+fn the_monitors_scrape_a_named_port_of_both_components() {
+    if !helm_ready() {
+        return;
+    }
+    let subset = |selector: &Value, labels: &Value| {
+        selector
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    };
+    let container_ports = |workload: &Value| -> Vec<String> {
+        workload["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["name"].as_str().map(String::from))
+            .collect()
+    };
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        let docs = documents(&template(
+            "lg",
+            "loopguard-system",
+            &[
+                "--set",
+                "serviceMonitor.enabled=true",
+                "--set",
+                &format!("serviceMonitor.kind={kind}"),
+            ],
+        ));
+        let monitor = docs
+            .iter()
+            .find(|d| d["kind"] == kind)
+            .expect("the monitor");
+        let selector = &monitor["spec"]["selector"]["matchLabels"];
+        let endpoints = if kind == "ServiceMonitor" {
+            &monitor["spec"]["endpoints"]
+        } else {
+            &monitor["spec"]["podMetricsEndpoints"]
+        };
+        let port = endpoints[0]["port"].as_str().expect("a named port");
+        let workloads: Vec<&Value> = docs
+            .iter()
+            .filter(|d| d["kind"] == "Deployment" || d["kind"] == "DaemonSet")
+            .collect();
+        assert_eq!(workloads.len(), 2, "controller and agent");
+        if kind == "ServiceMonitor" {
+            let services: Vec<&Value> = docs
+                .iter()
+                .filter(|d| d["kind"] == "Service" && subset(selector, &d["metadata"]["labels"]))
+                .collect();
+            assert_eq!(services.len(), 2, "both metrics Services: {selector}");
+            for service in services {
+                let service_port = service["spec"]["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|p| p["name"] == port)
+                    .unwrap_or_else(|| {
+                        panic!("{} has no port {port}", service["metadata"]["name"])
+                    });
+                let target = service_port["targetPort"]
+                    .as_str()
+                    .expect("a named target port");
+                let pods = workloads
+                    .iter()
+                    .find(|w| {
+                        subset(
+                            &service["spec"]["selector"],
+                            &w["spec"]["template"]["metadata"]["labels"],
+                        )
+                    })
+                    .expect("the Service selects a workload's pods");
+                assert!(
+                    container_ports(pods).contains(&target.to_string()),
+                    "{target}"
+                );
+            }
+        } else {
+            for workload in &workloads {
+                assert!(subset(
+                    selector,
+                    &workload["spec"]["template"]["metadata"]["labels"]
+                ));
+                assert!(
+                    container_ports(workload).contains(&port.to_string()),
+                    "{port}"
+                );
+            }
+        }
+    }
+}
+
 // --- helm ------------------------------------------------------------------------------------------------
 
 #[test]

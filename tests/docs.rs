@@ -50,3 +50,23 @@ fn every_bench_section_holds_a_measurement() {
         );
     }
 }
+
+/// The README's list of mutants is `hack/mutants.sh --list`: the script is the list.
+#[test]
+fn readme_mutants_are_the_scripts() {
+    let out = std::process::Command::new("bash")
+        .arg(Path::new(REPO).join("hack/mutants.sh"))
+        .arg("--list")
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        between("README.md", "mutants"),
+        String::from_utf8(out.stdout).unwrap(),
+        "README.md's mutants block differs from `hack/mutants.sh --list`: paste its output between the markers"
+    );
+}

@@ -310,7 +310,7 @@ fn held_xtables_lock_makes_enforce_wait_then_fail(backend: &'static str) {
             .args(["sleep", secs])
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(200));
+        wait_until_held(&lock);
         child
     };
 
@@ -644,7 +644,7 @@ fn state_from_elsewhere_is_refused_and_kept() {
         .args(["sleep", "5"])
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_held(&lock);
     let started = Instant::now();
     let out = node.loopguard("enforce", &["--wait", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -762,8 +762,8 @@ fn a_kill_right_after_the_restore_forgets_nothing(backend: &'static str) {
 }
 
 /// Another tool deletes the DROP every 50 ms for 10 s while `node watch` runs: loopguard never
-/// holds two DROPs, backs off (bounded restores), says NotConverging, and is compliant again
-/// once the fight stops.
+/// holds two DROPs, backs off (bounded restores, the hold doubling from 1 s), says NotConverging,
+/// and is compliant again once the fight stops.
 fn a_fight_ends_without_piling_up_rules(backend: &'static str) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let node = Node::new("fight", backend);
@@ -822,6 +822,24 @@ fn a_fight_ends_without_piling_up_rules(backend: &'static str) {
     assert!(
         log.contains("not converging") && log.contains("-s ::1/128 -j DROP inserted"),
         "the log names what kept changing:\n{log}"
+    );
+    // The hold doubles with every write that is undone again (1 s, 2 s, 4 s, ... up to 30 s).
+    let holds: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("not converging"))
+        .filter_map(|l| {
+            l.split("backoff_s=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    eprintln!("{backend}: holds {holds:?}");
+    assert!(
+        holds.len() >= 3 && holds[..3] == [1.0, 2.0, 4.0],
+        "the back-off doubles: {holds:?}\n{log}"
     );
 }
 
@@ -1289,4 +1307,28 @@ fn legacy_watch_finds_a_lockless_same_size_change_at_the_resync() {
             .any(|l| l.contains("repaired drift") && l.contains("after the periodic re-check")),
         "found by the resync: {log}"
     );
+}
+
+/// Waits (5 s at most) until another process holds the lock on `path`: `flock -n` then fails.
+fn wait_until_held(path: &std::path::Path) {
+    let started = Instant::now();
+    loop {
+        let free = Command::new("flock")
+            .args(["-n", "-E", "99"])
+            .arg(path)
+            .arg("true")
+            .status()
+            .expect("flock");
+        match free.code() {
+            Some(99) => return,
+            Some(0) => {}
+            other => panic!("flock -n {}: {other:?}", path.display()),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "nobody took {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

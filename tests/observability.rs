@@ -66,3 +66,23 @@ fn alert_queries_are_the_expressions_without_their_threshold() {
     let queries = prometheus::queries();
     assert!(queries.len() >= 20, "{}", queries.len());
 }
+
+#[test]
+fn metric_selectors_are_found_in_queries() {
+    assert_eq!(
+        prometheus::metric_selectors(
+            "(max(loopguard_controller_leader) or vector(0)) + sum(rate(loopguard_agent_errors_total{kind=\"x\"}[5m]))"
+        ),
+        [
+            "loopguard_controller_leader",
+            "loopguard_agent_errors_total{kind=\"x\"}"
+        ]
+    );
+    let queries = prometheus::queries();
+    assert!(
+        queries
+            .iter()
+            .any(|(_, q)| q == "loopguard_controller_leader"),
+        "every alert's selector is a query of its own: {queries:?}"
+    );
+}

@@ -79,7 +79,37 @@ pub fn queries() -> Vec<(String, String)> {
             ));
         }
     }
+    // Each metric selector on its own as well: `or vector(0)` and the like answer a query whose
+    // metric was renamed away.
+    let mut selectors: Vec<(String, String)> = Vec::new();
+    for (from, expr) in &all {
+        for selector in metric_selectors(expr) {
+            if !selectors.iter().any(|(_, s)| *s == selector) {
+                selectors.push((format!("the selector of {from}"), selector));
+            }
+        }
+    }
+    all.extend(selectors);
     all
+}
+
+/// The metric selectors of a PromQL expression: `loopguard_...` with its `{...}` label matchers.
+pub fn metric_selectors(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("loopguard_") {
+        let tail = &rest[at..];
+        let name_len = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let mut end = name_len;
+        if tail[name_len..].starts_with('{') {
+            end = name_len + tail[name_len..].find('}').expect("a closed label matcher") + 1;
+        }
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
 }
 
 /// `(query) <op> <threshold>` → `query`: what must return series on a live cluster even when
