@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -255,5 +255,64 @@ impl CpuMeter {
     pub fn stop(self) -> Vec<Duration> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.join().expect("cpu meter")
+    }
+}
+
+/// CPU time of a process and every child it starts, from a cgroup of its own (v2 `cpu.stat`, or
+/// v1 `cpuacct.usage`): children (the `ip6tables-nft` of a resync) are counted, which a sum over
+/// the process's own threads would leave out. Removed on drop.
+pub struct CgroupCpu {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl CgroupCpu {
+    /// Moves `pid` (and so whatever it starts from now on) into a new cgroup.
+    pub fn adopt(pid: u32, name: &str) -> CgroupCpu {
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let root = if v2 {
+            "/sys/fs/cgroup"
+        } else {
+            "/sys/fs/cgroup/cpuacct"
+        };
+        let dir = Path::new(root).join(format!("loopguard-bench-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", dir.display()));
+        CgroupCpu { dir, v2 }
+    }
+
+    /// CPU time used by the cgroup so far.
+    pub fn used(&self) -> Duration {
+        if self.v2 {
+            let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).expect("cpu.stat");
+            let usec: u64 = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("usage_usec");
+            Duration::from_micros(usec)
+        } else {
+            let ns: u64 = std::fs::read_to_string(self.dir.join("cpuacct.usage"))
+                .expect("cpuacct.usage")
+                .trim()
+                .parse()
+                .expect("a number");
+            Duration::from_nanos(ns)
+        }
+    }
+}
+
+impl Drop for CgroupCpu {
+    fn drop(&mut self) {
+        // Its processes have exited by now (or are moved back to the root to let it go).
+        let root = self.dir.parent().unwrap().join("cgroup.procs");
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(&root, pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
