@@ -36,10 +36,10 @@ mutant cleanup "cleanup removes only the copies loopguard owns" \
     'let copies = ownership.owned(rule).min(tables.count(rule));' \
     'let copies = tables.count(rule);' \
     '--test rules_properties' ci
-mutant delete-by-entry "a delete takes the rule's own entry, never a look-alike that prints the same" \
-    src/node/legacy.rs \
-    'let Some(position) = current.position_of(edit.chain, &bytes) else {' \
-    'let Some(position) = chain_lines.iter().position(|l| *l == spec) else {' \
+mutant lookalike-entry "the entry loopguard inserts is the one ip6tables-legacy writes, not a look-alike (-p all)" \
+    src/rules/blob.rs \
+    'interface(addresses.iniface, addresses.iniface_mask);' \
+    'interface(addresses.iniface, addresses.iniface_mask); if rule.family == Family::Ipv6 { e[131] = 1; }' \
     '--test legacy_kernel' ci
 mutant back-off "a fight backs off, doubling from 1 s to 30 s" \
     src/node/converge.rs \
@@ -104,7 +104,7 @@ mutant admission "an agent may write only its own node's LoopbackNodeState" \
 mutant uninstall-hooks "the uninstall hooks delete only while Helm uninstalls the release" \
     src/uninstall.rs \
     'Some(status) if status == "uninstalling" => {}' \
-    'Some(_) if true => {}' \
+    '_ if true => {}' \
     '--test chart the_chart_runs_on_hollow_nodes' hand
 mutant monitors "the ServiceMonitor/PodMonitor scrape a named port of both components" \
     charts/loopguard/templates/servicemonitor.yaml \
@@ -133,8 +133,10 @@ case "${1:-}" in
        done ;;
 esac
 
+# A fresh copy of the checkout (modification times kept, so cargo rebuilds only what differs).
+rm -rf "$tree"
 mkdir -p "$tree"
-rsync -a --delete --exclude .git --exclude target "$repo"/ "$tree"/
+tar -C "$repo" --exclude=./.git --exclude=./target -cf - . | tar -C "$tree" -xf -
 
 # Replaces FROM by TO in FILE; FROM must occur exactly once (else the mutant no longer applies).
 apply() {

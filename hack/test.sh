@@ -83,6 +83,11 @@ echo "image step: $((SECONDS - started))s" >&2
 log "tests"
 LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
 
+log "mutants: the CI subset of hack/mutants.sh (each defect must turn its tests red)"
+started=$SECONDS
+hack/mutants.sh --ci
+echo "mutants step: $((SECONDS - started))s" >&2
+
 log "benchmarks, quick mode (they still work; BENCHMARKS.md is left as it is)"
 started=$SECONDS
 LOOPGUARD_REQUIRE_CLUSTER=1 cargo bench --locked --bench node_engine -- --quick

@@ -474,7 +474,10 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     );
     // A heartbeat goes out with the first verification at least 10 s after the last one written:
     // every 10 to 15 s with a 5 s resync.
-    let (fewest, most) = (window.as_secs_f64() / 15.0 - 1.0, window.as_secs_f64() / 10.0 + 1.0);
+    let (fewest, most) = (
+        window.as_secs_f64() / 15.0 - 1.0,
+        window.as_secs_f64() / 10.0 + 1.0,
+    );
     assert!(
         (fewest..=most).contains(&per_node),
         "{per_node} writes per node in 40 s: only heartbeats expected ({fewest:.1} to {most:.1})"

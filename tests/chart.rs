@@ -1148,6 +1148,21 @@ async fn the_chart_runs_on_hollow_nodes() {
             (job.status?.succeeded? == 1).then_some(())
         })
         .await;
+        // And said why it deleted nothing (its Pod's log, as the hollow kubelet keeps it).
+        let prefix = format!("{namespace}_{name}-");
+        let said: Vec<String> = std::fs::read_dir(&logs)
+            .expect("the hollow nodes' logs")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect();
+        assert!(
+            !said.is_empty()
+                && said
+                    .iter()
+                    .all(|log| log.contains("Helm is not uninstalling this release")),
+            "the {step} hook ran outside helm uninstall and must delete nothing: {said:?}"
+        );
     }
     let policy = policies
         .get(&policy_name)
