@@ -27,17 +27,17 @@ mutant() {
 }
 
 mutant ownership "a copy that disappears is taken from loopguard's count first" \
-    src/rules/ownership.rs \
+    src/rules/ip6tables/ownership.rs \
     'entry.owned = entry.owned.saturating_sub(entry.observed - now);' \
     'entry.owned = entry.owned.min(now);' \
     '--test rules_properties' ci
 mutant cleanup "cleanup removes only the copies loopguard owns" \
-    src/rules/plan.rs \
+    src/rules/ip6tables/plan.rs \
     'let copies = ownership.owned(rule).min(tables.count(rule));' \
     'let copies = tables.count(rule);' \
     '--test rules_properties' ci
 mutant lookalike-entry "the entry loopguard inserts is the one ip6tables-legacy writes, not a look-alike (-p all)" \
-    src/rules/blob.rs \
+    src/rules/ip6tables/blob.rs \
     'interface(addresses.iniface, addresses.iniface_mask);' \
     'interface(addresses.iniface, addresses.iniface_mask); if rule.family == Family::Ipv6 { e[131] = 1; }' \
     '--test legacy_kernel' ci
@@ -67,7 +67,7 @@ mutant healthz "/healthz fails once the loop stops going round" \
     '(silent > limit && limit.is_zero()).then(|| {' \
     '--lib metrics' ci
 mutant nft-dormant "a dormant table named loopguard is not loopguard's" \
-    src/rules/nft.rs \
+    src/rules/nft/mod.rs \
     'if table.flags != 0 {' \
     'if table.flags > 1 {' \
     '--lib rules::nft' ci
@@ -82,10 +82,15 @@ mutant legacy-probe "on the legacy backend the 25 ms probe sees a change the loc
     'if used {' \
     '--test node_engine legacy_watch_repairs_a_change_right_after_its_own_write' hand
 mutant nft-bytes "loopguard's nftables table is the one nft -f writes for its rules" \
-    src/rules/nft_wire.rs \
+    src/rules/nft/wire.rs \
     'saddr(12, vec![127]).to_vec(),' \
     'saddr(12, vec![126]).to_vec(),' \
     '--test nft_differential netlink_and_nft_write_the_same_table' hand
+mutant nft-generation "a write to loopguard's nftables table never takes a change made after loopguard read it" \
+    src/rules/nft/wire.rs \
+    'bytes.u32(NFNL_BATCH_GENID, generation);' \
+    'let _ = generation;' \
+    '--test nft_differential a_change_between_reading_and_writing_the_table_fails_the_write' ci
 mutant report-exit "loopguard report exits 1 when a node fails" \
     src/report.rs \
     'Ok(ExitCode::from(if failing == 0 { 0 } else { 1 }))' \

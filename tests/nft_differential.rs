@@ -454,9 +454,20 @@ fn netlink_and_nft_write_the_same_table() {
         .join("\n")
     };
     assert_eq!(debug(&ours), debug(&by_nft));
+    // The handles are the kernel's numbering (`nft -f` of the script adds and deletes the table
+    // before writing it, so its table has handle 2): everything else is the same.
+    let without_handles = |json: String| {
+        let mut doc: Value = serde_json::from_str(&json).unwrap();
+        for item in doc["nftables"].as_array_mut().unwrap() {
+            for object in item.as_object_mut().unwrap().values_mut() {
+                object.as_object_mut().unwrap().remove("handle");
+            }
+        }
+        doc.to_string()
+    };
     assert_eq!(
-        table_json(&ours, "inet", "loopguard"),
-        table_json(&by_nft, "inet", "loopguard")
+        without_handles(table_json(&ours, "inet", "loopguard")),
+        without_handles(table_json(&by_nft, "inet", "loopguard"))
     );
 
     // Replace loopguard's table with the one nft writes: still loopguard's (nothing to write),
@@ -473,4 +484,108 @@ fn netlink_and_nft_write_the_same_table() {
     let (code, report) = loopguard(&ours, dir.path(), "cleanup", &[]);
     assert_eq!(code, 0, "{report}");
     assert_eq!(tables(&ours), Vec::<(String, String)>::new(), "{report}");
+}
+
+/// Runs `f` in a thread that entered `ns` (loopguard's netlink calls act on the thread's
+/// namespace).
+fn in_netns<T: Send + 'static>(ns: &TestNetns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let name = ns.name.clone();
+    std::thread::spawn(move || {
+        loopguard::node::netns::enter(&name).expect("enter the namespace");
+        f()
+    })
+    .join()
+    .expect("netlink thread")
+}
+
+/// loopguard's write is bound to the ruleset generation it read its table in. A rule someone
+/// adds to loopguard's drifted table between that read and the write fails the write: nothing is
+/// written, the foreign rule stays (a repair that flushed the chain would have taken it), and the
+/// next read names the table as not loopguard's. Read again once the foreign rule is gone, the
+/// write goes through.
+#[test]
+fn a_change_between_reading_and_writing_the_table_fails_the_write() {
+    use loopguard::node::nftables::{self, Written};
+    use loopguard::rules::nft::OwnTable;
+
+    let ns = TestNetns::new("nftstale");
+    let dir = tempfile::tempdir().unwrap();
+    let (code, report) = loopguard(&ns, dir.path(), "enforce", &["--nftables", "enforce"]);
+    assert_eq!(code, 0, "{report}");
+    let as_written = ns.run(&["nft", "list", "table", "inet", "loopguard"]);
+    let handle_of = |listing: &str, text: &str| {
+        let line = listing
+            .lines()
+            .find(|l| l.contains(text))
+            .unwrap_or_else(|| panic!("no rule `{text}` in {listing}"));
+        line.rsplit("# handle ").next().unwrap().trim().to_string()
+    };
+    let with_handles =
+        |ns: &TestNetns| ns.run(&["nft", "-a", "list", "table", "inet", "loopguard"]);
+    let drop6 = handle_of(&with_handles(&ns), "ip6 saddr ::1 drop");
+    ns.run(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "loopguard",
+        "input",
+        "handle",
+        &drop6,
+    ]);
+
+    let (table, generation) = in_netns(&ns, || nftables::own_table_at().unwrap());
+    assert_eq!(table, OwnTable::Partial);
+    // Someone else's rule, added after loopguard read its table.
+    ns.run(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "loopguard",
+        "input",
+        "tcp",
+        "dport",
+        "22",
+        "accept",
+    ]);
+    let foreign = ns.run(&["nft", "list", "table", "inet", "loopguard"]);
+    assert!(foreign.contains("tcp dport 22 accept"), "{foreign}");
+
+    let written = in_netns(&ns, move || nftables::create(generation).unwrap());
+    assert_eq!(written, Written::Stale);
+    assert_eq!(
+        ns.run(&["nft", "list", "table", "inet", "loopguard"]),
+        foreign,
+        "a stale write changes nothing"
+    );
+    let deleted = in_netns(&ns, move || nftables::delete(generation).unwrap());
+    assert_eq!(deleted, Written::Stale, "a stale delete deletes nothing");
+    assert_eq!(
+        ns.run(&["nft", "list", "table", "inet", "loopguard"]),
+        foreign
+    );
+    let (table, _) = in_netns(&ns, || nftables::own_table_at().unwrap());
+    assert!(matches!(table, OwnTable::Other(_)), "{table:?}");
+
+    // The foreign rule gone, the table read again is loopguard's, and the write goes through.
+    let tcp = handle_of(&with_handles(&ns), "tcp dport 22 accept");
+    ns.run(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "loopguard",
+        "input",
+        "handle",
+        &tcp,
+    ]);
+    let (table, generation) = in_netns(&ns, || nftables::own_table_at().unwrap());
+    assert_eq!(table, OwnTable::Partial);
+    let written = in_netns(&ns, move || nftables::create(generation).unwrap());
+    assert_eq!(written, Written::Done);
+    assert_eq!(
+        ns.run(&["nft", "list", "table", "inet", "loopguard"]),
+        as_written
+    );
 }

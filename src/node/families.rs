@@ -141,6 +141,10 @@ fn nftables_pass(
 
 type Checked = (Verdict, &'static str, String, bool);
 
+/// How many times a write bound to the generation loopguard read its table in is tried again, the
+/// ruleset having changed in between (each try reads the table again).
+const STALE_TRIES: usize = 5;
+
 fn check_or_enforce(
     facts: &NodeFacts,
     mode: FamilyMode,
@@ -148,9 +152,34 @@ fn check_or_enforce(
     action: Action,
     outcome: &mut FamilyOutcome,
 ) -> Result<Checked> {
+    for _ in 0..STALE_TRIES {
+        if let Some(checked) = check_or_enforce_once(facts, mode, state, action, outcome)? {
+            return Ok(checked);
+        }
+    }
+    Err(stale_error("writing"))
+}
+
+fn stale_error(what: &str) -> crate::Error {
+    crate::Error::io(
+        format!("{what} table inet {}", nft::TABLE),
+        std::io::Error::other(format!(
+            "the nftables ruleset changed between loopguard reading its table and writing it, {STALE_TRIES} times in a row; nothing was written, the next pass tries again"
+        )),
+    )
+}
+
+/// One try; `None` when the write found the ruleset changed since the table was read.
+fn check_or_enforce_once(
+    facts: &NodeFacts,
+    mode: FamilyMode,
+    state: &StateFile,
+    action: Action,
+    outcome: &mut FamilyOutcome,
+) -> Result<Option<Checked>> {
     let ipv6 = facts.ipv6_enabled;
     let recorded = state.load()?.and_then(|s| s.nft_table);
-    let table = nftables::own_table()?;
+    let (table, generation) = nftables::own_table_at()?;
     let owned = recorded.is_some() && table != OwnTable::Absent;
     let may_replace = match &table {
         OwnTable::Absent => true,
@@ -168,14 +197,14 @@ fn check_or_enforce(
         if action == Action::Enforce && recorded == Some(NftTable::Pending) {
             store(facts, state, owned.then_some(NftTable::Owned))?;
         }
-        return Ok(passing(owned));
+        return Ok(Some(passing(owned)));
     }
     if !may_replace {
         let why = match &table {
             OwnTable::Other(why) => why.clone(),
             _ => "loopguard's state file does not record creating it".into(),
         };
-        return Ok((
+        return Ok(Some((
             Verdict::Fail,
             reason::FOREIGN_TABLE,
             format!(
@@ -185,20 +214,20 @@ fn check_or_enforce(
                 nft::TABLE
             ),
             false,
-        ));
+        )));
     }
     let missing = format!(
         "nft list ruleset has no input-hook chain holding `iif \"lo\" accept`, `ip saddr`{}",
         if ipv6 { " and `ip6 saddr`" } else { "" }
     );
     if mode != FamilyMode::Enforce || action == Action::Check {
-        return Ok((Verdict::Fail, reason::NOT_IN_PLACE, missing, owned));
+        return Ok(Some((Verdict::Fail, reason::NOT_IN_PLACE, missing, owned)));
     }
     outcome
         .changes
         .push(format!("create table inet {}", nft::TABLE));
     if action == Action::Plan {
-        return Ok((Verdict::Fail, reason::NOT_IN_PLACE, missing, owned));
+        return Ok(Some((Verdict::Fail, reason::NOT_IN_PLACE, missing, owned)));
     }
     // Recorded before it is written, so that a crash in between leaves no table loopguard forgets;
     // a table already recorded as loopguard's needs no new record to be put back.
@@ -206,11 +235,13 @@ fn check_or_enforce(
     if record_first {
         store(facts, state, Some(NftTable::Pending))?;
     }
-    if let Err(e) = nftables::create() {
+    let written = nftables::create(generation);
+    if !matches!(written, Ok(nftables::Written::Done)) {
         if record_first {
             store(facts, state, recorded)?;
         }
-        return Err(e);
+        written?;
+        return Ok(None);
     }
     outcome.applied_at = Some(std::time::Instant::now());
     if record_first {
@@ -218,14 +249,14 @@ fn check_or_enforce(
     }
     if nftables::own_table()? == OwnTable::AsWritten || nft::cac_passes(&nftables::ruleset()?, ipv6)
     {
-        Ok(passing(true))
+        Ok(Some(passing(true)))
     } else {
-        Ok((
+        Ok(Some((
             Verdict::Fail,
             reason::NOT_IN_PLACE,
             format!("{missing}, even after loopguard wrote its table"),
             true,
-        ))
+        )))
     }
 }
 
@@ -247,26 +278,45 @@ fn cleanup_table(
     let Some(_) = state.load()?.and_then(|s| s.nft_table) else {
         return Ok("loopguard has no nftables table here".into());
     };
-    match nftables::own_table()? {
+    for _ in 0..STALE_TRIES {
+        let (table, generation) = nftables::own_table_at()?;
+        if let Some(done) = cleanup_once(facts, state, outcome, table, generation)? {
+            return Ok(done);
+        }
+    }
+    Err(stale_error("deleting"))
+}
+
+fn cleanup_once(
+    facts: &NodeFacts,
+    state: &StateFile,
+    outcome: &mut FamilyOutcome,
+    table: OwnTable,
+    generation: u32,
+) -> Result<Option<String>> {
+    let done = match table {
         OwnTable::Absent => {
             store(facts, state, None)?;
-            Ok("loopguard's nftables table was already gone".into())
+            "loopguard's nftables table was already gone".into()
         }
         OwnTable::AsWritten | OwnTable::Partial => {
-            nftables::delete()?;
+            if nftables::delete(generation)? == nftables::Written::Stale {
+                return Ok(None);
+            }
             outcome.applied_at = Some(std::time::Instant::now());
             outcome
                 .changes
                 .push(format!("delete table inet {}", nft::TABLE));
             store(facts, state, None)?;
-            Ok(format!("deleted table inet {}", nft::TABLE))
+            format!("deleted table inet {}", nft::TABLE)
         }
-        OwnTable::Other(why) => Ok(format!(
+        OwnTable::Other(why) => format!(
             "table inet {} now holds more than loopguard wrote ({why}): not deleted; delete it yourself with `nft delete table inet {}`",
             nft::TABLE,
             nft::TABLE
-        )),
-    }
+        ),
+    };
+    Ok(Some(done))
 }
 
 /// Records what loopguard owns of nftables, keeping the rest of the state file.

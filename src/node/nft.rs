@@ -1,14 +1,14 @@
 //! nf_tables over netlink, the effects: the ruleset generation (a number the kernel bumps on every
 //! committed ruleset change, so "did anything change in nftables?" costs one round trip), reading
 //! loopguard's own table and the input-hook chains, and writing or deleting loopguard's table in one
-//! transaction. The messages themselves are built and decoded in `rules::nft_wire`.
+//! transaction. The messages themselves are built and decoded in `rules::nft::wire`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::rules::nft::wire::{self as wire, Batch, ChainInfo, NLMSG_DONE, RuleInfo, TableInfo};
 use crate::rules::nft::{self, OwnTable};
-use crate::rules::nft_wire::{self as wire, Batch, ChainInfo, NLMSG_DONE, RuleInfo, TableInfo};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWGEN: u16 = 15;
@@ -143,6 +143,12 @@ impl Socket {
             let datagram = self.recv()?;
             for m in wire::messages(datagram) {
                 let Some(errno) = m.error() else { continue };
+                // The batch as a whole refused (ERESTART: the ruleset is no longer at the
+                // generation the batch names) is answered on the batch-begin message.
+                if m.seq == first_seq && errno != 0 {
+                    failed = Some(errno);
+                    break;
+                }
                 if m.seq <= first_seq || m.seq > first_seq + batch.acks as u32 {
                     continue;
                 }
@@ -163,6 +169,29 @@ impl Socket {
     }
 }
 
+thread_local! {
+    /// One socket per thread, kept open: closing a netlink socket that talked to nf_tables makes
+    /// the kernel wait for its pending ruleset clean-up (an RCU grace period, 5-20 ms), which a
+    /// socket per request would pay on every repair. A thread stays in one network namespace.
+    static SOCKET: std::cell::RefCell<Option<Socket>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` on this thread's socket (opened on first use); a socket that failed is replaced next
+/// time.
+fn with_socket<T>(f: impl FnOnce(&mut Socket) -> io::Result<T>) -> io::Result<T> {
+    SOCKET.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Socket::open()?);
+        }
+        let result = f(slot.as_mut().expect("opened"));
+        if result.is_err() {
+            *slot = None;
+        }
+        result
+    })
+}
+
 /// The interface index of `lo` in this network namespace (1 wherever the kernel made it).
 fn lo_index() -> u32 {
     // SAFETY: a NUL-terminated constant string.
@@ -175,12 +204,16 @@ fn lo_index() -> u32 {
 /// What the table named like loopguard's is now: the table, its chain and the chain's rules, read
 /// in one ruleset generation (a change in between reads them again).
 pub fn own_table() -> io::Result<OwnTable> {
-    let mut socket = Socket::open()?;
+    own_table_at().map(|(table, _)| table)
+}
+
+/// [`own_table`], with the ruleset generation it was read in (what [`create`] is bound to).
+pub fn own_table_at() -> io::Result<(OwnTable, u32)> {
     for _ in 0..5 {
         let before = generation()?;
-        let seen = read_own(&mut socket)?;
+        let seen = with_socket(read_own)?;
         if generation()? == before {
-            return Ok(seen);
+            return Ok((seen, before));
         }
     }
     Err(io::Error::other(
@@ -245,82 +278,65 @@ fn read_own(socket: &mut Socket) -> io::Result<OwnTable> {
 /// Every base chain on an input hook, in every family (what `nft list ruleset` prints with
 /// `hook input`).
 pub fn input_hook_chains() -> io::Result<Vec<ChainInfo>> {
-    let mut socket = Socket::open()?;
     let mut chains = Vec::new();
     let seq = next_seq(1);
-    socket.dump(
-        &wire::dump_chains(seq, wire::NFPROTO_UNSPEC),
-        seq,
-        |family, kind, body| {
-            if kind == wire::NFT_MSG_NEWCHAIN {
-                let chain = wire::parse_chain(family, body);
-                if chain.hooks_input() {
-                    chains.push(chain);
+    with_socket(|socket| {
+        socket.dump(
+            &wire::dump_chains(seq, wire::NFPROTO_UNSPEC),
+            seq,
+            |family, kind, body| {
+                if kind == wire::NFT_MSG_NEWCHAIN {
+                    let chain = wire::parse_chain(family, body);
+                    if chain.hooks_input() {
+                        chains.push(chain);
+                    }
                 }
-            }
-        },
-    )?;
+            },
+        )
+    })?;
     Ok(chains)
 }
 
-/// Writes loopguard's table in one transaction, replacing any copy of it.
-pub fn create() -> io::Result<()> {
-    // Batch begin, seven messages, batch end.
-    let seq = next_seq(9);
-    Socket::open()?.transact(&wire::create_batch(seq, lo_index()), seq)
+/// Puts loopguard's table as written in one transaction, if the ruleset is still at `generation`
+/// (read by [`own_table_at`] with the table absent or loopguard's own, drifted). Any change since
+/// fails it with [`is_stale`] and writes nothing: read the table again.
+pub fn create(generation: u32) -> io::Result<()> {
+    // Batch begin, six messages, batch end.
+    let seq = next_seq(8);
+    with_socket(|socket| socket.transact(&wire::create_batch(seq, generation, lo_index()), seq))
 }
 
-/// Deletes loopguard's table, and nothing else, in one transaction.
-pub fn delete() -> io::Result<()> {
+/// Whether a [`create`] failed because the ruleset changed after loopguard read its table.
+pub fn is_stale(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ERESTART)
+}
+
+/// Deletes loopguard's table, and nothing else, in one transaction, if the ruleset is still at
+/// `generation` (else [`is_stale`]).
+pub fn delete(generation: u32) -> io::Result<()> {
     let seq = next_seq(3);
-    Socket::open()?.transact(&wire::delete_batch(seq), seq)
+    with_socket(|socket| socket.transact(&wire::delete_batch(seq, generation), seq))
 }
 
 /// The current ruleset generation of this network namespace.
 pub fn generation() -> io::Result<u32> {
-    // SAFETY: socket, bind-less send and recv on a descriptor we create and own, with buffers we
-    // own and their lengths.
-    let fd = unsafe {
-        let raw = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        );
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        OwnedFd::from_raw_fd(raw)
-    };
     // nlmsghdr (16 bytes) + nfgenmsg (family AF_UNSPEC, version 0, res_id 0).
+    let seq = next_seq(1);
     let mut request = [0u8; 20];
     request[0..4].copy_from_slice(&20u32.to_ne_bytes());
     request[4..6].copy_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
     request[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    let sent = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            request.as_ptr() as *const libc::c_void,
-            request.len(),
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = [0u8; 4096];
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            0,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    parse_generation(&buf[..n as usize])
+    request[8..12].copy_from_slice(&seq.to_ne_bytes());
+    with_socket(|socket| {
+        socket.send(&request)?;
+        loop {
+            let reply = socket.recv()?;
+            // An answer to an earlier request that timed out is not this one's.
+            if reply.len() >= 12 && u32::from_ne_bytes(reply[8..12].try_into().expect("4")) == seq {
+                return parse_generation(reply);
+            }
+        }
+    })
 }
 
 /// The generation in a `NFT_MSG_NEWGEN` reply (its `NFTA_GEN_ID` attribute, big-endian).

@@ -107,20 +107,51 @@ fn netlink_error(what: &str, e: std::io::Error) -> Error {
 
 /// What the table named like loopguard's holds now.
 pub fn own_table() -> Result<OwnTable> {
-    super::nft::own_table()
+    own_table_at().map(|(table, _)| table)
+}
+
+/// [`own_table`], with the ruleset generation it was read in: what [`create`] and [`delete`]
+/// are bound to.
+pub fn own_table_at() -> Result<(OwnTable, u32)> {
+    super::nft::own_table_at()
         .map_err(|e| netlink_error(&format!("reading table inet {}", nft::TABLE), e))
 }
 
-/// Writes loopguard's table (one atomic transaction, replacing a drifted copy of it).
-pub fn create() -> Result<()> {
-    super::watch::own_write(1, super::nft::create)
-        .map_err(|e| netlink_error(&format!("writing table inet {}", nft::TABLE), e))
+/// What a write bound to a generation gives.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Written {
+    Done,
+    /// The ruleset changed after loopguard read its table; nothing was written: read it again.
+    Stale,
 }
 
-/// Deletes loopguard's table, and nothing else.
-pub fn delete() -> Result<()> {
-    super::watch::own_write(1, super::nft::delete)
-        .map_err(|e| netlink_error(&format!("deleting table inet {}", nft::TABLE), e))
+/// Puts loopguard's table as written (one atomic transaction, which leaves the chain's hook in
+/// place), if nothing changed in the ruleset since `generation`.
+pub fn create(generation: u32) -> Result<Written> {
+    bound(
+        super::watch::own_write(1, || super::nft::create(generation)),
+        "writing",
+    )
+}
+
+/// Deletes loopguard's table, and nothing else, if nothing changed in the ruleset since
+/// `generation`.
+pub fn delete(generation: u32) -> Result<Written> {
+    bound(
+        super::watch::own_write(1, || super::nft::delete(generation)),
+        "deleting",
+    )
+}
+
+fn bound(written: std::io::Result<()>, what: &str) -> Result<Written> {
+    match written {
+        Ok(()) => Ok(Written::Done),
+        Err(e) if super::nft::is_stale(&e) => Ok(Written::Stale),
+        Err(e) => Err(netlink_error(
+            &format!("{what} table inet {}", nft::TABLE),
+            e,
+        )),
+    }
 }
 
 #[cfg(test)]

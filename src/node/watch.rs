@@ -188,11 +188,12 @@ static OWN_GENERATIONS: std::sync::Mutex<std::collections::VecDeque<u32>> =
     std::sync::Mutex::new(std::collections::VecDeque::new());
 
 /// Runs `write`, one of loopguard's own ruleset writes that commits `transactions` nftables
-/// transactions (a `*-restore`, a netlink batch: one), and records their generations.
-pub fn own_write<T>(transactions: u32, write: impl FnOnce() -> T) -> T {
+/// transactions (a `*-restore`, a netlink batch: one), and records their generations. A write that
+/// failed committed nothing: the transaction in between, if any, was someone else's.
+pub fn own_write<T, E>(transactions: u32, write: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
     let before = super::nft::generation().ok();
     let result = write();
-    if let (Some(before), Ok(after)) = (before, super::nft::generation())
+    if let (Some(before), Ok(after), true) = (before, super::nft::generation(), result.is_ok())
         && after.wrapping_sub(before) == transactions
     {
         let mut own = OWN_GENERATIONS.lock().expect("own generations lock");
@@ -882,7 +883,7 @@ mod tests {
     #[test]
     fn a_write_that_commits_nothing_records_nothing() {
         let before = crate::node::nft::generation();
-        own_write(1, || ());
+        own_write(1, || Ok::<(), ()>(())).unwrap();
         if let Ok(g) = before {
             assert!(
                 !is_own_generation(g.wrapping_add(1)),

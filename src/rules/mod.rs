@@ -1,24 +1,21 @@
-//! The rule model: which loopback rules a node must carry, how they look in `iptables -S` syntax,
-//! and the pure logic that evaluates a chain listing and plans the smallest fix.
+//! The rule model, one folder per rule family: the shared words (`Family`, `Chain`, `Rule` and,
+//! in `catalog`, each family's rule with its ComplianceAsCode, CIS and Datadog ids, applicability
+//! and verdicts), then `ip6tables/` (the seed's rules), `nft/` (loopguard's own nftables table) and
+//! `ufw` (the four ufw rules): each family's pure logic, read → evaluate → plan.
 //!
 //! Nothing here performs I/O; `node` feeds it listings read from the kernel.
 
-pub mod blob;
 pub mod catalog;
-mod evaluate;
+pub mod ip6tables;
 pub mod nft;
-pub mod nft_wire;
-mod ownership;
-mod parse;
-mod plan;
 pub mod ufw;
 
-pub use evaluate::{
-    Evaluation, Finding, RuleState, Tables, compliant_pair, evaluate, scanner_counts_as,
+pub use ip6tables::blob;
+pub use ip6tables::{
+    ChainListing, Edit, EditKind, Evaluation, Finding, LOOK_ALIKE, OPAQUE, OwnedRule, Ownership,
+    RulePlan, RuleState, Shape, Tables, compliant_pair, evaluate, plan_cleanup, plan_enforce,
+    scanner_counts_as, split_args,
 };
-pub use ownership::{OwnedRule, Ownership};
-pub use parse::{ChainListing, LOOK_ALIKE, OPAQUE, Shape, split_args};
-pub use plan::{Edit, EditKind, RulePlan, plan_cleanup, plan_enforce};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

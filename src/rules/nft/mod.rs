@@ -20,7 +20,9 @@
 //! through anything another table drops. `iif` (not `iifname`) and no counter on the accept,
 //! because ComplianceAsCode greps the listing for `iif "lo" accept`.
 
-use super::nft_wire::{ChainInfo, Expr, HOOK_INPUT, NF_ACCEPT, RuleInfo, TableInfo, own_rules};
+pub mod wire;
+
+use wire::{ChainInfo, Expr, HOOK_INPUT, NF_ACCEPT, RuleInfo, TableInfo, own_rules};
 
 /// The table loopguard owns (family `inet`: one rule for IPv4 and IPv6).
 pub const TABLE: &str = "loopguard";
@@ -179,7 +181,7 @@ mod tests {
 
     #[test]
     fn classify_tells_loopguards_table_from_others() {
-        use crate::rules::nft_wire::{NFPROTO_INET, RuleInfo};
+        use crate::rules::nft::wire::{NFPROTO_INET, RuleInfo};
         let table = TableInfo {
             flags: 0,
             objects: 1,

@@ -242,8 +242,8 @@ pub fn plan_cleanup(tables: &Tables, ownership: &Ownership, families: &[Family])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::evaluate;
-    use crate::rules::evaluate::tests::tables;
+    use crate::rules::ip6tables::evaluate;
+    use crate::rules::ip6tables::evaluate::tests::tables;
 
     const A: &str = "-i lo -j ACCEPT";
     const D: &str = "-s ::1/128 -j DROP";

@@ -147,7 +147,7 @@ impl Ownership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::evaluate::tests::tables;
+    use crate::rules::ip6tables::evaluate::tests::tables;
     use crate::rules::{RuleKind, plan_enforce};
 
     const A: &str = "-i lo -j ACCEPT";

@@ -1,5 +1,5 @@
 //! nf_tables over netlink, pure: the messages that read and write loopguard's table, and the
-//! decoding of the kernel's answers into what [`super::nft::classify`] needs. `node::nft` only sends
+//! decoding of the kernel's answers into what [`super::classify`] needs. `node::nft` only sends
 //! and receives these bytes.
 //!
 //! The rules are encoded exactly as `nft` 1.0.6 encodes them (`nft --debug=netlink`):
@@ -15,7 +15,7 @@
 //! so that `nft list ruleset` prints them as ComplianceAsCode greps for them, and a table written by
 //! `nft -f` and one written here read the same (`tests/nft_differential.rs` checks both ways).
 
-use super::nft::{CHAIN, PRIORITY, TABLE};
+use super::{CHAIN, PRIORITY, TABLE};
 
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub const NFT_MSG_NEWTABLE: u16 = 0;
@@ -25,6 +25,10 @@ pub const NFT_MSG_NEWCHAIN: u16 = 3;
 pub const NFT_MSG_GETCHAIN: u16 = 4;
 pub const NFT_MSG_NEWRULE: u16 = 6;
 pub const NFT_MSG_GETRULE: u16 = 7;
+pub const NFT_MSG_DELRULE: u16 = 8;
+/// The batch-begin attribute that makes the kernel refuse the batch (`ERESTART`) unless the
+/// ruleset is still at this generation.
+const NFNL_BATCH_GENID: u16 = 1;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 pub const NLMSG_ERROR: u16 = 2;
@@ -283,7 +287,7 @@ pub struct Batch {
     pub acks: usize,
 }
 
-fn batch(seq: u32, build: impl FnOnce(&mut Vec<Vec<u8>>, &mut u32)) -> Batch {
+fn batch(seq: u32, generation: u32, build: impl FnOnce(&mut Vec<Vec<u8>>, &mut u32)) -> Batch {
     let mut messages = Vec::new();
     let mut next = seq + 1;
     build(&mut messages, &mut next);
@@ -294,8 +298,9 @@ fn batch(seq: u32, build: impl FnOnce(&mut Vec<Vec<u8>>, &mut u32)) -> Batch {
         seq,
         0,
         NFNL_SUBSYS_NFTABLES,
-    )
-    .finish();
+    );
+    bytes.u32(NFNL_BATCH_GENID, generation);
+    let mut bytes = bytes.finish();
     for message in messages {
         bytes.extend(message);
     }
@@ -312,11 +317,15 @@ fn batch(seq: u32, build: impl FnOnce(&mut Vec<Vec<u8>>, &mut u32)) -> Batch {
     Batch { bytes, acks }
 }
 
-/// One transaction that (re)creates loopguard's table, replacing whatever copy of it is there:
-/// `add table` (so that the delete is valid when there is none), `delete table`, then the table,
-/// its chain and the three rules, as `nft -f` of [`super::nft::create_script`] does.
-pub fn create_batch(seq: u32, lo_index: u32) -> Batch {
-    batch(seq, |out, next| {
+/// One transaction that puts loopguard's table as written, committed only if the ruleset is still
+/// at `generation` (the one in which loopguard read its table as absent or as its own, drifted):
+/// `add table`, `add chain` (both leave an existing one as it is), `flush chain`, then the three
+/// rules. The chain's hook stays registered across the repair (deleting and re-creating the table,
+/// as [`super::create_script`] does, unregisters it and costs the kernel a grace period, ~10 ms),
+/// and a change made by anyone since loopguard read the table fails the batch instead of being
+/// flushed with it.
+pub fn create_batch(seq: u32, generation: u32, lo_index: u32) -> Batch {
+    batch(seq, generation, |out, next| {
         let mut push = |msg: u16, flags: u16, body: &dyn Fn(&mut Msg)| {
             let mut m = Msg::nft(msg, NLM_F_ACK | flags, *next, NFPROTO_INET);
             body(&mut m);
@@ -327,10 +336,6 @@ pub fn create_batch(seq: u32, lo_index: u32) -> Batch {
             m.str(NFTA_TABLE_NAME, TABLE).u32(NFTA_TABLE_FLAGS, 0);
         };
         push(NFT_MSG_NEWTABLE, NLM_F_CREATE, &table);
-        push(NFT_MSG_DELTABLE, 0, &|m| {
-            m.str(NFTA_TABLE_NAME, TABLE);
-        });
-        push(NFT_MSG_NEWTABLE, NLM_F_CREATE, &table);
         push(NFT_MSG_NEWCHAIN, NLM_F_CREATE, &|m| {
             m.str(NFTA_CHAIN_TABLE, TABLE)
                 .str(NFTA_CHAIN_NAME, CHAIN)
@@ -340,6 +345,10 @@ pub fn create_batch(seq: u32, lo_index: u32) -> Batch {
                 })
                 .u32(NFTA_CHAIN_POLICY, NF_ACCEPT)
                 .str(NFTA_CHAIN_TYPE, "filter");
+        });
+        // A rule delete naming the chain and no handle deletes every rule of the chain.
+        push(NFT_MSG_DELRULE, 0, &|m| {
+            m.str(NFTA_RULE_TABLE, TABLE).str(NFTA_RULE_CHAIN, CHAIN);
         });
         for rule in own_rules(lo_index) {
             push(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, &|m| {
@@ -355,9 +364,10 @@ pub fn create_batch(seq: u32, lo_index: u32) -> Batch {
     })
 }
 
-/// One transaction that deletes loopguard's table and nothing else.
-pub fn delete_batch(seq: u32) -> Batch {
-    batch(seq, |out, next| {
+/// One transaction that deletes loopguard's table and nothing else, committed only if the ruleset
+/// is still at `generation` (the one in which loopguard read the table as its own).
+pub fn delete_batch(seq: u32, generation: u32) -> Batch {
+    batch(seq, generation, |out, next| {
         let mut m = Msg::nft(NFT_MSG_DELTABLE, NLM_F_ACK, *next, NFPROTO_INET);
         m.str(NFTA_TABLE_NAME, TABLE);
         out.push(m.finish());
@@ -654,8 +664,8 @@ mod tests {
     }
 
     #[test]
-    fn a_create_batch_is_one_transaction_of_seven_acknowledged_messages() {
-        let batch = create_batch(100, 1);
+    fn a_create_batch_is_one_transaction_of_six_acknowledged_messages() {
+        let batch = create_batch(100, 42, 1);
         let all = messages(&batch.bytes);
         let kinds: Vec<u16> = all.iter().map(|m| m.kind).collect();
         assert_eq!(kinds.first(), Some(&NFNL_MSG_BATCH_BEGIN));
@@ -665,20 +675,44 @@ mod tests {
             nft,
             [
                 NFT_MSG_NEWTABLE,
-                NFT_MSG_DELTABLE,
-                NFT_MSG_NEWTABLE,
                 NFT_MSG_NEWCHAIN,
+                NFT_MSG_DELRULE,
                 NFT_MSG_NEWRULE,
                 NFT_MSG_NEWRULE,
                 NFT_MSG_NEWRULE
             ]
         );
-        assert_eq!(batch.acks, 7);
+        assert_eq!(batch.acks, 6);
         let seqs: Vec<u32> = all.iter().map(|m| m.seq).collect();
         assert_eq!(
             seqs,
-            (100..109).collect::<Vec<_>>(),
+            (100..108).collect::<Vec<_>>(),
             "one sequence number each"
+        );
+        // The batch is bound to the generation loopguard read the table in, and so is a delete.
+        // (A batch-begin message is not an nf_tables one: its body starts with the nfgenmsg.)
+        assert_eq!(
+            attrs(&all[0].body[4..]),
+            [(NFNL_BATCH_GENID, &42u32.to_be_bytes()[..])]
+        );
+        assert_eq!(
+            attrs(&messages(&delete_batch(1, 7).bytes)[0].body[4..]),
+            [(NFNL_BATCH_GENID, &7u32.to_be_bytes()[..])]
+        );
+        // The rule delete names the chain and no handle: the chain's rules, nothing else.
+        let flush = all
+            .iter()
+            .find(|m| m.nft() == Some(NFT_MSG_DELRULE))
+            .unwrap();
+        assert_eq!(
+            attrs(flush.body)
+                .iter()
+                .map(|(kind, data)| (*kind, string(data)))
+                .collect::<Vec<_>>(),
+            [
+                (NFTA_RULE_TABLE, TABLE.to_string()),
+                (NFTA_RULE_CHAIN, CHAIN.to_string())
+            ]
         );
         // Every message names loopguard's table, in family inet, and no other.
         for m in all.iter().filter(|m| m.nft().is_some()) {
@@ -689,7 +723,7 @@ mod tests {
 
     #[test]
     fn the_rules_written_decode_to_loopguards_rules() {
-        let batch = create_batch(1, 1);
+        let batch = create_batch(1, 1, 1);
         let rules = rules_of(&batch);
         let expected = own_rules(1);
         assert_eq!(rules.len(), 3);
