@@ -5,7 +5,8 @@
 //! Every command, loopguard's and the baselines', runs the same way: a fresh process started in
 //! the network namespace with `nsenter --net=/run/netns/NAME` (loopguard without `--netns`), from
 //! this process, with the same PATH (`ip6tables` there is the backend's binary). The namespace
-//! holds N foreign rules: ten each in INPUT and OUTPUT, the rest over twenty other chains.
+//! holds N foreign rules: ten each in INPUT and OUTPUT, the rest over twenty other chains; the
+//! largest N is measured once more with all of its rules in INPUT and OUTPUT (half each).
 //! - One-shot: `loopguard node check|enforce` with backend auto-detection (what the chart runs)
 //!   and with `--backend` forced, the seed's shell script, the seed's Ansible playbook (ansible-core
 //!   from PyPI, in a cached virtualenv), and a full `ip6tables-save -t filter`.
@@ -65,11 +66,19 @@ fn main() {
 
     let mut one_shot = Vec::new();
     let mut headline = Section::default();
+    // Every size spread over twenty chains of their own (ten rules each in INPUT and OUTPUT), and
+    // the largest once more with all of them in INPUT and OUTPUT, where loopguard's rules sit.
+    let largest = *sizes.last().unwrap();
+    let layouts = sizes
+        .iter()
+        .map(|&total| Foreign::spread(total))
+        .chain([Foreign::long(largest)]);
+    let layouts: Vec<Foreign> = layouts.collect();
     for backend in ["nft", "legacy"] {
-        for &size in sizes {
-            let (rows, line) = bench_size(backend, size, &ansible);
+        for &foreign in &layouts {
+            let (rows, line) = bench_size(backend, foreign, &ansible);
             one_shot.extend(rows);
-            if size == *sizes.last().unwrap() {
+            if foreign.total == largest {
                 headline.line(line);
             }
         }
@@ -87,25 +96,31 @@ fn main() {
 
     let mut repairs = Vec::new();
     let mut idle = Vec::new();
+    let largest = *repair_sizes.last().unwrap();
+    let layouts: Vec<Foreign> = repair_sizes
+        .iter()
+        .map(|&total| Foreign::spread(total))
+        .chain([Foreign::long(largest)])
+        .collect();
     for backend in ["nft", "legacy"] {
-        for &size in repair_sizes {
-            let r = bench_repair(backend, size);
+        for &foreign in &layouts {
+            let r = bench_repair(backend, foreign);
             repairs.push(vec![
                 backend.to_string(),
-                size.to_string(),
+                foreign.to_string(),
                 r.signal.clone(),
                 format!("{} of {}", r.latency.len(), r.deletions),
                 r.latency.ms(),
             ]);
             idle.push(vec![
                 backend.to_string(),
-                size.to_string(),
+                foreign.to_string(),
                 format!("{:.2} %", r.idle_cpu_percent),
                 format!("{:.1} MiB", r.rss_mib),
             ]);
-            if size == *repair_sizes.last().unwrap() {
+            if foreign.total == largest {
                 headline.line(format!(
-                    "- Drift repair, {backend} backend, {size} foreign rules: median {:.1} ms, p90 {:.1} ms from the delete reaching the kernel to the rule back, seen from outside ({} of {} deletions, those repaired on the {}); idle watcher {:.2} % of a core, {:.1} MiB.",
+                    "- Drift repair, {backend} backend, {foreign} foreign rules: median {:.1} ms, p90 {:.1} ms from the delete reaching the kernel to the rule back, seen from outside ({} of {} deletions, those repaired on the {}); idle watcher {:.2} % of a core, {:.1} MiB.",
                     report::ms(r.latency.median()),
                     report::ms(r.latency.p90()),
                     r.latency.len(),
@@ -160,7 +175,36 @@ fn main() {
     report::publish("node-engine", &section, &headline);
 }
 
-/// A namespace with `size` foreign rules, and the stubs every command runs with.
+/// How many foreign rules a namespace holds, and where.
+#[derive(Clone, Copy)]
+struct Foreign {
+    total: usize,
+    /// All of them in INPUT and OUTPUT (half each), the chains loopguard's rules are in; else ten
+    /// each there and the rest over twenty chains of their own.
+    long: bool,
+}
+
+impl Foreign {
+    fn spread(total: usize) -> Foreign {
+        Foreign { total, long: false }
+    }
+
+    fn long(total: usize) -> Foreign {
+        Foreign { total, long: true }
+    }
+}
+
+impl std::fmt::Display for Foreign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.long {
+            write!(f, "{} (in INPUT and OUTPUT)", self.total)
+        } else {
+            write!(f, "{}", self.total)
+        }
+    }
+}
+
+/// A namespace with foreign rules, and the stubs every command runs with.
 struct Fx {
     ns: TestNetns,
     backend: &'static str,
@@ -168,10 +212,10 @@ struct Fx {
 }
 
 impl Fx {
-    fn new(backend: &'static str, size: usize) -> Fx {
+    fn new(backend: &'static str, foreign: Foreign) -> Fx {
         let ns = TestNetns::new("bench");
-        if size > 0 {
-            ns.restore("ip6tables", backend, &foreign_rules(size));
+        if foreign.total > 0 {
+            ns.restore("ip6tables", backend, &foreign_rules(foreign));
         } else {
             ns.ip6tables(backend, "-S");
         }
@@ -317,8 +361,12 @@ fn time(cmd: &mut Command, what: &str) -> Duration {
 }
 
 /// One row per command, and a headline line comparing loopguard with the seed's script and playbook.
-fn bench_size(backend: &'static str, size: usize, ansible: &Ansible) -> (Vec<Vec<String>>, String) {
-    let fx = Fx::new(backend, size);
+fn bench_size(
+    backend: &'static str,
+    foreign: Foreign,
+    ansible: &Ansible,
+) -> (Vec<Vec<String>>, String) {
+    let fx = Fx::new(backend, foreign);
     let names = [
         "loopguard check, auto-detected backend",
         "loopguard check, --backend forced",
@@ -352,7 +400,7 @@ fn bench_size(backend: &'static str, size: usize, ansible: &Ansible) -> (Vec<Vec
         .map(|(name, s)| {
             vec![
                 backend.to_string(),
-                size.to_string(),
+                foreign.to_string(),
                 name.to_string(),
                 s.ms(),
             ]
@@ -362,7 +410,7 @@ fn bench_size(backend: &'static str, size: usize, ansible: &Ansible) -> (Vec<Vec
         eprintln!("{}", row.join(" | "));
     }
     let headline = format!(
-        "- {backend} backend, {size} foreign rules, median: `loopguard node enforce` writing the three rules {:.0} ms (nothing to do: {:.0} ms), the seed's shell script {:.0} ms, its Ansible playbook {:.0} ms.",
+        "- {backend} backend, {foreign} foreign rules, median: `loopguard node enforce` writing the three rules {:.0} ms (nothing to do: {:.0} ms), the seed's shell script {:.0} ms, its Ansible playbook {:.0} ms.",
         report::ms(samples[4].median()),
         report::ms(samples[2].median()),
         report::ms(samples[6].median()),
@@ -399,8 +447,8 @@ impl Rng {
     }
 }
 
-fn bench_repair(backend: &'static str, size: usize) -> Repair {
-    let fx = Fx::new(backend, size);
+fn bench_repair(backend: &'static str, foreign: Foreign) -> Repair {
+    let fx = Fx::new(backend, foreign);
     let mut watch = fx.loopguard("watch", false);
     watch
         .args(["--resync", "10", "--log-format", "json"])
@@ -501,7 +549,7 @@ fn bench_repair(backend: &'static str, size: usize) -> Repair {
         format!("{signal}; left out: {}", counted.join(", "))
     };
     eprintln!(
-        "{backend} {size}: repair {} ms over {} of {deletions}; idle {idle_cpu_percent:.2} %, {rss_mib:.1} MiB",
+        "{backend} {foreign}: repair {} ms over {} of {deletions}; idle {idle_cpu_percent:.2} %, {rss_mib:.1} MiB",
         latency.ms(),
         latency.len()
     );
@@ -678,13 +726,19 @@ fn drop_listed_here(backend: &str) -> bool {
 }
 
 /// `total` foreign rules: ten each in INPUT and OUTPUT (some at the top), the rest spread over
-/// twenty other chains, as kube-proxy or Calico would have them.
-fn foreign_rules(total: usize) -> String {
+/// twenty other chains, as kube-proxy or Calico would have them; or, `long`, half of them in INPUT
+/// and half in OUTPUT (a host firewall of per-address rules), ahead of loopguard's.
+fn foreign_rules(foreign: Foreign) -> String {
+    let total = foreign.total;
     let mut s = String::from("*filter\n");
     for c in 0..20 {
         s.push_str(&format!(":FOREIGN-{c} - [0:0]\n"));
     }
-    let builtin = 10.min(total / 2);
+    let builtin = if foreign.long {
+        total / 2
+    } else {
+        10.min(total / 2)
+    };
     for i in 0..builtin {
         s.push_str(&format!(
             "-A INPUT -s 2001:db8:1::{:x}/128 -p tcp --dport {} -j ACCEPT\n",
@@ -806,7 +860,7 @@ fn nft_table_listed(fx: &Fx) -> bool {
 }
 
 fn bench_nft_table(size: usize) -> NftTable {
-    let fx = Fx::new("nft", size);
+    let fx = Fx::new("nft", Foreign::spread(size));
     let root = fx.dir.path().join("host");
     std::fs::create_dir_all(root.join("var/lib/dpkg")).unwrap();
     std::fs::write(
@@ -986,7 +1040,8 @@ fn bench_nft_table(size: usize) -> NftTable {
         if which == 1 {
             // The flush took the foreign rules too: put them back for the next round.
             if size > 0 {
-                fx.ns.restore("ip6tables", "nft", &foreign_rules(size));
+                fx.ns
+                    .restore("ip6tables", "nft", &foreign_rules(Foreign::spread(size)));
             }
         }
     }
