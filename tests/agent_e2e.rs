@@ -410,8 +410,25 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         "{}",
         broken.message
     );
+    // Two passes refused after the delete (the one the legacy probe brings, then a retry or the
+    // resync): waited for on the agent's error count rather than for a fixed time.
+    let refusals = |node: &str| {
+        metric(
+            &node_http(node, "/metrics"),
+            "loopguard_agent_errors_total{kind=\"StateFileUnusable\"}",
+        )
+    };
+    let refused = refusals(&n.legacy);
+    assert!(refused >= 1.0, "the agent counted its refusal");
     deploy::delete_drop_rule(&n.legacy, "legacy");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    while refusals(&n.legacy) < refused + 2.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the agent ran no pass after the delete"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         !chain(&n.legacy, "legacy", "INPUT")
             .iter()

@@ -1282,7 +1282,7 @@ async fn a_broken_agent_daemonset_turns_the_hollow_check_red() {
             (status.policy_name.as_deref() == Some(policy_name.as_str())).then_some(status)
         })
         .await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The status is written after the pass that would have written the rules.
         let input = deploy::chain(&node, "nft", "INPUT");
         println!(
             "{tag}: the agent reports {:?} ({}); the node's INPUT: {input:?}",
