@@ -977,16 +977,7 @@ fn bench_nft_table(size: usize) -> NftTable {
         // As for the iptables rules: 3.5-4.5 s apart, so that loopguard sees no fight.
         std::thread::sleep(Duration::from_millis(3_500 + rng.below(1_000)));
         let args: Vec<String> = if which != 1 {
-            let listing = fx
-                .ns
-                .run(&["nft", "-a", "list", "table", "inet", "loopguard"]);
-            let handle = listing
-                .lines()
-                .find(|l| l.contains("ip6 saddr ::1 drop"))
-                .and_then(|l| l.rsplit("handle ").next())
-                .expect("loopguard's ip6 drop and its handle")
-                .trim()
-                .to_string();
+            let handle = fx.ns.loopguard_rule_handle("ip6 saddr ::1 drop");
             [
                 "nft",
                 "delete",

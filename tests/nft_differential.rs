@@ -513,26 +513,7 @@ fn a_change_between_reading_and_writing_the_table_fails_the_write() {
     let (code, report) = loopguard(&ns, dir.path(), "enforce", &["--nftables", "enforce"]);
     assert_eq!(code, 0, "{report}");
     let as_written = ns.run(&["nft", "list", "table", "inet", "loopguard"]);
-    let handle_of = |listing: &str, text: &str| {
-        let line = listing
-            .lines()
-            .find(|l| l.contains(text))
-            .unwrap_or_else(|| panic!("no rule `{text}` in {listing}"));
-        line.rsplit("# handle ").next().unwrap().trim().to_string()
-    };
-    let with_handles =
-        |ns: &TestNetns| ns.run(&["nft", "-a", "list", "table", "inet", "loopguard"]);
-    let drop6 = handle_of(&with_handles(&ns), "ip6 saddr ::1 drop");
-    ns.run(&[
-        "nft",
-        "delete",
-        "rule",
-        "inet",
-        "loopguard",
-        "input",
-        "handle",
-        &drop6,
-    ]);
+    ns.delete_loopguard_rule(&ns.loopguard_rule_handle("ip6 saddr ::1 drop"));
 
     let (table, generation) = in_netns(&ns, || nftables::own_table_at().unwrap());
     assert_eq!(table, OwnTable::Partial);
@@ -569,17 +550,7 @@ fn a_change_between_reading_and_writing_the_table_fails_the_write() {
     assert!(matches!(table, OwnTable::Other(_)), "{table:?}");
 
     // The foreign rule gone, the table read again is loopguard's, and the write goes through.
-    let tcp = handle_of(&with_handles(&ns), "tcp dport 22 accept");
-    ns.run(&[
-        "nft",
-        "delete",
-        "rule",
-        "inet",
-        "loopguard",
-        "input",
-        "handle",
-        &tcp,
-    ]);
+    ns.delete_loopguard_rule(&ns.loopguard_rule_handle("tcp dport 22 accept"));
     let (table, generation) = in_netns(&ns, || nftables::own_table_at().unwrap());
     assert_eq!(table, OwnTable::Partial);
     let written = in_netns(&ns, move || nftables::create(generation).unwrap());

@@ -201,13 +201,9 @@ fn lo_index() -> u32 {
     }
 }
 
-/// What the table named like loopguard's is now: the table, its chain and the chain's rules, read
-/// in one ruleset generation (a change in between reads them again).
-pub fn own_table() -> io::Result<OwnTable> {
-    own_table_at().map(|(table, _)| table)
-}
-
-/// [`own_table`], with the ruleset generation it was read in (what [`create`] is bound to).
+/// What the table named like loopguard's is now (the table, its chain and the chain's rules), and
+/// the ruleset generation it was read in, which [`create`] and [`delete`] are bound to (a change
+/// during the read reads it again).
 pub fn own_table_at() -> io::Result<(OwnTable, u32)> {
     for _ in 0..5 {
         let before = generation()?;
@@ -306,7 +302,8 @@ pub fn create(generation: u32) -> io::Result<()> {
     with_socket(|socket| socket.transact(&wire::create_batch(seq, generation, lo_index()), seq))
 }
 
-/// Whether a [`create`] failed because the ruleset changed after loopguard read its table.
+/// Whether a [`create`] or [`delete`] failed because the ruleset changed after loopguard read its
+/// table.
 pub fn is_stale(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ERESTART)
 }

@@ -47,6 +47,33 @@ impl TestNetns {
             .expect("run ip netns exec")
     }
 
+    /// The handle of the first rule in loopguard's nftables table whose listing contains `text`
+    /// (`nft -a list table inet loopguard`); panics when there is none.
+    pub fn loopguard_rule_handle(&self, text: &str) -> String {
+        let listing = self.run(&["nft", "-a", "list", "table", "inet", "loopguard"]);
+        listing
+            .lines()
+            .find(|l| l.contains(text))
+            .and_then(|l| l.rsplit("# handle ").next())
+            .unwrap_or_else(|| panic!("no rule `{text}` in {listing}"))
+            .trim()
+            .to_string()
+    }
+
+    /// Deletes the rule of loopguard's nftables table with `handle`, as an admin would with `nft`.
+    pub fn delete_loopguard_rule(&self, handle: &str) {
+        self.run(&[
+            "nft",
+            "delete",
+            "rule",
+            "inet",
+            "loopguard",
+            "input",
+            "handle",
+            handle,
+        ]);
+    }
+
     /// Runs a command inside the namespace and insists that it succeeds; returns stdout.
     pub fn run(&self, args: &[&str]) -> String {
         let out = self.exec(args);
