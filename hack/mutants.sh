@@ -91,6 +91,11 @@ mutant nft-generation "a write to loopguard's nftables table never takes a chang
     'bytes.u32(NFNL_BATCH_GENID, generation);' \
     'let _ = generation;' \
     '--test nft_differential a_change_between_reading_and_writing_the_table_fails_the_write' ci
+mutant nft-foreign-rule "a drift repair never flushes a rule someone else put in loopguard's nftables chain" \
+    src/rules/nft/mod.rs \
+    'None => return other("it holds a rule that is not one of loopguard'"'"'s"),' \
+    'None => {}' \
+    '--test nft_differential a_foreign_rule_in_loopguards_table_stops_its_repair' ci
 mutant report-exit "loopguard report exits 1 when a node fails" \
     src/report.rs \
     'Ok(ExitCode::from(if failing == 0 { 0 } else { 1 }))' \

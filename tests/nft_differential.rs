@@ -382,14 +382,27 @@ fn flushed_ruleset_comes_back(backend: &str) {
         started.elapsed()
     };
     wait("the table written at start", &has_table);
+    let has_drop = || {
+        has_table()
+            && ns
+                .run(&["nft", "list", "table", "inet", "loopguard"])
+                .contains("ip6 saddr ::1 drop")
+    };
     for how in [
         &["flush", "ruleset"][..],
         &["delete", "table", "inet", "loopguard"][..],
+        &["delete", "rule"][..],
     ] {
-        let mut args = vec!["nft"];
-        args.extend(how);
-        ns.run(&args);
-        let took = wait("the table back", &has_table);
+        if how == ["delete", "rule"] {
+            // Pauses between the changes: loopguard must see no fight.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            ns.delete_loopguard_rule(&ns.loopguard_rule_handle("ip6 saddr ::1 drop"));
+        } else {
+            let mut args = vec!["nft"];
+            args.extend(how);
+            ns.run(&args);
+        }
+        let took = wait("the table back", &has_drop);
         eprintln!(
             "{backend}: after nft {}: table back in {took:?}",
             how.join(" ")
@@ -411,9 +424,67 @@ fn flushed_ruleset_comes_back(backend: &str) {
             .filter(|l| l.contains("repaired drift"))
             .filter(quick)
             .count()
-            >= 2,
-        "both repairs came from nftables events: {log}"
+            >= 3,
+        "the three repairs came from nftables events: {log}"
     );
+}
+
+/// A drift repair puts back loopguard's table only where it holds loopguard's rules and nothing
+/// else: a foreign rule added to loopguard's chain (in the transaction that deletes one of
+/// loopguard's rules, or just before it) makes the table not loopguard's, and loopguard touches
+/// nothing in it.
+#[test]
+fn a_foreign_rule_in_loopguards_table_stops_its_repair() {
+    for together in [true, false] {
+        let ns = TestNetns::new("nftnofast");
+        let dir = tempfile::tempdir().unwrap();
+        let mut watch = Command::new(BIN);
+        watch
+            .args(["node", "watch", "--netns", &ns.name, "--output", "json"])
+            .args(["--nftables", "enforce", "--resync", "600"])
+            .arg("--state-file")
+            .arg(dir.path().join("state.json"))
+            .arg("--host-root")
+            .arg(host_root(dir.path()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let child = watch.spawn().unwrap();
+        let listing = || ns.run(&["nft", "list", "table", "inet", "loopguard"]);
+        let started = std::time::Instant::now();
+        while !tables(&ns)
+            .iter()
+            .any(|(f, n)| f == "inet" && n == "loopguard")
+        {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let handle = ns.loopguard_rule_handle("ip6 saddr ::1 drop");
+        let add = "add rule inet loopguard input tcp dport 2222 accept\n";
+        let delete = format!("delete rule inet loopguard input handle {handle}\n");
+        let script = dir.path().join("change.nft");
+        if together {
+            std::fs::write(&script, format!("{add}{delete}")).unwrap();
+            ns.run(&["nft", "-f", script.to_str().unwrap()]);
+        } else {
+            std::fs::write(&script, add).unwrap();
+            ns.run(&["nft", "-f", script.to_str().unwrap()]);
+            ns.delete_loopguard_rule(&handle);
+        }
+        // What the admin left, as `nft` lists it; loopguard must keep all of it, the foreign
+        // rule first, and not put its deleted rule back into a table that is not its own now.
+        let expected = "table inet loopguard {\n\tchain input {\n\t\ttype filter hook input priority mangle; policy accept;\n\t\tiif \"lo\" accept\n\t\tip saddr 127.0.0.0/8 drop\n\t\ttcp dport 2222 accept\n\t}\n}\n";
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert_eq!(
+            listing(),
+            expected,
+            "loopguard touched a table holding a foreign rule (together: {together})"
+        );
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        assert!(!log.contains("repaired drift"), "{log}");
+    }
 }
 
 /// loopguard writes its table over netlink; `nft -f` of the same table must give the same table,
