@@ -5,8 +5,9 @@
 //! 1. Real agents on hollow nodes (the chart installed with its defaults on a private control
 //!    plane): `LoopbackPolicy` created → `Compliant=True` with every node counted, then deleted →
 //!    gone (the agents clean up), at 3, 10, 50 and 200 nodes; then, with 200 nodes compliant, API
-//!    requests per node per hour over a quiet window longer than the agents' heartbeat interval
-//!    (kube-apiserver's `apiserver_request_total`), and the agents' CPU and resident memory.
+//!    requests per node per hour over a quiet window of one heartbeat interval (kube-apiserver's
+//!    `apiserver_request_total`, and its flow-control counts for loopguard's service accounts), and
+//!    the agents' CPU (a cgroup each, children included) and resident memory.
 //! 2. 5,000 simulated nodes (Nodes, Ready agent Pods and node reports written by the bench as the
 //!    kubelet and the agents would) rolled up by the real `loopguard controller`: policy change →
 //!    converged status, the controller's status writes, CPU and memory.
@@ -217,20 +218,24 @@ async fn real_agents(section: &mut Section, headline: &mut Section) {
     ));
 }
 
-/// API requests per node per hour, and the agents' CPU and memory, over a quiet window with every
-/// node compliant.
+/// API requests per node per hour, and the agents' CPU and memory, over a quiet window of exactly
+/// one heartbeat interval with every node compliant.
 async fn steady_state(
     cluster: &Cluster,
     section: &mut Section,
     headline: &mut Section,
     nodes: usize,
 ) {
+    // Every request of loopguard's service accounts (agents and controller, its leader Lease
+    // included) is counted by kube-apiserver's flow control under a FlowSchema of the bench's own.
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(&flow_schemas()));
     // Past the burst of the apply (the last status writes, Events).
     tokio::time::sleep(Duration::from_secs(10)).await;
+    // Whole heartbeats: each agent writes its heartbeat once in the window.
     let window = if report::quick() {
         Duration::from_secs(20)
     } else {
-        HEARTBEAT + Duration::from_secs(60)
+        HEARTBEAT
     };
     let agents = deploy::agent_pids();
     assert!(
@@ -238,41 +243,45 @@ async fn steady_state(
         "{} agent processes for {nodes} nodes",
         agents.len()
     );
+    // One cgroup per agent: the processes an agent starts (`ip6tables-nft` at each resync) count.
+    let cgroups: Vec<report::CgroupCpu> = agents
+        .iter()
+        .map(|pid| report::CgroupCpu::adopt(*pid, &format!("agent{pid}")))
+        .collect();
     let before = request_counts(cluster);
-    let meter = report::CpuMeter::start(&agents, Duration::from_secs(2));
+    let flows_before = loopguard_requests(cluster);
+    let cpu_before: Vec<Duration> = cgroups.iter().map(report::CgroupCpu::used).collect();
     eprintln!("steady state: watching {} s", window.as_secs());
     tokio::time::sleep(window).await;
     let after = request_counts(cluster);
-    let used = meter.stop();
+    let flows_after = loopguard_requests(cluster);
+    let cpu_percent: Vec<f64> = cgroups
+        .iter()
+        .zip(&cpu_before)
+        .map(|(c, b)| (c.used() - *b).as_secs_f64() / window.as_secs_f64() * 100.0)
+        .collect();
+    drop(cgroups);
     let rss: Vec<f64> = agents
         .iter()
         .filter_map(|p| deploy::rss_kib(*p))
         .map(|k| k as f64 / 1024.0)
-        .collect();
-    let cpu_percent: Vec<f64> = used
-        .iter()
-        .map(|u| u.as_secs_f64() / window.as_secs_f64() * 100.0)
         .collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
 
     let per_node_hour = |delta: f64| delta / nodes as f64 * 3600.0 / window.as_secs_f64();
     let mut rows = Vec::new();
-    let mut loopguard_writes = 0.0;
     for (key, value) in &after {
         let delta = value - before.get(key).copied().unwrap_or(0.0);
         if delta <= 0.0 {
             continue;
         }
         let (resource, verb) = key;
-        let ours = resource.starts_with("loopback");
-        let write = !matches!(verb.as_str(), "GET" | "LIST" | "WATCH");
-        if ours && write {
-            loopguard_writes += delta;
-        }
         let who = match (resource.as_str(), verb.as_str()) {
             (r, _) if r.starts_with("loopback") => "loopguard (agents, controller)",
-            ("leases", "GET" | "PUT") => "the controller's leader Lease (one per cluster)",
+            ("leases", "GET" | "PUT") => {
+                "leader elections (loopguard's controller, kube-controller-manager, kube-scheduler)"
+            }
             ("leases", _) | ("nodes" | "nodes/status", _) => "hollow kubelets' heartbeats",
             _ => "other clients",
         };
@@ -284,14 +293,23 @@ async fn steady_state(
             format!("{:.2}", per_node_hour(delta)),
         ]);
     }
-    let writes = per_node_hour(loopguard_writes);
+    let flow = |name: &str| {
+        flows_after.get(name).copied().unwrap_or(0.0)
+            - flows_before.get(name).copied().unwrap_or(0.0)
+    };
+    let (writes, reads) = (flow(WRITES), flow(READS));
+    assert!(
+        writes >= nodes as f64 * 0.9 || report::quick(),
+        "{writes} writes of loopguard's in a heartbeat interval, for {nodes} nodes: the flow schemas counted nothing?"
+    );
+    let (writes_hour, all_hour) = (per_node_hour(writes), per_node_hour(writes + reads));
     section.line(format!(
-        "### Steady state: {nodes} compliant nodes, {} s\n",
+        "### Steady state: {nodes} compliant nodes, {} s (one heartbeat interval)\n",
         window.as_secs()
     ));
     section.line(
-        "Requests that kube-apiserver counted in the window (resources loopguard or the nodes use), \
-         and per node per hour:\n",
+        "Requests that kube-apiserver counted in the window (resources loopguard or the nodes use; \
+         `apiserver_request_total`, which does not say who sent them), and per node per hour:\n",
     );
     section.table(
         &[
@@ -304,12 +322,16 @@ async fn steady_state(
         &rows,
     );
     section.line(format!(
-        "- **loopguard's writes: {writes:.1} per node per hour** (the heartbeat: one status write per \
-         node every {} s, `agent.heartbeatInterval`; nothing else changes).",
+        "- **loopguard's requests: {writes_hour:.1} writes and {all_hour:.1} in all per node per hour** \
+         ({writes:.0} writes and {reads:.0} other requests in the window, every request of loopguard's \
+         service accounts, agents and controller, the controller's leader Lease included, as \
+         kube-apiserver's flow control counted them: `apiserver_flowcontrol_dispatched_requests_total` \
+         under FlowSchemas of the bench's own). The heartbeat is one status write per node every {} s \
+         (`agent.heartbeatInterval`); nothing else changes.",
         HEARTBEAT.as_secs()
     ));
     section.line(format!(
-        "- Agents ({}): resident memory {:.1} MiB on average, {:.1} MiB at most; CPU {:.3} % of a core on average, {:.3} % at most.\n",
+        "- Agents ({}): resident memory {:.1} MiB on average, {:.1} MiB at most; CPU {:.3} % of a core on average, {:.3} % at most (each agent in a cgroup of its own, the processes it starts included).\n",
         rss.len(),
         mean(&rss),
         max(&rss),
@@ -317,11 +339,82 @@ async fn steady_state(
         max(&cpu_percent),
     ));
     headline.line(format!(
-        "- {nodes} real agents at steady state: {writes:.1} API writes per node per hour; agent memory {:.1} MiB on average ({:.1} MiB at most), CPU {:.3} % of a core.",
+        "- {nodes} real agents at steady state, one heartbeat interval: {writes_hour:.1} API writes and {all_hour:.1} requests in all per node per hour (the controller's Lease included); agent memory {:.1} MiB on average ({:.1} MiB at most), CPU {:.3} % of a core (children included).",
         mean(&rss),
         max(&rss),
         mean(&cpu_percent),
     ));
+}
+
+/// The FlowSchemas that count loopguard's requests: its writes, and the rest.
+const WRITES: &str = "loopguard-bench-writes";
+const READS: &str = "loopguard-bench-reads";
+
+fn flow_schemas() -> String {
+    let schema = |name: &str, precedence: u32, verbs: &str| {
+        format!(
+            r#"apiVersion: flowcontrol.apiserver.k8s.io/v1
+kind: FlowSchema
+metadata:
+  name: {name}
+spec:
+  matchingPrecedence: {precedence}
+  priorityLevelConfiguration:
+    name: workload-low
+  distinguisherMethod:
+    type: ByUser
+  rules:
+  - subjects:
+    - kind: ServiceAccount
+      serviceAccount:
+        namespace: {NS}
+        name: "*"
+    resourceRules:
+    - verbs: {verbs}
+      apiGroups: ["*"]
+      resources: ["*"]
+      clusterScope: true
+      namespaces: ["*"]
+"#
+        )
+    };
+    let mut reads = schema(READS, 401, r#"["*"]"#);
+    reads.push_str(
+        r#"    nonResourceRules:
+    - verbs: ["*"]
+      nonResourceURLs: ["*"]
+"#,
+    );
+    format!(
+        "{}---\n{reads}",
+        schema(
+            WRITES,
+            400,
+            r#"["create", "update", "patch", "delete", "deletecollection"]"#
+        )
+    )
+}
+
+/// `apiserver_flowcontrol_dispatched_requests_total` by flow schema, for the bench's own.
+fn loopguard_requests(cluster: &Cluster) -> BTreeMap<String, f64> {
+    let text = cluster.kubectl_ok(&["get", "--raw", "/metrics"], None);
+    let mut counts = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_flowcontrol_dispatched_requests_total{"))
+    {
+        for name in [WRITES, READS] {
+            if line.contains(&format!("flow_schema=\"{name}\"")) {
+                let value: f64 = line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0);
+                *counts.entry(name.to_string()).or_insert(0.0) += value;
+            }
+        }
+    }
+    counts
 }
 
 fn status_kib(pid: u32, key: &str) -> f64 {
