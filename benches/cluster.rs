@@ -12,6 +12,8 @@
 //!    kubelet and the agents would) rolled up by the real `loopguard controller`: policy change →
 //!    converged status, the controller's status writes, CPU and memory.
 
+#[path = "support/render.rs"]
+mod render;
 #[path = "support/report.rs"]
 mod report;
 #[path = "../tests/support/mod.rs"]
@@ -20,7 +22,7 @@ mod support;
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use loopguard::api::{Compliance, ConditionStatus, LoopbackPolicy, LoopbackPolicyStatus};
-use report::{Samples, Section};
+use render::{Applies, ClusterRun, CpuUse, Meta, RequestCount, Samples, Simulated, Steady};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -34,37 +36,41 @@ const HEARTBEAT: Duration = Duration::from_secs(600);
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let mut section = Section::default();
-    let mut headline = Section::default();
-    section.line(format!(
-        "Measured {} at commit `{}` on {}.\n",
-        report::today(),
-        report::commit(),
-        report::machine(),
-    ));
+    let meta = Meta {
+        date: report::today(),
+        commit: report::commit(),
+        machine: report::machine(),
+    };
     // `-- --part agents` or `-- --part sim` runs one part, and only prints.
     let args: Vec<String> = std::env::args().collect();
     let part = args
         .iter()
         .position(|a| a == "--part")
         .and_then(|i| args.get(i + 1).cloned());
-    if part.as_deref() != Some("sim") {
-        real_agents(&mut section, &mut headline).await;
-    }
-    if part.as_deref() != Some("agents") {
-        simulated(&mut section, &mut headline).await;
-    }
+    let (applies, steady) = if part.as_deref() != Some("sim") {
+        real_agents().await
+    } else {
+        (Vec::new(), None)
+    };
+    let simulated = if part.as_deref() != Some("agents") {
+        Some(simulated().await)
+    } else {
+        None
+    };
+    let run = report::kept(&ClusterRun {
+        meta,
+        applies,
+        steady,
+        simulated,
+    });
+    let (section, headline) = render::render_cluster(&run);
     if part.is_some() {
-        println!(
-            "{}\nheadline:\n{}\n(one part only: nothing written)",
-            section.0, headline.0
-        );
+        println!("{section}\nheadline:\n{headline}\n(one part only: nothing written)");
         return;
     }
-    report::publish("cluster", &section, &headline);
+    report::publish("cluster", &run, &section, &headline);
 }
 
-/// A control plane of its own; under CI (`LOOPGUARD_REQUIRE_CLUSTER`) a missing one fails the bench.
 fn control_plane(tag: &str, controllers: &str) -> Cluster {
     support::cluster::private_with_controllers(tag, controllers).unwrap_or_else(|| {
         panic!("no control plane: build it first (hack/cluster.sh up builds the binaries)")
@@ -125,7 +131,8 @@ async fn wait_gone(policies: &Api<LoopbackPolicy>, name: &str) {
 
 // --- real agents ------------------------------------------------------------------------------------
 
-async fn real_agents(section: &mut Section, headline: &mut Section) {
+/// Policies applied and deleted at each size; the steady state with the largest.
+async fn real_agents() -> (Vec<Applies>, Option<Steady>) {
     let cluster = control_plane("bench", "*");
     let client = cluster.client().await;
     // A node that lives through the whole run, for the controller: a controller Pod whose node goes
@@ -142,8 +149,8 @@ async fn real_agents(section: &mut Section, headline: &mut Section) {
     } else {
         (&[3, 10, 50], 200, 15)
     };
-    let mut rows = Vec::new();
-    let mut apply_line = Vec::new();
+    let mut runs = Vec::new();
+    let mut steady = None;
     for &nodes in sizes.iter().chain([big].iter()) {
         let label = ("loopguard.dev/bench", nodes.to_string());
         let options =
@@ -171,7 +178,7 @@ async fn real_agents(section: &mut Section, headline: &mut Section) {
             apply.push(started.elapsed());
             if nodes == big && i + 1 == samples {
                 // The last policy stays: the steady state is measured with every node compliant.
-                steady_state(&cluster, section, headline, nodes).await;
+                steady = Some(steady_state(&cluster, nodes).await);
             }
             let started = Instant::now();
             policies
@@ -182,50 +189,26 @@ async fn real_agents(section: &mut Section, headline: &mut Section) {
             delete.push(started.elapsed());
             eprintln!(
                 "{nodes} nodes, apply {i}: compliant after {:.2?}, gone {:.2?} after the delete",
-                apply.0.last().unwrap(),
-                delete.0.last().unwrap()
+                apply.last().unwrap(),
+                delete.last().unwrap()
             );
         }
-        rows.push(vec![
-            nodes.to_string(),
-            format!("{:.1}", up.as_secs_f64()),
-            apply.len().to_string(),
-            apply.secs(),
-            delete.secs(),
-        ]);
-        apply_line.push(format!(
-            "{nodes} nodes {:.2} s",
-            apply.median().as_secs_f64()
-        ));
+        runs.push(Applies {
+            nodes,
+            up_ns: up.as_nanos() as u64,
+            apply,
+            delete,
+        });
         hollow.shutdown(Duration::from_secs(5)).await.unwrap();
     }
     infra.shutdown(Duration::from_secs(5)).await.unwrap();
 
-    section.line("### Real agents: a policy applied and deleted\n");
-    section.table(
-        &[
-            "nodes",
-            "nodes up, an agent Ready on each (s)",
-            "samples",
-            "create → `Compliant=True`, median / p90 / max (s)",
-            "delete → policy gone (every node cleaned up), median / p90 / max (s)",
-        ],
-        &rows,
-    );
-    headline.line(format!(
-        "- Real agents on hollow nodes, `kubectl apply` of a policy → `Compliant=True`, median: {}.",
-        apply_line.join(", ")
-    ));
+    (runs, steady)
 }
 
 /// API requests per node per hour, and the agents' CPU and memory, over a quiet window of exactly
 /// one heartbeat interval with every node compliant.
-async fn steady_state(
-    cluster: &Cluster,
-    section: &mut Section,
-    headline: &mut Section,
-    nodes: usize,
-) {
+async fn steady_state(cluster: &Cluster, nodes: usize) -> Steady {
     // Every request of loopguard's service accounts (agents and controller, its leader Lease
     // included) is counted by kube-apiserver's flow control under a FlowSchema of the bench's own.
     cluster.kubectl_ok(&["apply", "-f", "-"], Some(&flow_schemas()));
@@ -255,95 +238,44 @@ async fn steady_state(
     tokio::time::sleep(window).await;
     let after = request_counts(cluster);
     let flows_after = loopguard_requests(cluster);
-    let cpu_percent: Vec<f64> = cgroups
+    let agent_cpu: Vec<CpuUse> = cgroups
         .iter()
         .zip(&cpu_before)
-        .map(|(c, b)| (c.used() - *b).as_secs_f64() / window.as_secs_f64() * 100.0)
+        .map(|(c, b)| CpuUse::new(c.used() - *b, window))
         .collect();
     drop(cgroups);
-    let rss: Vec<f64> = agents
+    let agent_rss_kib: Vec<u64> = agents.iter().filter_map(|p| deploy::rss_kib(*p)).collect();
+    let requests: Vec<RequestCount> = after
         .iter()
-        .filter_map(|p| deploy::rss_kib(*p))
-        .map(|k| k as f64 / 1024.0)
+        .map(|((resource, verb), after)| RequestCount {
+            resource: resource.clone(),
+            verb: verb.clone(),
+            before: before
+                .get(&(resource.clone(), verb.clone()))
+                .copied()
+                .unwrap_or(0.0),
+            after: *after,
+        })
         .collect();
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-
-    let per_node_hour = |delta: f64| delta / nodes as f64 * 3600.0 / window.as_secs_f64();
-    let mut rows = Vec::new();
-    for (key, value) in &after {
-        let delta = value - before.get(key).copied().unwrap_or(0.0);
-        if delta <= 0.0 {
-            continue;
-        }
-        let (resource, verb) = key;
-        let who = match (resource.as_str(), verb.as_str()) {
-            (r, _) if r.starts_with("loopback") => "loopguard (agents, controller)",
-            ("leases", "GET" | "PUT") => {
-                "leader elections (loopguard's controller, kube-controller-manager, kube-scheduler)"
-            }
-            ("leases", _) | ("nodes" | "nodes/status", _) => "hollow kubelets' heartbeats",
-            _ => "other clients",
-        };
-        rows.push(vec![
-            resource.clone(),
-            verb.clone(),
-            who.to_string(),
-            format!("{delta:.0}"),
-            format!("{:.2}", per_node_hour(delta)),
-        ]);
-    }
-    let flow = |name: &str| {
-        flows_after.get(name).copied().unwrap_or(0.0)
-            - flows_before.get(name).copied().unwrap_or(0.0)
+    let count = |flows: &BTreeMap<String, f64>, name: &str| flows.get(name).copied().unwrap_or(0.0);
+    let steady = Steady {
+        nodes,
+        window_ns: window.as_nanos() as u64,
+        heartbeat_secs: HEARTBEAT.as_secs(),
+        requests,
+        writes_before: count(&flows_before, WRITES),
+        writes_after: count(&flows_after, WRITES),
+        reads_before: count(&flows_before, READS),
+        reads_after: count(&flows_after, READS),
+        agent_cpu,
+        agent_rss_kib,
     };
-    let (writes, reads) = (flow(WRITES), flow(READS));
+    let writes = steady.writes_after - steady.writes_before;
     assert!(
         writes >= nodes as f64 * 0.9 || report::quick(),
         "{writes} writes of loopguard's in a heartbeat interval, for {nodes} nodes: the flow schemas counted nothing?"
     );
-    let (writes_hour, all_hour) = (per_node_hour(writes), per_node_hour(writes + reads));
-    section.line(format!(
-        "### Steady state: {nodes} compliant nodes, {} s (one heartbeat interval)\n",
-        window.as_secs()
-    ));
-    section.line(
-        "Requests that kube-apiserver counted in the window (resources loopguard or the nodes use; \
-         `apiserver_request_total`, which does not say who sent them), and per node per hour:\n",
-    );
-    section.table(
-        &[
-            "resource",
-            "verb",
-            "from",
-            "in the window",
-            "per node per hour",
-        ],
-        &rows,
-    );
-    section.line(format!(
-        "- **loopguard's requests: {writes_hour:.1} writes and {all_hour:.1} in all per node per hour** \
-         ({writes:.0} writes and {reads:.0} other requests in the window, every request of loopguard's \
-         service accounts, agents and controller, the controller's leader Lease included, as \
-         kube-apiserver's flow control counted them: `apiserver_flowcontrol_dispatched_requests_total` \
-         under FlowSchemas of the bench's own). The heartbeat is one status write per node every {} s \
-         (`agent.heartbeatInterval`); nothing else changes.",
-        HEARTBEAT.as_secs()
-    ));
-    section.line(format!(
-        "- Agents ({}): resident memory {:.1} MiB on average, {:.1} MiB at most; CPU {:.3} % of a core on average, {:.3} % at most (each agent in a cgroup of its own, the processes it starts included).\n",
-        rss.len(),
-        mean(&rss),
-        max(&rss),
-        mean(&cpu_percent),
-        max(&cpu_percent),
-    ));
-    headline.line(format!(
-        "- {nodes} real agents at steady state, one heartbeat interval: {writes_hour:.1} API writes and {all_hour:.1} requests in all per node per hour (the controller's Lease included); agent memory {:.1} MiB on average ({:.1} MiB at most), CPU {:.3} % of a core (children included).",
-        mean(&rss),
-        max(&rss),
-        mean(&cpu_percent),
-    ));
+    steady
 }
 
 /// The FlowSchemas that count loopguard's requests: its writes, and the rest.
@@ -470,7 +402,7 @@ fn request_counts(cluster: &Cluster) -> BTreeMap<(String, String), f64> {
 
 // --- simulated nodes -------------------------------------------------------------------------------
 
-async fn simulated(section: &mut Section, headline: &mut Section) {
+async fn simulated() -> Simulated {
     let (nodes, changes) = if report::quick() {
         (200, 2)
     } else {
@@ -542,42 +474,18 @@ async fn simulated(section: &mut Section, headline: &mut Section) {
             writes.last().unwrap()
         );
     }
-    let cpu_seconds = meter.stop()[0].as_secs_f64();
-    let elapsed = run_started.elapsed().as_secs_f64();
-    let rss = status_kib(pid, "VmRSS:") / 1024.0;
-    let peak = status_kib(pid, "VmHWM:") / 1024.0;
-    let writes_mean = writes.iter().sum::<f64>() / writes.len() as f64;
-    let writes_max = writes.iter().copied().fold(0.0, f64::max);
-
-    section.line(format!(
-        "### {nodes} simulated nodes, {changes} policy changes\n"
-    ));
-    section.table(
-        &["measured per policy change", "median / p90 / max (s)"],
-        &[
-            vec![
-                format!("the {nodes} simulated agents write their reports (64 at a time)"),
-                written.secs(),
-            ],
-            vec![
-                "the controller: last report written → status converged".into(),
-                lag.secs(),
-            ],
-            vec!["policy change → status converged".into(), total.secs()],
-        ],
-    );
-    section.line(format!(
-        "- Status writes per change: {writes_mean:.1} on average, {writes_max:.0} at most (the controller's `loopguard_controller_status_writes_total`; it coalesces reports for 500 ms)."
-    ));
-    section.line(format!(
-        "- Controller: resident memory {rss:.1} MiB at the end, {peak:.1} MiB at its peak; CPU {cpu_seconds:.1} s over the {elapsed:.0} s of changes ({:.1} % of a core).\n",
-        cpu_seconds / elapsed * 100.0
-    ));
-    headline.line(format!(
-        "- {nodes} simulated nodes: a policy change converges {:.1} s (median; p90 {:.1} s) after the last node reports, {:.1} s after the change; {writes_mean:.1} status writes per change; controller memory {peak:.1} MiB at its peak.",
-        lag.median().as_secs_f64(),
-        lag.p90().as_secs_f64(),
-        total.median().as_secs_f64(),
-    ));
+    let cpu = CpuUse::new(meter.stop()[0], run_started.elapsed());
+    let kib = |key: &str| status_kib(pid, key) as u64;
+    let (rss_kib, peak_kib) = (kib("VmRSS:"), kib("VmHWM:"));
     drop(ctl);
+    Simulated {
+        nodes,
+        written,
+        lag,
+        total,
+        writes,
+        cpu,
+        rss_kib,
+        peak_kib,
+    }
 }

@@ -23,11 +23,13 @@
 
 #[path = "../tests/support/netns.rs"]
 mod netns;
+#[path = "support/render.rs"]
+mod render;
 #[path = "support/report.rs"]
 mod report;
 
 use netns::TestNetns;
-use report::{Samples, Section};
+use render::{Foreign, Meta, NFT_DRIFTS, NFT_ONE_SHOT, NodeRun, ONE_SHOT, Samples};
 use std::io::BufRead as _;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -55,153 +57,47 @@ fn main() {
         &[1_000, 50_000]
     };
     let ansible = ansible_playbook();
-    let mut section = Section::default();
-    section.line(format!(
-        "Measured {} at commit `{}` on {}. Median / p90 / max of {} runs, milliseconds, unless said otherwise.\n",
-        report::today(),
-        report::commit(),
-        report::machine(),
-        reps()
-    ));
-
-    let mut one_shot = Vec::new();
-    let mut headline = Section::default();
+    let meta = Meta {
+        date: report::today(),
+        commit: report::commit(),
+        machine: report::machine(),
+    };
     // Every size spread over twenty chains of their own (ten rules each in INPUT and OUTPUT), and
     // the largest once more with all of them in INPUT and OUTPUT, where loopguard's rules sit.
     let largest = *sizes.last().unwrap();
-    let layouts = sizes
+    let layouts: Vec<Foreign> = sizes
         .iter()
         .map(|&total| Foreign::spread(total))
-        .chain([Foreign::long(largest)]);
-    let layouts: Vec<Foreign> = layouts.collect();
+        .chain([Foreign::long(largest)])
+        .collect();
+    let mut one_shot = Vec::new();
     for backend in ["nft", "legacy"] {
         for &foreign in &layouts {
-            let (rows, line) = bench_size(backend, foreign, &ansible);
-            one_shot.extend(rows);
-            if foreign.total == largest {
-                headline.line(line);
-            }
+            one_shot.push(bench_size(backend, foreign, &ansible));
         }
     }
-    section.line("### One-shot commands\n");
-    section.table(
-        &[
-            "backend",
-            "foreign rules",
-            "command",
-            "median / p90 / max (ms)",
-        ],
-        &one_shot,
-    );
-
-    let mut repairs = Vec::new();
-    let mut idle = Vec::new();
     let largest = *repair_sizes.last().unwrap();
     let layouts: Vec<Foreign> = repair_sizes
         .iter()
         .map(|&total| Foreign::spread(total))
         .chain([Foreign::long(largest)])
         .collect();
+    let mut repairs = Vec::new();
     for backend in ["nft", "legacy"] {
         for &foreign in &layouts {
-            let r = bench_repair(backend, foreign);
-            repairs.push(vec![
-                backend.to_string(),
-                foreign.to_string(),
-                r.signal.clone(),
-                format!("{} of {}", r.latency.len(), r.deletions),
-                r.latency.ms(),
-            ]);
-            idle.push(vec![
-                backend.to_string(),
-                foreign.to_string(),
-                format!("{:.2} %", r.idle_cpu_percent),
-                format!("{:.1} MiB", r.rss_mib),
-            ]);
-            if foreign.total == largest {
-                headline.line(format!(
-                    "- Drift repair, {backend} backend, {foreign} foreign rules: median {:.1} ms, p90 {:.1} ms from the delete reaching the kernel to the rule back, seen from outside ({} of {} deletions, those repaired on the {}); idle watcher {:.2} % of a core, {:.1} MiB.",
-                    report::ms(r.latency.median()),
-                    report::ms(r.latency.p90()),
-                    r.latency.len(),
-                    r.deletions,
-                    if backend == "nft" { "nftables event" } else { "legacy probe" },
-                    r.idle_cpu_percent,
-                    r.rss_mib,
-                ));
-            }
+            repairs.push(bench_repair(backend, foreign));
         }
     }
-    section.line("### Drift repair\n");
-    section.table(
-        &[
-            "backend",
-            "foreign rules",
-            "what brought the repair",
-            "deletions counted",
-            "delete in the kernel → rule back, median / p90 / max (ms)",
-        ],
-        &repairs,
-    );
-    section.line("### The watcher at idle\n");
-    section.table(
-        &[
-            "backend",
-            "foreign rules",
-            "CPU (of one core)",
-            "resident memory",
-        ],
-        &idle,
-    );
-    let size = *sizes.last().unwrap();
-    let table = bench_nft_table(size);
-    section.line(format!(
-        "### The nftables rule: table inet loopguard, {size} foreign iptables-nft rules\n"
-    ));
-    section.table(&["command", "median / p90 / max (ms)"], &table.one_shot);
-    section.table(
-        &[
-            "drift",
-            "counted",
-            "change committed → table back, median / p90 / max (ms)",
-        ],
-        &table.repairs,
-    );
-    section.line(format!(
-        "The watcher at idle: {:.2} % of a core, {:.1} MiB.\n",
-        table.idle_cpu_percent, table.rss_mib
-    ));
-    headline.line(table.headline);
-    report::publish("node-engine", &section, &headline);
-}
-
-/// How many foreign rules a namespace holds, and where.
-#[derive(Clone, Copy)]
-struct Foreign {
-    total: usize,
-    /// All of them in INPUT and OUTPUT (half each), the chains loopguard's rules are in; else ten
-    /// each there and the rest over twenty chains of their own.
-    long: bool,
-}
-
-impl Foreign {
-    fn spread(total: usize) -> Foreign {
-        Foreign { total, long: false }
-    }
-
-    fn long(total: usize) -> Foreign {
-        Foreign { total, long: true }
-    }
-}
-
-impl std::fmt::Display for Foreign {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.long {
-            write!(f, "{} (in INPUT and OUTPUT)", self.total)
-        } else {
-            write!(f, "{}", self.total)
-        }
-    }
+    let nft_table = bench_nft_table(*sizes.last().unwrap());
+    let run = report::kept(&NodeRun {
+        meta,
+        reps: reps(),
+        one_shot,
+        repairs,
+        nft_table,
+    });
+    let (section, headline) = render::render_node(&run);
+    report::publish("node-engine", &run, &section, &headline);
 }
 
 /// A namespace with foreign rules, and the stubs every command runs with.
@@ -360,24 +256,10 @@ fn time(cmd: &mut Command, what: &str) -> Duration {
     elapsed
 }
 
-/// One row per command, and a headline line comparing loopguard with the seed's script and playbook.
-fn bench_size(
-    backend: &'static str,
-    foreign: Foreign,
-    ansible: &Ansible,
-) -> (Vec<Vec<String>>, String) {
+/// The one-shot commands' samples in one namespace.
+fn bench_size(backend: &'static str, foreign: Foreign, ansible: &Ansible) -> render::OneShot {
     let fx = Fx::new(backend, foreign);
-    let names = [
-        "loopguard check, auto-detected backend",
-        "loopguard check, --backend forced",
-        "loopguard enforce, nothing to do, auto",
-        "loopguard enforce, nothing to do, forced",
-        "loopguard enforce, three rules, auto",
-        "loopguard enforce, three rules, forced",
-        "the seed's shell script (three rules)",
-        "the seed's Ansible playbook (three rules)",
-        "full `ip6tables-save -t filter`",
-    ];
+    let names = ONE_SHOT;
     let mut samples: Vec<Samples> = vec![Samples::default(); names.len()];
     for _ in 0..reps() {
         for (forced, first) in [(false, 0), (true, 1)] {
@@ -394,37 +276,14 @@ fn bench_size(
         samples[7].push(time(&mut fx.ansible(ansible), names[7]));
         assert!(fx.drop_listed(), "the playbook wrote the DROP");
     }
-    let rows: Vec<Vec<String>> = names
-        .iter()
-        .zip(&samples)
-        .map(|(name, s)| {
-            vec![
-                backend.to_string(),
-                foreign.to_string(),
-                name.to_string(),
-                s.ms(),
-            ]
-        })
-        .collect();
-    for row in &rows {
-        eprintln!("{}", row.join(" | "));
+    for (name, s) in names.iter().zip(&samples) {
+        eprintln!("{backend} | {foreign} | {name} | {}", s.ms());
     }
-    let headline = format!(
-        "- {backend} backend, {foreign} foreign rules, median: `loopguard node enforce` writing the three rules {:.0} ms (nothing to do: {:.0} ms), the seed's shell script {:.0} ms, its Ansible playbook {:.0} ms.",
-        report::ms(samples[4].median()),
-        report::ms(samples[2].median()),
-        report::ms(samples[6].median()),
-        report::ms(samples[7].median()),
-    );
-    (rows, headline)
-}
-
-struct Repair {
-    signal: String,
-    deletions: usize,
-    latency: Samples,
-    idle_cpu_percent: f64,
-    rss_mib: f64,
+    render::OneShot {
+        backend: backend.to_string(),
+        foreign,
+        samples,
+    }
 }
 
 /// A tiny pseudo-random sequence (xorshift), seeded from the clock.
@@ -447,7 +306,7 @@ impl Rng {
     }
 }
 
-fn bench_repair(backend: &'static str, foreign: Foreign) -> Repair {
+fn bench_repair(backend: &'static str, foreign: Foreign) -> render::Repair {
     let fx = Fx::new(backend, foreign);
     let mut watch = fx.loopguard("watch", false);
     watch
@@ -478,15 +337,9 @@ fn bench_repair(backend: &'static str, foreign: Foreign) -> Repair {
     };
     wait_log("watching for drift");
     let observer = Observer::start(&fx.ns.name, backend);
-    let (expected, signal) = match backend {
-        "nft" => (
-            "nft event",
-            "nftables event (watcher) / next ruleset event, then `-C` (bench)",
-        ),
-        _ => (
-            "legacy table change",
-            "the 25 ms GET_INFO probe (watcher) / entry count polled every 1 ms, then `-C` (bench)",
-        ),
+    let expected = match backend {
+        "nft" => "nft event",
+        _ => "legacy table change",
     };
     let mut rng = Rng::new();
     let mut latency = Samples::default();
@@ -534,31 +387,24 @@ fn bench_repair(backend: &'static str, foreign: Foreign) -> Repair {
     let before = cpu.used();
     std::thread::sleep(window);
     let used = cpu.used() - before;
-    let idle_cpu_percent = used.as_secs_f64() / window.as_secs_f64() * 100.0;
-    let rss_mib = rss_kib(pid) as f64 / 1024.0;
+    let idle_cpu = render::CpuUse::new(used, window);
+    let rss_kib = rss_kib(pid);
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = child.wait();
-    let signal = if others.is_empty() {
-        signal.to_string()
-    } else {
-        let mut counted: std::collections::BTreeMap<&str, usize> = Default::default();
-        for other in &others {
-            *counted.entry(other.as_str()).or_default() += 1;
-        }
-        let counted: Vec<String> = counted.iter().map(|(t, n)| format!("{n} by {t}")).collect();
-        format!("{signal}; left out: {}", counted.join(", "))
-    };
     eprintln!(
-        "{backend} {foreign}: repair {} ms over {} of {deletions}; idle {idle_cpu_percent:.2} %, {rss_mib:.1} MiB",
+        "{backend} {foreign}: repair {} ms over {} of {deletions}; left out: {others:?}; idle {:.2} %, {rss_kib} KiB",
         latency.ms(),
-        latency.len()
+        latency.len(),
+        idle_cpu.percent()
     );
-    Repair {
-        signal,
-        deletions,
+    render::Repair {
+        backend: backend.to_string(),
+        foreign,
         latency,
-        idle_cpu_percent,
-        rss_mib,
+        deletions,
+        others,
+        idle_cpu,
+        rss_kib,
     }
 }
 
@@ -818,14 +664,6 @@ fn ansible_playbook() -> Ansible {
 }
 
 /// The nftables rule's numbers: one-shot rows, repair rows, idle, and a headline line.
-struct NftTable {
-    one_shot: Vec<Vec<String>>,
-    repairs: Vec<Vec<String>>,
-    idle_cpu_percent: f64,
-    rss_mib: f64,
-    headline: String,
-}
-
 /// The namespace of [`Fx`] (foreign iptables-nft rules), a host root where the nftables rule
 /// applies (iptables and nftables installed, no firewalld: the seed's rule does not apply), and
 /// loopguard as the chart runs it there (`nftables: Enforce`).
@@ -859,7 +697,7 @@ fn nft_table_listed(fx: &Fx) -> bool {
         .all(|r| listing.contains(r))
 }
 
-fn bench_nft_table(size: usize) -> NftTable {
+fn bench_nft_table(size: usize) -> render::NftTable {
     let fx = Fx::new("nft", Foreign::spread(size));
     let root = fx.dir.path().join("host");
     std::fs::create_dir_all(root.join("var/lib/dpkg")).unwrap();
@@ -875,14 +713,7 @@ fn bench_nft_table(size: usize) -> NftTable {
         let _ = std::fs::remove_file(fx.dir.path().join("state.json"));
         assert!(!nft_table_listed(&fx), "reset left loopguard's table");
     };
-    let names = [
-        "loopguard enforce, writing its table",
-        "loopguard enforce, nothing to do",
-        "loopguard check",
-        "ComplianceAsCode's bash remediation (`nft add rule` ×3, into inet filter)",
-        "the seed's shell script (`ip6tables -A` ×3)",
-        "full `nft list ruleset` (what ComplianceAsCode's check reads)",
-    ];
+    let names = NFT_ONE_SHOT;
     let mut samples: Vec<Samples> = vec![Samples::default(); names.len()];
     let cac = Path::new(report::REPO).join("tests/fixtures/cac-nftables-remediation.sh");
     for _ in 0..reps() {
@@ -911,13 +742,8 @@ fn bench_nft_table(size: usize) -> NftTable {
         list.args(["list", "ruleset"]);
         samples[5].push(time(&mut list, names[5]));
     }
-    let one_shot: Vec<Vec<String>> = names
-        .iter()
-        .zip(&samples)
-        .map(|(name, s)| vec![name.to_string(), s.ms()])
-        .collect();
-    for row in &one_shot {
-        eprintln!("nft table | {}", row.join(" | "));
+    for (name, s) in names.iter().zip(&samples) {
+        eprintln!("nft table | {name} | {}", s.ms());
     }
 
     reset();
@@ -956,11 +782,7 @@ fn bench_nft_table(size: usize) -> NftTable {
     // a writer's socket closes, the kernel waits out an RCU grace period under its commit mutex
     // (5-20 ms), which holds up any write until then, loopguard's repair included; kept open, the
     // row shows loopguard's own part.
-    let drifts = [
-        "`nft delete rule` of its ip6 drop",
-        "`nft flush ruleset`",
-        "the same delete, from a writer that keeps its socket open (`nft -i`)",
-    ];
+    let drifts = NFT_DRIFTS;
     let mut latency = [Samples::default(), Samples::default(), Samples::default()];
     let mut counted = [0usize; 3];
     let mut others = Vec::new();
@@ -1045,37 +867,28 @@ fn bench_nft_table(size: usize) -> NftTable {
     let before = cpu.used();
     std::thread::sleep(window);
     let used = cpu.used() - before;
-    let idle_cpu_percent = used.as_secs_f64() / window.as_secs_f64() * 100.0;
-    let rss_mib = rss_kib(pid) as f64 / 1024.0;
+    let idle_cpu = render::CpuUse::new(used, window);
+    let rss_kib = rss_kib(pid);
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = child.wait();
     let _ = nft_loopguard(&fx, &root, "cleanup").status();
-    let repairs: Vec<Vec<String>> = (0..3)
-        .map(|i| {
-            vec![
-                drifts[i].to_string(),
-                format!("{} of {}", latency[i].len(), counted[i]),
-                latency[i].ms(),
-            ]
-        })
-        .collect();
-    eprintln!("nft table repairs: {repairs:?}; left out: {others:?}");
-    let headline = format!(
-        "- The nftables rule, {size} foreign iptables-nft rules, median: `loopguard node enforce` writing table inet loopguard {:.0} ms (nothing to do: {:.0} ms), ComplianceAsCode's bash remediation {:.0} ms; its table back {:.1} ms after a rule of it is deleted ({:.1} ms when the deleting process keeps its netlink socket open: the rest is the kernel's wait when that socket closes) and {:.1} ms after `nft flush ruleset`, seen from outside; idle watcher {:.2} % of a core.",
-        report::ms(samples[0].median()),
-        report::ms(samples[1].median()),
-        report::ms(samples[3].median()),
-        report::ms(latency[0].median()),
-        report::ms(latency[2].median()),
-        report::ms(latency[1].median()),
-        idle_cpu_percent,
-    );
-    NftTable {
-        one_shot,
-        repairs,
-        idle_cpu_percent,
-        rss_mib,
-        headline,
+    for (i, drift) in drifts.iter().enumerate() {
+        eprintln!(
+            "nft table | {drift} | {} of {} | {}",
+            latency[i].len(),
+            counted[i],
+            latency[i].ms()
+        );
+    }
+    eprintln!("nft table: left out {others:?}");
+    render::NftTable {
+        foreign: size,
+        one_shot: samples,
+        latency: latency.to_vec(),
+        counted: counted.to_vec(),
+        others,
+        idle_cpu,
+        rss_kib,
     }
 }
 

@@ -1,5 +1,9 @@
-//! The README's performance lines are the ones the benches last wrote into BENCHMARKS.md, and every
-//! section the benches write holds something.
+//! Every number of BENCHMARKS.md's bench sections and of the README's performance lines is what the
+//! raw samples the benches kept in BENCHMARKS.json render to, and the README's mutant list is the
+//! script's.
+
+#[path = "../benches/support/render.rs"]
+mod render;
 
 use std::path::Path;
 
@@ -39,16 +43,67 @@ fn readme_headlines_are_what_the_benches_wrote() {
     }
 }
 
-#[test]
-fn every_bench_section_holds_a_measurement() {
-    for name in ["node-engine", "cluster"] {
-        let section = between("BENCHMARKS.md", name);
-        assert!(
-            section.starts_with("Measured ") && section.contains("| "),
-            "BENCHMARKS.md's {name} section was not written by the bench: run `cargo bench --bench {}`",
+/// The bench's raw record in BENCHMARKS.json.
+fn record<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = Path::new(REPO).join("BENCHMARKS.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let all: serde_json::Value = serde_json::from_str(&text).expect("BENCHMARKS.json is JSON");
+    let raw = all.get(name).unwrap_or_else(|| {
+        panic!(
+            "BENCHMARKS.json holds no {name:?} record: run `cargo bench --bench {}`",
             name.replace('-', "_")
+        )
+    });
+    serde_json::from_value(raw.clone())
+        .unwrap_or_else(|e| panic!("BENCHMARKS.json's {name:?} record does not read: {e}"))
+}
+
+/// Renders a bench's raw record again and compares every line with what BENCHMARKS.md shows.
+fn assert_rendered(name: &str, (section, headline): (String, String)) {
+    let bench = name.replace('-', "_");
+    for (block, expected) in [
+        (name.to_string(), section),
+        (format!("{name}-headline"), headline),
+    ] {
+        let written = between("BENCHMARKS.md", &block);
+        for (i, (w, e)) in written.lines().zip(expected.lines()).enumerate() {
+            assert_eq!(
+                w,
+                e,
+                "BENCHMARKS.md's {block} block, line {}, is not what BENCHMARKS.json's samples give: run `cargo bench --bench {bench}` rather than editing either",
+                i + 1
+            );
+        }
+        assert_eq!(
+            written, expected,
+            "BENCHMARKS.md's {block} block differs in length from what BENCHMARKS.json's samples give: run `cargo bench --bench {bench}`"
         );
     }
+}
+
+#[test]
+fn node_engine_numbers_come_from_its_samples() {
+    let run: render::NodeRun = record("node-engine");
+    assert!(
+        run.reps >= 15
+            && run
+                .one_shot
+                .iter()
+                .all(|o| o.samples.iter().all(|s| s.len() == run.reps)),
+        "the node-engine record is not a full run ({} samples per command)",
+        run.reps
+    );
+    assert_rendered("node-engine", render::render_node(&run));
+}
+
+#[test]
+fn cluster_numbers_come_from_its_samples() {
+    let run: render::ClusterRun = record("cluster");
+    assert!(
+        run.steady.is_some() && run.simulated.is_some() && !run.applies.is_empty(),
+        "the cluster record is not a full run (a part is missing)"
+    );
+    assert_rendered("cluster", render::render_cluster(&run));
 }
 
 /// The README's list of mutants is `hack/mutants.sh --list`: the script is the list.

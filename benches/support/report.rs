@@ -1,74 +1,14 @@
-//! Shared by the bench targets: samples and their statistics, the machine and commit a run was
-//! made on, and writing a bench's section of BENCHMARKS.md (and its headline lines in the
-//! README) between markers, so that nobody edits a number by hand.
+//! Shared by the bench targets, the effects beside `render.rs`: the machine and commit a run was
+//! made on, CPU meters, and keeping a run's raw record in BENCHMARKS.json while writing what it
+//! renders to into BENCHMARKS.md (and its headline lines into the README) between markers, so
+//! that nobody edits a number by hand.
 
 #![allow(dead_code)]
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
-
-/// Timed samples of one measurement.
-#[derive(Clone, Debug, Default)]
-pub struct Samples(pub Vec<Duration>);
-
-impl Samples {
-    pub fn push(&mut self, d: Duration) {
-        self.0.push(d);
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn sorted(&self) -> Vec<Duration> {
-        let mut s = self.0.clone();
-        s.sort();
-        s
-    }
-
-    pub fn median(&self) -> Duration {
-        let s = self.sorted();
-        s[s.len() / 2]
-    }
-
-    /// The 90th percentile (nearest rank).
-    pub fn p90(&self) -> Duration {
-        let s = self.sorted();
-        let rank = (s.len() * 9).div_ceil(10).max(1);
-        s[rank - 1]
-    }
-
-    pub fn max(&self) -> Duration {
-        *self.0.iter().max().expect("samples")
-    }
-
-    /// `median / p90 / max` in milliseconds, one decimal.
-    pub fn ms(&self) -> String {
-        format!(
-            "{:.1} / {:.1} / {:.1}",
-            ms(self.median()),
-            ms(self.p90()),
-            ms(self.max())
-        )
-    }
-
-    /// `median / p90 / max` in seconds, two decimals.
-    pub fn secs(&self) -> String {
-        format!(
-            "{:.2} / {:.2} / {:.2}",
-            self.median().as_secs_f64(),
-            self.p90().as_secs_f64(),
-            self.max().as_secs_f64()
-        )
-    }
-}
-
-pub fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// Whether the bench runs in CI's quick mode (`-- --quick`): few samples, nothing written.
 pub fn quick() -> bool {
@@ -124,31 +64,6 @@ pub fn today() -> String {
     command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
 }
 
-/// Markdown being built for one section.
-#[derive(Default)]
-pub struct Section(pub String);
-
-impl Section {
-    pub fn line(&mut self, text: impl AsRef<str>) {
-        self.0.push_str(text.as_ref());
-        self.0.push('\n');
-    }
-
-    pub fn table(&mut self, header: &[&str], rows: &[Vec<String>]) {
-        let _ = writeln!(self.0, "| {} |", header.join(" | "));
-        let align: Vec<&str> = header
-            .iter()
-            .enumerate()
-            .map(|(i, _)| if i == 0 { "---" } else { "---:" })
-            .collect();
-        let _ = writeln!(self.0, "|{}|", align.join("|"));
-        for row in rows {
-            let _ = writeln!(self.0, "| {} |", row.join(" | "));
-        }
-        self.0.push('\n');
-    }
-}
-
 /// Replaces what lies between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `file` with
 /// `text`. Panics when the markers are missing: the bench would otherwise write nowhere.
 pub fn replace_between(file: &Path, name: &str, text: &str) {
@@ -164,25 +79,52 @@ pub fn replace_between(file: &Path, name: &str, text: &str) {
     std::fs::write(file, new).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
 }
 
-/// Writes a bench's section of BENCHMARKS.md and its headline lines (in BENCHMARKS.md and the
-/// README alike), unless this is a quick run, which only prints.
-pub fn publish(name: &str, section: &Section, headline: &Section) {
-    println!("{}", section.0);
-    println!("headline:\n{}", headline.0);
+/// The raw record as BENCHMARKS.json will hold it, read back: what a run renders is what a reader
+/// of that file renders (`tests/docs.rs` does), not the values before they were written.
+pub fn kept<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+    run: &T,
+) -> T {
+    let json = serde_json::to_string(run).expect("a bench record serializes");
+    let back: T = serde_json::from_str(&json).expect("a bench record reads back");
+    assert_eq!(
+        &back, run,
+        "the bench record changed on its way through JSON"
+    );
+    back
+}
+
+/// Writes a bench's raw record into BENCHMARKS.json (under `name`), its section of BENCHMARKS.md
+/// and its headline lines (in BENCHMARKS.md and the README alike), unless this is a quick run,
+/// which only prints.
+pub fn publish(name: &str, raw: &impl serde::Serialize, section: &str, headline: &str) {
+    println!("{section}");
+    println!("headline:\n{headline}");
     if quick() {
-        println!("(quick run: BENCHMARKS.md and README.md left as they are)");
+        println!("(quick run: BENCHMARKS.md, BENCHMARKS.json and README.md left as they are)");
         return;
     }
-    let benchmarks = Path::new(REPO).join("BENCHMARKS.md");
-    replace_between(&benchmarks, name, &section.0);
-    let headline_name = format!("{name}-headline");
-    replace_between(&benchmarks, &headline_name, &headline.0);
-    replace_between(
-        &Path::new(REPO).join("README.md"),
-        &headline_name,
-        &headline.0,
+    let json_path = Path::new(REPO).join("BENCHMARKS.json");
+    let mut all: serde_json::Map<String, serde_json::Value> = std::fs::read_to_string(&json_path)
+        .ok()
+        .map(|text| {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", json_path.display()))
+        })
+        .unwrap_or_default();
+    all.insert(
+        name.to_string(),
+        serde_json::to_value(raw).expect("a bench record serializes"),
     );
-    println!("wrote the {name} section of BENCHMARKS.md and its headline in README.md");
+    let mut text = serde_json::to_string_pretty(&all).expect("JSON");
+    text.push('\n');
+    std::fs::write(&json_path, text).unwrap_or_else(|e| panic!("{}: {e}", json_path.display()));
+    let benchmarks = Path::new(REPO).join("BENCHMARKS.md");
+    replace_between(&benchmarks, name, section);
+    let headline_name = format!("{name}-headline");
+    replace_between(&benchmarks, &headline_name, headline);
+    replace_between(&Path::new(REPO).join("README.md"), &headline_name, headline);
+    println!(
+        "wrote the {name} record in BENCHMARKS.json, its section of BENCHMARKS.md and its headline in README.md"
+    );
 }
 
 /// Every thread's CPU time so far (the scheduler's own account, `/proc/PID/task/*/schedstat`, in
