@@ -64,6 +64,15 @@ async fn main() {
         simulated,
     });
     let (section, headline) = render::render_cluster(&run);
+    if report::quick() {
+        let old: Option<ClusterRun> = report::committed("cluster");
+        let old = old
+            .as_ref()
+            .map(render::cluster_medians)
+            .unwrap_or_default();
+        let now = render::cluster_medians(&run);
+        report::print_regressions("cluster", render::regressions(&old, &now));
+    }
     if part.is_some() {
         println!("{section}\nheadline:\n{headline}\n(one part only: nothing written)");
         return;

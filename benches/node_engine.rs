@@ -98,6 +98,12 @@ fn main() {
     });
     let (section, headline) = render::render_node(&run);
     report::publish("node-engine", &run, &section, &headline);
+    if report::quick() {
+        let old: Option<NodeRun> = report::committed("node-engine");
+        let old = old.as_ref().map(render::node_medians).unwrap_or_default();
+        let now = render::node_medians(&run);
+        report::print_regressions("node-engine", render::regressions(&old, &now));
+    }
 }
 
 /// A namespace with foreign rules, and the stubs every command runs with.

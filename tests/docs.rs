@@ -106,6 +106,35 @@ fn cluster_numbers_come_from_its_samples() {
     assert_rendered("cluster", render::render_cluster(&run));
 }
 
+/// A quick run warns about every row whose median is more than 20 % above the committed one, and
+/// about no other: checked on the committed node-engine record with one row slowed down.
+#[test]
+fn a_slower_row_is_named_and_no_other() {
+    let committed: render::NodeRun = record("node-engine");
+    let base = render::node_medians(&committed);
+    let (compared, warnings) = render::regressions(&base, &base);
+    assert_eq!((compared, warnings.len()), (base.len(), 0), "{warnings:?}");
+    for (factor, expected) in [(1.1, 0), (1.25, 1)] {
+        let mut now = committed.clone();
+        now.repairs[0]
+            .latency
+            .0
+            .iter_mut()
+            .for_each(|ns| *ns = (*ns as f64 * factor) as u64);
+        let (_, warnings) = render::regressions(&base, &render::node_medians(&now));
+        assert_eq!(warnings.len(), expected, "slowed by {factor}: {warnings:?}");
+        if expected == 1 {
+            let r = &committed.repairs[0];
+            let row = format!("{} | {} | drift repair", r.backend, r.foreign);
+            assert!(
+                warnings[0].contains(&row),
+                "{} does not name {row}",
+                warnings[0]
+            );
+        }
+    }
+}
+
 /// The README's list of mutants is `hack/mutants.sh --list`: the script is the list.
 #[test]
 fn readme_mutants_are_the_scripts() {

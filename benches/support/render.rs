@@ -648,3 +648,100 @@ fn render_simulated(s: &Simulated, section: &mut Section, headline: &mut Section
         s.total.median().as_secs_f64(),
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Regressions against the committed record
+// ---------------------------------------------------------------------------------------------
+
+/// How much slower than the committed median a row may be before a run warns about it.
+pub const REGRESSION: f64 = 1.2;
+
+/// Every timed row of a node-engine run, by the name its table gives it, with its median.
+pub fn node_medians(run: &NodeRun) -> Vec<(String, Duration)> {
+    let mut rows = Vec::new();
+    for o in &run.one_shot {
+        for (name, s) in ONE_SHOT.iter().zip(&o.samples) {
+            rows.push((
+                format!("{} | {} | {name}", o.backend, o.foreign),
+                s.median(),
+            ));
+        }
+    }
+    for r in &run.repairs {
+        if r.latency.len() > 0 {
+            let key = format!("{} | {} | drift repair", r.backend, r.foreign);
+            rows.push((key, r.latency.median()));
+        }
+    }
+    let t = &run.nft_table;
+    for (name, s) in NFT_ONE_SHOT.iter().zip(&t.one_shot) {
+        rows.push((
+            format!("table inet loopguard | {} | {name}", t.foreign),
+            s.median(),
+        ));
+    }
+    for (drift, s) in NFT_DRIFTS.iter().zip(&t.latency) {
+        if s.len() > 0 {
+            let key = format!("table inet loopguard | {} | {drift}", t.foreign);
+            rows.push((key, s.median()));
+        }
+    }
+    rows
+}
+
+/// Every timed row of a cluster run, by the name its table gives it, with its median.
+pub fn cluster_medians(run: &ClusterRun) -> Vec<(String, Duration)> {
+    let mut rows = Vec::new();
+    for a in &run.applies {
+        rows.push((
+            format!("{} nodes | create → Compliant=True", a.nodes),
+            a.apply.median(),
+        ));
+        rows.push((
+            format!("{} nodes | delete → policy gone", a.nodes),
+            a.delete.median(),
+        ));
+    }
+    if let Some(s) = &run.simulated {
+        let nodes = s.nodes;
+        rows.push((
+            format!("{nodes} simulated nodes | reports written"),
+            s.written.median(),
+        ));
+        rows.push((
+            format!("{nodes} simulated nodes | last report → converged"),
+            s.lag.median(),
+        ));
+        rows.push((
+            format!("{nodes} simulated nodes | change → converged"),
+            s.total.median(),
+        ));
+    }
+    rows
+}
+
+/// The rows measured both now and in the committed record whose median is now more than
+/// `REGRESSION` times the committed one, as warning lines naming the row; and how many rows could
+/// be compared. A quick run has few samples: this warns, it never fails a run.
+pub fn regressions(
+    committed: &[(String, Duration)],
+    now: &[(String, Duration)],
+) -> (usize, Vec<String>) {
+    let mut compared = 0;
+    let mut warnings = Vec::new();
+    for (key, median) in now {
+        let Some((_, before)) = committed.iter().find(|(k, _)| k == key) else {
+            continue;
+        };
+        compared += 1;
+        if median.as_secs_f64() > before.as_secs_f64() * REGRESSION {
+            warnings.push(format!(
+                "warning: slower than the committed BENCHMARKS.json: {key}: median {:.1} ms now, {:.1} ms committed (+{:.0} %)",
+                ms(*median),
+                ms(*before),
+                (median.as_secs_f64() / before.as_secs_f64() - 1.0) * 100.0
+            ));
+        }
+    }
+    (compared, warnings)
+}

@@ -93,6 +93,30 @@ pub fn kept<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std:
     back
 }
 
+/// The committed record of a bench (`name` in BENCHMARKS.json), if there is one this build reads.
+pub fn committed<T: serde::de::DeserializeOwned>(name: &str) -> Option<T> {
+    let text = std::fs::read_to_string(Path::new(REPO).join("BENCHMARKS.json")).ok()?;
+    let all: serde_json::Value = serde_json::from_str(&text).ok()?;
+    serde_json::from_value(all.get(name)?.clone()).ok()
+}
+
+/// Prints what `render::regressions` found: one warning line per row, never a failure (a quick run
+/// has two samples; CI must not fail on noise).
+pub fn print_regressions(name: &str, (compared, warnings): (usize, Vec<String>)) {
+    match compared {
+        0 => println!(
+            "{name}: no row of this run is in the committed BENCHMARKS.json to compare with"
+        ),
+        n => println!(
+            "{name}: {n} rows compared with the committed BENCHMARKS.json, {} more than 20 % slower",
+            warnings.len()
+        ),
+    }
+    for w in warnings {
+        println!("{w}");
+    }
+}
+
 /// Writes a bench's raw record into BENCHMARKS.json (under `name`), its section of BENCHMARKS.md
 /// and its headline lines (in BENCHMARKS.md and the README alike), unless this is a quick run,
 /// which only prints.
