@@ -489,12 +489,9 @@ pub fn render_cluster(run: &ClusterRun) -> (String, String) {
 
 fn render_applies(run: &ClusterRun, section: &mut Section, headline: &mut Section) {
     // The steady state is measured with the largest size, in its last apply: it comes first.
-    let (mut steady_section, mut steady_headline) = (Section::default(), Section::default());
     if let Some(steady) = &run.steady {
-        render_steady(steady, &mut steady_section, &mut steady_headline);
+        render_steady(steady, section, headline);
     }
-    section.0.push_str(&steady_section.0);
-    headline.0.push_str(&steady_headline.0);
     let rows: Vec<Vec<String>> = run
         .applies
         .iter()
