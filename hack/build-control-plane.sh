@@ -24,7 +24,7 @@ bin="$cache_dir/bin"
 
 if [[ "${1:-}" == "--check" ]]; then
   echo "$bin"
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet helm; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy helm; do
     [[ -x "$bin/$name" ]] || exit 1
   done
   exit 0
@@ -75,7 +75,8 @@ build kubernetes "$(k8s_ldflags)" \
   kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
   kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
   kubectl=k8s.io/kubernetes/cmd/kubectl \
-  kubelet=k8s.io/kubernetes/cmd/kubelet
+  kubelet=k8s.io/kubernetes/cmd/kubelet \
+  kube-proxy=k8s.io/kubernetes/cmd/kube-proxy
 build etcd "-s -w" etcd=go.etcd.io/etcd/server/v3
 build helm "-s -w -X=helm.sh/helm/v4/internal/version.version=$helm_version -X=helm.sh/helm/v4/internal/version.gitTreeState=clean" \
   helm=helm.sh/helm/v4/cmd/helm
