@@ -2,10 +2,13 @@
 # A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) as plain
 # processes on 127.0.0.1, for tests and local development. See hack/README.md.
 #
-#   hack/cluster.sh up [--owner-pid PID] [--controllers LIST]
+#   hack/cluster.sh up [--owner-pid PID] [--controllers LIST] [--advertise-address IP]
+#                      [--service-cidr CIDRS] [--egress-uds PATH]
 #                                          build what is missing, start, wait until ready (LIST: the
-#                                          controller manager's --controllers, default "*")
-#   hack/cluster.sh down                   stop what `up` started, delete hollow-node netns, remove the dir
+#                                          controller manager's --controllers, default "*"; the last
+#                                          three are hack/real-cluster.sh's: see hack/README.md)
+#   hack/cluster.sh down                   take its real nodes down, stop what `up` started, delete
+#                                          hollow-node netns, remove the dir
 #   hack/cluster.sh env                    print `export KUBECONFIG=...` and `export PATH=<bin dir>:...`
 #   hack/cluster.sh status                 show the components and whether the API server is ready
 #   hack/cluster.sh restart-apiserver      restart kube-apiserver on the same port, etcd data kept
@@ -23,7 +26,6 @@ trap 'echo "cluster: line $LINENO: \`$BASH_COMMAND\` failed" >&2' ERR
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/cluster}"
 marker="$dir/.loopguard-cluster"
-service_cidr=10.96.0.0/12
 service_ip=10.96.0.1
 
 log() { echo "cluster: $*" >&2; }
@@ -133,8 +135,10 @@ make_pki() {
   mkdir -p "$pki"
   openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 365 \
     -subj "/CN=loopguard-test-ca" -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+  local advertised=""
+  [[ "$ADVERTISE_ADDRESS" != 127.0.0.1 ]] && advertised="IP:$ADVERTISE_ADDRESS,"
   cert apiserver "/CN=kube-apiserver" \
-    "IP:127.0.0.1,IP:$service_ip,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    "IP:127.0.0.1,IP:$service_ip,${advertised}DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   cert admin "/O=system:masters/CN=kubernetes-admin"
   cert controller-manager "/CN=system:kube-controller-manager"
   cert scheduler "/CN=system:kube-scheduler"
@@ -177,17 +181,39 @@ start_etcd() {
   wait_for etcd etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 }
 
-# The endpoint reconciler is off: Endpoints may not hold a loopback address, and workloads reach the
-# API server through the hollow nodes' proxy, not through the kubernetes Service.
+# By default the endpoint reconciler is off: Endpoints may not hold a loopback address, and workloads
+# reach the API server through the hollow nodes' proxy, not through the kubernetes Service. A real
+# cluster (hack/real-cluster.sh) advertises an address on its own bridge, where a relay listens, and
+# sends what the API server dials itself (kubectl logs, exec) through an HTTP CONNECT proxy on a UNIX
+# socket into that network: the API server still binds 127.0.0.1 only.
 start_apiserver() {
-  local pki="$dir/pki"
+  local pki="$dir/pki" extra=(--endpoint-reconciler-type=none)
+  if [[ "$ADVERTISE_ADDRESS" != 127.0.0.1 ]]; then
+    extra=(--endpoint-reconciler-type=lease
+      --kubelet-client-certificate="$pki/admin.crt" --kubelet-client-key="$pki/admin.key"
+      --kubelet-preferred-address-types=InternalIP)
+  fi
+  if [[ -n "$EGRESS_UDS" ]]; then
+    cat >"$dir/egress-selector.yaml" <<EOF
+apiVersion: apiserver.k8s.io/v1beta1
+kind: EgressSelectorConfiguration
+egressSelections:
+- name: cluster
+  connection:
+    proxyProtocol: HTTPConnect
+    transport:
+      uds:
+        udsName: $EGRESS_UDS
+EOF
+    extra+=(--egress-selector-config-file="$dir/egress-selector.yaml")
+  fi
   start kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
-    --endpoint-reconciler-type=none --cert-dir="$pki" \
+    --bind-address=127.0.0.1 --advertise-address="$ADVERTISE_ADDRESS" --secure-port="$APISERVER_PORT" \
+    "${extra[@]}" --cert-dir="$pki" \
     --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
     --client-ca-file="$pki/ca.crt" \
-    --service-cluster-ip-range="$service_cidr" \
+    --service-cluster-ip-range="$SERVICE_CIDR" \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
@@ -205,7 +231,7 @@ start_controller_manager() {
     --leader-elect=false --use-service-account-credentials=true \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" \
-    --service-cluster-ip-range="$service_cidr" --profiling=false --controllers="$controllers"
+    --service-cluster-ip-range="$SERVICE_CIDR" --profiling=false --controllers="$controllers"
 }
 
 start_scheduler() {
@@ -221,6 +247,8 @@ load_env() {
   [[ -f "$dir/cluster.env" ]] || die "no cluster in $dir (run: hack/cluster.sh up)"
   # shellcheck source=/dev/null
   source "$dir/cluster.env"
+  # Clusters started before these settings existed.
+  : "${ADVERTISE_ADDRESS:=127.0.0.1}" "${SERVICE_CIDR:=10.96.0.0/12}" "${EGRESS_UDS:=}"
 }
 
 running() { [[ -f "$dir/cluster.env" ]] && pid_of kube-apiserver >/dev/null && pid_of etcd >/dev/null; }
@@ -230,10 +258,14 @@ running() { [[ -f "$dir/cluster.env" ]] && pid_of kube-apiserver >/dev/null && p
 cmd_up() {
   local owner_pid=""
   controllers="*"
+  ADVERTISE_ADDRESS=127.0.0.1 SERVICE_CIDR=10.96.0.0/12 EGRESS_UDS=""
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --owner-pid) owner_pid="$2" && shift 2 ;;
       --controllers) controllers="$2" && shift 2 ;;
+      --advertise-address) ADVERTISE_ADDRESS="$2" && shift 2 ;;
+      --service-cidr) SERVICE_CIDR="$2" && shift 2 ;;
+      --egress-uds) EGRESS_UDS="$2" && shift 2 ;;
       *) die "up: unknown argument $1" ;;
     esac
   done
@@ -247,7 +279,8 @@ cmd_up() {
     trap up_failed EXIT
     ETCD_PORT="$(free_port)" ETCD_PEER_PORT="$(free_port)" APISERVER_PORT="$(free_port)"
     CONTROLLER_MANAGER_PORT="$(free_port)" SCHEDULER_PORT="$(free_port)"
-    declare -p BIN ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CONTROLLER_MANAGER_PORT SCHEDULER_PORT |
+    declare -p BIN ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CONTROLLER_MANAGER_PORT SCHEDULER_PORT \
+      ADVERTISE_ADDRESS SERVICE_CIDR EGRESS_UDS |
       sed 's/^declare -- //' >"$dir/cluster.env"
     ln -sfn "$BIN" "$dir/bin"
     make_pki
@@ -322,6 +355,18 @@ delete_hollow_netns() {
 cmd_down() {
   [[ -e "$dir" ]] || return 0
   [[ -f "$marker" ]] || die "$dir is not a cluster dir made by hack/cluster.sh; not touching it"
+  # Real nodes first (their kubelet, containerd, shims, mounts, cgroups and netns): removing the
+  # dir under a live node would leave all of that running (the watchdog runs `down` after a crash).
+  if [[ -d "$dir/real-cluster" ]]; then # hack/real-cluster.sh's nodes and network
+    LOOPGUARD_CLUSTER_DIR="$dir" "$repo/hack/real-cluster.sh" down-network ||
+      die "down: the real cluster's network did not go down; $dir kept (run down again)"
+  fi
+  local node
+  for node in "$dir"/real-nodes/*/; do
+    [[ -d "$node" ]] || continue
+    LOOPGUARD_CLUSTER_DIR="$dir" "$repo/hack/real-node.sh" down "$(basename "$node")" ||
+      die "down: real node $(basename "$node") did not go down; $dir kept (run down again)"
+  done
   stop_components
   delete_hollow_netns
   stop watchdog

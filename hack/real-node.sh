@@ -15,6 +15,14 @@
 # `ip netns exec`, whose /sys remount hides the cgroup mounts from runc). The node has no CNI
 # network: hostNetwork pods (the loopguard agent) run on it; other pods stay on hollow nodes.
 #
+# On a real cluster (hack/real-cluster.sh writes the node's settings to real-nodes/NAME/node.env
+# before `up`), eth0's peer sits on the cluster's bridge in its router namespace instead, the node has
+# a pod network (the CNI bridge, host-local and loopback plugins, hack/build-cni.sh) with routes to
+# the other nodes' pod networks, and kube-proxy runs beside the kubelet, in iptables mode on the
+# legacy or the nft backend or in nftables mode. The kubelet, containerd and kube-proxy find
+# iptables through a PATH of the node's own whose names all point at xtables-legacy-multi or
+# xtables-nft-multi, as a kube-proxy image's iptables wrapper would have chosen.
+#
 # Choices (see hack/README.md): containerd 1.6.20 and runc 1.1.5 from Debian bookworm's packages,
 # because they are what a Debian 12 node runs and need no build; a static pause binary of our own
 # (hack/real-node/pause.c) as the sandbox image. This machine uses cgroup v1: the kubelet runs
@@ -28,9 +36,16 @@ cluster="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/cluster}"
 cmd="${1:-}"
 node="${2:-lg-real-0}"
 dir="$cluster/real-nodes/$node"
-node_ip=10.254.0.2
 service_ip=10.96.0.1
 pause_image=loopguard.local/pause:1
+# A node of its own (the defaults), or one of hack/real-cluster.sh's (its node.env).
+NETWORK=standalone
+NODE_IP=10.254.0.2
+APISERVER_URL="https://$service_ip:443"
+if [[ "$cmd" == up && -f "$dir/node.env" ]]; then
+  # shellcheck source=/dev/null
+  source "$dir/node.env"
+fi
 
 log() { echo "real-node: $*" >&2; }
 die() {
@@ -40,6 +55,11 @@ die() {
 [[ $EUID -eq 0 ]] || die "needs root"
 [[ "$node" =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ && ${#node} -le 15 ]] ||
   die "node name $node: a DNS label of at most 15 characters (it names the network namespace too)"
+
+# The PATH of the node's kubelet, containerd and kube-proxy: on a real cluster's node, iptables and
+# ip6tables (and their -save/-restore) are the node's backend.
+node_path="$PATH"
+[[ "$NETWORK" == cluster ]] && node_path="$dir/xtables:$PATH"
 
 ctr() { command ctr --address "$dir/containerd/containerd.sock" --namespace k8s.io "$@"; }
 
@@ -113,21 +133,25 @@ cmd_up() {
   ensure_packages
   command -v buildah >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah >/dev/null
   local started=$SECONDS
-  mkdir -p "$dir"/{logs,pids,containerd,kubelet,certs,cni/bin,cni/net.d}
+  mkdir -p "$dir"/{logs,pids,containerd,kubelet,certs,cni/bin,cni/net.d,pod-logs}
   echo "$cluster" >"$dir/.cluster"
 
-  # The node's network: its own namespace, with an address and the API server's Service address.
   ip netns add "$node"
   ip -n "$node" link set lo up
-  ip -n "$node" link add eth0 type veth peer name eth0-peer
-  ip -n "$node" link set eth0-peer up
-  ip -n "$node" addr add "$node_ip/24" dev eth0
-  ip -n "$node" addr add "$service_ip/32" dev eth0
-  ip -n "$node" link set eth0 up
-  start relay-host socat "UNIX-LISTEN:$dir/apiserver.sock,fork,unlink-early" "TCP:127.0.0.1:$APISERVER_PORT"
-  wait_for "the relay socket" test -S "$dir/apiserver.sock"
-  start relay-node nsenter "--net=/run/netns/$node" \
-    socat "TCP-LISTEN:443,bind=$service_ip,fork,reuseaddr" "UNIX-CONNECT:$dir/apiserver.sock"
+  if [[ "$NETWORK" == cluster ]]; then
+    cluster_network
+  else
+    # A node of its own: an address and the API server's Service address, relayed to the API server.
+    ip -n "$node" link add eth0 type veth peer name eth0-peer
+    ip -n "$node" link set eth0-peer up
+    ip -n "$node" addr add "$NODE_IP/24" dev eth0
+    ip -n "$node" addr add "$service_ip/32" dev eth0
+    ip -n "$node" link set eth0 up
+    start relay-host socat "UNIX-LISTEN:$dir/apiserver.sock,fork,unlink-early" "TCP:127.0.0.1:$APISERVER_PORT"
+    wait_for "the relay socket" test -S "$dir/apiserver.sock"
+    start relay-node nsenter "--net=/run/netns/$node" \
+      socat "TCP-LISTEN:443,bind=$service_ip,fork,reuseaddr" "UNIX-CONNECT:$dir/apiserver.sock"
+  fi
 
   cat >"$dir/containerd/config.toml" <<EOF
 version = 2
@@ -141,13 +165,22 @@ state = "$dir/containerd/state"
   sandbox_image = "$pause_image"
   restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
+  # Pod network namespaces under the state dir, not in the machine's shared /run/netns.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "$dir/cni/bin"
     conf_dir = "$dir/cni/net.d"
+    max_conf_num = 1
+    ip_pref = "ipv4"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+    # runc's state per node: its default, /run/containerd/runc/k8s.io, would be shared by all nodes.
+    Root = "$dir/runc"
 EOF
-  start containerd nsenter "--net=/run/netns/$node" containerd --config "$dir/containerd/config.toml"
+  start containerd env PATH="$node_path" nsenter "--net=/run/netns/$node" containerd --config "$dir/containerd/config.toml"
   wait_for containerd ctr version
   import "$(pause_archive)"
 
@@ -158,7 +191,7 @@ kind: Config
 clusters:
 - name: loopguard
   cluster:
-    server: https://$service_ip:443
+    server: $APISERVER_URL
     certificate-authority-data: $(base64 -w0 "$pki/ca.crt")
 users:
 - name: kubelet
@@ -191,15 +224,93 @@ evictionHard: {}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 nodeStatusReportFrequency: 10s
+# Per node: a kubelet deletes the log folders of every pod it does not know in its podLogsDir.
+podLogsDir: $dir/pod-logs
 EOF
-  start kubelet nsenter "--net=/run/netns/$node" "$BIN/kubelet" \
+  local node_ips="$NODE_IP" labels="loopguard.dev/real-node=true"
+  [[ "$NETWORK" == cluster ]] && node_ips="$NODE_IP,$NODE_IP6" labels="$labels,$NODE_LABELS"
+  start kubelet env PATH="$node_path" nsenter "--net=/run/netns/$node" "$BIN/kubelet" \
     --config="$dir/kubelet/config.yaml" --kubeconfig="$dir/kubeconfig" \
     --root-dir="$dir/kubelet/root" --cert-dir="$dir/certs" \
-    --hostname-override="$node" --node-ip="$node_ip" \
-    --node-labels="loopguard.dev/real-node=true" --v=1
+    --hostname-override="$node" --node-ip="$node_ips" \
+    --node-labels="$labels" --v=1
   wait_for "the kubelet's Node" "$BIN/kubectl" --kubeconfig "$cluster/kubeconfig" get node "$node"
+  [[ "$NETWORK" == cluster ]] && start_kube_proxy
   log "$node up in $((SECONDS - started))s (kubelet $("$BIN/kubelet" --version | cut -d' ' -f2), $(containerd --version | cut -d' ' -f3), runc $(runc --version | head -n1 | cut -d' ' -f3))"
 }
+
+# The node's part of the cluster network (hack/real-cluster.sh made the router namespace and its
+# bridge): eth0 with both addresses, its peer on the bridge, a default route through the router,
+# each other node's pod network through that node, a pod network of its own (CNI), forwarding on.
+cluster_network() {
+  ip -n "$node" link add eth0 type veth peer name "$PEER" netns "$ROUTER_NETNS"
+  ip -n "$ROUTER_NETNS" link set "$PEER" master br0 up
+  ip -n "$node" addr add "$NODE_IP/24" dev eth0
+  ip -n "$node" addr add "$NODE_IP6/64" dev eth0 nodad
+  ip -n "$node" link set eth0 up
+  ip -n "$node" route add default via "$ROUTER_IP"
+  ip -n "$node" -6 route add default via "$ROUTER_IP6"
+  local route
+  for route in $PEER_ROUTES; do # CIDR=VIA
+    ip -n "$node" route add "${route%%=*}" via "${route#*=}"
+  done
+  nsenter "--net=/run/netns/$node" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+
+  mkdir -p "$dir/xtables"
+  local name
+  for name in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
+    ln -s "/usr/sbin/xtables-$IPT_BACKEND-multi" "$dir/xtables/$name"
+  done
+  for name in bridge host-local loopback; do
+    ln -s "$CNI_BIN/$name" "$dir/cni/bin/$name"
+  done
+  cat >"$dir/cni/net.d/10-loopguard.conflist" <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "lg-$node",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cni0",
+      "isGateway": true,
+      "isDefaultGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "dataDir": "$dir/cni/ipam",
+        "ranges": [[{"subnet": "$POD_CIDR"}], [{"subnet": "$POD_CIDR6"}]]
+      }
+    }
+  ]
+}
+EOF
+}
+
+# kube-proxy, dual-stack, in the node's namespace with the node's iptables. Conntrack limits are
+# left alone (nf_conntrack_max is read-only outside the machine's namespace and the hash size is
+# global); its OOM score too (no CAP_SYS_RESOURCE here).
+start_kube_proxy() {
+  local sync=iptables
+  [[ "$PROXY_MODE" == nftables ]] && sync=nftables
+  cat >"$dir/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: $PROXY_MODE
+hostnameOverride: $node
+clientConnection: {kubeconfig: $dir/kubeconfig}
+clusterCIDR: $CLUSTER_CIDR
+healthzBindAddress: 0.0.0.0:10256
+metricsBindAddress: 0.0.0.0:10249
+oomScoreAdj: 0
+conntrack: {maxPerCore: 0, min: 0}
+$sync: {minSyncPeriod: 1s}
+EOF
+  start kube-proxy env PATH="$node_path" nsenter "--net=/run/netns/$node" "$BIN/kube-proxy" \
+    --config="$dir/kube-proxy.yaml" --v=1
+  wait_for "kube-proxy's /healthz" nsenter "--net=/run/netns/$node" curl -fsS http://127.0.0.1:10256/healthz
+}
+
 
 import() {
   local archive
@@ -233,6 +344,9 @@ cmd_down() {
     find "$hierarchy/k8s.io" -depth -type d -exec rmdir {} + 2>/dev/null || true
   done
   [[ -e "/run/netns/$node" ]] && ip netns delete "$node"
+  # libcni's result cache is the machine's (containerd sets none of its own); the pods' entries
+  # outlive a killed runtime.
+  rm -f /var/lib/cni/results/"lg-$node"-*
   rm -rf "$dir"
   log "$node down"
 }

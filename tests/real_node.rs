@@ -10,7 +10,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use loopguard::api::{LoopbackNodeState, LoopbackPolicy};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -28,12 +28,6 @@ fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("hack")
         .join(name)
-}
-
-/// The image archive hack/build-image.sh made (it builds it when missing).
-fn image_archive() -> PathBuf {
-    let out = support::run(Command::new(script("build-image.sh")), None);
-    PathBuf::from(out.lines().last().expect("the archive path").trim())
 }
 
 /// The real node, taken down again on drop (also when the test fails).
@@ -74,21 +68,6 @@ impl Drop for RealNode<'_> {
         let _ = self.script(&["down", NODE]).status();
         let _ = std::fs::remove_dir_all(STATE_DIR);
     }
-}
-
-fn helm(cluster: &Cluster, args: &[&str]) -> Output {
-    let out = Command::new(cluster.dir.join("bin/helm"))
-        .args(args)
-        .env("KUBECONFIG", cluster.kubeconfig())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm {args:?}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 async fn agent_pod(client: &Client, node: &str) -> Option<Pod> {
@@ -180,7 +159,7 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
         return;
     };
     let started = Instant::now();
-    let archive = image_archive();
+    let archive = deploy::image_archive();
     let real = RealNode::up(&cluster, &[&archive]);
     println!(
         "real node up with the image imported in {:?}",
@@ -193,7 +172,7 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
 
     // helm install, the controller (and the hooks) on the hollow node, a default policy.
     let installed = Instant::now();
-    helm(
+    deploy::helm(
         &cluster,
         &[
             "install",
@@ -297,7 +276,7 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
     // helm test: every node the agents cover has a recent report (the test Pod runs where the
     // controller runs, on the hollow node; a hollow node keeps no logs for `--logs`).
     let tested = Instant::now();
-    let out = helm(
+    let out = deploy::helm(
         &cluster,
         &[
             "test",
@@ -320,7 +299,7 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
     let old = pod.name_any();
     let sampler = Sampler::start();
     let upgraded = Instant::now();
-    helm(
+    deploy::helm(
         &cluster,
         &[
             "upgrade",
@@ -374,7 +353,7 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
 
     // helm uninstall: no loopguard rule left on any node, no policy, no node state, no pod.
     let uninstalled = Instant::now();
-    helm(
+    deploy::helm(
         &cluster,
         &[
             "uninstall",
@@ -426,4 +405,51 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
     .await;
     hollow.shutdown(Duration::from_secs(5)).await.unwrap();
     drop(real);
+}
+
+/// `hack/cluster.sh down` (what the watchdog runs when a test binary dies) takes a real node down
+/// with the control plane: no kubelet, containerd or relay left running, no mount, no netns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_down_takes_its_real_nodes_down() {
+    const NODE: &str = "lg-real-down";
+    let Some(cluster) = support::cluster::private("realdown") else {
+        return;
+    };
+    let netns = Path::new("/run/netns").join(NODE);
+    let mut up = Command::new(script("real-node.sh"));
+    up.args(["up", NODE])
+        .env("LOOPGUARD_CLUSTER_DIR", &cluster.dir);
+    support::run(up, None);
+    // The node is up: the negative checks below have something to miss.
+    assert!(netns.exists(), "{} after real-node.sh up", netns.display());
+    let running = support::cluster::processes_under(&cluster.dir);
+    assert!(
+        running.iter().any(|p| p.contains("kubelet"))
+            && running.iter().any(|p| p.contains("containerd")),
+        "no kubelet and containerd of the real node running: {running:#?}"
+    );
+
+    let mut down = Command::new(script("cluster.sh"));
+    down.arg("down").env("LOOPGUARD_CLUSTER_DIR", &cluster.dir);
+    support::run(down, None);
+    assert!(
+        !netns.exists(),
+        "{} left after cluster.sh down",
+        netns.display()
+    );
+    let left = support::cluster::processes_under(&cluster.dir);
+    assert!(
+        left.is_empty(),
+        "left running after cluster.sh down: {left:#?}"
+    );
+    let mounts = support::cluster::mounts_under(&cluster.dir);
+    assert!(
+        mounts.is_empty(),
+        "mounts left after cluster.sh down: {mounts:#?}"
+    );
+    assert!(
+        !cluster.dir.exists(),
+        "{} left after cluster.sh down",
+        cluster.dir.display()
+    );
 }

@@ -123,7 +123,60 @@ fn running_cluster_from_kubeconfig() -> Option<PathBuf> {
     None
 }
 
+/// A real cluster of this test binary's own (hack/real-cluster.sh: three real nodes with a pod
+/// network and kube-proxy), the OCI `images` imported on every node; taken down on drop, and by
+/// the watchdog when the test binary dies. `None` (after a message) as for `private`.
+pub fn real(tag: &str, images: &[&Path]) -> Option<RealCluster> {
+    let mut args = vec!["--owner-pid".to_string(), std::process::id().to_string()];
+    for image in images {
+        args.extend(["--image".to_string(), image.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Some(cluster) = start_with("real-cluster.sh", tag, &args) else {
+        skipped("no control plane");
+        return None;
+    };
+    let env = super::run(
+        {
+            let mut env = Command::new(format!("{REPO}/hack/real-cluster.sh"));
+            env.arg("env").env("LOOPGUARD_CLUSTER_DIR", &cluster.dir);
+            env
+        },
+        None,
+    );
+    let value = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .unwrap_or_else(|| panic!("{name} in hack/real-cluster.sh env:\n{env}"))
+            .trim_matches('"')
+            .to_string()
+    };
+    let nodes: Vec<String> = value("LOOPGUARD_REAL_NODES")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(nodes.len(), 3, "{env}");
+    Some(RealCluster {
+        node_roots: PathBuf::from(value("LOOPGUARD_NODE_ROOTS")),
+        nodes,
+        cluster,
+    })
+}
+
+/// hack/real-cluster.sh's cluster: the control plane, and its nodes in the script's order
+/// (kube-proxy in iptables mode on the legacy backend, in iptables mode on nft, in nftables mode).
+pub struct RealCluster {
+    pub cluster: Cluster,
+    pub nodes: Vec<String>,
+    /// The folder the chart's `agent.perNodeHostRoots` takes.
+    pub node_roots: PathBuf,
+}
+
 fn start(tag: &str, up_args: &[&str]) -> Option<Cluster> {
+    start_with("cluster.sh", tag, up_args)
+}
+
+fn start_with(script: &str, tag: &str, up_args: &[&str]) -> Option<Cluster> {
     let binaries_built = Command::new(format!("{REPO}/hack/build-control-plane.sh"))
         .arg("--check")
         .output()
@@ -136,17 +189,20 @@ fn start(tag: &str, up_args: &[&str]) -> Option<Cluster> {
         return None;
     }
     let dir = std::env::temp_dir().join(format!("loopguard-{}", unique_name(tag)));
-    let output = cluster_sh(
-        &dir,
-        &[
-            &["up", "--owner-pid", &std::process::id().to_string()],
-            up_args,
-        ]
-        .concat(),
-    );
+    let owner = std::process::id().to_string();
+    let args: Vec<&str> = if script == "cluster.sh" {
+        [&["up", "--owner-pid", &owner], up_args].concat()
+    } else {
+        [&["up"], up_args].concat()
+    };
+    let output = Command::new(format!("{REPO}/hack/{script}"))
+        .args(&args)
+        .env("LOOPGUARD_CLUSTER_DIR", &dir)
+        .output()
+        .expect("running the cluster script");
     assert!(
         output.status.success(),
-        "hack/cluster.sh up failed:\n{}",
+        "hack/{script} up failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     Some(Cluster {
@@ -410,4 +466,40 @@ where
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Processes whose command line names `dir` (kubelet, containerd, shims, relays of a real node).
+pub fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+/// Mount points under `dir`, from this process's mount table.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let needle = format!("{}/", dir.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("/proc/self/mountinfo")
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|target| target.starts_with(&needle))
+        .map(String::from)
+        .collect()
 }

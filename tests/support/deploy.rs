@@ -9,12 +9,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use loopguard_hollow::{HollowOptions, ImageMapping};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 pub const IMAGE: &str = "ghcr.io/loopguard/loopguard";
 pub const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/loopguard");
+pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/loopguard");
 pub const RELEASE: &str = "loopguard";
 pub const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
 
@@ -270,4 +270,29 @@ pub fn delete_and_time_repair(node: &str, backend: &str, limit: Duration) -> Dur
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The image archive hack/build-image.sh made (it builds it when missing).
+pub fn image_archive() -> PathBuf {
+    let out = run(
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/build-image.sh")),
+        None,
+    );
+    PathBuf::from(out.lines().last().expect("the archive path").trim())
+}
+
+/// `helm ARGS` against the cluster, insisting that it succeeds.
+pub fn helm(cluster: &Cluster, args: &[&str]) -> Output {
+    let out = Command::new(cluster.dir.join("bin/helm"))
+        .args(args)
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm {args:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
