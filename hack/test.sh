@@ -92,5 +92,6 @@ log "benchmarks, quick mode (they still work; BENCHMARKS.md is left as it is)"
 started=$SECONDS
 LOOPGUARD_REQUIRE_CLUSTER=1 cargo bench --locked --bench node_engine -- --quick
 LOOPGUARD_REQUIRE_CLUSTER=1 cargo bench --locked --bench cluster -- --quick
+LOOPGUARD_REQUIRE_CLUSTER=1 cargo bench --locked --bench soak -- --quick
 echo "bench step: $((SECONDS - started))s" >&2
 log "all tests passed"

@@ -106,6 +106,16 @@ fn cluster_numbers_come_from_its_samples() {
     assert_rendered("cluster", render::render_cluster(&run));
 }
 
+#[test]
+fn soak_numbers_come_from_its_samples() {
+    let run: render::SoakRun = record("soak");
+    assert!(
+        run.window_s >= 600 && run.nodes.len() == 3,
+        "the soak record is not a full run (10 minutes, three nodes)"
+    );
+    assert_rendered("soak", render::render_soak(&run));
+}
+
 /// A quick run warns about every row whose median is more than 20 % above the committed one, and
 /// about no other: checked on the committed node-engine record with one row slowed down.
 #[test]

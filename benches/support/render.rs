@@ -742,3 +742,109 @@ pub fn regressions(
     }
     (compared, warnings)
 }
+
+/// One real-cluster soak (`benches/soak.rs`): loopguard beside kube-proxy under Service churn.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SoakRun {
+    pub meta: Meta,
+    /// The churn window, in seconds.
+    pub window_s: u64,
+    /// The chart's heartbeat interval: the status writes a window may hold.
+    pub heartbeat_s: u64,
+    pub services_created: u64,
+    pub services_scaled: u64,
+    pub services_deleted: u64,
+    pub nodes: Vec<SoakNode>,
+}
+
+/// One node's account of the soak window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SoakNode {
+    pub node: String,
+    /// kube-proxy's mode and the node's iptables backend, as `iptables/legacy`.
+    pub kube_proxy: String,
+    /// How loopguard's rules were watched: `legacy table` (the kernel's table read every few
+    /// ms) or `nftables events` (every ruleset event of the node).
+    pub sampled_from: String,
+    /// Table reads, or ruleset events seen.
+    pub samples: u64,
+    /// Reads without loopguard's rules, or events removing one of them.
+    pub missing: u64,
+    /// kube-proxy's rule syncs in the window (its `sync_proxy_rules_duration_seconds_count`).
+    pub kube_proxy_syncs: u64,
+    /// Its failed syncs (restore and partial-restore failures, nftables sync failures).
+    pub kube_proxy_failures: u64,
+    /// Error lines in its log in the window.
+    pub kube_proxy_errors: u64,
+    /// loopguard's writes in the window (passes that wrote), status writes, repairs.
+    pub loopguard_writes: u64,
+    pub status_writes: u64,
+    pub repairs: u64,
+    /// Every write loopguard logged since it started, and those naming a rule not its own.
+    pub logged_writes: u64,
+    pub foreign_edits: u64,
+}
+
+pub fn render_soak(run: &SoakRun) -> (String, String) {
+    let mut section = Section::default();
+    let mut headline = Section::default();
+    section.line(format!(
+        "Measured {} at commit `{}` on {}.\n",
+        run.meta.date, run.meta.commit, run.meta.machine
+    ));
+    section.line(format!(
+        "A {}-minute window on the three real nodes of `hack/real-cluster.sh`, one policy enforcing the \
+         seed's rules on every node (`applicability: Always`) and loopguard's nftables table where \
+         nftables is installed, while {} Services (NodePort, dual-stack, with EndpointSlices) were \
+         created, {} scaled and {} deleted. Status writes: at most one heartbeat ({} s) per node is \
+         expected.\n",
+        run.window_s / 60,
+        run.services_created,
+        run.services_scaled,
+        run.services_deleted,
+        run.heartbeat_s
+    ));
+    let rows: Vec<Vec<String>> = run
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.kube_proxy.clone(),
+                n.kube_proxy_syncs.to_string(),
+                format!("{} / {}", n.kube_proxy_failures, n.kube_proxy_errors),
+                format!("{} {}", n.samples, n.sampled_from),
+                n.missing.to_string(),
+                n.loopguard_writes.to_string(),
+                n.status_writes.to_string(),
+                n.repairs.to_string(),
+                format!("{} / {}", n.logged_writes, n.foreign_edits),
+            ]
+        })
+        .collect();
+    section.table(
+        &[
+            "kube-proxy mode / backend",
+            "kube-proxy syncs",
+            "its failed syncs / error lines",
+            "loopguard's rules sampled",
+            "samples without them",
+            "loopguard writes",
+            "status writes",
+            "repairs",
+            "writes logged / naming a foreign rule",
+        ],
+        &rows,
+    );
+    let syncs: u64 = run.nodes.iter().map(|n| n.kube_proxy_syncs).sum();
+    let missing: u64 = run.nodes.iter().map(|n| n.missing).sum();
+    let writes: u64 = run.nodes.iter().map(|n| n.loopguard_writes).sum();
+    headline.line(format!(
+        "- Beside kube-proxy ({} minutes of Service churn on three real nodes, {} kube-proxy syncs): \
+         loopguard's rules missing in {} samples, {} writes by loopguard after its first enforce",
+        run.window_s / 60,
+        syncs,
+        missing,
+        writes
+    ));
+    (section.0, headline.0)
+}

@@ -528,6 +528,15 @@ impl Engine {
     ) -> Result<Instant> {
         let mut rest = Vec::new();
         for family in plan.families() {
+            // Every write, as the restore input it amounts to: what an admin (or the real-cluster
+            // soak) checks names nothing but loopguard's own rules.
+            let edits: Vec<String> = plan
+                .edits
+                .iter()
+                .filter(|e| e.family == family)
+                .map(|e| e.restore_line())
+                .collect();
+            tracing::info!(%family, ?edits, "writing");
             let (Some(held), Some(legacy)) = (held.as_ref(), self.legacy_cache()) else {
                 rest.push(family);
                 continue;

@@ -128,6 +128,7 @@ pub enum Written {
 /// Puts loopguard's table as written (one atomic transaction, which leaves the chain's hook in
 /// place), if nothing changed in the ruleset since `generation`.
 pub fn create(generation: u32) -> Result<Written> {
+    tracing::info!(table = %format!("inet {}", nft::TABLE), "writing");
     bound(
         super::watch::own_write(1, || super::nft::create(generation)),
         "writing",
@@ -137,6 +138,7 @@ pub fn create(generation: u32) -> Result<Written> {
 /// Deletes loopguard's table, and nothing else, if nothing changed in the ruleset since
 /// `generation`.
 pub fn delete(generation: u32) -> Result<Written> {
+    tracing::info!(table = %format!("inet {}", nft::TABLE), "deleting");
     bound(
         super::watch::own_write(1, || super::nft::delete(generation)),
         "deleting",
