@@ -24,30 +24,23 @@ mod support;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use loopguard::rules::{Chain, Family};
 use render::{Meta, SoakNode, SoakRun};
 use serde_json::json;
-use std::collections::{BTreeSet, VecDeque};
-use std::io::{BufRead, BufReader};
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::cluster::{RealCluster, eventually};
 use support::deploy;
+use support::watch::{self, RULES};
 
 const NS: &str = "loopguard-system";
 const CHURN_NS: &str = "soak";
 /// The chart's default `agent.heartbeatInterval`.
 const HEARTBEAT_S: u64 = 600;
 const METRICS_PORT: u16 = 9742;
-/// The seed's three rules, as `ip6tables -S` prints them.
-const RULES: [(&str, &str); 3] = [
-    ("INPUT", "-i lo -j ACCEPT"),
-    ("OUTPUT", "-o lo -j ACCEPT"),
-    ("INPUT", "-s ::1/128 -j DROP"),
-];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -62,7 +55,7 @@ async fn main() {
         .expect("no control plane: build it first (hack/cluster.sh up builds the binaries)");
     let cluster = &real.cluster;
     let client = cluster.client().await;
-    let roots = format!("agent.perNodeHostRoots={}", real.node_roots.display());
+    let roots = real.chart_values();
     deploy::helm(
         cluster,
         &[
@@ -98,9 +91,9 @@ spec:
         "loopguard's rules on every node",
         Duration::from_secs(180),
         || async {
-            (has_rules(legacy, "legacy")
-                && has_rules(nft, "nft")
-                && has_rules(nftables, "nft")
+            (deploy::has_seed_rules(legacy, "legacy")
+                && deploy::has_seed_rules(nft, "nft")
+                && deploy::has_seed_rules(nftables, "nft")
                 && deploy::has_loopguard_table(nftables))
             .then_some(())
         },
@@ -116,8 +109,8 @@ spec:
         .map(|n| Counters::read(&real, n))
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let legacy_watch = watch_legacy(legacy, stop.clone());
-    let nft_watches = [nft, nftables].map(|n| NftWatch::start(n));
+    let legacy_watch = watch::watch_legacy(legacy, stop.clone());
+    let nft_watches = [nft, nftables].map(|n| watch::NftWatch::start(n));
     println!(
         "soak: churning Services for {window:?} on {}",
         real.nodes.join(", ")
@@ -133,7 +126,7 @@ spec:
         .collect();
 
     let mut watched = vec![legacy_watch.join().expect("the legacy sampler")];
-    watched.extend(nft_watches.map(NftWatch::finish));
+    watched.extend(nft_watches.map(watch::NftWatch::finish));
     let modes = ["iptables/legacy", "iptables/nft", "nftables/nft"];
     let nodes: Vec<SoakNode> = real
         .nodes
@@ -145,9 +138,9 @@ spec:
             SoakNode {
                 node: node.clone(),
                 kube_proxy: modes[i].into(),
-                sampled_from: watched[i].0.into(),
-                samples: watched[i].1,
-                missing: watched[i].2,
+                sampled_from: watched[i].how.into(),
+                samples: watched[i].samples,
+                missing: watched[i].missing,
                 kube_proxy_syncs: a.syncs - b.syncs,
                 kube_proxy_failures: a.failures - b.failures,
                 kube_proxy_errors: errors_since(&real, node, b.log_offset),
@@ -229,152 +222,6 @@ fn broken_promises(run: &SoakRun, after: &[Counters]) -> Vec<String> {
         );
     }
     broken
-}
-
-fn has_rules(node: &str, backend: &str) -> bool {
-    let input = deploy::chain(node, backend, "INPUT");
-    let output = deploy::chain(node, backend, "OUTPUT");
-    RULES.iter().all(|(chain, spec)| {
-        let line = format!("-A {chain} {spec}");
-        if *chain == "INPUT" {
-            input.contains(&line)
-        } else {
-            output.contains(&line)
-        }
-    })
-}
-
-/// The legacy node's kernel table, read every 5 ms on a thread inside the node's namespace (one
-/// socket, no process forked): (how, reads, reads without one of loopguard's three entries).
-fn watch_legacy(
-    node: &str,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(&'static str, u64, u64)> {
-    let expected: Vec<(Chain, Vec<u8>)> = RULES
-        .iter()
-        .map(|(chain, spec)| {
-            let c = if *chain == "INPUT" {
-                Chain::Input
-            } else {
-                Chain::Output
-            };
-            (c, support::netns::legacy_entry_of(chain, spec))
-        })
-        .collect();
-    let node = node.to_string();
-    std::thread::spawn(move || {
-        use loopguard::node::legacy::{FILTER, XtSocket};
-        loopguard::node::netns::enter(&node).expect("enter the node's namespace");
-        let socket = XtSocket::open(Family::Ipv6).expect("the legacy table's socket");
-        let (mut reads, mut missing) = (0, 0);
-        while !stop.load(Ordering::SeqCst) {
-            let table = socket.read(FILTER).expect("read the legacy filter table");
-            let present = expected.iter().all(|(chain, entry)| {
-                table
-                    .chain(*chain)
-                    .iter()
-                    .any(|&e| table.fingerprint(e) == *entry)
-            });
-            reads += 1;
-            if !present {
-                missing += 1;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        ("legacy table reads", reads, missing)
-    })
-}
-
-/// `nft -a monitor ruleset` in a node: every event counted, and those that remove one of
-/// loopguard's rules (its iptables-nft rules by handle, anything of its own table) or flush a
-/// chain or table holding them.
-struct NftWatch {
-    child: std::process::Child,
-    reader: std::thread::JoinHandle<(u64, u64)>,
-}
-
-impl NftWatch {
-    fn start(node: &str) -> NftWatch {
-        let own = own_handles(node);
-        assert_eq!(own.len(), 3, "{node}: loopguard's three rules by handle");
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{node}"))
-            .args(["nft", "-a", "monitor", "ruleset"])
-            .stdout(Stdio::piped())
-            // nft cannot translate some of kube-proxy's xtables targets back ("XT target DNAT
-            // not found"): noise on stderr, the events are on stdout.
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nft monitor");
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let (mut events, mut removing) = (0, 0);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                events += 1;
-                if removes_loopguards(&line, &own) {
-                    eprintln!("soak: {line}");
-                    removing += 1;
-                }
-            }
-            (events, removing)
-        });
-        // The monitor's socket is subscribed before the window starts.
-        std::thread::sleep(Duration::from_millis(500));
-        NftWatch { child, reader }
-    }
-
-    fn finish(mut self) -> (&'static str, u64, u64) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let (events, removing) = self.reader.join().expect("the nft monitor's reader");
-        ("nftables events", events, removing)
-    }
-}
-
-/// The handles of loopguard's three rules in `ip6 filter` (as iptables-nft writes them).
-fn own_handles(node: &str) -> BTreeSet<(String, u64)> {
-    let mut own = BTreeSet::new();
-    for chain in ["INPUT", "OUTPUT"] {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{node}"))
-            .args(["nft", "-a", "list", "chain", "ip6", "filter", chain])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{node}: nft list chain {chain}: {out:?}"
-        );
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let line = line.trim();
-            let ours = (chain == "INPUT"
-                && (line.starts_with("iifname \"lo\" counter") && line.contains(" accept #")
-                    || line.starts_with("ip6 saddr ::1 counter") && line.contains(" drop #")))
-                || (chain == "OUTPUT"
-                    && line.starts_with("oifname \"lo\" counter")
-                    && line.contains(" accept #"));
-            if ours && let Some(h) = line.rsplit("# handle ").next() {
-                own.insert((chain.to_string(), h.trim().parse().unwrap()));
-            }
-        }
-    }
-    own
-}
-
-fn removes_loopguards(event: &str, own: &BTreeSet<(String, u64)>) -> bool {
-    if event.contains("inet loopguard") {
-        return event.starts_with("delete") || event.starts_with("flush");
-    }
-    for (chain, handle) in own {
-        if event == format!("delete rule ip6 filter {chain} handle {handle}") {
-            return true;
-        }
-    }
-    event.starts_with("flush table ip6 filter")
-        || event.starts_with("delete table ip6 filter")
-        || event.starts_with("flush chain ip6 filter INPUT")
-        || event.starts_with("flush chain ip6 filter OUTPUT")
-        || event == "flush ruleset"
 }
 
 /// Counts read from a node's agent and kube-proxy at one moment.

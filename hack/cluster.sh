@@ -321,7 +321,12 @@ wait_ready() {
 # so a reused pid does not keep the cluster alive.
 start_watchdog() {
   local owner="$1" started
-  started="$(cut -d' ' -f22 "/proc/$owner/stat")" || die "owner process $owner does not exist"
+  # An owner that died while the cluster started would leave it running with nobody to stop it.
+  if ! started="$(cut -d' ' -f22 "/proc/$owner/stat" 2>/dev/null)"; then
+    log "owner process $owner is gone: taking the cluster down"
+    cmd_down
+    exit 1
+  fi
   stop watchdog
   # shellcheck disable=SC2016 # expanded by the watchdog's own shell
   start watchdog bash -c '

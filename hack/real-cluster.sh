@@ -168,6 +168,7 @@ IPT_BACKEND=$backend
 PROXY_MODE=$mode
 APISERVER_URL=https://$router_ip:$APISERVER_PORT
 CNI_BIN=$CNI_BIN
+XTABLES_LOCKFILE=$rc/xtables.lock
 NODE_LABELS=loopguard.dev/kube-proxy-mode=$mode,loopguard.dev/iptables-backend=$backend
 EOF
 }
@@ -202,6 +203,7 @@ cmd_up() {
   "$repo/hack/cluster.sh" up "${owner[@]}" --advertise-address "$router_ip" \
     --service-cidr "$service_cidrs" --egress-uds "$rc/egress.sock"
   mkdir -p "$rc"/{logs,pids}
+  touch "$rc/xtables.lock"
   CNI_BIN="$("$repo/hack/build-cni.sh")"
   router_up
 
@@ -222,6 +224,10 @@ cmd_up() {
     die "the nodes did not become Ready; see $dir/real-nodes/*/logs/kubelet.log"
   wait_for "the kubernetes Service's endpoints at $router_ip" \
     bash -c "'$dir/bin/kubectl' --kubeconfig '$dir/kubeconfig' get endpointslice -n default -l kubernetes.io/service-name=kubernetes -o jsonpath='{.items[*].endpoints[*].addresses[*]}' | grep -qx '$router_ip'"
+  # The watchdog may have taken the control plane down while the nodes started: nothing may stay.
+  if ((${#owner[@]})) && [[ ! -e "/proc/${owner[1]}" ]]; then
+    die "owner process ${owner[1]} is gone; taking everything down"
+  fi
   trap - EXIT
   log "up in $((SECONDS - started))s: nodes $(node_names | tr '\n' ' ')(eval \"\$(hack/real-cluster.sh env)\")"
 }
@@ -258,8 +264,9 @@ cmd_down() {
 cmd_env() {
   "$repo/hack/cluster.sh" env
   echo "export LOOPGUARD_REAL_NODES=\"$(node_names | tr '\n' ' ' | sed 's/ $//')\""
-  # For the chart: --set agent.perNodeHostRoots=$LOOPGUARD_NODE_ROOTS
+  # For the chart: --set agent.perNodeHostRoots=$LOOPGUARD_NODE_ROOTS,agent.xtablesLock=$LOOPGUARD_XTABLES_LOCK
   echo "export LOOPGUARD_NODE_ROOTS=$rc/hosts"
+  echo "export LOOPGUARD_XTABLES_LOCK=$rc/xtables.lock"
 }
 
 cmd_status() {

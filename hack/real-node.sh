@@ -6,6 +6,7 @@
 #
 #   hack/real-node.sh up [NAME]      start node NAME (default lg-real-0) on the running cluster
 #   hack/real-node.sh down [NAME]    stop it and remove everything it made (mounts, cgroups, netns)
+#   hack/real-node.sh reboot [NAME]  kill it, lose its /run state and its firewall, boot it again
 #   hack/real-node.sh import [NAME] ARCHIVE...   load OCI image archives into the node's containerd
 #
 # Inside the namespace: lo, and an eth0 (one end of a veth pair whose other end stays inside too) with the node's address (10.254.0.2) and the API
@@ -42,7 +43,7 @@ pause_image=loopguard.local/pause:1
 NETWORK=standalone
 NODE_IP=10.254.0.2
 APISERVER_URL="https://$service_ip:443"
-if [[ "$cmd" == up && -f "$dir/node.env" ]]; then
+if [[ "$cmd" =~ ^(up|reboot)$ && -f "$dir/node.env" ]]; then
   # shellcheck source=/dev/null
   source "$dir/node.env"
 fi
@@ -60,6 +61,10 @@ die() {
 # ip6tables (and their -save/-restore) are the node's backend.
 node_path="$PATH"
 [[ "$NETWORK" == cluster ]] && node_path="$dir/xtables:$PATH"
+# The xtables lock of the node's iptables users (a real cluster's nodes share one of the cluster's
+# own, as the containers of one host share the host's; the chart's agent.xtablesLock names it).
+node_env=(env PATH="$node_path")
+[[ -n "${XTABLES_LOCKFILE:-}" ]] && node_env+=(XTABLES_LOCKFILE="$XTABLES_LOCKFILE")
 
 ctr() { command ctr --address "$dir/containerd/containerd.sock" --namespace k8s.io "$@"; }
 
@@ -149,8 +154,6 @@ cmd_up() {
     ip -n "$node" link set eth0 up
     start relay-host socat "UNIX-LISTEN:$dir/apiserver.sock,fork,unlink-early" "TCP:127.0.0.1:$APISERVER_PORT"
     wait_for "the relay socket" test -S "$dir/apiserver.sock"
-    start relay-node nsenter "--net=/run/netns/$node" \
-      socat "TCP-LISTEN:443,bind=$service_ip,fork,reuseaddr" "UNIX-CONNECT:$dir/apiserver.sock"
   fi
 
   cat >"$dir/containerd/config.toml" <<EOF
@@ -180,10 +183,6 @@ state = "$dir/containerd/state"
     # runc's state per node: its default, /run/containerd/runc/k8s.io, would be shared by all nodes.
     Root = "$dir/runc"
 EOF
-  start containerd env PATH="$node_path" nsenter "--net=/run/netns/$node" containerd --config "$dir/containerd/config.toml"
-  wait_for containerd ctr version
-  import "$(pause_archive)"
-
   local pki="$cluster/pki"
   cat >"$dir/kubeconfig" <<EOF
 apiVersion: v1
@@ -227,16 +226,69 @@ nodeStatusReportFrequency: 10s
 # Per node: a kubelet deletes the log folders of every pod it does not know in its podLogsDir.
 podLogsDir: $dir/pod-logs
 EOF
+  boot
+  log "$node up in $((SECONDS - started))s (kubelet $("$BIN/kubelet" --version | cut -d' ' -f2), $(containerd --version | cut -d' ' -f3), runc $(runc --version | head -n1 | cut -d' ' -f3))"
+}
+
+# What starts when the node boots: the node's relay (a node of its own), containerd, the kubelet,
+# kube-proxy (a real cluster's node).
+boot() {
+  if [[ "$NETWORK" != cluster ]]; then
+    start relay-node nsenter "--net=/run/netns/$node" \
+      socat "TCP-LISTEN:443,bind=$service_ip,fork,reuseaddr" "UNIX-CONNECT:$dir/apiserver.sock"
+  fi
+  start containerd "${node_env[@]}" nsenter "--net=/run/netns/$node" containerd --config "$dir/containerd/config.toml"
+  wait_for containerd ctr version
+  import "$(pause_archive)"
   local node_ips="$NODE_IP" labels="loopguard.dev/real-node=true"
   [[ "$NETWORK" == cluster ]] && node_ips="$NODE_IP,$NODE_IP6" labels="$labels,$NODE_LABELS"
-  start kubelet env PATH="$node_path" nsenter "--net=/run/netns/$node" "$BIN/kubelet" \
+  start kubelet "${node_env[@]}" nsenter "--net=/run/netns/$node" "$BIN/kubelet" \
     --config="$dir/kubelet/config.yaml" --kubeconfig="$dir/kubeconfig" \
     --root-dir="$dir/kubelet/root" --cert-dir="$dir/certs" \
     --hostname-override="$node" --node-ip="$node_ips" \
     --node-labels="$labels" --v=1
   wait_for "the kubelet's Node" "$BIN/kubectl" --kubeconfig "$cluster/kubeconfig" get node "$node"
-  [[ "$NETWORK" == cluster ]] && start_kube_proxy
-  log "$node up in $((SECONDS - started))s (kubelet $("$BIN/kubelet" --version | cut -d' ' -f2), $(containerd --version | cut -d' ' -f3), runc $(runc --version | head -n1 | cut -d' ' -f3))"
+  if [[ "$NETWORK" == cluster ]]; then start_kube_proxy; fi
+}
+
+# Everything of the node's that runs: what is in its namespace (kubelet, containerd, kube-proxy,
+# containers) and the container shims, which containerd re-parents outside it.
+kill_node_processes() {
+  if [[ -e "/run/netns/$node" ]]; then
+    ip netns pids "$node" | xargs -r kill -KILL 2>/dev/null || true
+  fi
+  pgrep -f "containerd-shim-runc-v2 -namespace k8s.io -address $dir/" | xargs -r kill -KILL 2>/dev/null || true
+  sleep 0.5
+  # Mounts the kubelet and containerd made (volumes, overlay root file systems, pod network
+  # namespaces), deepest first.
+  findmnt -rno TARGET | grep -F "$dir/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+}
+
+# A reboot, as far as one namespace can have one: every process of the node killed, what lives in
+# /run on a real host lost (containerd's and runc's state, the pods' network namespaces, the CNI
+# bridge), the namespace's firewall empty (iptables of both backends and nftables), then the node
+# boots: containerd, the kubelet (which starts the pods again) and kube-proxy. Disk state stays:
+# images, the kubelet's root, the CNI address reservations.
+cmd_reboot() {
+  [[ -e "/run/netns/$node" && -f "$dir/kubelet/config.yaml" ]] || die "$node is not up"
+  source "$cluster/cluster.env"
+  local started=$SECONDS
+  kill_node_processes
+  rm -rf "$dir/containerd/state" "$dir/runc"
+  ip -n "$node" link delete cni0 2>/dev/null || true
+  # The legacy tables the node has, each emptied (restoring a table without --noflush flushes it
+  # and deletes its chains); nftables (iptables-nft's tables included) all at once.
+  local family table script
+  for family in iptables ip6tables; do
+    script=""
+    for table in $(nsenter "--net=/run/netns/$node" "$family-legacy-save" | sed -n 's/^\*//p'); do
+      script+="*$table"$'\n'"COMMIT"$'\n'
+    done
+    [[ -z "$script" ]] || nsenter "--net=/run/netns/$node" "$family-legacy-restore" <<<"$script"
+  done
+  nsenter "--net=/run/netns/$node" nft flush ruleset
+  boot
+  log "$node rebooted in $((SECONDS - started))s"
 }
 
 # The node's part of the cluster network (hack/real-cluster.sh made the router namespace and its
@@ -306,7 +358,7 @@ oomScoreAdj: 0
 conntrack: {maxPerCore: 0, min: 0}
 $sync: {minSyncPeriod: 1s}
 EOF
-  start kube-proxy env PATH="$node_path" nsenter "--net=/run/netns/$node" "$BIN/kube-proxy" \
+  start kube-proxy "${node_env[@]}" nsenter "--net=/run/netns/$node" "$BIN/kube-proxy" \
     --config="$dir/kube-proxy.yaml" --v=1
   wait_for "kube-proxy's /healthz" nsenter "--net=/run/netns/$node" curl -fsS http://127.0.0.1:10256/healthz
 }
@@ -326,17 +378,9 @@ cmd_import() {
 
 cmd_down() {
   [[ -d "$dir" || -e "/run/netns/$node" ]] || return 0
-  # Everything in the namespace: kubelet, containerd, its shims and containers, the node relay.
-  if [[ -e "/run/netns/$node" ]]; then
-    ip netns pids "$node" | xargs -r kill -KILL 2>/dev/null || true
-  fi
+  kill_node_processes
   local pid
   if pid="$(pid_of relay-host "$dir/apiserver.sock")"; then kill -KILL "$pid" 2>/dev/null || true; fi
-  # Container shims re-parented outside the namespace hold mounts too.
-  pgrep -f "containerd-shim-runc-v2 -namespace k8s.io -address $dir/" | xargs -r kill -KILL 2>/dev/null || true
-  sleep 0.5
-  # Mounts the kubelet and containerd made (volumes, overlay root file systems), deepest first.
-  findmnt -rno TARGET | grep -F "$dir/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   # The pod cgroups containerd made, in every cgroup v1 hierarchy.
   local hierarchy
   for hierarchy in /sys/fs/cgroup/*/; do
@@ -354,9 +398,10 @@ cmd_down() {
 case "$cmd" in
   up) cmd_up ;;
   down) cmd_down ;;
+  reboot) cmd_reboot ;;
   import)
     shift 2 || die "import NAME ARCHIVE..."
     cmd_import "$@"
     ;;
-  *) die "usage: hack/real-node.sh up|down [NAME] | import NAME ARCHIVE..." ;;
+  *) die "usage: hack/real-node.sh up|down|reboot [NAME] | import NAME ARCHIVE..." ;;
 esac

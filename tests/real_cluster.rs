@@ -12,10 +12,17 @@ use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, ResourceExt};
 use loopguard::api::{LoopbackNodeState, LoopbackPolicy};
 use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::cluster::{RealCluster, eventually};
 use support::deploy::{self, chain};
 use support::netns::scanner_passes;
+use support::watch::{self, NftWatch};
+
+/// One real cluster at a time: three kubelets, containerds and kube-proxies are plenty for two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const NS: &str = "loopguard-system";
 const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/component=controller";
@@ -41,6 +48,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
+    let _serial = SERIAL.lock().await;
     let archive = deploy::image_archive();
     let started = Instant::now();
     let Some(real) = support::cluster::real("rc", &[&archive]) else {
@@ -59,7 +67,7 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
 
     // helm install --wait: the agents and two controller replicas, all on real nodes.
     let installed = Instant::now();
-    let roots = format!("agent.perNodeHostRoots={}", real.node_roots.display());
+    let values = real.chart_values();
     deploy::helm(
         cluster,
         &[
@@ -73,7 +81,7 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
             "--timeout",
             "5m",
             "--set",
-            &roots,
+            &values,
             "--set",
             "controller.replicas=2",
             "--set",
@@ -168,6 +176,7 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
         None,
     );
 
+    prometheus_finds_every_target_as_the_monitors_say(&real);
     leader_moves_when_its_pod_goes(&client).await;
 
     // helm test: its Pod runs on a real node and reaches the API server through the Service.
@@ -312,18 +321,10 @@ async fn controllers_reach_the_api_through_the_service(client: &Client) {
 /// The environment of the loopguard process whose HOSTNAME is `pod`.
 fn process_environ(pod: &str) -> Option<Vec<String>> {
     let wanted = format!("HOSTNAME={pod}");
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let environ = std::fs::read(e.path().join("environ")).ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        if !cmdline.starts_with(b"/usr/local/bin/loopguard\0") {
-            return None;
-        }
-        let vars: Vec<String> = environ
-            .split(|b| *b == 0)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .collect();
-        vars.contains(&wanted).then_some(vars)
-    })
+    loopguard_processes()
+        .into_iter()
+        .find(|p| p.1.contains(&wanted))
+        .map(|p| p.1)
 }
 
 async fn lease_holder(client: &Client) -> String {
@@ -396,4 +397,428 @@ fn taken_down_completely(real: RealCluster) {
     let mounts = support::cluster::mounts_under(&dir);
     assert!(mounts.is_empty(), "mounts left: {mounts:#?}");
     assert!(!dir.exists(), "{} left", dir.display());
+}
+
+/// The seed's rules on every node (the ufw node's own rule left out, as it cannot pass while ufw
+/// is inactive), loopguard's nftables table where nftables is installed.
+const EVERY_NODE: &str = "apiVersion: loopguard.dev/v1alpha1
+kind: LoopbackPolicy
+metadata:
+  name: every-node
+spec:
+  applicability: Always
+  ruleFamilies:
+    nftables: Enforce
+    ufw: Ignore
+";
+
+/// What the kubelet does with the chart on real nodes: the runtime's seccomp profile on the legacy
+/// in-process path, the controller's user and read-only root, a rolling upgrade of the agents
+/// without a moment without the rules (watched without forking), liveness that leaves healthy
+/// agents alone through a 3-minute API outage with the xtables lock held and restarts wedged ones,
+/// and every node rebooted (processes, /run state and firewall gone) back to Compliant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubelet_runs_the_chart_as_it_says() {
+    let _serial = SERIAL.lock().await;
+    let archive = deploy::image_archive();
+    let Some(real) = support::cluster::real("rk", &[&archive]) else {
+        return;
+    };
+    let cluster = &real.cluster;
+    let client = cluster.client().await;
+    let [legacy, nft, nftables] = [&real.nodes[0], &real.nodes[1], &real.nodes[2]];
+    let values = real.chart_values();
+    deploy::helm(
+        cluster,
+        &[
+            "install",
+            deploy::RELEASE,
+            deploy::CHART,
+            "--namespace",
+            NS,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "5m",
+            "--set",
+            &values,
+            "--set",
+            "agent.resync=5",
+        ],
+    );
+    cluster.kubectl_ok(&["apply", "-f", "-"], Some(EVERY_NODE));
+    wait_compliant(cluster, "every-node");
+
+    // The legacy node's agent under the runtime's default seccomp profile (mode 2: filter),
+    // enforcing through the kernel's table interface.
+    let pid = agent_pid(legacy);
+    assert_eq!(status_field(pid, "Seccomp:"), "2", "RuntimeDefault");
+    let states: Api<LoopbackNodeState> = Api::all(client.clone());
+    let state = states.get(legacy).await.unwrap().status.unwrap();
+    assert_eq!(state.backend.as_deref(), Some("iptables-legacy"));
+    // The controller as the chart says: its own uid, a read-only root.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    for pod in pods
+        .list(&ListParams::default().labels(CONTROLLER_SELECTOR))
+        .await
+        .unwrap()
+        .items
+    {
+        let pid = pid_of_pod(&pod.name_any()).expect("the controller's process");
+        assert!(
+            status_field(pid, "Uid:").starts_with("65532\t"),
+            "runAsUser"
+        );
+        assert!(root_is_read_only(pid), "readOnlyRootFilesystem");
+    }
+
+    // helm upgrade with a changed value: every agent replaced, the rules there all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let legacy_watch = watch::watch_legacy(legacy, stop.clone());
+    let nft_watches = [nft, nftables].map(|n| NftWatch::start(n));
+    let before = agent_containers(&client).await;
+    let upgraded = Instant::now();
+    deploy::helm(
+        cluster,
+        &[
+            "upgrade",
+            deploy::RELEASE,
+            deploy::CHART,
+            "--namespace",
+            NS,
+            "--reuse-values",
+            "--wait",
+            "--timeout",
+            "5m",
+            "--set",
+            "agent.resync=6",
+        ],
+    );
+    eventually(
+        "three new agents Ready",
+        Duration::from_secs(180),
+        || async {
+            let now = agent_containers(&client).await;
+            (now.len() == 3
+                && now
+                    .iter()
+                    .all(|(pod, _, ready)| *ready && !before.iter().any(|b| b.0 == *pod)))
+            .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut watched = vec![legacy_watch.join().unwrap()];
+    watched.extend(nft_watches.map(NftWatch::finish));
+    println!(
+        "helm upgrade, three agents replaced in {:?}: {watched:?}",
+        upgraded.elapsed()
+    );
+    for w in &watched {
+        assert!(w.samples > 0 && w.missing == 0, "during the rollout: {w:?}");
+    }
+
+    // Healthy agents are never restarted: the API server gone for 3 minutes, the xtables lock held
+    // for the first 90 seconds of it (longer than the liveness probe's patience).
+    let restarts =
+        |containers: &[(String, i32, bool)]| -> i32 { containers.iter().map(|c| c.1).sum() };
+    let before = agent_containers(&client).await;
+    let lock = hold_lock(&real.xtables_lock, Duration::from_secs(90));
+    let outage = Instant::now();
+    cluster_sh(cluster, "stop-apiserver");
+    tokio::time::sleep(Duration::from_secs(180)).await;
+    cluster_sh(cluster, "start-apiserver");
+    lock.join().unwrap();
+    println!("API server back after {:?}", outage.elapsed());
+    let after = eventually("three agents Ready", Duration::from_secs(120), || async {
+        let now = agent_containers(&client).await;
+        (now.len() == 3 && now.iter().all(|c| c.2)).then_some(now)
+    })
+    .await;
+    assert_eq!(
+        restarts(&after),
+        restarts(&before),
+        "{before:?} → {after:?}"
+    );
+    wait_compliant(cluster, "every-node");
+
+    // Wedged agents (SIGSTOP: they answer no probe) are restarted by the liveness probe.
+    let wedged = Instant::now();
+    for node in &real.nodes {
+        unsafe { libc::kill(agent_pid(node) as i32, libc::SIGSTOP) };
+    }
+    eventually(
+        "every wedged agent restarted and Ready",
+        Duration::from_secs(180),
+        || async {
+            let now = agent_containers(&client).await;
+            (now.len() == 3 && restarts(&now) >= restarts(&after) + 3 && now.iter().all(|c| c.2))
+                .then_some(())
+        },
+    )
+    .await;
+    println!(
+        "three wedged agents restarted and Ready after {:?}",
+        wedged.elapsed()
+    );
+
+    // Every node rebooted at once: back to the rules and Compliant.
+    let before = agent_container_ids(&client).await;
+    let rebooted = Instant::now();
+    for node in &real.nodes {
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/real-node.sh"))
+            .args(["reboot", node])
+            .env("LOOPGUARD_CLUSTER_DIR", &cluster.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "reboot {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eventually(
+        "every node's rules back from new agents",
+        Duration::from_secs(300),
+        || async {
+            let now = agent_container_ids(&client).await;
+            let new = now.len() == 3 && now.iter().all(|id| !before.contains(id));
+            (new && deploy::has_seed_rules(legacy, "legacy")
+                && deploy::has_seed_rules(nft, "nft")
+                && deploy::has_seed_rules(nftables, "nft")
+                && deploy::has_loopguard_table(nftables))
+            .then_some(())
+        },
+    )
+    .await;
+    wait_compliant(cluster, "every-node");
+    println!(
+        "three nodes rebooted: Compliant again after {:?}",
+        rebooted.elapsed()
+    );
+
+    deploy::helm(
+        cluster,
+        &[
+            "uninstall",
+            deploy::RELEASE,
+            "--namespace",
+            NS,
+            "--wait",
+            "--timeout",
+            "5m",
+        ],
+    );
+}
+
+fn wait_compliant(cluster: &support::cluster::Cluster, policy: &str) {
+    cluster.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Compliant",
+            &format!("lbp/{policy}"),
+            "--timeout=180s",
+        ],
+        None,
+    );
+}
+
+fn cluster_sh(cluster: &support::cluster::Cluster, command: &str) {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/cluster.sh"))
+        .arg(command)
+        .env("LOOPGUARD_CLUSTER_DIR", &cluster.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cluster.sh {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Holds the lock file as iptables takes it (flock, exclusive) for `time`, on a thread.
+fn hold_lock(path: &Path, time: Duration) -> std::thread::JoinHandle<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    assert_eq!(
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) },
+        0,
+        "flock {}",
+        path.display()
+    );
+    std::thread::spawn(move || {
+        std::thread::sleep(time);
+        drop(file);
+    })
+}
+
+/// The agents' pods: (name, restarts, Ready).
+async fn agent_containers(client: &Client) -> Vec<(String, i32, bool)> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let Ok(list) = pods
+        .list(&ListParams::default().labels(deploy::AGENT_SELECTOR))
+        .await
+    else {
+        return Vec::new();
+    };
+    list.items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let restarts = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map_or(0, |c| c.iter().map(|c| c.restart_count).sum());
+            (p.name_any(), restarts, deploy::is_ready(p))
+        })
+        .collect()
+}
+
+/// The agents' running container ids.
+async fn agent_container_ids(client: &Client) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let Ok(list) = pods
+        .list(&ListParams::default().labels(deploy::AGENT_SELECTOR))
+        .await
+    else {
+        return Vec::new();
+    };
+    list.items
+        .iter()
+        .filter(|p| deploy::is_ready(p))
+        .filter_map(|p| {
+            p.status
+                .as_ref()?
+                .container_statuses
+                .as_ref()?
+                .first()?
+                .container_id
+                .clone()
+        })
+        .collect()
+}
+
+/// The pid of the agent process running for `node` (the image's binary).
+fn agent_pid(node: &str) -> u32 {
+    let wanted = format!("NODE_NAME={node}");
+    loopguard_processes()
+        .into_iter()
+        .find(|(cmdline, environ, _)| {
+            cmdline.starts_with(b"/usr/local/bin/loopguard\0agent\0") && environ.contains(&wanted)
+        })
+        .map(|p| p.2)
+        .unwrap_or_else(|| panic!("the agent process of {node}"))
+}
+
+fn pid_of_pod(pod: &str) -> Option<u32> {
+    let wanted = format!("HOSTNAME={pod}");
+    loopguard_processes()
+        .into_iter()
+        .find(|p| p.1.contains(&wanted))
+        .map(|p| p.2)
+}
+
+/// Every process of the image's loopguard binary: (command line, environment, pid).
+fn loopguard_processes() -> Vec<(Vec<u8>, Vec<String>, u32)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            if !cmdline.starts_with(b"/usr/local/bin/loopguard\0") {
+                return None;
+            }
+            let environ = std::fs::read(e.path().join("environ")).ok()?;
+            let vars = environ
+                .split(|b| *b == 0)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
+            Some((cmdline, vars, pid))
+        })
+        .collect()
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("{field} of {pid}"))
+}
+
+fn root_is_read_only(pid: u32) -> bool {
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .is_some_and(|root| {
+            root.split(' ')
+                .nth(5)
+                .unwrap()
+                .split(',')
+                .any(|o| o == "ro")
+        })
+}
+
+/// The chart's ServiceMonitor and PodMonitor, as the Prometheus Operator would turn them into scrape
+/// jobs, given to a real Prometheus in the cluster network with Kubernetes service discovery: each
+/// finds both controller replicas and the three agents, labelled with their node.
+fn prometheus_finds_every_target_as_the_monitors_say(real: &RealCluster) {
+    use support::prometheus::{Prometheus, SdAccess, render_in, scrape_jobs};
+    let pki = real.cluster.dir.join("pki");
+    let sd = SdAccess {
+        api_server: real.api_server(),
+        ca_file: pki.join("ca.crt"),
+        cert_file: pki.join("admin.crt"),
+        key_file: pki.join("admin.key"),
+    };
+    let mut jobs = Vec::new();
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        let rendered = render_in(
+            NS,
+            "templates/servicemonitor.yaml",
+            &[
+                "serviceMonitor.enabled=true",
+                &format!("serviceMonitor.kind={kind}"),
+            ],
+        );
+        let monitor: serde_json::Value = serde_saphyr::from_str(&rendered).unwrap();
+        jobs.extend(scrape_jobs(&monitor, &sd));
+    }
+    let started = Instant::now();
+    let prometheus = Prometheus::start_in(&real.router(), &jobs, 10);
+    println!(
+        "Prometheus found and scraped all 10 targets in {:?}",
+        started.elapsed()
+    );
+    for node in &real.nodes {
+        for job in ["loopguard-agent-metrics", "loopguard-system/loopguard"] {
+            let found = prometheus.query(&format!(
+                "loopguard_agent_compliant{{node=\"{node}\", job=\"{job}\"}}"
+            ));
+            assert_eq!(
+                found.len(),
+                1,
+                "the agent of {node} through job {job}: {found:?}"
+            );
+        }
+    }
+    let controllers = prometheus
+        .query("count by (job) (loopguard_build_info{component=\"controller\", node!=\"\"})");
+    assert_eq!(controllers.len(), 2, "both jobs: {controllers:?}");
+    for series in &controllers {
+        assert_eq!(
+            series["value"][1], "2",
+            "two controller replicas: {series:?}"
+        );
+    }
 }

@@ -158,6 +158,7 @@ pub fn real(tag: &str, images: &[&Path]) -> Option<RealCluster> {
     assert_eq!(nodes.len(), 3, "{env}");
     Some(RealCluster {
         node_roots: PathBuf::from(value("LOOPGUARD_NODE_ROOTS")),
+        xtables_lock: PathBuf::from(value("LOOPGUARD_XTABLES_LOCK")),
         nodes,
         cluster,
     })
@@ -170,6 +171,34 @@ pub struct RealCluster {
     pub nodes: Vec<String>,
     /// The folder the chart's `agent.perNodeHostRoots` takes.
     pub node_roots: PathBuf,
+    /// The nodes' xtables lock (the chart's `agent.xtablesLock`).
+    pub xtables_lock: PathBuf,
+}
+
+impl RealCluster {
+    /// The router namespace of the cluster network (the nodes' bridge, the API server's relay).
+    pub fn router(&self) -> String {
+        self.nodes[0].replace("-legacy", "-net")
+    }
+
+    /// The API server's address on the cluster network (the one the `kubernetes` Service names).
+    pub fn api_server(&self) -> String {
+        let env = std::fs::read_to_string(self.cluster.dir.join("cluster.env")).unwrap();
+        let port = env
+            .lines()
+            .find_map(|l| l.strip_prefix("APISERVER_PORT="))
+            .expect("APISERVER_PORT in cluster.env");
+        format!("https://10.254.10.1:{}", port.trim_matches('"'))
+    }
+
+    /// The chart's values that put each agent on its own node's host facts and lock.
+    pub fn chart_values(&self) -> String {
+        format!(
+            "agent.perNodeHostRoots={},agent.xtablesLock={}",
+            self.node_roots.display(),
+            self.xtables_lock.display()
+        )
+    }
 }
 
 fn start(tag: &str, up_args: &[&str]) -> Option<Cluster> {

@@ -296,3 +296,17 @@ pub fn helm(cluster: &Cluster, args: &[&str]) -> Output {
     );
     out
 }
+
+/// Whether the seed's three rules are in a node's chains (`ip6tables-<backend> -S`).
+pub fn has_seed_rules(node: &str, backend: &str) -> bool {
+    let input = chain(node, backend, "INPUT");
+    let output = chain(node, backend, "OUTPUT");
+    super::watch::RULES.iter().all(|(c, spec)| {
+        let line = format!("-A {c} {spec}");
+        if *c == "INPUT" {
+            input.contains(&line)
+        } else {
+            output.contains(&line)
+        }
+    })
+}

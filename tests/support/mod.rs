@@ -6,6 +6,7 @@ pub mod deploy;
 pub mod netns;
 pub mod prometheus;
 pub mod sim;
+pub mod watch;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};

@@ -34,9 +34,14 @@ pub fn helm() -> PathBuf {
 
 /// The chart rendered with `sets`, only `template` (for example `templates/prometheusrule.yaml`).
 pub fn render(template: &str, sets: &[&str]) -> String {
+    render_in("default", template, sets)
+}
+
+/// [`render`] for a release in `namespace`.
+pub fn render_in(namespace: &str, template: &str, sets: &[&str]) -> String {
     let mut helm = Command::new(helm());
     helm.args(["template", "loopguard", &format!("{REPO}/charts/loopguard")])
-        .args(["--show-only", template]);
+        .args(["--namespace", namespace, "--show-only", template]);
     for set in sets {
         helm.args(["--set", set]);
     }
@@ -145,6 +150,8 @@ pub struct Prometheus {
     relays: Vec<Child>,
     pub url: String,
     dir: tempfile::TempDir,
+    /// The network namespace Prometheus runs in (its API is reached from there), if not the host's.
+    netns: Option<String>,
 }
 
 impl Prometheus {
@@ -197,9 +204,49 @@ impl Prometheus {
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: loopguard\n    static_configs:\n{scrape}"
         );
+        Prometheus::launch(&bin, dir, &config, None, relays)
+    }
+
+    /// Prometheus inside the network namespace `netns` with the scrape `jobs`, once `count`
+    /// targets are up (panics with its targets and log after 60 s).
+    pub fn start_in(netns: &str, jobs: &[Value], count: usize) -> Prometheus {
+        let config = serde_json::json!({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": jobs,
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut prometheus = Prometheus::launch(
+            &bin_dir(),
+            dir,
+            &config.to_string(),
+            Some(netns),
+            Vec::new(),
+        );
+        if let Err(why) = prometheus.wait_targets_up(count) {
+            panic!("Prometheus in {netns}: {why}");
+        }
+        prometheus
+    }
+
+    fn launch(
+        bin: &Path,
+        dir: tempfile::TempDir,
+        config: &str,
+        netns: Option<&str>,
+        relays: Vec<Child>,
+    ) -> Prometheus {
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
         let port = super::free_port();
-        let server = Command::new(bin.join("prometheus"))
+        let mut command = match netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{netns}"))
+                    .arg(bin.join("prometheus"));
+                c
+            }
+            None => Command::new(bin.join("prometheus")),
+        };
+        let server = command
             .arg(format!(
                 "--config.file={}",
                 dir.path().join("prometheus.yml").display()
@@ -218,6 +265,7 @@ impl Prometheus {
             relays,
             url: format!("http://127.0.0.1:{port}"),
             dir,
+            netns: netns.map(String::from),
         }
     }
 
@@ -230,7 +278,14 @@ impl Prometheus {
     }
 
     fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
-        let mut curl = Command::new("curl");
+        let mut curl = match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{netns}")).arg("curl");
+                c
+            }
+            None => Command::new("curl"),
+        };
         curl.args([
             "-sf",
             "--max-time",
@@ -322,4 +377,142 @@ impl Drop for Prometheus {
 /// The path of a file of this repository.
 pub fn repo_file(path: &str) -> PathBuf {
     Path::new(REPO).join(path)
+}
+
+/// How Prometheus reaches the API server for Kubernetes service discovery.
+pub struct SdAccess {
+    pub api_server: String,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// A Prometheus label name for a Kubernetes label (what the service discovery does to it).
+fn sanitize(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// The scrape jobs the Prometheus Operator makes of a ServiceMonitor or PodMonitor (its
+/// `promcfg` generation, reduced to what a monitor of this chart can say): service discovery of
+/// endpoint slices (ServiceMonitor) or pods (PodMonitor) in the monitor's namespaces, kept where the
+/// selector's labels match and the port is the endpoint's named port, the operator's target labels,
+/// then the monitor's own relabelings. A wrong selector, port name or relabeling in the chart gives
+/// a job without the targets or labels the tests ask for.
+pub fn scrape_jobs(monitor: &Value, sd: &SdAccess) -> Vec<Value> {
+    let kind = monitor["kind"].as_str().expect("kind");
+    let (role, object, port_label, endpoints) = match kind {
+        "ServiceMonitor" => (
+            "endpointslice",
+            "service",
+            "__meta_kubernetes_endpointslice_port_name",
+            "endpoints",
+        ),
+        "PodMonitor" => (
+            "pod",
+            "pod",
+            "__meta_kubernetes_pod_container_port_name",
+            "podMetricsEndpoints",
+        ),
+        other => panic!("not a monitor: {other}"),
+    };
+    let name = monitor["metadata"]["name"].as_str().expect("name");
+    let namespace = monitor["metadata"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    let spec = &monitor["spec"];
+    let namespaces: Vec<Value> = spec["namespaceSelector"]["matchNames"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| vec![Value::from(namespace)]);
+    let mut keep_selected = Vec::new();
+    for (key, value) in spec["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        let label = sanitize(key);
+        keep_selected.push(serde_json::json!({
+            "action": "keep",
+            "source_labels": [
+                format!("__meta_kubernetes_{object}_label_{label}"),
+                format!("__meta_kubernetes_{object}_labelpresent_{label}"),
+            ],
+            "regex": format!("({});true", value.as_str().expect("a label value")),
+        }));
+    }
+    let prefix = if kind == "ServiceMonitor" {
+        "serviceMonitor"
+    } else {
+        "podMonitor"
+    };
+    spec[endpoints]
+        .as_array()
+        .expect("the monitor's endpoints")
+        .iter()
+        .enumerate()
+        .map(|(i, endpoint)| {
+            let port = endpoint["port"].as_str().expect("a named port");
+            let mut relabel = keep_selected.clone();
+            relabel.push(serde_json::json!({
+                "action": "keep", "source_labels": [port_label], "regex": port,
+            }));
+            let mut target = vec![
+                ("namespace", "__meta_kubernetes_namespace"),
+                ("pod", "__meta_kubernetes_pod_name"),
+                ("container", "__meta_kubernetes_pod_container_name"),
+            ];
+            if kind == "ServiceMonitor" {
+                target.push(("service", "__meta_kubernetes_service_name"));
+                target.push(("job", "__meta_kubernetes_service_name"));
+            }
+            for (label, source) in target {
+                relabel.push(serde_json::json!({
+                    "source_labels": [source], "target_label": label,
+                }));
+            }
+            if kind == "PodMonitor" {
+                relabel.push(serde_json::json!({
+                    "target_label": "job", "replacement": format!("{namespace}/{name}"),
+                }));
+            }
+            relabel.push(serde_json::json!({"target_label": "endpoint", "replacement": port}));
+            for r in endpoint["relabelings"].as_array().into_iter().flatten() {
+                let mut out = serde_json::Map::new();
+                for (from, to) in [
+                    ("sourceLabels", "source_labels"),
+                    ("separator", "separator"),
+                    ("targetLabel", "target_label"),
+                    ("regex", "regex"),
+                    ("modulus", "modulus"),
+                    ("replacement", "replacement"),
+                    ("action", "action"),
+                ] {
+                    if !r[from].is_null() {
+                        out.insert(to.into(), r[from].clone());
+                    }
+                }
+                relabel.push(Value::Object(out));
+            }
+            serde_json::json!({
+                "job_name": format!("{prefix}/{namespace}/{name}/{i}"),
+                "metrics_path": endpoint["path"].as_str().unwrap_or("/metrics"),
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "kubernetes_sd_configs": [{
+                    "role": role,
+                    "api_server": sd.api_server,
+                    "namespaces": {"names": namespaces},
+                    "tls_config": {
+                        "ca_file": sd.ca_file,
+                        "cert_file": sd.cert_file,
+                        "key_file": sd.key_file,
+                    },
+                }],
+                "relabel_configs": relabel,
+            })
+        })
+        .collect()
 }
