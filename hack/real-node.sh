@@ -254,6 +254,15 @@ boot() {
 # Everything of the node's that runs: what is in its namespace (kubelet, containerd, kube-proxy,
 # containers) and the container shims, which containerd re-parents outside it.
 kill_node_processes() {
+  # Every container runc started for this node, pods with a network namespace of their own
+  # included (nothing else finds those: they are neither in the node's namespace nor children of
+  # a shim once it is gone).
+  local id
+  if [[ -d "$dir/runc/k8s.io" ]]; then
+    for id in $(runc --root "$dir/runc/k8s.io" list -q 2>/dev/null); do
+      runc --root "$dir/runc/k8s.io" kill --all "$id" KILL 2>/dev/null || true
+    done
+  fi
   if [[ -e "/run/netns/$node" ]]; then
     ip netns pids "$node" | xargs -r kill -KILL 2>/dev/null || true
   fi

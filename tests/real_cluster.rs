@@ -234,7 +234,7 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
             .is_empty()
     );
 
-    taken_down_completely(real);
+    taken_down_completely(real, false);
 }
 
 /// Every node Ready, with an IPv4 and an IPv6 InternalIP.
@@ -376,11 +376,29 @@ async fn leader_moves_when_its_pod_goes(client: &Client) {
     );
 }
 
-/// `hack/real-cluster.sh down`: no namespace, process or mount of the cluster left.
-fn taken_down_completely(real: RealCluster) {
+/// `hack/real-cluster.sh down`: no namespace, process or mount of the cluster left; with
+/// `running`, the pods' containers (which must be running before) stopped too.
+fn taken_down_completely(real: RealCluster, running: bool) {
     let dir = real.cluster.dir.clone();
     let nodes = real.nodes.clone();
+    // The containers of the nodes (the image's loopguard, the pods' pause), pods with a network
+    // namespace of their own included: down must stop them too.
+    let containers = container_pids();
+    assert!(
+        !running || containers.len() >= 5,
+        "the pods' containers of the cluster are not running before down: {containers:?}"
+    );
     drop(real);
+    let alive: Vec<&(u32, Vec<u8>)> = containers
+        .iter()
+        .filter(|(pid, cmdline)| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == *cmdline)
+        })
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "containers left running after down: {alive:?}"
+    );
     for node in &nodes {
         assert!(
             !Path::new("/run/netns").join(node).exists(),
@@ -598,18 +616,8 @@ async fn the_kubelet_runs_the_chart_as_it_says() {
         rebooted.elapsed()
     );
 
-    deploy::helm(
-        cluster,
-        &[
-            "uninstall",
-            deploy::RELEASE,
-            "--namespace",
-            NS,
-            "--wait",
-            "--timeout",
-            "5m",
-        ],
-    );
+    // Taken down with the chart running: its pods' containers go with the nodes.
+    taken_down_completely(real, true);
 }
 
 fn wait_compliant(cluster: &support::cluster::Cluster, policy: &str) {
@@ -821,4 +829,18 @@ fn prometheus_finds_every_target_as_the_monitors_say(real: &RealCluster) {
             "two controller replicas: {series:?}"
         );
     }
+}
+
+/// The processes of the image's binary and of the pods' sandboxes (pid, command line).
+fn container_pids() -> Vec<(u32, Vec<u8>)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            (cmdline.starts_with(b"/usr/local/bin/loopguard\0") || cmdline == b"/pause\0")
+                .then_some((pid, cmdline))
+        })
+        .collect()
 }
