@@ -84,6 +84,15 @@ wait_for() {
 # Node N's IPv6 pod network, written as RFC 5952 has it (the API server warns otherwise).
 pod_cidr6() { if (($1 == 0)); then echo fd00:10:244::/64; else echo "fd00:10:244:$1::/64"; fi; }
 
+# Whether the control plane's API server answers /readyz.
+api_ready() {
+  (
+    source "$dir/cluster.env" 2>/dev/null || exit 1
+    curl -fsS --max-time 5 --cacert "$dir/pki/ca.crt" --cert "$dir/pki/admin.crt" \
+      --key "$dir/pki/admin.key" "https://127.0.0.1:$APISERVER_PORT/readyz"
+  ) >/dev/null 2>&1
+}
+
 in_router() { nsenter "--net=/run/netns/$router" "$@"; }
 
 # The router: a bridge every node's eth0 is plugged into, the API server's advertised address, a
@@ -186,7 +195,10 @@ cmd_up() {
   for archive in "${images[@]}"; do
     [[ -f "$archive" ]] || die "--image $archive: no such file (hack/build-image.sh prints the image's archive)"
   done
-  if [[ -d "$rc" && -e "/run/netns/$router" ]]; then
+  # Running: its namespace and relays, and the control plane's API server (a crashed run leaves
+  # the first behind without the rest, and is taken down below).
+  if [[ -e "/run/netns/$router" ]] && pid_of relay-host >/dev/null && pid_of relay-router >/dev/null &&
+    api_ready; then
     die "already up in $dir (hack/real-cluster.sh down first)"
   fi
   if [[ -e "$dir" ]]; then

@@ -844,3 +844,89 @@ fn container_pids() -> Vec<(u32, Vec<u8>)> {
         })
         .collect()
 }
+
+/// `hack/real-cluster.sh up` run twice, after a crash, and beside a namespace of the same name it
+/// does not own: a clear message each time, and never a half-started cluster left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cluster_up_refuses_or_recovers_cleanly() {
+    let _serial = SERIAL.lock().await;
+    let Some(real) = support::cluster::real("rb", &[]) else {
+        return;
+    };
+    let dir = real.cluster.dir.clone();
+    let script = |args: &[&str]| {
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/real-cluster.sh"))
+            .args(args)
+            .env("LOOPGUARD_CLUSTER_DIR", &dir)
+            .output()
+            .unwrap()
+    };
+    let ready_nodes = || {
+        real.cluster.kubectl_ok(
+            &[
+                "wait",
+                "--for=condition=Ready",
+                "node",
+                "--all",
+                "--timeout=120s",
+            ],
+            None,
+        );
+        let nodes = real
+            .cluster
+            .kubectl_ok(&["get", "nodes", "-o", "name"], None);
+        assert_eq!(nodes.lines().count(), 3, "{nodes}");
+    };
+
+    // Twice: refused, the running cluster untouched.
+    let again = script(&["up"]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("already up"),
+        "{stderr}"
+    );
+    ready_nodes();
+
+    // A crash: every process of the cluster killed at once (control plane, watchdog, kubelets,
+    // runtimes, kube-proxies, relays); the state dir and the namespaces stay behind.
+    let pids = support::cluster::pids_under(&dir);
+    assert!(pids.len() >= 10, "{pids:#?}");
+    for (pid, _) in &pids {
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    assert!(Path::new("/run/netns").join(real.router()).exists());
+    let up = script(&["up"]);
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(up.status.success(), "up after a crash: {stderr}");
+    assert!(stderr.contains("leftovers of an earlier run"), "{stderr}");
+    ready_nodes();
+
+    // A namespace named like the cluster's that no state dir owns: refused before anything starts.
+    let down = script(&["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let router = real.router();
+    support::run(
+        {
+            let mut c = Command::new("ip");
+            c.args(["netns", "add", &router]);
+            c
+        },
+        None,
+    );
+    let refused = script(&["up"]);
+    let _ = Command::new("ip")
+        .args(["netns", "delete", &router])
+        .status();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("remove it by hand"),
+        "{stderr}"
+    );
+    let left = support::cluster::processes_under(&dir);
+    assert!(left.is_empty(), "started anyway: {left:#?}");
+    assert!(!dir.exists(), "{} made anyway", dir.display());
+}

@@ -499,6 +499,14 @@ where
 
 /// Processes whose command line names `dir` (kubelet, containerd, shims, relays of a real node).
 pub fn processes_under(dir: &Path) -> Vec<String> {
+    pids_under(dir)
+        .into_iter()
+        .map(|(_, cmdline)| cmdline)
+        .collect()
+}
+
+/// [`processes_under`], with their pids.
+pub fn pids_under(dir: &Path) -> Vec<(u32, String)> {
     let needle = dir.to_string_lossy().to_string();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
@@ -514,8 +522,10 @@ pub fn processes_under(dir: &Path) -> Vec<String> {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(&needle) {
-            found.push(cmdline);
+        if cmdline.contains(&needle)
+            && let Ok(pid) = entry.file_name().to_string_lossy().parse()
+        {
+            found.push((pid, cmdline));
         }
     }
     found
