@@ -55,23 +55,7 @@ async fn main() {
         .expect("no control plane: build it first (hack/cluster.sh up builds the binaries)");
     let cluster = &real.cluster;
     let client = cluster.client().await;
-    let roots = real.chart_values();
-    deploy::helm(
-        cluster,
-        &[
-            "install",
-            deploy::RELEASE,
-            deploy::CHART,
-            "--namespace",
-            NS,
-            "--create-namespace",
-            "--wait",
-            "--timeout",
-            "5m",
-            "--set",
-            &roots,
-        ],
-    );
+    deploy::install_on_real(&real, &[]);
     cluster.kubectl_ok(
         &["apply", "-f", "-"],
         Some(

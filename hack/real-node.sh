@@ -94,12 +94,14 @@ wait_for() {
 
 ensure_packages() {
   local missing=()
-  for p in containerd runc socat; do
+  # iptables and nftables: a real cluster's node runs xtables-*-multi, and reboot empties both.
+  for p in containerd runc socat curl iptables nftables; do
     dpkg-query --show --showformat='${db:Status-Status}' "$p" 2>/dev/null | grep -q '^installed$' || missing+=("$p")
   done
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
   fi
   # The Debian package starts a system containerd where there is an init system; ours is separate.
 }

@@ -67,27 +67,7 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
 
     // helm install --wait: the agents and two controller replicas, all on real nodes.
     let installed = Instant::now();
-    let values = real.chart_values();
-    deploy::helm(
-        cluster,
-        &[
-            "install",
-            deploy::RELEASE,
-            deploy::CHART,
-            "--namespace",
-            NS,
-            "--create-namespace",
-            "--wait",
-            "--timeout",
-            "5m",
-            "--set",
-            &values,
-            "--set",
-            "controller.replicas=2",
-            "--set",
-            "agent.resync=2",
-        ],
-    );
+    deploy::install_on_real(&real, &["controller.replicas=2", "agent.resync=2"]);
     println!("helm install --wait: {:?}", installed.elapsed());
     controllers_reach_the_api_through_the_service(&client).await;
 
@@ -445,25 +425,7 @@ async fn the_kubelet_runs_the_chart_as_it_says() {
     let cluster = &real.cluster;
     let client = cluster.client().await;
     let [legacy, nft, nftables] = [&real.nodes[0], &real.nodes[1], &real.nodes[2]];
-    let values = real.chart_values();
-    deploy::helm(
-        cluster,
-        &[
-            "install",
-            deploy::RELEASE,
-            deploy::CHART,
-            "--namespace",
-            NS,
-            "--create-namespace",
-            "--wait",
-            "--timeout",
-            "5m",
-            "--set",
-            &values,
-            "--set",
-            "agent.resync=5",
-        ],
-    );
+    deploy::install_on_real(&real, &["agent.resync=5"]);
     cluster.kubectl_ok(&["apply", "-f", "-"], Some(EVERY_NODE));
     wait_compliant(cluster, "every-node");
 

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use super::cluster::{Cluster, eventually};
+use super::cluster::{Cluster, RealCluster, eventually};
 use super::run;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
@@ -309,4 +309,27 @@ pub fn has_seed_rules(node: &str, backend: &str) -> bool {
             output.contains(&line)
         }
     })
+}
+
+/// `helm install --wait` of the chart on hack/real-cluster.sh's cluster, each agent on its own
+/// node's host facts and the cluster's xtables lock, with more `--set` values.
+pub fn install_on_real(real: &RealCluster, sets: &[&str]) {
+    let values = real.chart_values();
+    let mut args = vec![
+        "install",
+        RELEASE,
+        CHART,
+        "--namespace",
+        "loopguard-system",
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "5m",
+        "--set",
+        &values,
+    ];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    helm(&real.cluster, &args);
 }
