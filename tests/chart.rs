@@ -464,8 +464,14 @@ fn the_agents_capabilities_suffice_for_both_backends() {
     );
 }
 
+/// The host's files reach the agent through one read-only mount of the host's root, which exists on
+/// every node, so that the kubelet and the container runtime create nothing on a host that lacks
+/// one of them (a missing hostPath source becomes an empty folder with `DirectoryOrCreate`, and
+/// with type `""` under containerd, CRI-O and Docker). The only paths the chart may create are
+/// loopguard's own: its state folder and the xtables lock every iptables user shares. Only
+/// `agent.ufw.enforce` makes the root writable and adds CAP_SYS_CHROOT.
 #[test]
-fn only_ufw_enforce_gets_the_host_root_and_chroot() {
+fn the_host_root_is_read_only_and_nothing_else_is_created_unless_ufw_enforce() {
     if !helm_ready() {
         return;
     }
@@ -479,24 +485,46 @@ fn only_ufw_enforce_gets_the_host_root_and_chroot() {
         d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
             .clone()
     };
-    let host_paths = |d: &Value| -> Vec<String> {
+    let host_paths = |d: &Value| -> Vec<(String, String)> {
         d["spec"]["template"]["spec"]["volumes"]
             .as_array()
             .unwrap()
             .iter()
-            .filter_map(|v| v["hostPath"]["path"].as_str().map(String::from))
+            .filter(|v| v["hostPath"].is_object())
+            .map(|v| {
+                (
+                    v["hostPath"]["path"].as_str().unwrap().to_string(),
+                    v["hostPath"]["type"].as_str().unwrap_or("").to_string(),
+                )
+            })
             .collect()
+    };
+    let root_mount = |d: &Value| -> Value {
+        d["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == "/host")
+            .cloned()
+            .expect("a mount at /host")
     };
     let stock = daemonset(&[]);
     assert_eq!(added(&stock), json!(["NET_ADMIN", "NET_RAW"]));
-    assert!(!host_paths(&stock).contains(&"/".to_string()));
+    assert_eq!(
+        host_paths(&stock),
+        [
+            ("/run/xtables.lock".into(), "FileOrCreate".into()),
+            ("/var/lib/loopguard".into(), "DirectoryOrCreate".into()),
+            ("/".into(), "Directory".into()),
+        ],
+        "every hostPath either loopguard's own or one that exists on every node"
+    );
+    assert_eq!(root_mount(&stock)["readOnly"], json!(true));
+    assert_eq!(root_mount(&stock)["recursiveReadOnly"], json!("IfPossible"));
     let ufw = daemonset(&["--set", "agent.ufw.enforce=true"]);
     assert_eq!(added(&ufw), json!(["NET_ADMIN", "NET_RAW", "SYS_CHROOT"]));
-    assert!(
-        host_paths(&ufw).contains(&"/".to_string()),
-        "{:?}",
-        host_paths(&ufw)
-    );
+    assert_eq!(host_paths(&ufw), host_paths(&stock));
+    assert!(root_mount(&ufw).get("readOnly").is_none(), "{ufw}");
 }
 
 /// The ServiceMonitor scrapes a named port of both components' metrics Services, whose target
