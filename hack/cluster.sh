@@ -99,12 +99,20 @@ wait_for() {
   die "timed out waiting for $what; see $dir/logs/$process.log"
 }
 
-free_port() {
-  local port
-  while :; do
-    port=$((20000 + RANDOM % 20000))
-    [[ -z "$(ss -Htan "sport = :$port")" ]] && echo "$port" && return
-  done
+# choose_ports N: N distinct TCP ports from LOOPGUARD_PORT_RANGE (FIRST-LAST, default 20000-39999)
+# that no socket of this machine's network namespace uses, in random order, on one line.
+choose_ports() {
+  local want="$1" range="${LOOPGUARD_PORT_RANGE:-20000-39999}" first last free
+  if [[ ! "$range" =~ ^([0-9]+)-([0-9]+)$ ]] || ((BASH_REMATCH[1] < 1024 || BASH_REMATCH[1] > BASH_REMATCH[2] ||
+    BASH_REMATCH[2] > 65535)); then
+    die "LOOPGUARD_PORT_RANGE=$range: expected FIRST-LAST, two ports from 1024 to 65535 (for example 20000-39999)"
+  fi
+  first="${BASH_REMATCH[1]}" last="${BASH_REMATCH[2]}"
+  free="$(comm -23 <(seq "$first" "$last" | sort) <(ss -Htan | awk '{print $4}' | sed 's/.*://' | sort -u))"
+  if (($(grep -c . <<<"$free") < want)); then
+    die "$(grep -c . <<<"$free") of the ports $range are free on this machine and up needs $want (etcd's client and peer ports, kube-apiserver, kube-controller-manager, kube-scheduler); nothing was started. See who holds them with: ss -Htanp 'sport >= :$first and sport <= :$last'; free some, or set LOOPGUARD_PORT_RANGE to a range with $want free ports"
+  fi
+  shuf -n "$want" <<<"$free" | tr '\n' ' '
 }
 
 # --- certificates ----------------------------------------------------------------------------------------
@@ -274,11 +282,12 @@ cmd_up() {
   else
     [[ -e "$dir" ]] && cmd_down # leftovers of a crashed run
     BIN="$("$repo/hack/build-control-plane.sh")"
+    local ports
+    ports="$(choose_ports 5)" || exit 1
+    read -r ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CONTROLLER_MANAGER_PORT SCHEDULER_PORT <<<"$ports"
     mkdir -p "$dir/logs" "$dir/pids"
     touch "$marker"
     trap up_failed EXIT
-    ETCD_PORT="$(free_port)" ETCD_PEER_PORT="$(free_port)" APISERVER_PORT="$(free_port)"
-    CONTROLLER_MANAGER_PORT="$(free_port)" SCHEDULER_PORT="$(free_port)"
     declare -p BIN ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CONTROLLER_MANAGER_PORT SCHEDULER_PORT \
       ADVERTISE_ADDRESS SERVICE_CIDR EGRESS_UDS |
       sed 's/^declare -- //' >"$dir/cluster.env"
@@ -303,6 +312,9 @@ cmd_up() {
 up_failed() {
   log "start-up failed; the last lines of each log:"
   tail -n 20 "$dir"/logs/*.log >&2 2>/dev/null || true
+  if grep -qs "address already in use" "$dir"/logs/*.log; then
+    log "a port was taken by another process between choosing it and binding it; run up again (it chooses other free ports)"
+  fi
   cmd_down
 }
 

@@ -5,19 +5,27 @@
 #
 #   hack/dev-cluster.sh up      start it (or bring it up to date), install the chart, apply the example
 #                               policy, wait until it is Compliant, print the status; leaves it running
-#   hack/dev-cluster.sh up --real-node
-#                               the same, plus a real node (hack/real-node.sh: the real kubelet with
-#                               containerd and runc) that runs the image built from the Dockerfile
-#                               (hack/build-image.sh); the controller stays on the hollow nodes
-#   hack/dev-cluster.sh env     print the exports for kubectl and helm
-#   hack/dev-cluster.sh down    stop everything and delete its state
+#   hack/dev-cluster.sh up --real
+#                               the chart on a real cluster instead (hack/real-cluster.sh: three real
+#                               nodes, each the real kubelet with containerd, runc, a pod network and
+#                               kube-proxy) running the image built from the Dockerfile
+#                               (hack/build-image.sh); the example policy; leaves it running
+#   hack/dev-cluster.sh env [--real]    print the exports for kubectl and helm
+#   hack/dev-cluster.sh down [--real]   stop everything and delete its state
 #
-# State: ${LOOPGUARD_CLUSTER_DIR:-~/.cache/loopguard/dev-cluster}, apart from the test clusters.
+# State: ${LOOPGUARD_CLUSTER_DIR:-~/.cache/loopguard/dev-cluster} (with --real:
+# ~/.cache/loopguard/dev-real-cluster), apart from the test clusters.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-export LOOPGUARD_CLUSTER_DIR="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/dev-cluster}"
+real=false
+[[ "${2:-}" == --real ]] && real=true
+if $real; then
+  export LOOPGUARD_CLUSTER_DIR="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/dev-real-cluster}"
+else
+  export LOOPGUARD_CLUSTER_DIR="${LOOPGUARD_CLUSTER_DIR:-$HOME/.cache/loopguard/dev-cluster}"
+fi
 # The Rust build cache hack/test.sh fills, so that a first `up` after the tests builds nothing again.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/loopguard/target}"
 dir="$LOOPGUARD_CLUSTER_DIR"
@@ -38,11 +46,13 @@ wait_nodes_ready() {
 }
 
 up() {
-  local real_node=false
-  [[ "${1:-}" == --real-node ]] && real_node=true
   if [[ $EUID -ne 0 ]]; then
-    echo "hack/dev-cluster.sh needs root: each hollow node is a network namespace" >&2
+    echo "hack/dev-cluster.sh needs root: each node is a network namespace" >&2
     exit 2
+  fi
+  if $real; then
+    up_real
+    return
   fi
 
   log "control plane ($dir)"
@@ -71,21 +81,6 @@ up() {
       --image ghcr.io/loopguard/loopguard="$binary" --node-labels loopguard.dev/hollow=yes
   fi
   wait_nodes_ready
-  local sets=()
-  if $real_node; then
-    log "a real node: the image from the Dockerfile (hack/build-image.sh), kubelet, containerd, runc"
-    local archive started=$SECONDS
-    archive="$(hack/build-image.sh)"
-    if [[ ! -e /run/netns/lg-real-0 ]]; then
-      hack/real-node.sh up lg-real-0
-    fi
-    hack/real-node.sh import lg-real-0 "$archive"
-    echo "real node ready in $((SECONDS - started))s" >&2
-    # The real node has no pod network: the controller stays on the hollow nodes. Its agent reads
-    # this machine's dpkg database, and keeps its state apart from this machine's own.
-    sets=(--set 'controller.nodeSelector.loopguard\.dev/hollow=yes'
-      --set agent.stateDir=/var/lib/loopguard-dev-real-node)
-  fi
   kubectl get nodes
 
   log "helm upgrade --install loopguard charts/loopguard --namespace $namespace --create-namespace --wait"
@@ -93,7 +88,7 @@ up() {
   # network namespace, so the two controller replicas must not land on one node (both would bind the
   # metrics port). On real nodes every pod has a network of its own.
   helm upgrade --install loopguard charts/loopguard --namespace "$namespace" --create-namespace \
-    --wait --timeout 3m "${sets[@]}" -f - <<'VALUES'
+    --wait --timeout 3m -f - <<'VALUES'
 controller:
   affinity:
     podAntiAffinity:
@@ -104,14 +99,7 @@ controller:
               app.kubernetes.io/name: loopguard
               app.kubernetes.io/component: controller
 VALUES
-  kubectl -n "$namespace" get daemonset,deployment,pods -o wide
-
-  log "kubectl apply -f $policy"
-  kubectl apply -f "$policy"
-  kubectl wait --for=condition=Compliant lbp/default --timeout=2m
-
-  log "kubectl get lbp,lbns"
-  kubectl get lbp,lbns
+  apply_policy condition=Compliant
 
   cat <<MESSAGE
 
@@ -129,22 +117,72 @@ Each node's firewall is a network namespace on this machine; drift is repaired a
 More policies: deploy/examples/. The pods' logs: $dir/hollow/cli/logs/
 Stop it all: hack/dev-cluster.sh down
 MESSAGE
-  if $real_node; then
-    cat <<MESSAGE
-The real node lg-real-0 runs the image with the real kubelet, containerd and runc. Its agent reads
-this machine's dpkg database: where nftables is installed, the CIS rule does not apply (Auto);
-a policy with \`applicability: Always\` enforces it there too. Its namespace: ip netns exec lg-real-0 ...
-MESSAGE
+}
+
+# apply_policy CONDITION: the example policy, applied, and waited for until CONDITION.
+apply_policy() {
+  kubectl -n "$namespace" get daemonset,deployment,pods -o wide
+  log "kubectl apply -f $policy"
+  kubectl apply -f "$policy"
+  kubectl wait --for="$1" lbp/default --timeout=3m
+  log "kubectl get lbp,lbns"
+  kubectl get lbp,lbns
+}
+
+# Three real nodes (hack/real-cluster.sh), the image from the Dockerfile on each, the chart, the
+# example policy.
+up_real() {
+  log "the image from the Dockerfile (hack/build-image.sh)"
+  local archive
+  archive="$(hack/build-image.sh --path)"
+  if [[ -f "$dir/real-cluster/pids/relay-router.pid" ]] && hack/real-cluster.sh status >/dev/null 2>&1; then
+    log "real cluster already up in $dir: importing the image again"
+    local node
+    for node in $(hack/real-cluster.sh env | sed -n 's/^export LOOPGUARD_REAL_NODES="\(.*\)"$/\1/p'); do
+      hack/real-node.sh import "$node" "$archive"
+    done
+  else
+    log "real cluster ($dir): control plane, three real nodes with kube-proxy"
+    hack/real-cluster.sh up --image "$archive"
   fi
+  eval "$(hack/real-cluster.sh env)"
+  hack/real-cluster.sh status
+
+  log "helm upgrade --install loopguard charts/loopguard --namespace $namespace --create-namespace --wait"
+  # All three nodes are this one machine: each agent reads its node's own host facts and state
+  # folder (agent.perNodeHostRoots, a test-only value), and takes the cluster's xtables lock.
+  helm upgrade --install loopguard charts/loopguard --namespace "$namespace" --create-namespace \
+    --wait --timeout 5m --set "agent.perNodeHostRoots=$LOOPGUARD_NODE_ROOTS" \
+    --set "agent.xtablesLock=$LOOPGUARD_XTABLES_LOCK"
+  # Every node reports; the ufw node cannot be Compliant (below).
+  apply_policy condition=Progressing=False
+  local legacy nft nftables
+  read -r legacy nft nftables <<<"$LOOPGUARD_REAL_NODES"
+  cat <<MESSAGE
+
+The cluster keeps running. To use it:
+
+$(hack/real-cluster.sh env)
+  kubectl get lbp,lbns -o wide
+  kubectl -n $namespace logs ds/loopguard-agent
+
+Each node is a network namespace on this machine with the real kubelet, containerd, kube-proxy:
+  $legacy     ip6tables-legacy, the seed's rules beside kube-proxy's chains
+  $nft        ip6tables-nft, ufw installed and inactive: NonCompliant (UfwInactive), as the
+                    CIS ufw rule wants ufw active there and loopguard never enables ufw
+  $nftables   loopguard's table beside kube-proxy's nftables table
+  ip netns exec $legacy ip6tables-legacy -S INPUT
+  ip netns exec $legacy ip6tables-legacy -D INPUT -s ::1/128 -j DROP; sleep 1
+  ip netns exec $legacy ip6tables-legacy -S INPUT; kubectl get lbns $legacy
+  ip netns exec $nftables nft list table inet loopguard
+
+Stop it all: hack/dev-cluster.sh down --real
+MESSAGE
 }
 
 case "${1:-}" in
-  up) up "${2:-}" ;;
-  env) hack/cluster.sh env ;;
-  down)
-    hack/real-node.sh down lg-real-0
-    rm -rf /var/lib/loopguard-dev-real-node
-    hack/cluster.sh down
-    ;;
-  *) sed -n '2,11s/^# \{0,1\}//p' "$0" >&2 && exit 2 ;;
+  up) up ;;
+  env) if $real; then hack/real-cluster.sh env; else hack/cluster.sh env; fi ;;
+  down) if $real; then hack/real-cluster.sh down; else hack/cluster.sh down; fi ;;
+  *) sed -n '2,17s/^# \{0,1\}//p' "$0" >&2 && exit 2 ;;
 esac

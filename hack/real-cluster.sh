@@ -210,13 +210,8 @@ cmd_up() {
     [[ ! -e "/run/netns/$ns" ]] ||
       die "network namespace $ns exists but $dir has no cluster that owns it; remove it by hand (ip netns pids $ns; ip netns delete $ns)"
   done
-  # The egress proxy's interpreter (real-node.sh installs what the nodes need).
-  if ! command -v python3 >/dev/null; then
-    log "installing python3"
-    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 ||
-      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3; }; } >/dev/null ||
-      die "python3 is missing and could not be installed"
-  fi
+  # Every package before anything starts: the nodes' (real-node.sh) and the egress proxy's python3.
+  "$repo/hack/real-node.sh" packages python3 || exit 1
   local started=$SECONDS
   trap up_failed EXIT
   "$repo/hack/cluster.sh" up "${owner[@]}" --advertise-address "$router_ip" \

@@ -8,6 +8,8 @@
 #   hack/real-node.sh down [NAME]    stop it and remove everything it made (mounts, cgroups, netns)
 #   hack/real-node.sh reboot [NAME]  kill it, lose its /run state and its firewall, boot it again
 #   hack/real-node.sh import [NAME] ARCHIVE...   load OCI image archives into the node's containerd
+#   hack/real-node.sh packages [EXTRA...]   install the Debian packages a node needs (and EXTRA) if
+#                                            missing; says which when apt-get cannot install them
 #
 # Inside the namespace: lo, and an eth0 (one end of a veth pair whose other end stays inside too) with the node's address (10.254.0.2) and the API
 # server's Service address (10.96.0.1). A relay (socat, through a UNIX socket) carries 10.96.0.1:443
@@ -92,17 +94,20 @@ wait_for() {
   die "$what did not come up; see $dir/logs"
 }
 
+# ensure_packages [EXTRA...]: the Debian packages a node needs (and EXTRA), installed if missing;
+# stops with what is missing and how to get it when they cannot be installed.
 ensure_packages() {
-  local missing=()
-  # iptables and nftables: a real cluster's node runs xtables-*-multi, and reboot empties both.
-  for p in containerd runc socat curl iptables nftables; do
+  local missing=() p
+  # iptables and nftables: a real cluster's node runs xtables-*-multi, and reboot empties both;
+  # buildah and gcc make the pause image.
+  for p in containerd runc socat curl iptables nftables buildah gcc "$@"; do
     dpkg-query --show --showformat='${db:Status-Status}' "$p" 2>/dev/null | grep -q '^installed$' || missing+=("$p")
   done
-  if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
-      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
-  fi
+  ((${#missing[@]})) || return 0
+  log "installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } ||
+    die "missing packages: ${missing[*]}, and apt-get could not install them (its error is above); nothing was started. Install them (apt-get install ${missing[*]}) or make the package archive reachable, then run up again"
   # The Debian package starts a system containerd where there is an init system; ours is separate.
 }
 
@@ -138,7 +143,6 @@ cmd_up() {
     die "$node is already up (hack/real-node.sh down $node first)"
   fi
   ensure_packages
-  command -v buildah >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah >/dev/null
   local started=$SECONDS
   mkdir -p "$dir"/{logs,pids,containerd,kubelet,certs,cni/bin,cni/net.d,pod-logs}
   echo "$cluster" >"$dir/.cluster"
@@ -408,11 +412,15 @@ cmd_down() {
 
 case "$cmd" in
   up) cmd_up ;;
+  packages)
+    shift
+    ensure_packages "$@"
+    ;;
   down) cmd_down ;;
   reboot) cmd_reboot ;;
   import)
     shift 2 || die "import NAME ARCHIVE..."
     cmd_import "$@"
     ;;
-  *) die "usage: hack/real-node.sh up|down|reboot [NAME] | import NAME ARCHIVE..." ;;
+  *) die "usage: hack/real-node.sh up|down|reboot [NAME] | import NAME ARCHIVE... | packages [EXTRA...]" ;;
 esac

@@ -523,6 +523,40 @@ async fn the_kubelet_runs_the_chart_as_it_says() {
     );
     wait_compliant(cluster, "every-node");
 
+    // Passes over a big table: 50,000 rules of the test's own (in a chain nothing jumps to) in
+    // every node's ip6tables filter table, while kube-proxy syncs through it too, for a minute (twice
+    // the liveness probe's patience): not one restart, every node Compliant after it, and the
+    // passes' time printed. (The slowest passes are those that wait for the xtables lock, held
+    // 90 s above; the liveness limit is longer than two such waits and a resync.)
+    let backends = [(legacy, "legacy"), (nft, "nft"), (nftables, "nft")];
+    let checks_before: Vec<(f64, f64)> = real.nodes.iter().map(|n| check_seconds(n)).collect();
+    for (node, backend) in backends {
+        big_chain(&real, node, backend, Some(50_000));
+    }
+    let slow = Instant::now();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let checks_after: Vec<(f64, f64)> = real.nodes.iter().map(|n| check_seconds(n)).collect();
+    for (node, backend) in backends {
+        big_chain(&real, node, backend, None);
+    }
+    let now = agent_containers(&client).await;
+    assert_eq!(restarts(&now), restarts(&after), "{after:?} → {now:?}");
+    for ((node, (sum0, n0)), (sum1, n1)) in real.nodes.iter().zip(&checks_before).zip(&checks_after)
+    {
+        assert!(
+            n1 > n0,
+            "{node}: no pass in {:?} of a big table",
+            slow.elapsed()
+        );
+        println!(
+            "{node}: {} passes over a 50,000-rule table in {:?}, {:.0} ms each on average",
+            n1 - n0,
+            slow.elapsed(),
+            (sum1 - sum0) / (n1 - n0) * 1000.0
+        );
+    }
+    wait_compliant(cluster, "every-node");
+
     // Wedged agents (SIGSTOP: they answer no probe) are restarted by the liveness probe.
     let wedged = Instant::now();
     for node in &real.nodes {
@@ -577,6 +611,59 @@ async fn the_kubelet_runs_the_chart_as_it_says() {
         "three nodes rebooted: Compliant again after {:?}",
         rebooted.elapsed()
     );
+
+    // A host without a dpkg database (RHEL, Flatcar, Talos have none): the legacy node's moved
+    // aside and its agent replaced. The new agent starts, decides from the binaries it finds
+    // (iptables only: the seed's rule), is Compliant, and nothing is created in the host's files
+    // (a hostPath per file would have had an empty var/lib/dpkg made for it).
+    let root = real.node_roots.join(legacy);
+    let dpkg = root.join("var/lib/dpkg");
+    let aside = root.join("var/lib/dpkg.aside");
+    std::fs::rename(&dpkg, &aside).unwrap();
+    let listing = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = walk(dir)
+            .into_iter()
+            .filter(|p| !p.starts_with(root.join("var/lib/loopguard")))
+            .map(|p| p.display().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let files_before = listing(&root);
+    let before = agent_container_ids(&client).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let old = pods
+        .list(&ListParams::default().fields(&format!("spec.nodeName={legacy}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.name_any().contains("agent"))
+        .expect("the legacy node's agent");
+    pods.delete(&old.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    let state = eventually(
+        "a new agent on the legacy node, deciding without a package database",
+        Duration::from_secs(180),
+        || async {
+            let now = agent_container_ids(&client).await;
+            let replaced =
+                now.len() == 3 && now.iter().filter(|id| !before.contains(id)).count() == 1;
+            let state = states.get(legacy).await.ok()?.status?;
+            let text = serde_json::to_string(&state).unwrap();
+            (replaced && text.contains("no dpkg or rpm database under /host")).then_some(state)
+        },
+    )
+    .await;
+    assert_eq!(
+        state.compliance,
+        loopguard::api::Compliance::Compliant,
+        "{state:#?}"
+    );
+    assert!(deploy::has_seed_rules(legacy, "legacy"));
+    assert_eq!(listing(&root), files_before, "files created on the host");
+    std::fs::rename(&aside, &dpkg).unwrap();
 
     // Taken down with the chart running: its pods' containers go with the nodes.
     taken_down_completely(real, true);
@@ -888,7 +975,155 @@ async fn real_cluster_up_refuses_or_recovers_cleanly() {
         !refused.status.success() && stderr.contains("remove it by hand"),
         "{stderr}"
     );
-    let left = support::cluster::processes_under(&dir);
+    nothing_left(&dir, &real);
+
+    // A package missing that cannot be installed (containerd, on a machine whose package archive
+    // is out of reach: dpkg-query and apt-get in front of the real ones say so): stopped before
+    // anything starts, with what is missing and how to get it.
+    let fake = tempfile::tempdir().unwrap();
+    let calls = fake.path().join("apt-get.calls");
+    let write_script = |name: &str, text: &str| {
+        let path = fake.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    };
+    write_script(
+        "dpkg-query",
+        "#!/bin/sh\ncase \" $* \" in *\" containerd \"*) echo not-installed; exit 0 ;; esac\nexec /usr/bin/dpkg-query \"$@\"\n",
+    );
+    write_script(
+        "apt-get",
+        &format!(
+            "#!/bin/sh\necho \"$*\" >>{}\necho 'E: Unable to locate package containerd' >&2\nexit 100\n",
+            calls.display()
+        ),
+    );
+    let path = format!(
+        "{}:{}",
+        fake.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    let missing = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/real-cluster.sh"))
+        .arg("up")
+        .env("LOOPGUARD_CLUSTER_DIR", &dir)
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    let tried = std::fs::read_to_string(&calls).unwrap_or_default();
+    assert!(
+        tried.contains("install") && tried.contains("containerd"),
+        "apt-get was not asked for containerd: {tried:?}\n{stderr}"
+    );
+    assert!(
+        !missing.status.success()
+            && stderr.contains("missing packages: containerd")
+            && stderr.contains("apt-get install containerd"),
+        "{stderr}"
+    );
+    nothing_left(&dir, &real);
+
+    // Too few free ports for the control plane: every port of the range taken (the test holds
+    // them, or something else already does); stopped before anything starts, with what to do.
+    let first = 40000 + (std::process::id() % 2000) as u16 * 8;
+    let range = format!("{first}-{}", first + 7);
+    let held: Vec<_> = (first..first + 8)
+        .filter_map(|port| std::net::TcpListener::bind(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(!held.is_empty(), "could not hold any port of {range}");
+    let taken = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/real-cluster.sh"))
+        .arg("up")
+        .env("LOOPGUARD_CLUSTER_DIR", &dir)
+        .env("LOOPGUARD_PORT_RANGE", &range)
+        .output()
+        .unwrap();
+    drop(held);
+    let stderr = String::from_utf8_lossy(&taken.stderr);
+    assert!(
+        !taken.status.success()
+            && stderr.contains(&format!("0 of the ports {range} are free"))
+            && stderr.contains("LOOPGUARD_PORT_RANGE"),
+        "{stderr}"
+    );
+    nothing_left(&dir, &real);
+}
+
+/// Nothing of a cluster that was refused: no process, no namespace of its names, no state dir.
+fn nothing_left(dir: &Path, real: &RealCluster) {
+    let left = support::cluster::processes_under(dir);
     assert!(left.is_empty(), "started anyway: {left:#?}");
     assert!(!dir.exists(), "{} made anyway", dir.display());
+    for ns in std::iter::once(real.router()).chain(real.nodes.iter().cloned()) {
+        assert!(
+            !Path::new("/run/netns").join(&ns).exists(),
+            "namespace {ns} left behind"
+        );
+    }
+}
+
+/// Every path under `dir`, itself excluded.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
+}
+
+/// `loopguard_agent_check_duration_seconds`'s sum and count from the node's agent.
+fn check_seconds(node: &str) -> (f64, f64) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", node, "curl", "-fsS", "--max-time", "10"])
+        .arg("http://127.0.0.1:9742/metrics")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "metrics of {node}'s agent: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {node}'s metrics"))
+    };
+    (
+        value("loopguard_agent_check_duration_seconds_sum"),
+        value("loopguard_agent_check_duration_seconds_count"),
+    )
+}
+
+/// Fills (`Some(n)`: a chain LGBIG of `n` rules nothing jumps to) or removes (`None`) a chain of
+/// the test's own in the node's ip6tables filter table, under the cluster's xtables lock.
+fn big_chain(real: &RealCluster, node: &str, backend: &str, rules: Option<usize>) {
+    let command = |args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", node])
+            .env("XTABLES_LOCKFILE", &real.xtables_lock)
+            .args(args);
+        c
+    };
+    match rules {
+        Some(n) => {
+            let mut input = String::from("*filter\n:LGBIG - [0:0]\n");
+            for i in 0..n {
+                input.push_str(&format!(
+                    "-A LGBIG -s 2001:db8::{:x}:{:x}/128 -j RETURN\n",
+                    i >> 16,
+                    i & 0xffff
+                ));
+            }
+            input.push_str("COMMIT\n");
+            let restore = format!("ip6tables-{backend}-restore");
+            support::run(command(&[&restore, "-w", "30", "--noflush"]), Some(&input));
+        }
+        None => {
+            let ip6tables = format!("ip6tables-{backend}");
+            for args in [["-F", "LGBIG"], ["-X", "LGBIG"]] {
+                support::run(command(&[&ip6tables, "-w", "30", args[0], args[1]]), None);
+            }
+        }
+    }
 }
