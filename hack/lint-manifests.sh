@@ -73,6 +73,8 @@ helm="${HELM:-$(hack/build-control-plane.sh --check 2>/dev/null)/helm}"
   --set serviceMonitor.enabled=true --set prometheusRule.enabled=true \
   --set grafanaDashboard.enabled=true --set defaultPolicy.enabled=true \
   --set agent.priorityClassQuota.enabled=true \
+  --set protection.enabled=true --set "protection.approvers.groups={security-approvers}" \
+  --set-json 'roles.auditors=[{"kind":"Group","name":"auditors","apiGroup":"rbac.authorization.k8s.io"}]' \
   --set image.digest="sha256:$(printf '0%.0s' {1..64})" >"$work/everything/loopguard.yaml"
 grep -q 'helm.sh/hook: test' "$work/everything/loopguard.yaml" || {
   log "the rendering with every option lacks the helm test hook: is $helm the chart's helm?"
