@@ -146,6 +146,9 @@ pub struct PolicyEvidence {
     /// Selected nodes where no agent can run (Windows, Fargate, virtual-kubelet), with the label
     /// that tells.
     pub unsupported_nodes: Vec<String>,
+    /// The last change approval the controller recorded (who, why, at which generation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_approval: Option<crate::api::policy::Approval>,
 }
 
 /// One node.
@@ -393,6 +396,7 @@ fn policy_evidence(p: &LoopbackPolicy) -> PolicyEvidence {
         compliant_nodes: status.compliant_nodes,
         not_applicable_nodes: status.not_applicable_nodes,
         unsupported_nodes: status.unsupported_node_names,
+        last_approval: status.last_approval,
     }
 }
 
@@ -614,11 +618,21 @@ ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-siz
     for rule in &e.rule.baseline {
         let _ = write!(h, "<li><code>{}</code></li>", escape(rule));
     }
-    h.push_str("</ul>\n<h2>Policies</h2>\n<table><tr><th>Policy</th><th>Mode</th><th>Compliant</th><th>Nodes</th><th>Why</th></tr>\n");
+    h.push_str("</ul>\n<h2>Policies</h2>\n<table><tr><th>Policy</th><th>Mode</th><th>Compliant</th><th>Nodes</th><th>Why</th><th>Last approved change</th></tr>\n");
     for p in &e.policies {
+        let approval = p.last_approval.as_ref().map_or("-".to_string(), |a| {
+            format!(
+                "{} <span class=\"small\">{}{}</span>",
+                escape(&a.by),
+                escape(&a.reason),
+                a.generation
+                    .map(|g| format!(" (generation {g})"))
+                    .unwrap_or_default()
+            )
+        });
         let _ = writeln!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}/{} ({} not applicable)</td><td>{} <span class=\"small\">{}</span></td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}/{} ({} not applicable)</td><td>{} <span class=\"small\">{}</span></td><td>{approval}</td></tr>",
             escape(&p.name),
             escape(&p.mode),
             escape(&p.compliant),
@@ -987,6 +1001,31 @@ mod tests {
         assert!(page.contains(r#"id="count-unknown">1<"#));
         assert!(page.contains("&quot;quoted&quot; &lt;message&gt;"));
         assert!(!page.contains("<message>"));
+    }
+
+    #[test]
+    fn a_policys_last_approval_is_in_the_json_and_the_page() {
+        let mut policy = LoopbackPolicy::new("base", Default::default());
+        policy.status = Some(crate::api::LoopbackPolicyStatus {
+            last_approval: Some(crate::api::policy::Approval {
+                by: "dave".into(),
+                reason: "CHG-9 <audit>".into(),
+                generation: Some(3),
+            }),
+            ..Default::default()
+        });
+        let mut e = sample();
+        e.policies = vec![policy_evidence(&policy)];
+        let json: serde_json::Value = serde_json::from_str(&render(&e, Format::Json)).unwrap();
+        assert_eq!(
+            json["policies"][0]["lastApproval"],
+            serde_json::json!({ "by": "dave", "reason": "CHG-9 <audit>", "generation": 3 })
+        );
+        let page = render(&e, Format::Html);
+        assert!(
+            page.contains("dave <span class=\"small\">CHG-9 &lt;audit&gt; (generation 3)</span>"),
+            "{page}"
+        );
     }
 
     #[test]

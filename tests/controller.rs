@@ -252,6 +252,109 @@ async fn a_spec_change_is_progressing_until_nodes_catch_up() {
     w.clean(&[&name]).await;
 }
 
+/// Who approved a change and why (annotations loopguard.dev/approved-by and loopguard.dev/reason,
+/// which the chart's protection policy makes true and required for switching a policy off) end up
+/// in the status and an Event; a deletion is told with them, or with a Warning that none was
+/// written.
+#[tokio::test]
+async fn approved_changes_and_deletions_are_told_with_who_and_why() {
+    let _serial = lock().await;
+    let Some(w) = World::new("appr").await else {
+        return;
+    };
+    let _ctl = Controller::start(w.cluster, &w.lease_ns, "appr", &[]);
+    let node = w.node(0, &[], None).await;
+    let name = unique_name("appr");
+    w.policy(&name, json!({})).await;
+    w.report(&node, &name, 1, Compliance::Compliant, 0).await;
+    let before = w
+        .wait_status(&name, "compliant", |s| s.compliant_nodes == 1)
+        .await;
+    assert_eq!(before.last_approval, None);
+
+    let approval = |by: &str, reason: &str| json!({ "loopguard.dev/approved-by": by, "loopguard.dev/reason": reason });
+    w.policies()
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({
+                "metadata": { "annotations": approval("dave", "CHG-7: audit while the pool moves") },
+                "spec": { "mode": "Audit" },
+            })),
+        )
+        .await
+        .unwrap();
+    let s = w
+        .wait_status(&name, "the approval recorded", |s| {
+            s.last_approval.is_some()
+        })
+        .await;
+    let recorded = s.last_approval.clone().unwrap();
+    assert_eq!(
+        (
+            recorded.by.as_str(),
+            recorded.reason.as_str(),
+            recorded.generation
+        ),
+        ("dave", "CHG-7: audit while the pool moves", Some(2))
+    );
+    let events = eventually(
+        "the ChangeApproved Event",
+        Duration::from_secs(15),
+        || async {
+            let events = w.events_for(&name).await;
+            events
+                .iter()
+                .any(|(_, r, _)| r == "ChangeApproved")
+                .then_some(events)
+        },
+    )
+    .await;
+    assert!(
+        events.iter().any(|(t, r, note)| t == "Normal"
+            && r == "ChangeApproved"
+            && note.contains("approved by dave (spec generation 2): CHG-7")),
+        "{events:?}"
+    );
+
+    // Deleted with the approval still on it: told with who and why.
+    w.policies()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    w.report(&node, &name, 2, Compliance::Unmanaged, 0).await;
+    w.gone(&name, Duration::from_secs(15)).await;
+    let events = w.events_for(&name).await;
+    assert!(
+        events.iter().any(|(t, r, note)| t == "Normal"
+            && r == "Deleted"
+            && note.contains("approved by dave: CHG-7")),
+        "{events:?}"
+    );
+
+    // An Enforce policy deleted without one: a Warning that says so.
+    let bare = unique_name("bare");
+    w.policy(&bare, json!({"onRemoval": "Retain"})).await;
+    eventually("finalizer added", Duration::from_secs(15), || async {
+        let p = w.policies().get(&bare).await.ok()?;
+        (!p.finalizers().is_empty()).then_some(())
+    })
+    .await;
+    w.policies()
+        .delete(&bare, &DeleteParams::default())
+        .await
+        .unwrap();
+    w.gone(&bare, Duration::from_secs(15)).await;
+    let events = w.events_for(&bare).await;
+    assert!(
+        events.iter().any(|(t, r, note)| t == "Warning"
+            && r == "Deleted"
+            && note.contains("without an approval")),
+        "{events:?}"
+    );
+    w.clean(&[]).await;
+}
+
 #[tokio::test]
 async fn overlapping_policies_resolve_by_priority() {
     let _serial = lock().await;

@@ -16,9 +16,10 @@ mod tests;
 mod vouch;
 
 pub use cleanup::{CleanupProgress, cleanup_progress};
-pub use notices::{Notice, notices};
+pub use notices::{Notice, deletion_note, notices};
 
 use crate::api::conditions::merge;
+use crate::api::policy::Approval;
 use crate::api::{Compliance, LoopbackNodeStateStatus, LoopbackPolicy, LoopbackPolicyStatus, Mode};
 use crate::api::{RuleCheck, RuleTally};
 use crate::rules::catalog::RuleId;
@@ -195,6 +196,7 @@ pub fn aggregate(
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
     status.conditions = merge(previous_conditions, updates, generation, now);
+    status.last_approval = last_approval(policy, previous);
     status
 }
 
@@ -237,5 +239,20 @@ impl RuleTallies {
 
     fn into_tallies(self) -> Vec<RuleTally> {
         self.0.into_values().collect()
+    }
+}
+
+/// The approval to keep in the status: the one written on the policy now, stamped with the
+/// generation at which it first appeared; else the last one recorded (the annotations may go, the
+/// record stays).
+fn last_approval(
+    policy: &LoopbackPolicy,
+    previous: Option<&LoopbackPolicyStatus>,
+) -> Option<Approval> {
+    let recorded = previous.and_then(|p| p.last_approval.clone());
+    match (Approval::written_on(policy), recorded) {
+        (Some(now), Some(recorded)) if now.same(&recorded) => Some(recorded),
+        (Some(now), _) => Some(now),
+        (None, recorded) => recorded,
     }
 }

@@ -1,7 +1,8 @@
 //! The Events worth an admin's attention when a policy's status changes.
 
 use super::conditions::names;
-use crate::api::{ConditionStatus, LoopbackPolicyStatus};
+use crate::api::policy::{APPROVAL_REASON, APPROVED_BY, Approval};
+use crate::api::{ConditionStatus, LoopbackPolicy, LoopbackPolicyStatus, Mode};
 
 /// The status of a condition type in a status, if present.
 fn condition(status: Option<&LoopbackPolicyStatus>, type_: &str) -> Option<ConditionStatus> {
@@ -44,6 +45,23 @@ pub fn notices(before: Option<&LoopbackPolicyStatus>, after: &LoopbackPolicyStat
         .filter(|n| !before_failing.contains(n))
         .cloned()
         .collect();
+    if let Some(approval) = &after.last_approval
+        && before.and_then(|b| b.last_approval.as_ref()) != Some(approval)
+    {
+        let generation = approval
+            .generation
+            .map(|g| format!(" (spec generation {g})"))
+            .unwrap_or_default();
+        out.push(Notice {
+            warning: false,
+            reason: "ChangeApproved",
+            note: format!(
+                "change approved by {}{generation}: {}",
+                approval.by, approval.reason
+            ),
+            node: None,
+        });
+    }
     if !newly.is_empty() {
         out.push(Notice {
             warning: true,
@@ -53,4 +71,22 @@ pub fn notices(before: Option<&LoopbackPolicyStatus>, after: &LoopbackPolicyStat
         });
     }
     out
+}
+
+/// The Event for a policy being deleted: who approved it and why when the policy says (a Normal
+/// Event), else a Warning that no approval was written.
+pub fn deletion_note(policy: &LoopbackPolicy) -> (bool, String) {
+    let mode = format!("{:?}", policy.spec.mode);
+    match Approval::written_on(policy) {
+        Some(a) => (
+            false,
+            format!("deleted (mode {mode}), approved by {}: {}", a.by, a.reason),
+        ),
+        None => (
+            policy.spec.mode == Mode::Enforce,
+            format!(
+                "deleted (mode {mode}) without an approval written on it (annotations {APPROVED_BY} and {APPROVAL_REASON})"
+            ),
+        ),
+    }
 }

@@ -629,3 +629,112 @@ fn the_policy_counts_nodes_per_rule_id_from_live_current_reports() {
     let ufw = tally("set_ufw_loopback_traffic");
     assert_eq!((ufw.ignored, ufw.fail), (1, 1));
 }
+
+#[test]
+fn an_approval_is_recorded_once_told_once_and_kept_after_its_annotations_go() {
+    let nodes = [node("a", &[])];
+    let states = BTreeMap::from([("a".to_string(), report("p", 1, Compliance::Compliant))]);
+    let status = |p: &LoopbackPolicy, previous: Option<&LoopbackPolicyStatus>| {
+        aggregate(
+            p,
+            &[p],
+            &nodes,
+            &states,
+            previous,
+            &t(NOW),
+            Settings::default(),
+        )
+    };
+    let annotate = |p: &mut LoopbackPolicy, by: &str, reason: &str| {
+        p.metadata.annotations = Some(BTreeMap::from([
+            (crate::api::policy::APPROVED_BY.to_string(), by.to_string()),
+            (
+                crate::api::policy::APPROVAL_REASON.to_string(),
+                reason.to_string(),
+            ),
+        ]));
+    };
+    let mut p = policy("p", 1, 0, &[]);
+    let plain = status(&p, None);
+    assert_eq!(plain.last_approval, None);
+
+    // Written with the change at generation 2: recorded with it, and told once.
+    p.metadata.generation = Some(2);
+    annotate(&mut p, "dave", "CHG-42: node pool retired");
+    let approved = status(&p, Some(&plain));
+    let recorded = approved.last_approval.clone().expect("recorded");
+    assert_eq!(
+        (
+            recorded.by.as_str(),
+            recorded.reason.as_str(),
+            recorded.generation
+        ),
+        ("dave", "CHG-42: node pool retired", Some(2))
+    );
+    let told: Vec<Notice> = notices(Some(&plain), &approved)
+        .into_iter()
+        .filter(|n| n.reason == "ChangeApproved")
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].note.contains("dave") && told[0].note.contains("CHG-42") && !told[0].warning,
+        "{told:?}"
+    );
+
+    // Later generations with the same annotations keep the generation it was first seen at, and
+    // tell nothing new.
+    p.metadata.generation = Some(3);
+    let later = status(&p, Some(&approved));
+    assert_eq!(later.last_approval, approved.last_approval);
+    assert!(
+        notices(Some(&approved), &later)
+            .iter()
+            .all(|n| n.reason != "ChangeApproved")
+    );
+
+    // The annotations removed: the record stays. A blank reason is no approval.
+    p.metadata.annotations = None;
+    assert_eq!(
+        status(&p, Some(&later)).last_approval,
+        approved.last_approval
+    );
+    annotate(&mut p, "eve", "  ");
+    assert_eq!(
+        status(&p, Some(&later)).last_approval,
+        approved.last_approval
+    );
+
+    // A new approval replaces it.
+    p.metadata.generation = Some(4);
+    annotate(&mut p, "erin", "CHG-43");
+    let next = status(&p, Some(&later)).last_approval.expect("replaced");
+    assert_eq!((next.by.as_str(), next.generation), ("erin", Some(4)));
+}
+
+#[test]
+fn a_deletion_says_who_approved_it_or_warns_that_no_one_did() {
+    let mut p = policy("p", 1, 0, &[]);
+    let (warning, note) = deletion_note(&p);
+    assert!(warning && note.contains("without an approval"), "{note}");
+    p.spec.mode = Mode::Audit;
+    assert!(
+        !deletion_note(&p).0,
+        "an Audit policy's deletion switches nothing off"
+    );
+    p.metadata.annotations = Some(BTreeMap::from([
+        (
+            crate::api::policy::APPROVED_BY.to_string(),
+            "dave".to_string(),
+        ),
+        (
+            crate::api::policy::APPROVAL_REASON.to_string(),
+            "CHG-44".to_string(),
+        ),
+    ]));
+    p.spec.mode = Mode::Enforce;
+    let (warning, note) = deletion_note(&p);
+    assert!(
+        !warning && note.contains("approved by dave: CHG-44"),
+        "{note}"
+    );
+}

@@ -315,4 +315,46 @@ pub struct LoopbackPolicyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// The last approval written on the policy (annotations loopguard.dev/approved-by and
+    /// loopguard.dev/reason), kept after the annotations go. With the chart's protection.enabled,
+    /// switching a policy off needs one, and the approver named is the user who made the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_approval: Option<Approval>,
+}
+
+/// Who approved a change of a policy, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Approval {
+    /// The approver's user name (annotation loopguard.dev/approved-by).
+    pub by: String,
+    /// Why (annotation loopguard.dev/reason).
+    pub reason: String,
+    /// The policy's generation when the controller first saw this approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+}
+
+/// The annotation naming who approved a change (with protection on: the user who made it).
+pub const APPROVED_BY: &str = "loopguard.dev/approved-by";
+/// The annotation saying why.
+pub const APPROVAL_REASON: &str = "loopguard.dev/reason";
+
+impl Approval {
+    /// The approval written on `policy`'s annotations, when both are there and not blank.
+    pub fn written_on(policy: &LoopbackPolicy) -> Option<Approval> {
+        let annotations = policy.metadata.annotations.as_ref()?;
+        let by = annotations.get(APPROVED_BY)?.trim();
+        let reason = annotations.get(APPROVAL_REASON)?.trim();
+        (!by.is_empty() && !reason.is_empty()).then(|| Approval {
+            by: by.to_string(),
+            reason: reason.to_string(),
+            generation: policy.metadata.generation,
+        })
+    }
+
+    /// The same approver and reason (the generation aside).
+    pub fn same(&self, other: &Approval) -> bool {
+        self.by == other.by && self.reason == other.reason
+    }
 }

@@ -306,6 +306,8 @@ struct Context {
     /// Objects that could not be read, to be told in an Event (once per version).
     invalid: tokio::sync::mpsc::UnboundedReceiver<(ObjectReference, String)>,
     invalid_told: HashSet<(String, String)>,
+    /// Deleted policies (uid) whose deletion was told in an Event.
+    deletion_told: HashSet<String>,
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -416,6 +418,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         repairs_seen: HashMap::new(),
         invalid,
         invalid_told: HashSet::new(),
+        deletion_told: HashSet::new(),
     };
     let coalesce = Duration::from_millis(args.coalesce_ms);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -541,6 +544,7 @@ async fn reconcile_all(ctx: &mut Context) {
     }
     let live: Vec<String> = policies.iter().filter_map(|p| p.uid()).collect();
     ctx.written.retain(|uid, _| live.contains(uid));
+    ctx.deletion_told.retain(|uid| live.contains(uid));
     let current: HashSet<String> = policies
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -704,6 +708,10 @@ async fn finish_deletion(
 ) {
     if !has_finalizer(policy) {
         return;
+    }
+    if ctx.deletion_told.insert(policy.uid().unwrap_or_default()) {
+        let (warning, note) = aggregate::deletion_note(policy);
+        ctx.event(policy, warning, "Deleted", note, None).await;
     }
     if policy.spec.on_removal == OnRemoval::Remove {
         let progress = aggregate::cleanup_progress(policy, nodes, states, now, ctx.settings);
