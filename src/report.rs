@@ -174,6 +174,22 @@ pub struct NodeEvidence {
     pub agent_version: Option<String>,
     pub repairs: i64,
     pub last_repair_time: Option<String>,
+    /// When the node's verdict (as its agent reported it) last changed.
+    pub verdict_since: Option<String>,
+    /// Since when the node has been non-compliant or in error without a break.
+    pub non_compliant_since: Option<String>,
+    /// Its last verdict changes, newest last.
+    pub transitions: Vec<TransitionRow>,
+}
+
+/// One change of a node's verdict.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransitionRow {
+    pub time: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
@@ -359,6 +375,18 @@ fn node_evidence(
         agent_version: s.agent_version.clone(),
         repairs: s.repairs,
         last_repair_time: s.last_repair_time.as_ref().map(|t| t.0.to_string()),
+        verdict_since: s.verdict_since.as_ref().map(|t| t.0.to_string()),
+        non_compliant_since: s.non_compliant_since.as_ref().map(|t| t.0.to_string()),
+        transitions: s
+            .transitions
+            .iter()
+            .map(|t| TransitionRow {
+                time: t.time.0.to_string(),
+                from: t.from.map(|c| format!("{c:?}")),
+                to: format!("{:?}", t.to),
+                reason: t.reason.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -379,6 +407,9 @@ fn missing_node(name: &str) -> NodeEvidence {
         agent_version: None,
         repairs: 0,
         last_repair_time: None,
+        verdict_since: None,
+        non_compliant_since: None,
+        transitions: Vec::new(),
     }
 }
 
@@ -510,7 +541,7 @@ fn csv_field(value: &str) -> String {
 
 fn csv(e: &Evidence) -> String {
     let mut out = String::from(
-        "node,policy,verdict,reason,rules_present,backend,last_verified_time,agent_version,repairs,last_repair_time,rule_id,references,checks\n",
+        "node,policy,verdict,reason,rules_present,backend,last_verified_time,agent_version,repairs,last_repair_time,rule_id,references,checks,verdict_since,non_compliant_since\n",
     );
     for n in &e.nodes {
         let fields = [
@@ -531,6 +562,8 @@ fn csv(e: &Evidence) -> String {
                 .map(CheckRow::short)
                 .collect::<Vec<_>>()
                 .join("; "),
+            n.verdict_since.clone().unwrap_or_default(),
+            n.non_compliant_since.clone().unwrap_or_default(),
         ];
         let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
         out.push_str(&row.join(","));
@@ -689,12 +722,13 @@ ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-siz
             .collect();
         let _ = writeln!(
             h,
-            "<tr><td>{node}<div class=\"small\">{policy}</div></td><td><span class=\"v v-{v}\">{v}</span><div class=\"small\">{reason}: {message}</div></td><td><ul class=\"rules\">{rules}</ul></td><td>{backend}</td><td>{verified}</td><td>{repairs}<div class=\"small\">{last}</div></td><td>{agent}</td></tr>",
+            "<tr><td>{node}<div class=\"small\">{policy}</div></td><td><span class=\"v v-{v}\">{v}</span><div class=\"small\">{reason}: {message}{since}</div></td><td><ul class=\"rules\">{rules}</ul></td><td>{backend}</td><td>{verified}</td><td>{repairs}<div class=\"small\">{last}</div></td><td>{agent}</td></tr>",
             node = escape(&n.node),
             policy = escape(n.policy.as_deref().unwrap_or("no policy")),
             v = escape(&n.verdict),
             reason = escape(&n.reason),
             message = escape(&n.message),
+            since = since(n),
             backend = escape(n.backend.as_deref().unwrap_or("-")),
             verified = escape(n.last_verified_time.as_deref().unwrap_or("never")),
             repairs = n.repairs,
@@ -704,6 +738,18 @@ ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-siz
     }
     h.push_str("</table>\n</body></html>\n");
     h
+}
+
+/// When the node's verdict began, and since when it is not compliant, for the HTML page.
+fn since(n: &NodeEvidence) -> String {
+    let mut out = String::new();
+    if let Some(t) = &n.verdict_since {
+        let _ = write!(out, "<br>verdict since {}", escape(t));
+    }
+    if let Some(t) = &n.non_compliant_since {
+        let _ = write!(out, "<br><b>not compliant since {}</b>", escape(t));
+    }
+    out
 }
 
 /// `loopguard report`: exit 0 when every managed node is compliant or not applicable, 1 when one
@@ -967,7 +1013,13 @@ mod tests {
             "{table}"
         );
         let csv = render(&e, Format::Csv);
-        assert!(csv.lines().next().unwrap().ends_with(",checks"), "{csv}");
+        assert!(
+            csv.lines()
+                .next()
+                .unwrap()
+                .ends_with(",checks,verdict_since,non_compliant_since"),
+            "{csv}"
+        );
         assert!(
             csv.contains("set_ipv6_loopback_traffic=NotApplicable; set_nftables_loopback_traffic=Pass; set_ufw_loopback_traffic=Fail"),
             "{csv}"
@@ -1001,6 +1053,49 @@ mod tests {
         assert!(page.contains(r#"id="count-unknown">1<"#));
         assert!(page.contains("&quot;quoted&quot; &lt;message&gt;"));
         assert!(!page.contains("<message>"));
+    }
+
+    #[test]
+    fn a_nodes_history_is_in_every_format_but_the_table() {
+        let mut s = state(Compliance::NonCompliant, "2026-06-01T11:59:00Z");
+        s = crate::agent::history::carry(
+            Some(&crate::agent::history::carry(
+                None,
+                state(Compliance::Compliant, "2026-06-01T10:00:00Z"),
+            )),
+            s,
+        );
+        let now: jiff::Timestamp = "2026-06-01T12:00:00Z".parse().unwrap();
+        let n = node_evidence("a", &s, Duration::from_secs(720), now);
+        assert_eq!(
+            n.non_compliant_since.as_deref(),
+            Some("2026-06-01T11:59:00Z")
+        );
+        assert_eq!(n.transitions.len(), 2);
+        assert_eq!(
+            (
+                n.transitions[1].from.as_deref(),
+                n.transitions[1].to.as_str()
+            ),
+            (Some("Compliant"), "NonCompliant")
+        );
+        let mut e = sample();
+        e.nodes = vec![n];
+        let json: serde_json::Value = serde_json::from_str(&render(&e, Format::Json)).unwrap();
+        assert_eq!(
+            json["nodes"][0]["nonCompliantSince"],
+            "2026-06-01T11:59:00Z"
+        );
+        assert_eq!(json["nodes"][0]["transitions"][0]["to"], "Compliant");
+        let csv = render(&e, Format::Csv);
+        assert!(
+            csv.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with(",2026-06-01T11:59:00Z,2026-06-01T11:59:00Z"),
+            "{csv}"
+        );
+        assert!(render(&e, Format::Html).contains("not compliant since 2026-06-01T11:59:00Z"));
     }
 
     #[test]

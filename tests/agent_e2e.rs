@@ -311,6 +311,14 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         .iter()
         .map(|p| p.name_any())
         .collect();
+    let history_before = wait_state(&client, &n.nft, "compliant before the restart", |s| {
+        s.compliance == Compliance::Compliant
+    })
+    .await;
+    assert!(
+        history_before.verdict_since.is_some() && !history_before.transitions.is_empty(),
+        "{history_before:#?}"
+    );
     let restarted_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         jiff::Timestamp::now(),
     ));
@@ -345,6 +353,12 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         (restarted.repairs, &restarted.last_repair_time),
         (repaired.repairs, &repaired.last_repair_time),
         "repairs never go backwards across restarts"
+    );
+    // So did the verdict's history (read back from the API server by the new agent).
+    assert_eq!(
+        (&restarted.verdict_since, &restarted.transitions),
+        (&history_before.verdict_since, &history_before.transitions),
+        "the verdict history starts over after a restart"
     );
 
     // The API server hangs (SIGSTOP: a partition, not a refusal): repairs do not wait for it,

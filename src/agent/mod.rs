@@ -8,6 +8,7 @@
 //! state file, missing iptables binaries, no NET_ADMIN) is reported as an `Error` in the node's
 //! status, with what to do; the agent stays up, writes nothing, and tries again at every resync.
 
+pub mod history;
 pub mod memory;
 pub mod report;
 

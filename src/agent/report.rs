@@ -1,6 +1,7 @@
 //! What the agent tells the cluster: its node's LoopbackNodeState, built from an engine report
 //! (pure) and written with server-side apply only when it changed.
 
+use super::history;
 use super::memory::History;
 use crate::api::node_state::RuleState as ApiRuleState;
 use crate::api::{
@@ -98,6 +99,7 @@ pub fn status_from_report(
         last_repair_by: history.last_repair_by.clone(),
         last_verified_time: None,
         agent_version: None,
+        ..Default::default()
     }
 }
 
@@ -167,6 +169,10 @@ pub struct Reporter {
     node: String,
     created: bool,
     written: Option<LoopbackNodeStateStatus>,
+    /// The status found in the API server before this process wrote one (read once, by
+    /// `load`): the verdict history goes on from it across agent restarts.
+    earlier: Option<LoopbackNodeStateStatus>,
+    loaded: bool,
 }
 
 /// The status without its verification time: what decides whether it says something new.
@@ -184,7 +190,23 @@ impl Reporter {
             node: node.to_string(),
             created: false,
             written: None,
+            earlier: None,
+            loaded: false,
         }
+    }
+
+    /// Reads the node's status as an earlier agent left it (none when the object is missing).
+    pub async fn load(&mut self) -> kube::Result<()> {
+        let object = self.api.get_opt(&self.node).await?;
+        self.earlier = object.and_then(|o| o.status);
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// `status` with the node's verdict history carried on from the last status written (by
+    /// this process, or before it, as `load` found it).
+    pub fn with_history(&self, status: LoopbackNodeStateStatus) -> LoopbackNodeStateStatus {
+        history::carry(self.written.as_ref().or(self.earlier.as_ref()), status)
     }
 
     /// Whether `status` needs writing: it says something new, or it was verified a heartbeat
@@ -283,7 +305,27 @@ pub async fn publish_loop(
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        let status = latest.borrow_and_update().clone();
+        if !reporter.loaded {
+            match tokio::time::timeout(REQUEST_TIMEOUT, reporter.load()).await {
+                Ok(Ok(())) => {}
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer in {}s", REQUEST_TIMEOUT.as_secs()),
+                    };
+                    // Writing without it would cut the node's history short: wait for it.
+                    tracing::warn!(%error, "reading the node's earlier status failed; retrying");
+                    on_error();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            }
+        }
+        let status = latest
+            .borrow_and_update()
+            .clone()
+            .map(|s| reporter.with_history(s));
         let node = nodes.get(&ObjectRef::new(&reporter.node));
         let wait = match (status, node) {
             (Some(status), Some(node)) if reporter.due(&status, heartbeat) => {
@@ -429,6 +471,8 @@ mod tests {
             node: "n".into(),
             created: true,
             written: None,
+            earlier: None,
+            loaded: true,
         };
         let minute = Duration::from_secs(60);
         let mut first = client_free();

@@ -175,4 +175,31 @@ pub struct LoopbackNodeStateStatus {
     /// The loopguard version of the agent that wrote this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// When the verdict (compliance) last changed: the check that first found the new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict_since: Option<Time>,
+    /// Since when the node has been NonCompliant or in Error without a break (absent while it
+    /// is compliant, not applicable or unmanaged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub non_compliant_since: Option<Time>,
+    /// The last verdict changes, newest last (at most 10), kept across agent restarts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub transitions: Vec<Transition>,
+}
+
+/// One change of a node's verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Transition {
+    /// When the check found the new verdict.
+    pub time: Time,
+    /// The verdict before (absent for the node's first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Compliance>,
+    /// The new verdict.
+    pub to: Compliance,
+    /// Its reason (a CamelCase word).
+    #[serde(default)]
+    pub reason: String,
 }
