@@ -6,7 +6,7 @@
 
 use crate::api::{LoopbackNodeState, LoopbackNodeStateStatus, LoopbackPolicy};
 use crate::{Error, Result};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use schemars::JsonSchema;
@@ -77,6 +77,10 @@ pub struct Evidence {
     pub generated_at: String,
     /// The API server the report was read from.
     pub cluster: String,
+    /// The cluster's identity: the UID of its `kube-system` namespace, which lives as long as the
+    /// cluster (absent when the reader may not get that namespace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_uid: Option<String>,
     /// The loopguard version that made the report.
     pub loopguard_version: String,
     pub rule: RuleEvidence,
@@ -146,6 +150,8 @@ pub struct PolicyEvidence {
     /// Selected nodes where no agent can run (Windows, Fargate, virtual-kubelet), with the label
     /// that tells.
     pub unsupported_nodes: Vec<String>,
+    /// The policy's spec as it stands: mode, node selector (its scope), families and the rest.
+    pub spec: crate::api::LoopbackPolicySpec,
     /// The last change approval the controller recorded (who, why, at which generation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_approval: Option<crate::api::policy::Approval>,
@@ -287,6 +293,7 @@ pub fn evidence(
     Evidence {
         generated_at: now.to_string(),
         cluster: cluster.to_string(),
+        cluster_uid: None,
         loopguard_version: env!("CARGO_PKG_VERSION").to_string(),
         rule: RuleEvidence {
             id: RULE_ID.into(),
@@ -428,6 +435,7 @@ fn policy_evidence(p: &LoopbackPolicy) -> PolicyEvidence {
         not_applicable_nodes: status.not_applicable_nodes,
         unsupported_nodes: status.unsupported_node_names,
         last_approval: status.last_approval,
+        spec: p.spec.clone(),
     }
 }
 
@@ -613,7 +621,7 @@ th {{ background: #f6f7fa; font-weight: 600; }}
 ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-size: .8rem; }}
 </style></head><body>
 <h1>IPv6 loopback baseline: compliance evidence</h1>
-<div class="meta">Rule <code>{id}</code>, {title}<br>{refs}<br>Generated {at} from <code>{cluster}</code> by loopguard {version}</div>
+<div class="meta">Rule <code>{id}</code>, {title}<br>{refs}<br>Generated {at} from <code>{cluster}</code>{uid} by loopguard {version}</div>
 <div class="banner {class}" id="overall">{overall}</div>
 <div class="cards">
 "#,
@@ -628,6 +636,11 @@ ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-siz
             .join("; "),
         at = escape(&e.generated_at),
         cluster = escape(&e.cluster),
+        uid = e
+            .cluster_uid
+            .as_ref()
+            .map(|u| format!(" (cluster {})", escape(u)))
+            .unwrap_or_default(),
         version = escape(&e.loopguard_version),
         class = overall.0,
         overall = overall.1,
@@ -767,6 +780,18 @@ pub async fn run(args: ReportArgs) -> Result<ExitCode> {
     })?;
     let cluster = config.cluster_url.to_string();
     let client = Client::try_from(config)?;
+    let cluster_uid = match Api::<Namespace>::all(client.clone())
+        .get("kube-system")
+        .await
+    {
+        Ok(ns) => ns.uid(),
+        Err(e) => {
+            eprintln!(
+                "loopguard report: the cluster's identity (namespace kube-system's UID) is left out: {e}"
+            );
+            None
+        }
+    };
     let policies = Api::<LoopbackPolicy>::all(client.clone())
         .list(&ListParams::default())
         .await?
@@ -793,7 +818,7 @@ pub async fn run(args: ReportArgs) -> Result<ExitCode> {
         .into_iter()
         .map(|s| (s.name_any(), s.status.unwrap_or_default()))
         .collect();
-    let e = evidence(
+    let mut e = evidence(
         &policies,
         &states,
         expected.as_deref(),
@@ -802,6 +827,7 @@ pub async fn run(args: ReportArgs) -> Result<ExitCode> {
         jiff::Timestamp::now(),
         &cluster,
     );
+    e.cluster_uid = cluster_uid;
     print!("{}", render(&e, args.output));
     let failing = match args.fail_on {
         FailOn::NonCompliant => e.summary.failing(),

@@ -953,6 +953,21 @@ async fn loopguard_report_exits_1_and_names_the_nodes_that_fail() {
             (nodes[2].clone(), "Missing".into()),
         ]
     );
+    // Tied to its cluster (kube-system's UID) and to the policy's scope (its spec as it stands).
+    let kube_system: k8s_openapi::api::core::v1::Namespace =
+        Api::all(w.client.clone()).get("kube-system").await.unwrap();
+    assert_eq!(
+        json["clusterUid"].as_str(),
+        kube_system.metadata.uid.as_deref()
+    );
+    let policy = &json["policies"][0];
+    assert_eq!(policy["name"], json!(name));
+    assert_eq!(
+        policy["spec"]["nodeSelector"]["matchLabels"]["loopguard.dev/test"],
+        json!(w.label),
+        "{policy}"
+    );
+    assert_eq!(policy["spec"]["mode"], json!("Enforce"));
     let summary = &json["summary"];
     assert_eq!(
         (
