@@ -54,7 +54,9 @@ pub struct ReportArgs {
     pub node_selector: String,
     /// What makes the exit code 1: any node not compliant (`non-compliant`, the default: a node
     /// NonCompliant, in Error, Unknown or Missing), or only nodes no live agent covers
-    /// (`uncovered`: Error, Unknown or Missing; what `helm test` checks).
+    /// (`uncovered`: Error, Unknown or Missing; what `helm test` checks), or also nodes no policy
+    /// governs (`unmanaged`: every node not compliant, plus Unmanaged ones; for evidence that
+    /// every node is in scope, with --expect-every-node).
     #[arg(long, value_enum, default_value_t = FailOn::NonCompliant)]
     pub fail_on: FailOn,
     /// Print the JSON Schema of `--output json` and exit.
@@ -67,6 +69,7 @@ pub struct ReportArgs {
 pub enum FailOn {
     NonCompliant,
     Uncovered,
+    Unmanaged,
 }
 
 /// The whole report (`--output json`).
@@ -130,6 +133,15 @@ impl Summary {
     /// Nodes that do not carry the baseline, or of which nobody knows.
     pub fn failing(&self) -> usize {
         self.uncovered() + self.non_compliant
+    }
+
+    /// The nodes that make the report fail under `fail_on`.
+    pub fn failing_on(&self, fail_on: FailOn) -> usize {
+        match fail_on {
+            FailOn::NonCompliant => self.failing(),
+            FailOn::Uncovered => self.uncovered(),
+            FailOn::Unmanaged => self.failing() + self.unmanaged,
+        }
     }
 }
 
@@ -829,10 +841,7 @@ pub async fn run(args: ReportArgs) -> Result<ExitCode> {
     );
     e.cluster_uid = cluster_uid;
     print!("{}", render(&e, args.output));
-    let failing = match args.fail_on {
-        FailOn::NonCompliant => e.summary.failing(),
-        FailOn::Uncovered => e.summary.uncovered(),
-    };
+    let failing = e.summary.failing_on(args.fail_on);
     Ok(ExitCode::from(if failing == 0 { 0 } else { 1 }))
 }
 
@@ -1079,6 +1088,33 @@ mod tests {
         assert!(page.contains(r#"id="count-unknown">1<"#));
         assert!(page.contains("&quot;quoted&quot; &lt;message&gt;"));
         assert!(!page.contains("<message>"));
+    }
+
+    #[test]
+    fn what_fails_the_report() {
+        let s = |non_compliant, unmanaged, missing| Summary {
+            nodes: 5,
+            non_compliant,
+            unmanaged,
+            missing,
+            ..Default::default()
+        };
+        let cases = [
+            // (summary, non-compliant, uncovered, unmanaged)
+            (s(0, 0, 0), 0, 0, 0),
+            (s(0, 1, 0), 0, 0, 1),
+            (s(1, 0, 0), 1, 0, 1),
+            (s(0, 0, 1), 1, 1, 1),
+            (s(1, 2, 1), 2, 1, 4),
+        ];
+        for (summary, non_compliant, uncovered, unmanaged) in cases {
+            assert_eq!(
+                [FailOn::NonCompliant, FailOn::Uncovered, FailOn::Unmanaged]
+                    .map(|f| summary.failing_on(f)),
+                [non_compliant, uncovered, unmanaged],
+                "{summary:?}"
+            );
+        }
     }
 
     #[test]
