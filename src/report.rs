@@ -6,6 +6,8 @@
 
 use crate::api::{LoopbackNodeState, LoopbackNodeStateStatus, LoopbackPolicy};
 use crate::{Error, Result};
+
+mod oscal;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
@@ -30,6 +32,8 @@ pub enum Format {
     Json,
     Csv,
     Html,
+    /// OSCAL assessment results (JSON).
+    Oscal,
 }
 
 /// Flags of `loopguard report`.
@@ -464,6 +468,7 @@ pub fn render(e: &Evidence, format: Format) -> String {
         Format::Table => table(e),
         Format::Csv => csv(e),
         Format::Html => html(e),
+        Format::Oscal => oscal::render(e),
     }
 }
 
@@ -1088,6 +1093,96 @@ mod tests {
         assert!(page.contains(r#"id="count-unknown">1<"#));
         assert!(page.contains("&quot;quoted&quot; &lt;message&gt;"));
         assert!(!page.contains("<message>"));
+    }
+
+    #[test]
+    fn oscal_findings_follow_each_rule_that_applies_and_only_a_vouched_pass_satisfies() {
+        let check = |id: &str, applies: bool, verdict: &str| crate::api::RuleCheck {
+            id: id.into(),
+            cis: Vec::new(),
+            family: "nftables".into(),
+            mode: "Enforce".into(),
+            applies: Some(applies),
+            why: String::new(),
+            verdict: verdict.into(),
+            reason: String::new(),
+            message: String::new(),
+        };
+        let checks = vec![
+            check("set_ipv6_loopback_traffic", false, "NotApplicable"),
+            check("set_nftables_loopback_traffic", true, "Pass"),
+            check("set_ufw_loopback_traffic", true, "Fail"),
+        ];
+        let mut live = state(Compliance::NonCompliant, "2026-06-01T11:59:00Z");
+        live.checks = checks.clone();
+        // Its last report passed nftables, but it is not verified recently: nothing satisfied.
+        let mut stale = state(Compliance::Compliant, "2026-06-01T09:00:00Z");
+        stale.checks = checks[..2].to_vec();
+        let now: jiff::Timestamp = "2026-06-01T12:00:00Z".parse().unwrap();
+        let e = evidence(
+            &[],
+            &[("live".into(), live), ("stale".into(), stale)],
+            None,
+            None,
+            Duration::from_secs(720),
+            now,
+            "https://cluster.example",
+        );
+        let doc: serde_json::Value =
+            serde_json::from_str(&render(&e, Format::Oscal)).expect("JSON");
+        let result = &doc["assessment-results"]["results"][0];
+        let findings: Vec<(String, String)> = result["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["title"].as_str().unwrap().to_string(),
+                    f["target"]["status"]["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let rule = |id: &str| format!("xccdf_org.ssgproject.content_rule_{id}");
+        assert_eq!(
+            findings,
+            [
+                (
+                    format!("{} on live", rule("set_nftables_loopback_traffic")),
+                    "satisfied".into()
+                ),
+                (
+                    format!("{} on live", rule("set_ufw_loopback_traffic")),
+                    "not-satisfied".into()
+                ),
+                (
+                    format!("{} on stale", rule("set_nftables_loopback_traffic")),
+                    "not-satisfied".into()
+                ),
+            ]
+        );
+        // Every UUID well formed and distinct; every finding points at its node's observation.
+        let text = doc.to_string();
+        let mut uuids: Vec<&str> = text
+            .split('"')
+            .filter(|s| s.len() == 36 && s.as_bytes()[14] == b'4' && s.matches('-').count() == 4)
+            .collect();
+        let observations: Vec<&str> = result["observations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["uuid"].as_str().unwrap())
+            .collect();
+        for f in result["findings"].as_array().unwrap() {
+            let related = f["related-observations"][0]["observation-uuid"]
+                .as_str()
+                .unwrap();
+            assert!(observations.contains(&related), "{f}");
+        }
+        uuids.sort();
+        let all = uuids.len();
+        uuids.dedup();
+        // Each observation's UUID appears again in its findings, and each node's in its subject.
+        assert_eq!(all - uuids.len(), 3 + 2, "{text}");
     }
 
     #[test]

@@ -979,6 +979,40 @@ async fn loopguard_report_exits_1_and_names_the_nodes_that_fail() {
         (&json!(3), &json!(1), &json!(1), &json!(1)),
         "{summary}"
     );
+    // OSCAL assessment results, valid by the OSCAL models of compliance-trestle: a finding per
+    // node, satisfied only on the compliant one.
+    let (code, oscal) = report(&[], "oscal");
+    assert_eq!(code, Some(1));
+    let document: serde_json::Value = serde_json::from_str(&oscal).unwrap();
+    let mut states: Vec<(String, String)> =
+        document["assessment-results"]["results"][0]["findings"]
+            .as_array()
+            .expect("findings")
+            .iter()
+            .map(|f| {
+                (
+                    f["title"].as_str().unwrap().to_string(),
+                    f["target"]["status"]["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+    states.sort();
+    let rule = "xccdf_org.ssgproject.content_rule_set_ipv6_loopback_traffic";
+    assert_eq!(
+        states,
+        vec![
+            (format!("{rule} on {}", nodes[0]), "satisfied".to_string()),
+            (
+                format!("{rule} on {}", nodes[1]),
+                "not-satisfied".to_string()
+            ),
+            (
+                format!("{rule} on {}", nodes[2]),
+                "not-satisfied".to_string()
+            ),
+        ]
+    );
+    validate_oscal(&oscal);
     let (code, _) = report(&["--fail-on", "uncovered"], "json");
     assert_eq!(
         code,
@@ -1013,4 +1047,43 @@ async fn loopguard_report_exits_1_and_names_the_nodes_that_fail() {
     let (code, out) = report(&["--fail-on", "uncovered"], "table");
     assert_eq!(code, Some(0), "{out}");
     w.clean(&[&name]).await;
+}
+
+/// Validates an OSCAL assessment-results document with compliance-trestle's models (strict: an
+/// unknown field, a malformed UUID or a wrong enum value fails), from `hack/build-trestle.sh`.
+fn validate_oscal(document: &str) {
+    let check = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/hack/build-trestle.sh"
+    ))
+    .arg("--check")
+    .output()
+    .unwrap();
+    let python = String::from_utf8_lossy(&check.stdout).trim().to_string();
+    if !check.status.success() || python.is_empty() {
+        assert!(
+            std::env::var_os("LOOPGUARD_REQUIRE_CLUSTER").is_none(),
+            "no compliance-trestle: run hack/build-trestle.sh"
+        );
+        support::cluster::skipped("no compliance-trestle (hack/build-trestle.sh)");
+        return;
+    }
+    let script = "import json, sys\n\
+        from trestle.oscal.assessment_results import AssessmentResults\n\
+        d = json.load(sys.stdin)['assessment-results']\n\
+        m = AssessmentResults.parse_obj(d)\n\
+        print('valid', len(m.results[0].findings or []))\n";
+    let out = support::output(
+        {
+            let mut c = std::process::Command::new(python);
+            c.args(["-c", script]);
+            c
+        },
+        Some(document),
+    );
+    assert!(
+        out.status.success(),
+        "not valid OSCAL assessment results: {}\n{document}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
