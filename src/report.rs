@@ -96,8 +96,29 @@ pub struct Evidence {
     /// by verdict.
     pub rules: Vec<crate::api::RuleTally>,
     pub policies: Vec<PolicyEvidence>,
+    /// Every LoopbackException, in force or not, with its fields.
+    pub exceptions: Vec<ExceptionEvidence>,
     /// One row per node.
     pub nodes: Vec<NodeEvidence>,
+}
+
+/// One exception, as an auditor reads it.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExceptionEvidence {
+    pub name: String,
+    /// Active, MatchesNoNode or Expired, at the report's time.
+    pub state: String,
+    pub rule_ids: Vec<String>,
+    pub node_names: Vec<String>,
+    pub node_selector: crate::api::NodeSelector,
+    pub justification: String,
+    pub approved_by: String,
+    pub approved_at: String,
+    pub ticket: String,
+    pub expires: String,
+    /// The nodes of this report it exempts.
+    pub exempted_nodes: Vec<String>,
 }
 
 /// The rule the evidence is about.
@@ -126,6 +147,9 @@ pub struct Summary {
     pub unmanaged: usize,
     /// Nodes of the cluster without any LoopbackNodeState (only with --expect-every-node).
     pub missing: usize,
+    /// Non-compliant (or unmanaged) nodes an unexpired LoopbackException covers: not compliant,
+    /// not failing.
+    pub exempted: usize,
 }
 
 impl Summary {
@@ -202,6 +226,9 @@ pub struct NodeEvidence {
     pub non_compliant_since: Option<String>,
     /// Its last verdict changes, newest last.
     pub transitions: Vec<TransitionRow>,
+    /// The exceptions that exempt it (verdict Exempted), by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exempted_by: Vec<String>,
 }
 
 /// One change of a node's verdict.
@@ -274,21 +301,7 @@ pub fn evidence(
         }
     }
     nodes.sort_by(|a, b| a.node.cmp(&b.node));
-    let mut summary = Summary {
-        nodes: nodes.len(),
-        ..Summary::default()
-    };
-    for n in &nodes {
-        match n.verdict.as_str() {
-            "Compliant" => summary.compliant += 1,
-            "NonCompliant" => summary.non_compliant += 1,
-            "NotApplicable" => summary.not_applicable += 1,
-            "Error" => summary.errored += 1,
-            "Unmanaged" => summary.unmanaged += 1,
-            "Missing" => summary.missing += 1,
-            _ => summary.unknown += 1,
-        }
-    }
+    let summary = summarize(&nodes);
     let policies = policies
         .iter()
         .filter(|p| only_policy.is_none_or(|o| p.name_any() == o))
@@ -323,8 +336,104 @@ pub fn evidence(
         summary,
         rules,
         policies,
+        exceptions: Vec::new(),
         nodes,
     }
+}
+
+/// Nodes counted by verdict.
+fn summarize(nodes: &[NodeEvidence]) -> Summary {
+    let mut summary = Summary {
+        nodes: nodes.len(),
+        ..Summary::default()
+    };
+    for n in nodes {
+        match n.verdict.as_str() {
+            "Compliant" => summary.compliant += 1,
+            "NonCompliant" => summary.non_compliant += 1,
+            "NotApplicable" => summary.not_applicable += 1,
+            "Error" => summary.errored += 1,
+            "Unmanaged" => summary.unmanaged += 1,
+            "Missing" => summary.missing += 1,
+            "Exempted" => summary.exempted += 1,
+            _ => summary.unknown += 1,
+        }
+    }
+    summary
+}
+
+/// Applies the LoopbackExceptions to the evidence (pure): a NonCompliant node every failing rule
+/// of which unexpired exceptions cover, and an Unmanaged node an unexpired exception names or
+/// selects, become Exempted (with the exceptions' names); the summary is counted again and every
+/// exception is listed with its fields and state. Nodes verified too long ago, in error or
+/// missing are never exempted: an exception covers a finding, not the lack of one.
+pub fn apply_exceptions(
+    e: &mut Evidence,
+    exceptions: &[crate::api::LoopbackException],
+    states: &[(String, LoopbackNodeStateStatus)],
+    labels: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    now: jiff::Timestamp,
+) {
+    use crate::aggregate::exemption;
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now);
+    let refs: Vec<&crate::api::LoopbackException> = exceptions.iter().collect();
+    let none = std::collections::BTreeMap::new();
+    for n in &mut e.nodes {
+        let node_labels = labels.get(&n.node).unwrap_or(&none);
+        let by = match n.verdict.as_str() {
+            "NonCompliant" => states
+                .iter()
+                .find(|(name, _)| *name == n.node)
+                .and_then(|(_, s)| exemption::exempting(&refs, &n.node, node_labels, s, &now)),
+            "Unmanaged" => {
+                let names: Vec<String> = exceptions
+                    .iter()
+                    .filter(|x| {
+                        !exemption::expired(x, &now) && exemption::matches(x, &n.node, node_labels)
+                    })
+                    .map(|x| x.name_any())
+                    .collect();
+                (!names.is_empty()).then_some(names)
+            }
+            _ => None,
+        };
+        if let Some(by) = by {
+            n.verdict = "Exempted".into();
+            n.exempted_by = by;
+        }
+    }
+    e.summary = summarize(&e.nodes);
+    let listed: Vec<(&str, &std::collections::BTreeMap<String, String>)> = e
+        .nodes
+        .iter()
+        .map(|n| (n.node.as_str(), labels.get(&n.node).unwrap_or(&none)))
+        .collect();
+    e.exceptions = exceptions
+        .iter()
+        .map(|x| {
+            let name = x.name_any();
+            let exempted: Vec<String> = e
+                .nodes
+                .iter()
+                .filter(|n| n.exempted_by.contains(&name))
+                .map(|n| n.node.clone())
+                .collect();
+            let status = exemption::status(x, &listed, &exempted, &now);
+            ExceptionEvidence {
+                name,
+                state: format!("{:?}", status.state),
+                rule_ids: x.spec.rule_ids.iter().map(|r| r.id().to_string()).collect(),
+                node_names: x.spec.node_names.clone(),
+                node_selector: x.spec.node_selector.clone(),
+                justification: x.spec.justification.clone(),
+                approved_by: x.spec.approved_by.clone(),
+                approved_at: x.spec.approved_at.0.to_string(),
+                ticket: x.spec.ticket.clone(),
+                expires: x.spec.expires.0.to_string(),
+                exempted_nodes: exempted,
+            }
+        })
+        .collect();
 }
 
 fn node_evidence(
@@ -410,6 +519,7 @@ fn node_evidence(
                 reason: t.reason.clone(),
             })
             .collect(),
+        exempted_by: Vec::new(),
     }
 }
 
@@ -433,6 +543,7 @@ fn missing_node(name: &str) -> NodeEvidence {
         verdict_since: None,
         non_compliant_since: None,
         transitions: Vec::new(),
+        exempted_by: Vec::new(),
     }
 }
 
@@ -477,12 +588,13 @@ fn table(e: &Evidence) -> String {
     let s = &e.summary;
     let _ = writeln!(
         out,
-        "{} ({}), {} nodes: {} compliant, {} non-compliant, {} not applicable, {} errors, {} unknown, {} unmanaged, {} missing",
+        "{} ({}), {} nodes: {} compliant, {} non-compliant, {} exempted, {} not applicable, {} errors, {} unknown, {} unmanaged, {} missing",
         e.rule.id,
         e.generated_at,
         s.nodes,
         s.compliant,
         s.non_compliant,
+        s.exempted,
         s.not_applicable,
         s.errored,
         s.unknown,
@@ -634,7 +746,7 @@ th, td {{ text-align: left; padding: .45rem .55rem; border-bottom: 1px solid #e8
 th {{ background: #f6f7fa; font-weight: 600; }}
 .v {{ font-weight: 600; padding: .1rem .45rem; border-radius: 4px; white-space: nowrap; }}
 .v-Compliant {{ background: #e4f6ea; color: #14632f; }} .v-NonCompliant, .v-Error, .v-Unknown, .v-Missing {{ background: #fde8e8; color: #8a1c1c; }}
-.v-NotApplicable, .v-Unmanaged {{ background: #eef0f5; color: #454d60; }}
+.v-NotApplicable, .v-Unmanaged, .v-Exempted {{ background: #eef0f5; color: #454d60; }}
 ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-size: .8rem; }}
 </style></head><body>
 <h1>IPv6 loopback baseline: compliance evidence</h1>
@@ -666,6 +778,7 @@ ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-siz
         ("nodes", "nodes", s.nodes),
         ("compliant", "compliant", s.compliant),
         ("non-compliant", "not compliant", s.non_compliant),
+        ("exempted", "exempted (LoopbackException)", s.exempted),
         ("not-applicable", "not applicable", s.not_applicable),
         ("errored", "errors", s.errored),
         ("unknown", "unknown (no live agent)", s.unknown),
@@ -705,6 +818,24 @@ ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-siz
             escape(&p.reason),
             escape(&p.message)
         );
+    }
+    if !e.exceptions.is_empty() {
+        h.push_str("</table>\n<h2>Exceptions</h2>\n<table id=\"exceptions\"><tr><th>Exception</th><th>State</th><th>Rules</th><th>Nodes exempted</th><th>Approved</th><th>Ticket</th><th>Expires</th><th>Justification</th></tr>\n");
+        for x in &e.exceptions {
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} <span class=\"small\">{}</span></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&x.name),
+                escape(&x.state),
+                escape(&x.rule_ids.join(", ")),
+                escape(&x.exempted_nodes.join(", ")),
+                escape(&x.approved_by),
+                escape(&x.approved_at),
+                escape(&x.ticket),
+                escape(&x.expires),
+                escape(&x.justification),
+            );
+        }
     }
     h.push_str("</table>\n<h2>Loopback rules</h2>\n<table id=\"rules\"><tr><th>Rule (ComplianceAsCode)</th><th>Pass</th><th>Fail</th><th>Not applicable</th><th>Ignored</th><th>Unknown</th></tr>\n");
     for r in &e.rules {
@@ -828,13 +959,14 @@ pub async fn run(args: ReportArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let states: Vec<(String, LoopbackNodeStateStatus)> = Api::<LoopbackNodeState>::all(client)
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .map(|s| (s.name_any(), s.status.unwrap_or_default()))
-        .collect();
+    let states: Vec<(String, LoopbackNodeStateStatus)> =
+        Api::<LoopbackNodeState>::all(client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|s| (s.name_any(), s.status.unwrap_or_default()))
+            .collect();
     let mut e = evidence(
         &policies,
         &states,
@@ -845,6 +977,38 @@ pub async fn run(args: ReportArgs) -> Result<ExitCode> {
         &cluster,
     );
     e.cluster_uid = cluster_uid;
+    let exceptions = match Api::<crate::api::LoopbackException>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(list) => list.items,
+        // A cluster whose CRDs predate exceptions, or a reader who may not list them: nothing is
+        // exempted (every failing node stays failing), and the report says so.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => {
+            eprintln!(
+                "loopguard report: LoopbackExceptions not read ({}); no node is counted Exempted",
+                s.message
+            );
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !exceptions.is_empty() {
+        let labels = Api::<Node>::all(client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default()))
+            .collect();
+        apply_exceptions(
+            &mut e,
+            &exceptions,
+            &states,
+            &labels,
+            jiff::Timestamp::now(),
+        );
+    }
     print!("{}", render(&e, args.output));
     let failing = e.summary.failing_on(args.fail_on);
     Ok(ExitCode::from(if failing == 0 { 0 } else { 1 }))
@@ -1183,6 +1347,103 @@ mod tests {
         uuids.dedup();
         // Each observation's UUID appears again in its findings, and each node's in its subject.
         assert_eq!(all - uuids.len(), 3 + 2, "{text}");
+    }
+
+    #[test]
+    fn exceptions_exempt_findings_and_unmanaged_nodes_in_the_report_never_stale_ones() {
+        let ex: crate::api::LoopbackException = serde_json::from_value(serde_json::json!({
+            "apiVersion": "loopguard.dev/v1alpha1",
+            "kind": "LoopbackException",
+            "metadata": { "name": "legacy-pool" },
+            "spec": {
+                "nodeNames": ["a", "c", "u"],
+                "ruleIds": ["set_ipv6_loopback_traffic"],
+                "justification": "the pool is retired in January",
+                "approvedBy": "Jane Auditor",
+                "approvedAt": "2026-05-01T00:00:00Z",
+                "ticket": "CHG-100",
+                "expires": "2026-07-01T00:00:00Z",
+            },
+        }))
+        .unwrap();
+        let states = vec![
+            (
+                "a".to_string(),
+                state(Compliance::NonCompliant, "2026-06-01T11:59:00Z"),
+            ),
+            (
+                "b".to_string(),
+                state(Compliance::NonCompliant, "2026-06-01T11:59:00Z"),
+            ),
+            // Named too, but not verified recently: stays Unknown.
+            (
+                "c".to_string(),
+                state(Compliance::NonCompliant, "2026-06-01T09:00:00Z"),
+            ),
+            (
+                "u".to_string(),
+                state(Compliance::Unmanaged, "2026-06-01T11:59:00Z"),
+            ),
+        ];
+        let at = |now: &str, stale_after: Duration| {
+            let now: jiff::Timestamp = now.parse().unwrap();
+            let mut e = evidence(&[], &states, None, None, stale_after, now, "c");
+            apply_exceptions(
+                &mut e,
+                std::slice::from_ref(&ex),
+                &states,
+                &Default::default(),
+                now,
+            );
+            e
+        };
+        let e = at("2026-06-01T12:00:00Z", Duration::from_secs(720));
+        let verdicts: Vec<(&str, &str)> = e
+            .nodes
+            .iter()
+            .map(|n| (n.node.as_str(), n.verdict.as_str()))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("a", "Exempted"),
+                ("b", "NonCompliant"),
+                ("c", "Unknown"),
+                ("u", "Exempted")
+            ]
+        );
+        assert_eq!(
+            (
+                e.summary.exempted,
+                e.summary.non_compliant,
+                e.summary.unmanaged
+            ),
+            (2, 1, 0)
+        );
+        assert_eq!(e.summary.failing_on(FailOn::Unmanaged), 2, "b and c");
+        assert_eq!(e.exceptions[0].state, "Active");
+        assert_eq!(e.exceptions[0].exempted_nodes, ["a", "u"]);
+        let page = render(&e, Format::Html);
+        assert!(page.contains("id=\"count-exempted\">2<") && page.contains("CHG-100"));
+        let json: serde_json::Value = serde_json::from_str(&render(&e, Format::Json)).unwrap();
+        assert_eq!(
+            json["nodes"][0]["exemptedBy"],
+            serde_json::json!(["legacy-pool"])
+        );
+        assert_eq!(json["exceptions"][0]["approvedBy"], "Jane Auditor");
+
+        // Expired (the reports taken as recent): findings again, the unmanaged node unmanaged.
+        let e = at("2026-07-02T00:00:00Z", Duration::from_secs(100 * 86400));
+        assert_eq!(
+            (
+                e.summary.exempted,
+                e.summary.non_compliant,
+                e.summary.unmanaged
+            ),
+            (0, 3, 1)
+        );
+        assert_eq!(e.exceptions[0].state, "Expired");
+        assert_eq!(e.summary.failing_on(FailOn::Unmanaged), 4);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
 /// Whether `selector` selects a node with `labels`. Requirements are ANDed; empty selects all.
-fn selects(selector: &NodeSelector, labels: &BTreeMap<String, String>) -> bool {
+pub fn selector_matches(selector: &NodeSelector, labels: &BTreeMap<String, String>) -> bool {
     selector
         .match_labels
         .iter()
@@ -40,7 +40,8 @@ pub fn unsupported(labels: &BTreeMap<String, String>) -> Option<String> {
 
 /// Whether a policy is live (not being deleted) and selects the node.
 pub fn selects_node(policy: &LoopbackPolicy, labels: &BTreeMap<String, String>) -> bool {
-    policy.metadata.deletion_timestamp.is_none() && selects(&policy.spec.node_selector, labels)
+    policy.metadata.deletion_timestamp.is_none()
+        && selector_matches(&policy.spec.node_selector, labels)
 }
 
 /// The policy that governs a node with `labels`: among the live policies that select it, the
@@ -108,29 +109,35 @@ mod tests {
     fn selectors_follow_kubernetes_semantics() {
         let node = labels(&[("role", "worker"), ("zone", "a")]);
         assert!(
-            selects(&NodeSelector::default(), &node),
+            selector_matches(&NodeSelector::default(), &node),
             "empty selects every node"
         );
         let by_label = NodeSelector {
             match_labels: labels(&[("role", "worker")]),
             ..Default::default()
         };
-        assert!(selects(&by_label, &node));
-        assert!(!selects(&by_label, &labels(&[("role", "control-plane")])));
+        assert!(selector_matches(&by_label, &node));
+        assert!(!selector_matches(
+            &by_label,
+            &labels(&[("role", "control-plane")])
+        ));
         use SelectorOperator::*;
         let expr = |r| NodeSelector {
             match_expressions: vec![r],
             ..Default::default()
         };
-        assert!(selects(&expr(req("zone", In, &["a", "b"])), &node));
-        assert!(!selects(&expr(req("zone", NotIn, &["a"])), &node));
+        assert!(selector_matches(&expr(req("zone", In, &["a", "b"])), &node));
+        assert!(!selector_matches(&expr(req("zone", NotIn, &["a"])), &node));
         assert!(
-            selects(&expr(req("gpu", NotIn, &["yes"])), &node),
+            selector_matches(&expr(req("gpu", NotIn, &["yes"])), &node),
             "NotIn matches a missing label"
         );
-        assert!(selects(&expr(req("role", Exists, &[])), &node));
-        assert!(selects(&expr(req("gpu", DoesNotExist, &[])), &node));
-        assert!(!selects(&expr(req("gpu", Exists, &[])), &node));
+        assert!(selector_matches(&expr(req("role", Exists, &[])), &node));
+        assert!(selector_matches(
+            &expr(req("gpu", DoesNotExist, &[])),
+            &node
+        ));
+        assert!(!selector_matches(&expr(req("gpu", Exists, &[])), &node));
     }
 
     #[test]

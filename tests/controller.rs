@@ -355,6 +355,106 @@ async fn approved_changes_and_deletions_are_told_with_who_and_why() {
     w.clean(&[]).await;
 }
 
+/// A LoopbackException turns a failing node into an exempted one (Compliant, saying so), writes its
+/// own status, and when it expires the node is a finding again without anyone acting.
+#[tokio::test]
+async fn an_exception_exempts_a_failing_node_until_it_expires() {
+    let _serial = lock().await;
+    let Some(w) = World::new("exc").await else {
+        return;
+    };
+    let _ctl = Controller::start(w.cluster, &w.lease_ns, "exc", &[]);
+    let nodes: Vec<String> = futures::future::join_all((0..2).map(|n| w.node(n, &[], None))).await;
+    let name = unique_name("exc");
+    w.policy(&name, json!({})).await;
+    w.report(&nodes[0], &name, 1, Compliance::Compliant, 0)
+        .await;
+    w.report(&nodes[1], &name, 1, Compliance::NonCompliant, 0)
+        .await;
+    let s = w
+        .wait_status(&name, "one node failing", |s| s.non_compliant_nodes == 1)
+        .await;
+    assert_eq!(cond(&s, "Compliant").0, "False");
+
+    // Approved now, expiring in 25 seconds.
+    let now = jiff::Timestamp::now();
+    let expires = now + jiff::SignedDuration::from_secs(25);
+    let exception = unique_name("exc");
+    let api: Api<loopguard::api::LoopbackException> = Api::all(w.client.clone());
+    let object: loopguard::api::LoopbackException = serde_json::from_value(json!({
+        "apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackException",
+        "metadata": {"name": exception},
+        "spec": {
+            "nodeNames": [nodes[1]],
+            "ruleIds": ["set_ipv6_loopback_traffic"],
+            "justification": "the node is drained and replaced this week",
+            "approvedBy": "Jane Auditor",
+            "approvedAt": now.to_string(),
+            "ticket": "CHG-200",
+            "expires": expires.to_string(),
+        },
+    }))
+    .unwrap();
+    api.create(&Default::default(), &object).await.unwrap();
+    let s = w
+        .wait_status(&name, "the node exempted", |s| s.exempted_nodes == 1)
+        .await;
+    assert_eq!(s.non_compliant_nodes, 0);
+    assert_eq!(
+        cond(&s, "Compliant"),
+        ("True".into(), "CompliantWithExceptions".into())
+    );
+    assert_eq!(
+        s.exempted_node_names,
+        [format!("{} ({exception})", nodes[1])]
+    );
+    let ex = eventually(
+        "the exception's status",
+        Duration::from_secs(15),
+        || async {
+            api.get(&exception)
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.exempted_nodes == 1)
+        },
+    )
+    .await;
+    assert_eq!(
+        (ex.state, ex.matched_nodes),
+        (loopguard::api::ExceptionState::Active, 1)
+    );
+
+    // Expired: a finding again, and the exception says so.
+    let s = eventually(
+        "a finding again after the expiry",
+        Duration::from_secs(60),
+        || async {
+            let p = w.policies().get(&name).await.ok()?;
+            p.status.filter(|s| s.non_compliant_nodes == 1)
+        },
+    )
+    .await;
+    assert!(jiff::Timestamp::now() >= expires, "not before the expiry");
+    assert_eq!(
+        (s.exempted_nodes, cond(&s, "Compliant").0.as_str()),
+        (0, "False")
+    );
+    let ex = eventually("the exception expired", Duration::from_secs(15), || async {
+        api.get(&exception)
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.state == loopguard::api::ExceptionState::Expired)
+    })
+    .await;
+    assert_eq!(ex.exempted_nodes, 0);
+    api.delete(&exception, &DeleteParams::default())
+        .await
+        .unwrap();
+    w.clean(&[&name]).await;
+}
+
 #[tokio::test]
 async fn overlapping_policies_resolve_by_priority() {
     let _serial = lock().await;

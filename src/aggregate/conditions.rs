@@ -164,6 +164,20 @@ fn compliant(
                 names(&s.unsupported_node_names)
             ));
         }
+        if s.exempted_nodes > 0 {
+            return (
+                True,
+                "CompliantWithExceptions",
+                format!(
+                    "{} of {} nodes compliant at {}; {} failing but exempted by LoopbackExceptions: {}{na}",
+                    s.compliant_nodes,
+                    s.targeted_nodes,
+                    w.at_gen,
+                    s.exempted_nodes,
+                    names(&s.exempted_node_names)
+                ),
+            );
+        }
         (
             True,
             "AllNodesCompliant",

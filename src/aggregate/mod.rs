@@ -10,6 +10,7 @@
 
 mod cleanup;
 mod conditions;
+pub mod exemption;
 mod notices;
 #[cfg(test)]
 mod tests;
@@ -20,7 +21,10 @@ pub use notices::{Notice, deletion_note, notices};
 
 use crate::api::conditions::merge;
 use crate::api::policy::Approval;
-use crate::api::{Compliance, LoopbackNodeStateStatus, LoopbackPolicy, LoopbackPolicyStatus, Mode};
+use crate::api::{
+    Compliance, LoopbackException, LoopbackNodeStateStatus, LoopbackPolicy, LoopbackPolicyStatus,
+    Mode,
+};
 use crate::api::{RuleCheck, RuleTally};
 use crate::rules::catalog::RuleId;
 use crate::selection;
@@ -94,11 +98,13 @@ fn reports_current(policy: &LoopbackPolicy, s: &LoopbackNodeStateStatus) -> bool
 }
 
 /// The status `policy` should have now. `previous` supplies the conditions' transition times.
+#[allow(clippy::too_many_arguments)]
 pub fn aggregate(
     policy: &LoopbackPolicy,
     policies: &[&LoopbackPolicy],
     nodes: &[NodeInfo],
     states: &BTreeMap<String, LoopbackNodeStateStatus>,
+    exceptions: &[&LoopbackException],
     previous: Option<&LoopbackPolicyStatus>,
     now: &Time,
     settings: Settings,
@@ -113,6 +119,7 @@ pub fn aggregate(
     let mut unavailable = Vec::new();
     let mut stale = Vec::new();
     let mut unsupported = Vec::new();
+    let mut exempted = Vec::new();
     let mut rules = RuleTallies::default();
     for node in nodes {
         if !selection::selects_node(policy, &node.labels) {
@@ -151,8 +158,16 @@ pub fn aggregate(
             Some(Compliance::Compliant) => status.compliant_nodes += 1,
             Some(Compliance::NotApplicable) => status.not_applicable_nodes += 1,
             Some(Compliance::NonCompliant) => {
-                status.non_compliant_nodes += 1;
-                failing.push(node.name.clone());
+                let by = current.and_then(|report| {
+                    exemption::exempting(exceptions, &node.name, &node.labels, report, now)
+                });
+                if let Some(by) = by {
+                    status.exempted_nodes += 1;
+                    exempted.push(format!("{} ({})", node.name, by.join(", ")));
+                } else {
+                    status.non_compliant_nodes += 1;
+                    failing.push(node.name.clone());
+                }
             }
             Some(Compliance::Error) => {
                 status.errored_nodes += 1;
@@ -176,6 +191,8 @@ pub fn aggregate(
     unavailable.sort();
     stale.sort();
     unsupported.sort();
+    exempted.sort();
+    status.exempted_node_names = exempted.into_iter().take(MAX_LISTED_NODES).collect();
     status.unsupported_nodes = unsupported.len() as i32;
     status.unsupported_node_names = unsupported.into_iter().take(MAX_LISTED_NODES).collect();
     status.rules = rules.into_tallies();
@@ -183,8 +200,13 @@ pub fn aggregate(
     status.summary = format!(
         "{}/{}",
         status.compliant_nodes,
-        status.targeted_nodes - status.not_applicable_nodes
+        status.targeted_nodes - status.not_applicable_nodes - status.exempted_nodes
     );
+    if status.exempted_nodes > 0 {
+        status
+            .summary
+            .push_str(&format!(" +{} exempted", status.exempted_nodes));
+    }
     let problems = Problems {
         errored: &errored_names,
         unavailable: &unavailable,

@@ -59,7 +59,16 @@ fn run(
         .iter()
         .map(|(n, s)| (n.to_string(), s.clone()))
         .collect();
-    aggregate(p, all, nodes, &states, None, &t(NOW), Settings::default())
+    aggregate(
+        p,
+        all,
+        nodes,
+        &states,
+        &[],
+        None,
+        &t(NOW),
+        Settings::default(),
+    )
 }
 
 fn cond(s: &LoopbackPolicyStatus, type_: &str) -> (ConditionStatus, String) {
@@ -170,6 +179,7 @@ fn a_spec_change_is_progressing_until_nodes_catch_up() {
         &[&p],
         &nodes,
         &states,
+        &[],
         Some(&before),
         &later,
         Settings::default(),
@@ -640,6 +650,7 @@ fn an_approval_is_recorded_once_told_once_and_kept_after_its_annotations_go() {
             &[p],
             &nodes,
             &states,
+            &[],
             previous,
             &t(NOW),
             Settings::default(),
@@ -736,5 +747,181 @@ fn a_deletion_says_who_approved_it_or_warns_that_no_one_did() {
     assert!(
         !warning && note.contains("approved by dave: CHG-44"),
         "{note}"
+    );
+}
+
+fn exception(name: &str, nodes: &[&str], rules: &[&str], expires: &str) -> LoopbackException {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "loopguard.dev/v1alpha1",
+        "kind": "LoopbackException",
+        "metadata": { "name": name },
+        "spec": {
+            "nodeNames": nodes,
+            "ruleIds": rules,
+            "justification": "replaced by the cloud firewall",
+            "approvedBy": "Jane Auditor",
+            "approvedAt": "2026-05-01T00:00:00Z",
+            "ticket": "CHG-100",
+            "expires": expires,
+        },
+    }))
+    .unwrap()
+}
+
+fn failing(policy: &str, ids: &[&str]) -> LoopbackNodeStateStatus {
+    let mut r = report(policy, 1, Compliance::NonCompliant);
+    r.checks = [
+        "set_ipv6_loopback_traffic",
+        "set_nftables_loopback_traffic",
+        "set_ufw_loopback_traffic",
+    ]
+    .iter()
+    .map(|id| crate::api::RuleCheck {
+        id: id.to_string(),
+        cis: Vec::new(),
+        family: String::new(),
+        mode: "Enforce".into(),
+        applies: Some(true),
+        why: String::new(),
+        verdict: if ids.contains(id) { "Fail" } else { "Pass" }.into(),
+        reason: String::new(),
+        message: String::new(),
+    })
+    .collect();
+    r
+}
+
+#[test]
+fn an_exception_exempts_only_the_rules_and_nodes_it_names_and_only_until_it_expires() {
+    let p = policy("base", 1, 0, &[]);
+    let nodes = [node("a", &[]), node("b", &[]), node("c", &[])];
+    let states = BTreeMap::from([
+        (
+            "a".to_string(),
+            failing("base", &["set_ufw_loopback_traffic"]),
+        ),
+        (
+            "b".to_string(),
+            failing(
+                "base",
+                &["set_ufw_loopback_traffic", "set_nftables_loopback_traffic"],
+            ),
+        ),
+        ("c".to_string(), report("base", 1, Compliance::Compliant)),
+    ]);
+    let ufw = exception(
+        "ufw-pool",
+        &["a", "b"],
+        &["set_ufw_loopback_traffic"],
+        "2026-07-01T00:00:00Z",
+    );
+    let at = |now: &str| {
+        aggregate(
+            &p,
+            &[&p],
+            &nodes,
+            &states,
+            &[&ufw],
+            None,
+            &t(now),
+            Settings::default(),
+        )
+    };
+    let s = at(NOW);
+    // a fails only ufw: exempted; b fails nftables too: still failing.
+    assert_eq!(
+        (s.exempted_nodes, s.non_compliant_nodes, s.compliant_nodes),
+        (1, 1, 1)
+    );
+    assert_eq!(s.exempted_node_names, ["a (ufw-pool)"]);
+    assert_eq!(s.non_compliant_node_names, ["b"]);
+    assert_eq!(cond(&s, "Compliant").0, ConditionStatus::False);
+    assert_eq!(s.summary, "1/2 +1 exempted");
+
+    // With b's nftables excepted too (a second exception), the policy is Compliant, saying so.
+    let nft = exception(
+        "nft-b",
+        &["b"],
+        &["set_nftables_loopback_traffic"],
+        "2026-07-01T00:00:00Z",
+    );
+    let s = aggregate(
+        &p,
+        &[&p],
+        &nodes,
+        &states,
+        &[&ufw, &nft],
+        None,
+        &t(NOW),
+        Settings::default(),
+    );
+    assert_eq!((s.exempted_nodes, s.non_compliant_nodes), (2, 0));
+    assert_eq!(
+        s.exempted_node_names,
+        ["a (ufw-pool)", "b (nft-b, ufw-pool)"]
+    );
+    let (status, reason) = cond(&s, "Compliant");
+    assert_eq!(
+        (status, reason.as_str()),
+        (ConditionStatus::True, "CompliantWithExceptions")
+    );
+
+    // Expired: a is a finding again, by itself.
+    let s = at("2026-07-01T00:00:00Z");
+    assert_eq!((s.exempted_nodes, s.non_compliant_nodes), (0, 2));
+
+    // A node in error or without a live agent is never exempted.
+    let mut errored = states.clone();
+    errored.insert("a".into(), report("base", 1, Compliance::Error));
+    let s = aggregate(
+        &p,
+        &[&p],
+        &nodes,
+        &errored,
+        &[&ufw],
+        None,
+        &t(NOW),
+        Settings::default(),
+    );
+    assert_eq!((s.exempted_nodes, s.errored_nodes), (0, 1));
+}
+
+#[test]
+fn an_exceptions_status_says_expired_or_matching_nothing() {
+    let labelled = BTreeMap::from([("pool".to_string(), "legacy".to_string())]);
+    let nodes: Vec<(&str, &BTreeMap<String, String>)> = vec![("a", &labelled)];
+    let ex = exception(
+        "x",
+        &["a"],
+        &["set_ufw_loopback_traffic"],
+        "2026-07-01T00:00:00Z",
+    );
+    let s = exemption::status(&ex, &nodes, &["a".to_string()], &t(NOW));
+    assert_eq!(
+        (s.state, s.matched_nodes, s.exempted_nodes),
+        (crate::api::ExceptionState::Active, 1, 1)
+    );
+    let s = exemption::status(&ex, &nodes, &[], &t("2026-08-01T00:00:00Z"));
+    assert_eq!(s.state, crate::api::ExceptionState::Expired);
+    assert!(s.message.contains("expired"), "{}", s.message);
+    let gone = exception(
+        "y",
+        &["nope"],
+        &["set_ufw_loopback_traffic"],
+        "2026-07-01T00:00:00Z",
+    );
+    let s = exemption::status(&gone, &nodes, &[], &t(NOW));
+    assert_eq!(s.state, crate::api::ExceptionState::MatchesNoNode);
+    // By label: a selector that matches.
+    let mut by_label = exception(
+        "z",
+        &[],
+        &["set_ufw_loopback_traffic"],
+        "2026-07-01T00:00:00Z",
+    );
+    by_label.spec.node_selector.match_labels = labelled.clone();
+    assert_eq!(
+        exemption::status(&by_label, &nodes, &[], &t(NOW)).matched_nodes,
+        1
     );
 }

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Degraded", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Degraded\")].status"}"#,
     printcolumn = r#"{"name": "N/A", "type": "integer", "jsonPath": ".status.notApplicableNodes", "description": "Targeted nodes where the CIS rule does not apply", "priority": 1}"#,
+    printcolumn = r#"{"name": "Exempted", "type": "integer", "jsonPath": ".status.exemptedNodes", "description": "Failing nodes a LoopbackException covers", "priority": 1}"#,
     printcolumn = r#"{"name": "Unsupported", "type": "integer", "jsonPath": ".status.unsupportedNodes", "description": "Selected nodes where no loopguard agent can run (Windows, Fargate, virtual-kubelet)", "priority": 1}"#,
     printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Compliant\")].reason", "priority": 1}"#,
     printcolumn = r#"{"name": "Message", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Compliant\")].message", "priority": 1}"#,
@@ -275,9 +276,17 @@ pub struct LoopbackPolicyStatus {
     /// Targeted nodes that reported Compliant for the current generation.
     #[serde(default)]
     pub compliant_nodes: i32,
-    /// Targeted nodes that reported NonCompliant for the current generation.
+    /// Targeted nodes that reported NonCompliant for the current generation, exceptions aside.
     #[serde(default)]
     pub non_compliant_nodes: i32,
+    /// Targeted nodes that reported NonCompliant, every failing rule of which an unexpired
+    /// LoopbackException covers: not compliant, and not failing.
+    #[serde(default)]
+    pub exempted_nodes: i32,
+    /// Up to 20 of them, sorted, each with its exceptions: `node-a (legacy-pool)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub exempted_node_names: Vec<String>,
     /// Targeted nodes where the rule does not apply (for example IPv6 off, or nftables installed).
     #[serde(default)]
     pub not_applicable_nodes: i32,

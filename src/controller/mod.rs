@@ -7,8 +7,8 @@ pub mod slim;
 
 use crate::aggregate::{self, AgentPod, NodeInfo, Settings};
 use crate::api::{
-    self, LoopbackNodeState, LoopbackNodeStateStatus, LoopbackPolicy, LoopbackPolicyStatus,
-    OnRemoval,
+    self, Compliance, LoopbackException, LoopbackNodeState, LoopbackNodeStateStatus,
+    LoopbackPolicy, LoopbackPolicyStatus, OnRemoval,
 };
 use crate::metrics::{self, Readiness};
 use crate::rules::catalog::RuleId;
@@ -92,6 +92,15 @@ struct Metrics {
     policy_condition: MetricFamily<PolicyCondition, Gauge>,
     /// The policies that have series.
     policies: std::sync::Mutex<HashSet<String>>,
+    /// Per exception: when it expires (Unix seconds), and the nodes it exempts now.
+    exception_expiry: MetricFamily<ExceptionLabel, Gauge>,
+    exception_exempted: MetricFamily<ExceptionLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExceptionLabel {
+    exception: String,
+    ticket: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,6 +130,7 @@ impl Metrics {
             ("targeted", s.targeted_nodes),
             ("compliant", s.compliant_nodes),
             ("non_compliant", s.non_compliant_nodes),
+            ("exempted", s.exempted_nodes),
             ("not_applicable", s.not_applicable_nodes),
             ("errored", s.errored_nodes),
             ("pending", s.pending_nodes),
@@ -217,10 +227,11 @@ const CONDITIONS: [&str; 6] = [
     "Stalled",
 ];
 const RULE_VERDICTS: [&str; 5] = ["pass", "fail", "not_applicable", "ignored", "unknown"];
-const POLICY_STATES: [&str; 9] = [
+const POLICY_STATES: [&str; 10] = [
     "targeted",
     "compliant",
     "non_compliant",
+    "exempted",
     "not_applicable",
     "errored",
     "pending",
@@ -242,6 +253,8 @@ impl Metrics {
             policy_rule_nodes: MetricFamily::default(),
             policy_condition: MetricFamily::default(),
             policies: Default::default(),
+            exception_expiry: MetricFamily::default(),
+            exception_exempted: MetricFamily::default(),
         };
         let r = registry.sub_registry_with_prefix("loopguard_controller");
         r.register(
@@ -269,7 +282,7 @@ impl Metrics {
         let p = registry.sub_registry_with_prefix("loopguard_policy");
         p.register(
             "nodes",
-            "Nodes of a policy by state (targeted, compliant, non_compliant, not_applicable, errored, pending, unknown: no live agent, overridden, unsupported: no agent can run there); set by the leader",
+            "Nodes of a policy by state (targeted, compliant, non_compliant, exempted: failing but covered by a LoopbackException, not_applicable, errored, pending, unknown: no live agent, overridden, unsupported: no agent can run there); set by the leader",
             m.policy_nodes.clone(),
         );
         p.register(
@@ -282,6 +295,17 @@ impl Metrics {
             "1 for the current status of each condition of a policy, 0 for the others; set by the leader",
             m.policy_condition.clone(),
         );
+        let e = registry.sub_registry_with_prefix("loopguard_exception");
+        e.register(
+            "expiry_timestamp_seconds",
+            "When each LoopbackException expires (Unix time); set by the leader",
+            m.exception_expiry.clone(),
+        );
+        e.register(
+            "exempted_nodes",
+            "Failing nodes each LoopbackException exempts now (0 once expired); set by the leader",
+            m.exception_exempted.clone(),
+        );
         metrics::register_build_info(registry, "controller");
         m
     }
@@ -291,6 +315,7 @@ impl Metrics {
 struct Context {
     client: Client,
     policies: Store<LoopbackPolicy>,
+    exceptions: Store<LoopbackException>,
     states: Store<LoopbackNodeState>,
     nodes: Store<slim::Node>,
     agents: Store<slim::Pod>,
@@ -346,6 +371,13 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         on_invalid.clone(),
         keep_whole,
     );
+    let exceptions = reflect::<LoopbackException>(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        dirty.clone(),
+        on_invalid.clone(),
+        keep_whole,
+    );
     let states = reflect::<LoopbackNodeState>(
         Api::all(client.clone()),
         watcher::Config::default(),
@@ -379,6 +411,17 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     ] {
         store.map_err(|_| Error::Invalid("a watch ended before its cache synced".into()))?;
     }
+    // Exceptions only ever turn a failing node into an exempted one: until their cache is there
+    // (a cluster whose CRDs were not upgraded has none: `kubectl apply --server-side -f crds/`),
+    // every failing node counts as failing, never the other way round.
+    if tokio::time::timeout(Duration::from_secs(15), exceptions.wait_until_ready())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "LoopbackExceptions cannot be listed yet (is the CRD installed? kubectl apply --server-side -f crds/); counting without them until they can"
+        );
+    }
     ready.set(true);
     tracing::info!("caches synced");
 
@@ -403,6 +446,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         ),
         client,
         policies,
+        exceptions,
         states,
         nodes,
         agents,
@@ -482,6 +526,8 @@ async fn reconcile_all(ctx: &mut Context) {
         })
         .collect();
     let all: Vec<&LoopbackPolicy> = policies.iter().map(|p| p.as_ref()).collect();
+    let exceptions = ctx.exceptions.state();
+    let in_force: Vec<&LoopbackException> = exceptions.iter().map(|e| e.as_ref()).collect();
     for policy in &policies {
         if !ctx.leadership.is_leader() {
             break;
@@ -502,6 +548,7 @@ async fn reconcile_all(ctx: &mut Context) {
             &all,
             &nodes,
             &states,
+            &in_force,
             policy.status.as_ref(),
             &now,
             ctx.settings,
@@ -542,6 +589,7 @@ async fn reconcile_all(ctx: &mut Context) {
                 .await;
         }
     }
+    write_exception_statuses(ctx, &in_force, &nodes, &states, &now).await;
     let live: Vec<String> = policies.iter().filter_map(|p| p.uid()).collect();
     ctx.written.retain(|uid, _| live.contains(uid));
     ctx.deletion_told.retain(|uid| live.contains(uid));
@@ -747,6 +795,68 @@ async fn finish_deletion(
         policy,
         "removing the finalizer",
     );
+}
+
+/// Each exception's status (state, matched and exempted nodes), written when it changed, and its
+/// gauges.
+async fn write_exception_statuses(
+    ctx: &Context,
+    exceptions: &[&LoopbackException],
+    nodes: &[NodeInfo],
+    states: &BTreeMap<String, LoopbackNodeStateStatus>,
+    now: &Time,
+) {
+    use aggregate::exemption;
+    let labelled: Vec<(&str, &BTreeMap<String, String>)> =
+        nodes.iter().map(|n| (n.name.as_str(), &n.labels)).collect();
+    ctx.metrics.exception_expiry.clear();
+    ctx.metrics.exception_exempted.clear();
+    for ex in exceptions {
+        let name = ex.name_any();
+        let exempted: Vec<String> = nodes
+            .iter()
+            .filter(|n| {
+                states.get(&n.name).is_some_and(|s| {
+                    s.compliance == Compliance::NonCompliant
+                        && exemption::exempting(exceptions, &n.name, &n.labels, s, now)
+                            .is_some_and(|by| by.contains(&name))
+                })
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        let status = exemption::status(ex, &labelled, &exempted, now);
+        let labels = ExceptionLabel {
+            exception: name.clone(),
+            ticket: ex.spec.ticket.clone(),
+        };
+        ctx.metrics
+            .exception_expiry
+            .get_or_create(&labels)
+            .set(ex.spec.expires.0.as_second());
+        ctx.metrics
+            .exception_exempted
+            .get_or_create(&labels)
+            .set(status.exempted_nodes.into());
+        if ex.status.as_ref() == Some(&status) {
+            continue;
+        }
+        let api: Api<LoopbackException> = Api::all(ctx.client.clone());
+        let patch = serde_json::json!({
+            "apiVersion": LoopbackException::api_version(&()),
+            "kind": LoopbackException::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(api::CONTROLLER_MANAGER).force();
+        if let Err(e) = api
+            .patch_status(&name, &params, &Patch::Apply(&patch))
+            .await
+        {
+            ctx.metrics.errors.inc();
+            tracing::warn!(exception = %name, error = %e, "writing the exception's status failed; retrying on the next round");
+        } else {
+            ctx.metrics.status_writes.inc();
+        }
+    }
 }
 
 async fn write_status(

@@ -61,6 +61,9 @@ fn observation(e: &Evidence, n: &NodeEvidence) -> Value {
     if let Some(t) = &n.non_compliant_since {
         props.push(prop("non-compliant-since", t));
     }
+    for x in &n.exempted_by {
+        props.push(prop("exempted-by", x));
+    }
     let mut o = json!({
         "uuid": uuid(e, &["observation", &n.node]),
         "title": format!("{}: {}", n.node, n.verdict),
