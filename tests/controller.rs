@@ -85,6 +85,82 @@ async fn invalid_specs_are_refused_with_their_messages() {
             "{spec}: expected {message:?} in {stderr}"
         );
     }
+    // Exceptions: every field an auditor needs, a bounded expiry, named nodes and known rules.
+    let good = json!({
+        "nodeNames": ["node-a"],
+        "ruleIds": ["set_ufw_loopback_traffic"],
+        "justification": "ufw replaced by the cloud firewall on this pool",
+        "approvedBy": "Jane Auditor",
+        "approvedAt": "2026-12-01T00:00:00Z",
+        "ticket": "CHG-100",
+        "expires": "2027-01-15T00:00:00Z",
+    });
+    let with = |field: &str, value: serde_json::Value| {
+        let mut spec = good.clone();
+        if value.is_null() {
+            spec.as_object_mut().unwrap().remove(field);
+        } else {
+            spec[field] = value;
+        }
+        spec
+    };
+    let exception_cases = [
+        (
+            with("justification", json!(null)),
+            "spec.justification: Required value",
+        ),
+        (
+            with("justification", json!("because")),
+            "spec.justification",
+        ),
+        (
+            with("approvedBy", json!(null)),
+            "spec.approvedBy: Required value",
+        ),
+        (
+            with("approvedAt", json!(null)),
+            "spec.approvedAt: Required value",
+        ),
+        (with("ticket", json!(null)), "spec.ticket: Required value"),
+        (with("expires", json!(null)), "spec.expires: Required value"),
+        (
+            with("expires", json!("2026-11-15T00:00:00Z")),
+            "expires must be after approvedAt",
+        ),
+        (
+            with("expires", json!("2027-06-15T00:00:00Z")),
+            "at most 90 days",
+        ),
+        (
+            with("nodeNames", json!(null)),
+            "name the nodes (nodeNames) or select them",
+        ),
+        (
+            with("ruleIds", json!(["set_bogus_loopback_traffic"])),
+            "supported values: \"set_ipv6_loopback_traffic\"",
+        ),
+        (with("ruleIds", json!([])), "spec.ruleIds"),
+    ];
+    for (spec, message) in exception_cases {
+        let doc = json!({"apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackException",
+                         "metadata": {"name": unique_name("bad-ex")}, "spec": spec});
+        let mut apply = w.cluster.kubectl();
+        apply.args(["apply", "--dry-run=server", "-f", "-"]);
+        let out = support::output(apply, Some(&doc.to_string()));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted {spec}");
+        assert!(
+            stderr.contains(message),
+            "{spec}: expected {message:?} in {stderr}"
+        );
+    }
+    let doc = json!({"apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackException",
+                     "metadata": {"name": unique_name("good-ex")}, "spec": good});
+    w.cluster.kubectl_ok(
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&doc.to_string()),
+    );
+
     // And the defaults land in the stored object.
     let p = w.policy(&unique_name("defaults"), json!({})).await;
     let stored = serde_json::to_value(&p.spec).unwrap();
