@@ -34,10 +34,16 @@ exec 9>"$cache/trestle-venv.lock"
 flock 9
 if [[ ! -f "$venv/.complete" ]]; then
   rm -rf "$venv"
-  "$python" -c 'import venv, ensurepip' 2>/dev/null || {
-    log "python3 has no venv module: install python3-venv"
-    exit 2
-  }
+  if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
+    if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+      log "installing python3-venv"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    else
+      log "python3 has no venv module: install python3-venv"
+      exit 2
+    fi
+  fi
   log "installing compliance-trestle $TRESTLE_VERSION into $venv (once)"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "compliance-trestle==$TRESTLE_VERSION"
