@@ -287,6 +287,62 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         },
     )
     .await;
+    // A LoopbackException for the node's failing rules (approved, 30 days): the policy counts it
+    // Exempted, the agent's verdict stays what it found. It stays in place (the node passes again
+    // below): every exception metric the alerts and the dashboard read has a series.
+    let failing: Vec<String> = audit
+        .checks
+        .iter()
+        .filter(|c| c.verdict == "Fail")
+        .map(|c| c.id.clone())
+        .collect();
+    assert!(!failing.is_empty(), "{:?}", audit.checks);
+    let now = jiff::Timestamp::now();
+    let exception: loopguard::api::LoopbackException = serde_json::from_value(json!({
+        "apiVersion": "loopguard.dev/v1alpha1", "kind": "LoopbackException",
+        "metadata": {"name": "audit-window"},
+        "spec": {
+            "nodeNames": [n.nft],
+            "ruleIds": failing,
+            "justification": "the node is audited before its firewall is switched to Enforce",
+            "approvedBy": "Jane Auditor",
+            "approvedAt": now.to_string(),
+            "ticket": "CHG-300",
+            "expires": (now + jiff::SignedDuration::from_hours(24 * 30)).to_string(),
+        },
+    }))
+    .unwrap();
+    Api::<loopguard::api::LoopbackException>::all(client.clone())
+        .create(&PostParams::default(), &exception)
+        .await
+        .unwrap();
+    let exempted = eventually(
+        "the audited node exempted",
+        Duration::from_secs(30),
+        || async {
+            let s = policies.get("baseline").await.ok()?.status?;
+            (s.exempted_node_names == vec![format!("{} (audit-window)", n.nft)]).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(exempted.non_compliant_nodes, 0, "{exempted:?}");
+    let compliant = exempted
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Compliant")
+        .unwrap();
+    assert_eq!(
+        (&compliant.status, compliant.reason.as_str()),
+        (
+            &loopguard::api::ConditionStatus::True,
+            "CompliantWithExceptions"
+        )
+    );
+    assert_eq!(
+        state(&client, &n.nft).await.unwrap().compliance,
+        Compliance::NonCompliant,
+        "an exception never changes what the agent found"
+    );
     set_mode("Enforce").await;
     wait_state(&client, &n.nft, "enforced again", |s| {
         s.policy_generation == Some(3) && s.compliance == Compliance::Compliant

@@ -24,7 +24,7 @@ fn the_alerts_fire_when_their_tests_say() {
         support::run(c, None)
     };
     let checked = promtool(&["check", "rules", "rules.yaml"]);
-    assert!(checked.contains("SUCCESS: 6 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 8 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "loopguard.test.yaml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -40,7 +40,7 @@ fn every_alert_links_to_its_runbook() {
         .collect();
     let groups = prometheus::alert_groups();
     let rules = groups[0]["rules"].as_array().unwrap();
-    assert_eq!(rules.len(), 6);
+    assert_eq!(rules.len(), 8);
     for rule in rules {
         let alert = rule["alert"].as_str().unwrap();
         let url = rule["annotations"]["runbook_url"].as_str().unwrap();

@@ -107,6 +107,16 @@ pub enum ExceptionState {
     Expired,
 }
 
+impl ExceptionState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ExceptionState::Active => "Active",
+            ExceptionState::MatchesNoNode => "MatchesNoNode",
+            ExceptionState::Expired => "Expired",
+        }
+    }
+}
+
 /// What the controller found of an exception.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

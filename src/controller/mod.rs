@@ -7,8 +7,8 @@ pub mod slim;
 
 use crate::aggregate::{self, AgentPod, NodeInfo, Settings};
 use crate::api::{
-    self, Compliance, LoopbackException, LoopbackNodeState, LoopbackNodeStateStatus,
-    LoopbackPolicy, LoopbackPolicyStatus, OnRemoval,
+    self, Compliance, ExceptionState, LoopbackException, LoopbackNodeState,
+    LoopbackNodeStateStatus, LoopbackPolicy, LoopbackPolicyStatus, OnRemoval,
 };
 use crate::metrics::{self, Readiness};
 use crate::rules::catalog::RuleId;
@@ -95,6 +95,23 @@ struct Metrics {
     /// Per exception: when it expires (Unix seconds), and the nodes it exempts now.
     exception_expiry: MetricFamily<ExceptionLabel, Gauge>,
     exception_exempted: MetricFamily<ExceptionLabel, Gauge>,
+    /// Per exception and state: 1 for its current state, 0 for the others.
+    exception_state: MetricFamily<ExceptionStateLabel, Gauge>,
+    /// Per exception and node it matches: 1 while it exempts the node, else 0.
+    exception_node: MetricFamily<ExceptionNode, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExceptionStateLabel {
+    exception: String,
+    ticket: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExceptionNode {
+    exception: String,
+    node: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -255,6 +272,8 @@ impl Metrics {
             policies: Default::default(),
             exception_expiry: MetricFamily::default(),
             exception_exempted: MetricFamily::default(),
+            exception_state: MetricFamily::default(),
+            exception_node: MetricFamily::default(),
         };
         let r = registry.sub_registry_with_prefix("loopguard_controller");
         r.register(
@@ -305,6 +324,16 @@ impl Metrics {
             "exempted_nodes",
             "Failing nodes each LoopbackException exempts now (0 once expired); set by the leader",
             m.exception_exempted.clone(),
+        );
+        e.register(
+            "state",
+            "1 for the current state of each LoopbackException (Active, MatchesNoNode, Expired), 0 for the others; set by the leader",
+            m.exception_state.clone(),
+        );
+        e.register(
+            "node_exempted",
+            "Per LoopbackException and node it matches (until it expires): 1 while it exempts the node's failing results, else 0; set by the leader",
+            m.exception_node.clone(),
         );
         metrics::register_build_info(registry, "controller");
         m
@@ -811,6 +840,8 @@ async fn write_exception_statuses(
         nodes.iter().map(|n| (n.name.as_str(), &n.labels)).collect();
     ctx.metrics.exception_expiry.clear();
     ctx.metrics.exception_exempted.clear();
+    ctx.metrics.exception_state.clear();
+    ctx.metrics.exception_node.clear();
     for ex in exceptions {
         let name = ex.name_any();
         let exempted: Vec<String> = nodes
@@ -837,6 +868,33 @@ async fn write_exception_statuses(
             .exception_exempted
             .get_or_create(&labels)
             .set(status.exempted_nodes.into());
+        for state in [
+            ExceptionState::Active,
+            ExceptionState::MatchesNoNode,
+            ExceptionState::Expired,
+        ] {
+            ctx.metrics
+                .exception_state
+                .get_or_create(&ExceptionStateLabel {
+                    exception: name.clone(),
+                    ticket: ex.spec.ticket.clone(),
+                    state: state.as_str(),
+                })
+                .set((status.state == state).into());
+        }
+        if !exemption::expired(ex, now) {
+            for (node, labels) in &labelled {
+                if exemption::matches(ex, node, labels) {
+                    ctx.metrics
+                        .exception_node
+                        .get_or_create(&ExceptionNode {
+                            exception: name.clone(),
+                            node: node.to_string(),
+                        })
+                        .set(exempted.iter().any(|e| e == node).into());
+                }
+            }
+        }
         if ex.status.as_ref() == Some(&status) {
             continue;
         }
