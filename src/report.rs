@@ -7,6 +7,7 @@
 use crate::api::{LoopbackNodeState, LoopbackNodeStateStatus, LoopbackPolicy};
 use crate::{Error, Result};
 
+pub mod archive;
 mod oscal;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, ListParams};
@@ -66,6 +67,15 @@ pub struct ReportArgs {
     /// Print the JSON Schema of `--output json` and exit.
     #[arg(long)]
     pub schema: bool,
+    /// Keep the report as evidence in this folder instead of printing it: one folder per run,
+    /// named by its UTC time, with the report as JSON, CSV, HTML and OSCAL and a SHA256SUMS
+    /// manifest; written whole before anything older is removed (what the chart's evidence
+    /// CronJob runs). The exit code follows --fail-on as without it.
+    #[arg(long, value_name = "DIR", conflicts_with = "output")]
+    pub archive: Option<std::path::PathBuf>,
+    /// With --archive: remove the runs older than this many days, once the new one is written.
+    #[arg(long, value_name = "DAYS", default_value_t = 366, requires = "archive")]
+    pub keep_days: u32,
 }
 
 /// What fails `loopguard report`.
@@ -74,6 +84,17 @@ pub enum FailOn {
     NonCompliant,
     Uncovered,
     Unmanaged,
+}
+
+impl FailOn {
+    /// As given on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FailOn::NonCompliant => "non-compliant",
+            FailOn::Uncovered => "uncovered",
+            FailOn::Unmanaged => "unmanaged",
+        }
+    }
 }
 
 /// The whole report (`--output json`).
@@ -1009,7 +1030,41 @@ pub async fn run(args: ReportArgs) -> Result<ExitCode> {
             jiff::Timestamp::now(),
         );
     }
-    print!("{}", render(&e, args.output));
+    if let Some(dir) = &args.archive {
+        let now = jiff::Timestamp::now();
+        let name = archive::run_name(now);
+        let rendered: Vec<(&str, String)> = [
+            ("report.json", Format::Json),
+            ("report.csv", Format::Csv),
+            ("report.html", Format::Html),
+            ("oscal-assessment-results.json", Format::Oscal),
+        ]
+        .into_iter()
+        .map(|(file, format)| (file, render(&e, format)))
+        .collect();
+        let files: Vec<(&str, &[u8])> = rendered
+            .iter()
+            .map(|(file, content)| (*file, content.as_bytes()))
+            .collect();
+        let written =
+            archive::write(dir, &name, &files, now, args.keep_days).map_err(Error::Invalid)?;
+        println!(
+            "evidence written to {} ({} nodes, {} failing under --fail-on {}); {} older than {} days removed{}",
+            written.folder.display(),
+            e.summary.nodes,
+            e.summary.failing_on(args.fail_on),
+            args.fail_on.name(),
+            written.removed.len(),
+            args.keep_days,
+            if written.removed.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", written.removed.join(", "))
+            }
+        );
+    } else {
+        print!("{}", render(&e, args.output));
+    }
     let failing = e.summary.failing_on(args.fail_on);
     Ok(ExitCode::from(if failing == 0 { 0 } else { 1 }))
 }

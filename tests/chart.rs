@@ -719,16 +719,19 @@ fn the_chart_passes_only_flags_the_binary_knows() {
     if !helm_ready() {
         return;
     }
-    let rendered = template("loopguard", "loopguard-system", &[]);
+    let rendered = template(
+        "loopguard",
+        "loopguard-system",
+        &["--set", "evidence.enabled=true"],
+    );
     let mut seen = BTreeSet::new();
     for doc in documents(&rendered) {
-        if !matches!(doc["kind"].as_str(), Some("Deployment" | "DaemonSet")) {
-            continue;
-        }
-        for container in doc["spec"]["template"]["spec"]["containers"]
-            .as_array()
-            .expect("containers")
-        {
+        let pod = match doc["kind"].as_str() {
+            Some("Deployment" | "DaemonSet") => &doc["spec"]["template"]["spec"],
+            Some("CronJob") => &doc["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            _ => continue,
+        };
+        for container in pod["containers"].as_array().expect("containers") {
             assert!(
                 container["image"]
                     .as_str()
@@ -741,13 +744,18 @@ fn the_chart_passes_only_flags_the_binary_knows() {
                 .iter()
                 .map(|a| a.as_str().expect("string arg"))
                 .collect();
+            // Every flag as the chart writes it, parsed by the binary (`--help` last stops it
+            // before it runs).
             let mut command = Command::new(BIN);
             command.args(&args).arg("--help");
             run(command, None);
             seen.insert(args[0].to_owned());
         }
     }
-    assert_eq!(seen, BTreeSet::from(["agent".into(), "controller".into()]));
+    assert_eq!(
+        seen,
+        BTreeSet::from(["agent".into(), "controller".into(), "report".into()])
+    );
 }
 
 // --- the API server --------------------------------------------------------------------------------------
@@ -770,6 +778,8 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
             "--skip-tests",
             "--set",
             "defaultPolicy.enabled=true",
+            "--set",
+            "evidence.enabled=true",
             "--set",
             "image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
         ],

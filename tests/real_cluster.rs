@@ -29,13 +29,16 @@ const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/component=controller";
 const PAIR: [&str; 2] = ["-A INPUT -i lo -j ACCEPT", "-A INPUT -s ::1/128 -j DROP"];
 
 /// The default example policy (every node, each the loopback rule that applies to it), with a
-/// node selector.
+/// node selector, approved by the test's admin (`protection.approvers`: a selector change needs it).
 fn policy(selector: &str) -> String {
     format!(
         "apiVersion: loopguard.dev/v1alpha1
 kind: LoopbackPolicy
 metadata:
   name: baseline
+  annotations:
+    loopguard.dev/approved-by: kubernetes-admin
+    loopguard.dev/reason: \"CHG-1 the ufw node is covered by its own exception\"
 spec:
   nodeSelector: {selector}
   ruleFamilies:
@@ -65,9 +68,24 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
     nodes_are_dual_stack_and_ready(&client, &real.nodes).await;
     kube_proxy_writes_where_its_node_says(&real).await;
 
-    // helm install --wait: the agents and two controller replicas, all on real nodes.
+    // helm install --wait: the agents and two controller replicas, all on real nodes, and the
+    // evidence CronJob writing to a static hostPath volume (the cluster has no provisioner): a
+    // small tmpfs of its own, so that it can be filled.
+    let evidence = EvidenceVolume::new(cluster);
     let installed = Instant::now();
-    deploy::install_on_real(&real, &["controller.replicas=2", "agent.resync=2"]);
+    deploy::install_on_real(
+        &real,
+        &[
+            "controller.replicas=2",
+            "agent.resync=2",
+            "evidence.enabled=true",
+            "evidence.persistence.storageClassName=-",
+            "evidence.persistence.size=2Mi",
+            "evidence.activeDeadlineSeconds=30",
+            "protection.enabled=true",
+            "protection.approvers.users={kubernetes-admin}",
+        ],
+    );
     println!("helm install --wait: {:?}", installed.elapsed());
     controllers_reach_the_api_through_the_service(&client).await;
 
@@ -178,6 +196,30 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
         "{out}"
     );
 
+    evidence_kept_on_a_volume(cluster, &evidence, nft).await;
+
+    // No silent switch-off: without a reason on the object even the approver is refused ...
+    cluster.kubectl_ok(
+        &["annotate", "lbp", "baseline", "loopguard.dev/reason-"],
+        None,
+    );
+    let refused = eventually("the protection policy refuses", wait, || async {
+        let out = cluster
+            .kubectl()
+            .args(["patch", "lbp", "baseline", "--type=merge", "-p"])
+            .arg(r#"{"spec":{"mode":"Audit"}}"#)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        (!out.status.success()).then_some(text)
+    })
+    .await;
+    assert!(
+        refused.contains("needs the annotations loopguard.dev/approved-by"),
+        "{refused}"
+    );
+    // ... while the uninstall hook below deletes this Enforce policy: its ServiceAccount is exempt.
+
     // helm uninstall: the hooks run on real nodes; loopguard's rules go, kube-proxy's stay.
     let uninstalled = Instant::now();
     deploy::helm(
@@ -215,6 +257,304 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
     );
 
     taken_down_completely(real, false);
+}
+
+/// The evidence CronJob's volume: a 2 MiB tmpfs (owned by the Job's user) behind a static
+/// hostPath PersistentVolume bound to the chart's claim; unmounted and deleted when dropped.
+struct EvidenceVolume {
+    dir: tempfile::TempDir,
+}
+
+const EVIDENCE_PV: &str = "loopguard-evidence-test";
+const EVIDENCE_JOB: &str = "loopguard-evidence";
+
+impl EvidenceVolume {
+    fn new(cluster: &support::cluster::Cluster) -> EvidenceVolume {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_str().unwrap().to_string();
+        support::run(
+            {
+                let mut c = Command::new("mount");
+                c.args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    "size=2m,uid=65532,gid=65532,mode=0750",
+                    "loopguard-evidence-test",
+                    &path,
+                ]);
+                c
+            },
+            None,
+        );
+        let volume = EvidenceVolume { dir };
+        cluster.kubectl_ok(
+            &["apply", "-f", "-"],
+            Some(&format!(
+                "apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: {EVIDENCE_PV}
+spec:
+  capacity: {{storage: 2Mi}}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: \"\"
+  claimRef: {{namespace: {NS}, name: {EVIDENCE_JOB}}}
+  hostPath: {{path: {path}, type: Directory}}
+"
+            )),
+        );
+        volume
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The runs' folders, sorted.
+    fn runs(&self) -> Vec<String> {
+        let mut runs: Vec<String> = std::fs::read_dir(self.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("20"))
+            .collect();
+        runs.sort();
+        runs
+    }
+}
+
+impl Drop for EvidenceVolume {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Runs the CronJob's Job once (`kubectl create job --from`) and returns whether it completed,
+/// with its Pod's termination message (the report's last line, or what went wrong).
+fn run_evidence_job(cluster: &support::cluster::Cluster, name: &str) -> (bool, String) {
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            NS,
+            "create",
+            "job",
+            name,
+            &format!("--from=cronjob/{EVIDENCE_JOB}"),
+        ],
+        None,
+    );
+    let started = Instant::now();
+    loop {
+        let conditions = cluster.kubectl_ok(
+            &[
+                "-n",
+                NS,
+                "get",
+                "job",
+                name,
+                "-o",
+                "jsonpath={range .status.conditions[?(@.status==\"True\")]}{.type}{\" \"}{end}",
+            ],
+            None,
+        );
+        let done = conditions
+            .split_whitespace()
+            .find(|c| *c == "Complete" || *c == "Failed");
+        if let Some(done) = done {
+            let message = cluster.kubectl_ok(
+                &[
+                    "-n",
+                    NS,
+                    "get",
+                    "pods",
+                    "-l",
+                    &format!("job-name={name}"),
+                    "-o",
+                    "jsonpath={.items[*].status.containerStatuses[*].state.terminated.message}",
+                ],
+                None,
+            );
+            println!(
+                "evidence job {name}: {done} after {:?}: {}",
+                started.elapsed(),
+                message.trim()
+            );
+            return (done == "Complete", message);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "job {name} neither completed nor failed: {conditions}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The Events of an object, as `reason: message` lines.
+fn events_of(cluster: &support::cluster::Cluster, name: &str) -> String {
+    cluster.kubectl_ok(
+        &[
+            "-n",
+            NS,
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+        ],
+        None,
+    )
+}
+
+fn sums_check(folder: &Path) {
+    let out = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(folder)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}: {out:?}", folder.display());
+}
+
+/// The evidence CronJob's runs on a real node: every format and a manifest that `sha256sum -c`
+/// accepts, a node left out of every policy fails the run (after writing it) until an exception
+/// covers it, runs past the retention go and nothing else does, and a full or missing volume
+/// fails the Job visibly without losing a run.
+async fn evidence_kept_on_a_volume(
+    cluster: &support::cluster::Cluster,
+    volume: &EvidenceVolume,
+    unmanaged: &str,
+) {
+    let old = volume.path().join("20200101T000000Z");
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(old.join("report.json"), "{}").unwrap();
+    // As the Job's user wrote it.
+    for path in [&old, &old.join("report.json")] {
+        std::os::unix::fs::chown(path, Some(65532), Some(65532)).unwrap();
+    }
+    std::fs::write(volume.path().join("README.txt"), "kept by the auditors").unwrap();
+
+    // The ufw node is outside the policy's selector and no exception says why: the run fails,
+    // and its evidence is written all the same.
+    let (complete, message) = run_evidence_job(cluster, "evidence-unmanaged");
+    assert!(!complete, "{message}");
+    assert!(
+        message.contains("evidence written to /evidence/20"),
+        "{message}"
+    );
+    let runs = volume.runs();
+    assert_eq!(
+        runs.len(),
+        1,
+        "the 2020 run is past the 366 days kept: {runs:?}"
+    );
+    assert!(
+        volume.path().join("README.txt").exists(),
+        "not loopguard's: kept"
+    );
+    let first = volume.path().join(&runs[0]);
+    let mut files: Vec<String> = std::fs::read_dir(&first)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "SHA256SUMS",
+            "oscal-assessment-results.json",
+            "report.csv",
+            "report.html",
+            "report.json"
+        ]
+    );
+    sums_check(&first);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(first.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["summary"]["unmanaged"], 1, "{}", report["summary"]);
+    assert!(
+        report["clusterUid"].as_str().is_some_and(|u| !u.is_empty()),
+        "the cluster's identity"
+    );
+    assert!(events_of(cluster, "evidence-unmanaged").contains("BackoffLimitExceeded"));
+
+    // An approved exception for that node: the next run passes.
+    let now = jiff::Timestamp::now();
+    cluster.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "apiVersion: loopguard.dev/v1alpha1
+kind: LoopbackException
+metadata: {{name: ufw-pool}}
+spec:
+  nodeNames: [{unmanaged}]
+  ruleIds: [set_ufw_loopback_traffic]
+  justification: ufw stays inactive on this node until its pool is retired
+  approvedBy: Jane Auditor
+  approvedAt: \"{now}\"
+  ticket: CHG-1042
+  expires: \"{}\"
+",
+            now + jiff::SignedDuration::from_hours(24 * 30)
+        )),
+    );
+    let (complete, message) = run_evidence_job(cluster, "evidence-excepted");
+    assert!(complete, "{message}");
+    let runs = volume.runs();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let second = volume.path().join(&runs[1]);
+    sums_check(&second);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(second.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        report["exceptions"][0]["name"], "ufw-pool",
+        "{}",
+        report["exceptions"]
+    );
+
+    // The volume full: the Job fails and says why; no run lost, nothing half-written left.
+    let filler = volume.path().join("filler");
+    let fill = Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=4k"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&fill.stderr).contains("No space left"),
+        "{fill:?}"
+    );
+    let (complete, message) = run_evidence_job(cluster, "evidence-full");
+    assert!(!complete);
+    assert!(
+        message.contains("full") && message.contains("nothing older was removed"),
+        "{message}"
+    );
+    assert_eq!(volume.runs(), runs, "no run lost or added");
+    assert!(
+        !std::fs::read_dir(volume.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".incomplete")),
+        "the half-written run was taken away"
+    );
+    sums_check(&first);
+    sums_check(&second);
+    assert!(events_of(cluster, "evidence-full").contains("BackoffLimitExceeded"));
+    std::fs::remove_file(&filler).unwrap();
+
+    // The claim gone: the Pod cannot start, and the Job fails at its deadline instead of waiting.
+    cluster.kubectl_ok(
+        &["-n", NS, "delete", "pvc", EVIDENCE_JOB, "--wait=false"],
+        None,
+    );
+    let (complete, _) = run_evidence_job(cluster, "evidence-no-claim");
+    assert!(!complete);
+    let events = events_of(cluster, "evidence-no-claim");
+    assert!(events.contains("DeadlineExceeded"), "{events}");
+    assert_eq!(volume.runs(), runs);
+    cluster.kubectl_ok(&["delete", "pv", EVIDENCE_PV, "--wait=false"], None);
+    cluster.kubectl_ok(&["delete", "lbex", "ufw-pool"], None);
 }
 
 /// Every node Ready, with an IPv4 and an IPv6 InternalIP.
