@@ -72,7 +72,7 @@ helm="${HELM:-$(hack/build-control-plane.sh --check 2>/dev/null)/helm}"
 "$helm" template loopguard charts/loopguard --namespace loopguard-system \
   --set serviceMonitor.enabled=true --set prometheusRule.enabled=true \
   --set grafanaDashboard.enabled=true --set defaultPolicy.enabled=true \
-  --set agent.priorityClassQuota.enabled=true --set evidence.enabled=true \
+  --set agent.priorityClassQuota.enabled=true --set evidence.enabled=true --set policyReports.enabled=true \
   --set protection.enabled=true --set "protection.approvers.groups={security-approvers}" \
   --set-json 'roles.auditors=[{"kind":"Group","name":"auditors","apiGroup":"rbac.authorization.k8s.io"}]' \
   --set image.digest="sha256:$(printf '0%.0s' {1..64})" >"$work/everything/loopguard.yaml"

@@ -781,6 +781,8 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
             "--set",
             "evidence.enabled=true",
             "--set",
+            "policyReports.enabled=true",
+            "--set",
             "image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
         ],
     ];

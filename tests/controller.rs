@@ -531,6 +531,180 @@ async fn an_exception_exempts_a_failing_node_until_it_expires() {
     w.clean(&[&name]).await;
 }
 
+/// With --policy-reports, each node a policy governs has a ClusterPolicyReport (wgpolicyk8s.io,
+/// the CRD as Kyverno ships it) with a result per rule, kept current: a changed verdict is written,
+/// heartbeats are not, a node no policy governs loses its report, and a report loopguard did not
+/// write is never touched.
+#[tokio::test]
+async fn policy_reports_follow_the_nodes_and_touch_nothing_else() {
+    let _serial = lock().await;
+    let Some(w) = World::new("polr").await else {
+        return;
+    };
+    let crd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/wgpolicyk8s/wgpolicyk8s.io_clusterpolicyreports.yaml"
+    );
+    w.cluster
+        .kubectl_ok(&["apply", "--server-side", "-f", crd], None);
+    w.cluster.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/clusterpolicyreports.wgpolicyk8s.io",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let resource = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("wgpolicyk8s.io", "v1alpha2", "ClusterPolicyReport"),
+        "clusterpolicyreports",
+    );
+    let reports: Api<kube::api::DynamicObject> = Api::all_with(w.client.clone(), &resource);
+    let nodes: Vec<String> = futures::future::join_all((0..2).map(|n| w.node(n, &[], None))).await;
+    // Another tool's report, with the name loopguard would give the second node, and another one.
+    let foreign = |name: &str| {
+        serde_json::from_value::<kube::api::DynamicObject>(json!({
+            "apiVersion": "wgpolicyk8s.io/v1alpha2", "kind": "ClusterPolicyReport",
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "kyverno"}},
+            "results": [{"policy": "other", "rule": "r", "result": "fail", "source": "kyverno"}],
+        }))
+        .unwrap()
+    };
+    let other = unique_name("kyverno");
+    for name in [other.clone(), format!("loopguard-{}", nodes[1])] {
+        reports
+            .create(&Default::default(), &foreign(&name))
+            .await
+            .unwrap();
+    }
+    let version = |o: &kube::api::DynamicObject| o.metadata.resource_version.clone().unwrap();
+    let before = version(&reports.get(&other).await.unwrap());
+    let taken = version(
+        &reports
+            .get(&format!("loopguard-{}", nodes[1]))
+            .await
+            .unwrap(),
+    );
+
+    let _ctl = Controller::start(w.cluster, &w.lease_ns, "polr", &["--policy-reports"]);
+    let name = unique_name("polr");
+    w.policy(&name, json!({})).await;
+    w.report(&nodes[0], &name, 1, Compliance::Compliant, 0)
+        .await;
+    w.report(&nodes[1], &name, 1, Compliance::NonCompliant, 0)
+        .await;
+    let result = |node: String, want: &'static str| {
+        let reports = reports.clone();
+        async move {
+            let o = reports.get(&format!("loopguard-{node}")).await.ok()?;
+            (o.data["results"][0]["result"] == want).then_some(o)
+        }
+    };
+    let report = eventually(
+        "the node's report says pass",
+        Duration::from_secs(30),
+        || result(nodes[0].clone(), "pass"),
+    )
+    .await;
+    let uid = Api::<k8s_openapi::api::core::v1::Node>::all(w.client.clone())
+        .get(&nodes[0])
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    assert_eq!(report.data["scope"]["name"], nodes[0].as_str());
+    assert_eq!(report.data["scope"]["uid"], uid.as_str());
+    assert_eq!(
+        report.metadata.owner_references.as_ref().unwrap()[0].uid,
+        uid,
+        "owned by the node: deleted with it"
+    );
+    assert_eq!(report.data["summary"]["pass"], 1);
+    let r = &report.data["results"][0];
+    assert_eq!(
+        (
+            r["source"].as_str(),
+            r["policy"].as_str(),
+            r["rule"].as_str()
+        ),
+        (
+            Some("loopguard"),
+            Some(name.as_str()),
+            Some("set_ipv6_loopback_traffic")
+        )
+    );
+
+    // Heartbeats (the same verdict verified again) write nothing.
+    let written = version(&report);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        w.report(&nodes[0], &name, 1, Compliance::Compliant, 0)
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        version(
+            &reports
+                .get(&format!("loopguard-{}", nodes[0]))
+                .await
+                .unwrap()
+        ),
+        written,
+        "rewritten without a change"
+    );
+    // The second node's report name was taken by another tool: loopguard does not take it over.
+    let kept = reports
+        .get(&format!("loopguard-{}", nodes[1]))
+        .await
+        .unwrap();
+    assert_eq!(version(&kept), taken, "{:?}", kept.data);
+
+    // A changed verdict is written.
+    w.report(&nodes[0], &name, 1, Compliance::NonCompliant, 0)
+        .await;
+    eventually(
+        "the node's report says fail",
+        Duration::from_secs(30),
+        || result(nodes[0].clone(), "fail"),
+    )
+    .await;
+
+    // The policy gone: no policy governs the nodes, and their reports go; the others stay.
+    w.policies()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the node's report deleted",
+        Duration::from_secs(60),
+        || async {
+            match reports.get(&format!("loopguard-{}", nodes[0])).await {
+                Err(kube::Error::Api(s)) if s.code == 404 => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(version(&reports.get(&other).await.unwrap()), before);
+    assert_eq!(
+        version(
+            &reports
+                .get(&format!("loopguard-{}", nodes[1]))
+                .await
+                .unwrap()
+        ),
+        taken
+    );
+    for other in [other, format!("loopguard-{}", nodes[1])] {
+        reports
+            .delete(&other, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    w.clean(&[&name]).await;
+}
+
 #[tokio::test]
 async fn overlapping_policies_resolve_by_priority() {
     let _serial = lock().await;

@@ -12,6 +12,7 @@ mod cleanup;
 mod conditions;
 pub mod exemption;
 mod notices;
+pub mod policy_report;
 #[cfg(test)]
 mod tests;
 mod vouch;

@@ -3,6 +3,7 @@
 //! leader-elected Deployment; only the leader writes.
 
 pub mod lease;
+mod reports;
 pub mod slim;
 
 use crate::aggregate::{self, AgentPod, NodeInfo, Settings};
@@ -75,6 +76,10 @@ pub struct ControllerArgs {
     /// (AgentUnavailable) and the policy stops being Compliant.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub agent_grace: u64,
+    /// Keep a ClusterPolicyReport (wgpolicyk8s.io/v1alpha2, read by Kyverno's Policy Reporter)
+    /// per node a policy governs, with a result per loopback rule; needs that CRD.
+    #[arg(long, env = "LOOPGUARD_POLICY_REPORTS")]
+    pub policy_reports: bool,
 }
 
 struct Metrics {
@@ -99,6 +104,8 @@ struct Metrics {
     exception_state: MetricFamily<ExceptionStateLabel, Gauge>,
     /// Per exception and node it matches: 1 while it exempts the node, else 0.
     exception_node: MetricFamily<ExceptionNode, Gauge>,
+    /// ClusterPolicyReport writes and deletions.
+    report_writes: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -274,6 +281,7 @@ impl Metrics {
             exception_exempted: MetricFamily::default(),
             exception_state: MetricFamily::default(),
             exception_node: MetricFamily::default(),
+            report_writes: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("loopguard_controller");
         r.register(
@@ -293,6 +301,11 @@ impl Metrics {
             m.reconcile_seconds.clone(),
         );
         r.register("errors", "Failed API writes", m.errors.clone());
+        r.register(
+            "policy_report_writes",
+            "ClusterPolicyReport writes and deletions (--policy-reports)",
+            m.report_writes.clone(),
+        );
         r.register(
             "invalid_objects",
             "Objects skipped because they could not be read (written by a newer loopguard?)",
@@ -362,6 +375,8 @@ struct Context {
     invalid_told: HashSet<(String, String)>,
     /// Deleted policies (uid) whose deletion was told in an Event.
     deletion_told: HashSet<String>,
+    /// The nodes' ClusterPolicyReports, with --policy-reports.
+    reports: Option<reports::PolicyReports>,
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -492,7 +507,11 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         invalid,
         invalid_told: HashSet::new(),
         deletion_told: HashSet::new(),
+        reports: None,
     };
+    if args.policy_reports {
+        ctx.reports = Some(reports::PolicyReports::new(ctx.client.clone()));
+    }
     let coalesce = Duration::from_millis(args.coalesce_ms);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut shutdown = crate::runtime::shutdown_signal()?;
@@ -536,6 +555,9 @@ async fn reconcile_all(ctx: &mut Context) {
     // replica wrote as leader says nothing once another may have written since.
     let repairs = new_repairs(&mut ctx.repairs_seen, &states);
     if !ctx.leadership.is_leader() {
+        if let Some(reports) = ctx.reports.as_mut() {
+            reports.forget();
+        }
         ctx.written.clear();
         ctx.metrics.forget_policies_but(&HashSet::new());
         return;
@@ -619,6 +641,9 @@ async fn reconcile_all(ctx: &mut Context) {
         }
     }
     write_exception_statuses(ctx, &in_force, &nodes, &states, &now).await;
+    if ctx.reports.is_some() {
+        write_policy_reports(ctx, &all, &in_force, &nodes, &states, &now).await;
+    }
     let live: Vec<String> = policies.iter().filter_map(|p| p.uid()).collect();
     ctx.written.retain(|uid, _| live.contains(uid));
     ctx.deletion_told.retain(|uid| live.contains(uid));
@@ -824,6 +849,54 @@ async fn finish_deletion(
         policy,
         "removing the finalizer",
     );
+}
+
+/// Each governed node's ClusterPolicyReport, written when its content changed (bounded per
+/// round); the reports of nodes no policy governs any more are deleted.
+async fn write_policy_reports(
+    ctx: &mut Context,
+    policies: &[&LoopbackPolicy],
+    exceptions: &[&LoopbackException],
+    nodes: &[NodeInfo],
+    states: &BTreeMap<String, LoopbackNodeStateStatus>,
+    now: &Time,
+) {
+    use aggregate::policy_report;
+    let uids: HashMap<String, String> = ctx
+        .nodes
+        .state()
+        .iter()
+        .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.uid.clone()?)))
+        .collect();
+    let desired: BTreeMap<String, serde_json::Value> = nodes
+        .iter()
+        .filter_map(|n| {
+            let results = policy_report::node_results(
+                policies,
+                n,
+                states.get(&n.name),
+                exceptions,
+                now,
+                ctx.settings,
+            )?;
+            Some((
+                policy_report::report_name(&n.name),
+                policy_report::report_object(
+                    &n.name,
+                    uids.get(&n.name).map(String::as_str),
+                    &results,
+                ),
+            ))
+        })
+        .collect();
+    let Some(reports) = ctx.reports.as_mut() else {
+        return;
+    };
+    let round = reports.sync(&desired).await;
+    ctx.metrics
+        .report_writes
+        .inc_by((round.written + round.deleted) as u64);
+    ctx.metrics.errors.inc_by(round.failed as u64);
 }
 
 /// Each exception's status (state, matched and exempted nodes), written when it changed, and its
