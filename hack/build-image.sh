@@ -29,12 +29,22 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 [[ $EUID -eq 0 ]] || die "needs root (buildah with the root storage)"
+# buildah's RUN steps need an OCI runtime, which `--no-install-recommends` leaves out: without one
+# the Dockerfile's first RUN fails with "exec: no command".
+missing=()
 for p in buildah mmdebstrap; do
-  command -v "$p" >/dev/null || {
-    log "installing $p"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
-  }
+  command -v "$p" >/dev/null || missing+=("$p")
 done
+command -v runc >/dev/null || command -v crun >/dev/null || missing+=(runc)
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+      die "could not install ${missing[*]} with apt-get: install them, then run this again"
+  }
+fi
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)"
 image="ghcr.io/loopguard/loopguard:$version"
