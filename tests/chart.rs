@@ -758,6 +758,74 @@ fn the_chart_passes_only_flags_the_binary_knows() {
     );
 }
 
+/// Runs the Argo CD health check of deploy/argocd/ (Lua, as Argo CD runs it: `obj` is the object)
+/// on a LoopbackPolicy and returns its status and message.
+fn argo_cd_health(policy: &Value) -> (String, String) {
+    let file =
+        std::fs::read_to_string(Path::new(REPO).join("deploy/argocd/loopbackpolicy-health.yaml"))
+            .expect("deploy/argocd/loopbackpolicy-health.yaml");
+    let doc: Value = serde_saphyr::from_str(&file).expect("YAML");
+    let script = doc["data"]["resource.customizations.health.loopguard.dev_LoopbackPolicy"]
+        .as_str()
+        .expect("the health check's key");
+    let lua = mlua::Lua::new();
+    use mlua::LuaSerdeExt;
+    lua.globals()
+        .set("obj", lua.to_value(policy).unwrap())
+        .unwrap();
+    let hs: mlua::Table = lua.load(script).eval().expect("the check runs");
+    (
+        hs.get::<String>("status").unwrap(),
+        hs.get::<String>("message").unwrap_or_default(),
+    )
+}
+
+#[test]
+fn the_argo_cd_health_check_reads_the_conditions() {
+    let with =
+        |conditions: Value| json!({"kind": "LoopbackPolicy", "status": {"conditions": conditions}});
+    let cond = |t: &str, s: &str, m: &str| json!({"type": t, "status": s, "message": m});
+    assert_eq!(
+        argo_cd_health(&json!({"kind": "LoopbackPolicy"})).0,
+        "Progressing",
+        "no status yet"
+    );
+    assert_eq!(
+        argo_cd_health(&with(json!([
+            cond("Ready", "False", "2/3 verified"),
+            cond("Stalled", "False", "")
+        ]))),
+        (
+            "Progressing".into(),
+            "waiting for the nodes to report".into()
+        )
+    );
+    assert_eq!(
+        argo_cd_health(&with(json!([
+            cond("Ready", "True", "3/3 verified"),
+            cond("Stalled", "False", "")
+        ]))),
+        ("Healthy".into(), "3/3 verified".into())
+    );
+    assert_eq!(
+        argo_cd_health(&with(json!([
+            cond("Ready", "True", "ok"),
+            cond("Stalled", "True", "no agent can run on 2 nodes")
+        ]))),
+        ("Degraded".into(), "no agent can run on 2 nodes".into())
+    );
+    // The chart README shows the same check.
+    let readme = std::fs::read_to_string(Path::new(CHART).join("README.md")).unwrap();
+    let file =
+        std::fs::read_to_string(Path::new(REPO).join("deploy/argocd/loopbackpolicy-health.yaml"))
+            .unwrap();
+    let data = &file[file.find("data:").expect("data:")..];
+    assert!(
+        readme.contains(data.trim_end()),
+        "the chart README's Argo CD check differs from deploy/argocd/"
+    );
+}
+
 // --- the API server --------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1125,6 +1193,9 @@ async fn the_chart_runs_on_hollow_nodes() {
     })
     .await;
     assert_eq!(policy.name_any(), policy_name);
+    // Argo CD's view of it, through the health check users copy (deploy/argocd/).
+    let (health, message) = argo_cd_health(&serde_json::to_value(&policy).unwrap());
+    assert_eq!(health, "Healthy", "{message}");
     let states: Api<LoopbackNodeState> = Api::all(client.clone());
     for node in &node_names {
         let state = states.get(node).await.expect("the node's state");
