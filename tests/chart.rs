@@ -274,6 +274,164 @@ fn platform_values_reach_every_object() {
     assert_eq!(quota["metadata"]["namespace"], "loopguard-system");
 }
 
+/// The values users reach for, each where it belongs: per-component security contexts (the UID
+/// left to the platform with null), topology spread, the PDB's minAvailable, the DaemonSet's whole
+/// updateStrategy, the image registry (the chart's, a global one, one inside the repository), and
+/// the metrics bind address; misuse fails with a message.
+#[test]
+fn the_values_users_expect_reach_their_objects() {
+    if !helm_ready() {
+        return;
+    }
+    let render = |sets: &[&str]| -> Vec<Value> {
+        let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", *s]).collect();
+        documents(&template("lgv", "loopguard-system", &args))
+    };
+    let find = |docs: &[Value], kind: &str| -> Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .cloned()
+            .expect(kind)
+    };
+    let docs = render(&[
+        "controller.podSecurityContext.runAsUser=null",
+        "controller.podSecurityContext.runAsGroup=null",
+        "controller.containerSecurityContext.runAsUser=null",
+        "controller.containerSecurityContext.runAsGroup=null",
+        "controller.topologySpreadConstraints[0].maxSkew=1",
+        "controller.topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone",
+        "controller.topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
+        "controller.podDisruptionBudget.minAvailable=1",
+        "controller.podDisruptionBudget.maxUnavailable=null",
+        "controller.metricsBindAddress=::",
+        "agent.updateStrategy.type=RollingUpdate",
+        "agent.updateStrategy.rollingUpdate.maxUnavailable=0",
+        "agent.updateStrategy.rollingUpdate.maxSurge=1",
+        "agent.metricsBindAddress=10.0.0.1",
+        "agent.ufw.enforce=true",
+        "agent.podSecurityContext.seccompProfile.type=Localhost",
+        "agent.podSecurityContext.seccompProfile.localhostProfile=loopguard.json",
+        "global.imageRegistry=mirror.example:5000",
+        "evidence.enabled=true",
+        "uninstallHooks.enabled=true",
+    ]);
+    let deployment = find(&docs, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert!(
+        pod["securityContext"].get("runAsUser").is_none(),
+        "{}",
+        pod["securityContext"]
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0];
+    assert!(container["securityContext"].get("runAsUser").is_none());
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        pod["topologySpreadConstraints"][0]["topologyKey"],
+        "topology.kubernetes.io/zone"
+    );
+    assert_eq!(
+        container["image"],
+        "mirror.example:5000/loopguard/loopguard:0.1.0"
+    );
+    assert!(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--metrics-addr=[::]:8080"),
+        "{}",
+        container["args"]
+    );
+    let pdb = find(&docs, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert!(pdb["spec"].get("maxUnavailable").is_none());
+    // The Pods that run as the controller does follow its security contexts.
+    for (kind, pod) in docs.iter().filter_map(|d| match d["kind"].as_str() {
+        Some("Job") => Some(("Job", &d["spec"]["template"]["spec"])),
+        Some("CronJob") => Some((
+            "CronJob",
+            &d["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        )),
+        _ => None,
+    }) {
+        assert!(
+            pod["securityContext"].get("runAsUser").is_none(),
+            "{kind}: {}",
+            pod["securityContext"]
+        );
+        assert!(
+            pod["containers"][0]["securityContext"]
+                .get("runAsUser")
+                .is_none(),
+            "{kind}"
+        );
+    }
+    let daemonset = find(&docs, "DaemonSet");
+    let spec = &daemonset["spec"];
+    assert_eq!(spec["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
+    assert_eq!(spec["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let agent = &spec["template"]["spec"]["containers"][0];
+    assert_eq!(
+        spec["template"]["spec"]["securityContext"]["seccompProfile"]["type"],
+        "Localhost"
+    );
+    let caps: Vec<&str> = agent["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        caps,
+        ["NET_ADMIN", "NET_RAW", "SYS_CHROOT"],
+        "ufw.enforce adds SYS_CHROOT"
+    );
+    assert!(
+        agent["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--metrics-addr=10.0.0.1:9742")
+    );
+    assert_eq!(
+        agent["image"],
+        "mirror.example:5000/loopguard/loopguard:0.1.0"
+    );
+
+    // The image: the chart's registry by default, none, or one the repository names itself.
+    let image = |sets: &[&str]| {
+        find(&render(sets), "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"]
+            .clone()
+    };
+    assert_eq!(image(&[]), "ghcr.io/loopguard/loopguard:0.1.0");
+    assert_eq!(
+        image(&["image.registry=registry.example"]),
+        "registry.example/loopguard/loopguard:0.1.0"
+    );
+    assert_eq!(
+        image(&["image.repository=registry.example/sec/loopguard"]),
+        "registry.example/sec/loopguard:0.1.0"
+    );
+    assert_eq!(image(&["image.registry="]), "loopguard/loopguard:0.1.0");
+
+    // Misuse: both PDB fields, an address that is not one.
+    for (set, says) in [
+        ("controller.podDisruptionBudget.minAvailable=1", "not both"),
+        ("agent.metricsBindAddress=node-ip", "metricsBindAddress"),
+        ("agent.updateStrategy.type=Recreate", "updateStrategy"),
+    ] {
+        let mut helm = helm();
+        helm.args(["template", "lgv", CHART, "--set", set]);
+        let out = helm.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{set}: {stderr}"
+        );
+    }
+}
+
 /// Installing into a namespace whose Pod Security level would reject the agent fails at once,
 /// saying how to fix it, instead of leaving a DaemonSet that never creates a pod.
 #[tokio::test]
@@ -840,7 +998,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
     // Every optional object but the ServiceMonitor (its CRD belongs to the Prometheus Operator).
     // The `helm test` Pod names a ServiceAccount a dry run does not create; the hollow-node test
     // runs it.
-    let variants: [&[&str]; 2] = [
+    let variants: [&[&str]; 3] = [
         &["--skip-tests"],
         &[
             "--skip-tests",
@@ -852,6 +1010,32 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
             "policyReports.enabled=true",
             "--set",
             "image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ],
+        // The values users reach for, as the API server types them.
+        &[
+            "--skip-tests",
+            "--set",
+            "controller.podSecurityContext.runAsUser=null",
+            "--set",
+            "controller.containerSecurityContext.runAsUser=null",
+            "--set",
+            "controller.topologySpreadConstraints[0].maxSkew=1",
+            "--set",
+            "controller.topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone",
+            "--set",
+            "controller.topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
+            "--set",
+            "controller.podDisruptionBudget.minAvailable=50%",
+            "--set",
+            "controller.podDisruptionBudget.maxUnavailable=null",
+            "--set",
+            "agent.updateStrategy.rollingUpdate.maxSurge=1",
+            "--set",
+            "agent.updateStrategy.rollingUpdate.maxUnavailable=0",
+            "--set",
+            "agent.metricsBindAddress=::",
+            "--set",
+            "global.imageRegistry=mirror.example",
         ],
     ];
     for extra in variants {

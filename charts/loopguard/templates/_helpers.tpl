@@ -50,13 +50,32 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
-{{/* The image reference: by digest when one is given, else by tag (the appVersion by default). */}}
+{{/* The image reference: registry (global.imageRegistry, else image.registry) and repository, by
+digest when one is given, else by tag (the appVersion by default). A repository that names its own
+registry (its first part has a dot or a colon, or is localhost) is taken as it is. */}}
 {{- define "loopguard.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
-{{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $repo := .Values.image.repository }}
+{{- $first := splitList "/" $repo | first }}
+{{- $registry := default .Values.image.registry ((.Values.global).imageRegistry) }}
+{{- if or (contains "." $first) (contains ":" $first) (eq $first "localhost") (not $registry) }}
+{{- $registry = "" }}
 {{- end }}
+{{- $ref := ternary $repo (printf "%s/%s" $registry $repo) (eq $registry "") }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" $ref .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" $ref (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* A pod's securityContext from the controller's values, for the Pods that run as the controller
+does (the hooks, the evidence Job): with fsGroup = runAsGroup when `fsGroup` is asked for. */}}
+{{- define "loopguard.controllerPodSecurityContext" -}}
+{{- $sc := deepCopy .ctx.Values.controller.podSecurityContext }}
+{{- if and .fsGroup (hasKey $sc "runAsGroup") (not (hasKey $sc "fsGroup")) }}
+{{- $_ := set $sc "fsGroup" $sc.runAsGroup }}
+{{- end }}
+{{- toYaml $sc }}
 {{- end }}
 
 {{/* Environment both components share. */}}
@@ -105,4 +124,10 @@ readinessProbe:
 {{- $pairs = append $pairs (printf "%s=%s" $k $v) }}
 {{- end }}
 {{- join "," $pairs }}
+{{- end }}
+
+{{/* `ADDRESS:PORT` for --metrics-addr, brackets around an IPv6 address. */}}
+{{- define "loopguard.bindAddress" -}}
+{{- $addr := index . 0 }}{{- $port := index . 1 }}
+{{- if contains ":" $addr }}{{ printf "[%s]:%v" $addr $port }}{{ else }}{{ printf "%s:%v" $addr $port }}{{ end }}
 {{- end }}
