@@ -689,18 +689,29 @@ fn applying(n: &NodeEvidence) -> String {
     }
 }
 
-fn csv_field(value: &str) -> String {
-    if value.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", value.replace('"', "\"\""))
-    } else {
-        value.to_string()
-    }
-}
+/// The CSV columns, in order.
+const CSV_HEADER: [&str; 15] = [
+    "node",
+    "policy",
+    "verdict",
+    "reason",
+    "rules_present",
+    "backend",
+    "last_verified_time",
+    "agent_version",
+    "repairs",
+    "last_repair_time",
+    "rule_id",
+    "references",
+    "checks",
+    "verdict_since",
+    "non_compliant_since",
+];
 
+/// One row per node, quoted where RFC 4180 needs it (the `csv` crate's writer).
 fn csv(e: &Evidence) -> String {
-    let mut out = String::from(
-        "node,policy,verdict,reason,rules_present,backend,last_verified_time,agent_version,repairs,last_repair_time,rule_id,references,checks,verdict_since,non_compliant_since\n",
-    );
+    let mut w = ::csv::Writer::from_writer(Vec::new());
+    w.write_record(CSV_HEADER).expect("writes to memory");
     for n in &e.nodes {
         let fields = [
             n.node.clone(),
@@ -723,11 +734,9 @@ fn csv(e: &Evidence) -> String {
             n.verdict_since.clone().unwrap_or_default(),
             n.non_compliant_since.clone().unwrap_or_default(),
         ];
-        let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-        out.push_str(&row.join(","));
-        out.push('\n');
+        w.write_record(&fields).expect("writes to memory");
     }
-    out
+    String::from_utf8(w.into_inner().expect("flushes to memory")).expect("UTF-8 in, UTF-8 out")
 }
 
 fn escape(text: &str) -> String {
@@ -1299,7 +1308,19 @@ mod tests {
             "{first}"
         );
         assert_eq!(csv.lines().count(), 5);
-        assert_eq!(csv_field("x, \"y\""), "\"x, \"\"y\"\"\"");
+        // A comma, quotes and a line break survive a reader's round trip.
+        let mut e = sample();
+        e.nodes[0].reason = "x, \"y\"\nz".into();
+        let csv = render(&e, Format::Csv);
+        assert!(csv.contains("\"x, \"\"y\"\"\nz\""), "{csv}");
+        let mut reader = ::csv::Reader::from_reader(csv.as_bytes());
+        assert_eq!(
+            reader.headers().unwrap().iter().collect::<Vec<_>>(),
+            CSV_HEADER
+        );
+        let rows: Vec<::csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(rows.len(), e.nodes.len());
+        assert_eq!(&rows[0][3], "x, \"y\"\nz");
     }
 
     #[test]
