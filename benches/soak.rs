@@ -246,10 +246,17 @@ impl Counters {
 }
 
 /// A node's /metrics on 127.0.0.1:PORT, from inside its namespace.
+/// `/metrics` on a node's port: on loopback (kube-proxy's default), or on the node's own address
+/// (the agent's, `agent.metricsBindAddress: hostIP`).
 fn metrics(node: &str, port: u16) -> String {
+    let host = if port == METRICS_PORT {
+        deploy::node_ipv4(node)
+    } else {
+        "127.0.0.1".to_string()
+    };
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{node}"))
-        .args(["curl", "-fsS", &format!("http://127.0.0.1:{port}/metrics")])
+        .args(["curl", "-fsS", &format!("http://{host}:{port}/metrics")])
         .output()
         .unwrap();
     assert!(

@@ -902,8 +902,29 @@ fn the_chart_passes_only_flags_the_binary_knows() {
                 .iter()
                 .map(|a| a.as_str().expect("string arg"))
                 .collect();
-            // Every flag as the chart writes it, parsed by the binary (`--help` last stops it
-            // before it runs).
+            // Every flag as the chart writes it, `$(VAR)` expanded as the kubelet does (from the
+            // container's env, the downward API's fields given sample values), parsed by the
+            // binary (`--help` last stops it before it runs).
+            let mut vars: Vec<(String, String)> = Vec::new();
+            for env in container["env"].as_array().into_iter().flatten() {
+                let value = match env["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                    Some("status.hostIP" | "status.podIP") => "10.0.0.5".to_string(),
+                    Some(_) => "sample".to_string(),
+                    None => env["value"].as_str().unwrap_or_default().to_string(),
+                };
+                vars.push((env["name"].as_str().unwrap().to_string(), value));
+            }
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| {
+                    vars.iter()
+                        .fold(a.to_string(), |a, (k, v)| a.replace(&format!("$({k})"), v))
+                })
+                .collect();
+            assert!(
+                args.iter().all(|a| !a.contains("$(")),
+                "a variable the container does not define: {args:?}"
+            );
             let mut command = Command::new(BIN);
             command.args(&args).arg("--help");
             run(command, None);
@@ -1077,6 +1098,141 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         "one accepted object per document:\n{out}"
     );
     delete_namespace(&client, &moved).await;
+    delete_namespace(&client, &namespace).await;
+}
+
+/// `openshift.enabled`: a SecurityContextConstraints that admits exactly what the agent's Pod asks
+/// for, `use` of it for the agent's ServiceAccount only, the other Pods' UID left to restricted-v2;
+/// accepted by the API server against OpenShift's own SCC schema (tests/fixtures/openshift/).
+#[tokio::test]
+async fn the_openshift_rendering_fits_its_scc_schema_and_the_agent() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    let crd = format!("{REPO}/tests/fixtures/openshift/securitycontextconstraints.crd.yaml");
+    cluster.kubectl_ok(&["apply", "--server-side", "-f", &crd], None);
+    cluster.kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/securitycontextconstraints.security.openshift.io",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let client = cluster.client().await;
+    let namespace = cluster.namespace(&client, "chart-ocp").await;
+    let release = unique_name("lgocp");
+    let rendered = template(
+        &release,
+        &namespace,
+        &[
+            "--skip-tests",
+            "--set",
+            "openshift.enabled=true",
+            "--set",
+            "evidence.enabled=true",
+        ],
+    );
+    let docs = documents(&rendered);
+    let scc = docs
+        .iter()
+        .find(|d| d["kind"] == "SecurityContextConstraints")
+        .expect("the SCC");
+    let daemonset = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(scc["allowHostNetwork"], true);
+    let allowed: Vec<&Value> = scc["allowedCapabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    for cap in pod["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(
+            allowed.contains(&cap),
+            "{cap} not allowed by the SCC: {allowed:?}"
+        );
+    }
+    let volumes: Vec<&str> = scc["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for volume in pod["volumes"].as_array().unwrap() {
+        let kind = volume
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|k| *k != "name")
+            .unwrap();
+        assert!(
+            volumes.contains(&kind.as_str()),
+            "{kind} not in {volumes:?}"
+        );
+    }
+    assert_eq!(pod["containers"][0]["securityContext"]["runAsUser"], 0);
+    assert_eq!(scc["runAsUser"]["type"], "RunAsAny");
+    // `use` for the agent's ServiceAccount, and nothing else.
+    let binding = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "RoleBinding"
+                && d["roleRef"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-scc"))
+        })
+        .expect("the SCC's binding");
+    assert_eq!(binding["subjects"][0]["name"], pod["serviceAccountName"]);
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == binding["roleRef"]["name"])
+        .unwrap();
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": ["security.openshift.io"], "resources": ["securitycontextconstraints"],
+                "resourceNames": [scc["metadata"]["name"]], "verbs": ["use"]}])
+    );
+    // The others run under restricted-v2: no UID of ours.
+    for doc in &docs {
+        let pod = match doc["kind"].as_str() {
+            Some("Deployment" | "Job") => &doc["spec"]["template"]["spec"],
+            Some("CronJob") => &doc["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            _ => continue,
+        };
+        assert!(
+            pod["securityContext"].get("runAsUser").is_none(),
+            "{}",
+            doc["kind"]
+        );
+        assert!(
+            pod["securityContext"].get("fsGroup").is_none(),
+            "{}",
+            doc["kind"]
+        );
+        for c in pod["containers"].as_array().unwrap() {
+            assert!(
+                c["securityContext"].get("runAsUser").is_none(),
+                "{}",
+                doc["kind"]
+            );
+            assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+        }
+    }
+    // The API server accepts every object, the SCC against OpenShift's schema.
+    let out = cluster.kubectl_ok(
+        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+        Some(&rendered),
+    );
+    assert_eq!(out.lines().count(), docs.len(), "{out}");
+    assert!(
+        out.contains("securitycontextconstraints.security.openshift.io/"),
+        "{out}"
+    );
     delete_namespace(&client, &namespace).await;
 }
 

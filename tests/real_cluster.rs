@@ -175,6 +175,35 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
     );
 
     prometheus_finds_every_target_as_the_monitors_say(&real);
+    // The agent's metrics answer on the node's own address (what Prometheus and the probes use),
+    // not on its other addresses: not on loopback, not on the router's side of the node.
+    for node in &real.nodes {
+        let curl = |url: &str| {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    node,
+                    "curl",
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    "5",
+                ])
+                .arg(url)
+                .output()
+                .unwrap()
+                .status
+                .success()
+        };
+        let ip = deploy::node_ipv4(node);
+        assert!(curl(&format!("http://{ip}:9742/healthz")), "{node}: {ip}");
+        assert!(
+            !curl("http://127.0.0.1:9742/healthz"),
+            "{node}: loopback answers"
+        );
+    }
     leader_moves_when_its_pod_goes(&client).await;
 
     // helm test: its Pod runs on a real node and reaches the API server through the Service.
@@ -1419,7 +1448,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 fn check_seconds(node: &str) -> (f64, f64) {
     let out = Command::new("ip")
         .args(["netns", "exec", node, "curl", "-fsS", "--max-time", "10"])
-        .arg("http://127.0.0.1:9742/metrics")
+        .arg(format!("http://{}:9742/metrics", deploy::node_ipv4(node)))
         .output()
         .unwrap();
     assert!(out.status.success(), "metrics of {node}'s agent: {out:?}");

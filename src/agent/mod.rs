@@ -57,7 +57,7 @@ pub struct AgentArgs {
     #[arg(long, env = "LOOPGUARD_STATE_FILE", default_value = crate::node::state_file::DEFAULT_PATH)]
     pub state_file: PathBuf,
     /// Address of /metrics, /healthz and /readyz (the agent uses the host network).
-    #[arg(long, env = "LOOPGUARD_METRICS_ADDR", default_value = "0.0.0.0:9742")]
+    #[arg(long, env = "LOOPGUARD_METRICS_ADDR", default_value = "0.0.0.0:9742", value_parser = crate::args::socket_addr)]
     pub metrics_addr: SocketAddr,
     /// Seconds between full re-checks (and polls, with the legacy backend).
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::args::seconds)]

@@ -44,7 +44,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "LOOPGUARD_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "LOOPGUARD_METRICS_ADDR", default_value = "0.0.0.0:8080", value_parser = crate::args::socket_addr)]
     pub metrics_addr: SocketAddr,
     /// Seconds a replica holds the Lease without renewing.
     #[arg(long, value_name = "SECONDS", default_value_t = 15)]

@@ -333,3 +333,22 @@ pub fn install_on_real(real: &RealCluster, sets: &[&str]) {
     }
     helm(&real.cluster, &args);
 }
+
+/// A real node's own IPv4 address (its `status.hostIP`, which the agent's metrics server binds by
+/// default): the first global address in its network namespace.
+pub fn node_ipv4(node: &str) -> String {
+    let out = run(
+        {
+            let mut c = Command::new("ip");
+            c.args(["-n", node, "-4", "-o", "addr", "show", "scope", "global"]);
+            c
+        },
+        None,
+    );
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no global IPv4 address in {node}: {out}"))
+        .to_string()
+}

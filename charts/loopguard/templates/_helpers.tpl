@@ -75,6 +75,19 @@ does (the hooks, the evidence Job): with fsGroup = runAsGroup when `fsGroup` is 
 {{- if and .fsGroup (hasKey $sc "runAsGroup") (not (hasKey $sc "fsGroup")) }}
 {{- $_ := set $sc "fsGroup" $sc.runAsGroup }}
 {{- end }}
+{{- if .ctx.Values.openshift.enabled }}
+{{- $sc = omit $sc "runAsUser" "runAsGroup" "fsGroup" }}
+{{- end }}
+{{- toYaml $sc }}
+{{- end }}
+
+{{/* The controller container's securityContext; on OpenShift without the UID (restricted-v2
+assigns it). */}}
+{{- define "loopguard.controllerContainerSecurityContext" -}}
+{{- $sc := deepCopy .Values.controller.containerSecurityContext }}
+{{- if .Values.openshift.enabled }}
+{{- $sc = omit $sc "runAsUser" "runAsGroup" }}
+{{- end }}
 {{- toYaml $sc }}
 {{- end }}
 
@@ -126,8 +139,10 @@ readinessProbe:
 {{- join "," $pairs }}
 {{- end }}
 
-{{/* `ADDRESS:PORT` for --metrics-addr, brackets around an IPv6 address. */}}
+{{/* `ADDRESS:PORT` for --metrics-addr, brackets around an IPv6 address; `hostIP`: the node's address
+from the downward API (the HOST_IP variable the agent's container defines). */}}
 {{- define "loopguard.bindAddress" -}}
 {{- $addr := index . 0 }}{{- $port := index . 1 }}
-{{- if contains ":" $addr }}{{ printf "[%s]:%v" $addr $port }}{{ else }}{{ printf "%s:%v" $addr $port }}{{ end }}
+{{- if eq $addr "hostIP" }}{{ printf "$(HOST_IP):%v" $port }}
+{{- else if contains ":" $addr }}{{ printf "[%s]:%v" $addr $port }}{{ else }}{{ printf "%s:%v" $addr $port }}{{ end }}
 {{- end }}
