@@ -31,13 +31,39 @@ pub const FINALIZER: &str = "loopguard.dev/node-cleanup";
 /// The Lease the controller replicas compete for.
 pub const LEASE_NAME: &str = "loopguard-controller";
 
-/// The CRDs as YAML documents, in a stable order, with the header `loopguard crd` writes.
-pub fn crd_documents() -> Vec<(String, String)> {
+/// The revision of the CRDs' schema, on each CRD as the annotation [`CRD_REVISION_ANNOTATION`].
+/// The controller applies its CRDs at start unless the cluster has a later revision (an upgrade
+/// moves them forward, a rollback never back). Bump it with every change of a schema: a unit test
+/// compares the schemas with [`CRD_SCHEMA_SHA256`] and says so.
+pub const CRD_REVISION: u32 = 2;
+pub const CRD_REVISION_ANNOTATION: &str = "loopguard.dev/crd-revision";
+/// SHA-256 of the CRDs without the revision annotation, at [`CRD_REVISION`].
+pub const CRD_SCHEMA_SHA256: &str =
+    "73e4da3764cb4a3bde1f88738fdb1441bf276c1dae6fb6b64f6c045bb435428c";
+
+/// The CRDs loopguard serves, annotated with [`CRD_REVISION`].
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
     [
         LoopbackPolicy::crd(),
         LoopbackNodeState::crd(),
         LoopbackException::crd(),
     ]
+    .into_iter()
+    .map(|mut crd| {
+        crd.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(CRD_REVISION_ANNOTATION.into(), CRD_REVISION.to_string());
+        crd
+    })
+    .collect()
+}
+
+/// The CRDs as YAML documents, in a stable order, with the header `loopguard crd` writes.
+pub fn crd_documents() -> Vec<(String, String)> {
+    crds()
     .into_iter()
     .map(|crd| {
         let name = crd.metadata.name.clone().expect("CRDs are named");
@@ -50,4 +76,28 @@ pub fn crd_documents() -> Vec<(String, String)> {
         )
     })
     .collect()
+}
+
+#[cfg(test)]
+mod crd_revision_tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn a_changed_schema_bumps_the_crd_revision() {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        for crd in [
+            LoopbackPolicy::crd(),
+            LoopbackNodeState::crd(),
+            LoopbackException::crd(),
+        ] {
+            hash.update(serde_json::to_vec(&crd).unwrap());
+        }
+        let now: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            now, CRD_SCHEMA_SHA256,
+            "the CRDs' schema changed: bump CRD_REVISION (now {CRD_REVISION}) and set CRD_SCHEMA_SHA256 to {now} in src/api/mod.rs, then loopguard crd --write crds/"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! finalizer until the nodes have removed what loopguard inserted, and records Events. Runs as a
 //! leader-elected Deployment; only the leader writes.
 
+mod crds;
 pub mod lease;
 mod reports;
 pub mod slim;
@@ -76,6 +77,10 @@ pub struct ControllerArgs {
     /// (AgentUnavailable) and the policy stops being Compliant.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub agent_grace: u64,
+    /// Bring loopguard's CRDs up to this version's revision at start (never back to an earlier
+    /// one): `helm upgrade` never upgrades a chart's CRDs.
+    #[arg(long, env = "LOOPGUARD_MANAGE_CRDS")]
+    pub manage_crds: bool,
     /// Keep a ClusterPolicyReport (wgpolicyk8s.io/v1alpha2, read by Kyverno's Policy Reporter)
     /// per node a policy governs, with a result per loopback rule; needs that CRD.
     #[arg(long, env = "LOOPGUARD_POLICY_REPORTS")]
@@ -393,6 +398,9 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     )
     .await?;
 
+    if args.manage_crds {
+        crds::ensure(&client).await;
+    }
     let dirty = Arc::new(Notify::new());
     let (invalid_tx, invalid) = tokio::sync::mpsc::unbounded_channel();
     let invalid_objects = metrics.invalid_objects.clone();
