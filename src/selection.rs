@@ -2,24 +2,35 @@
 //! controller (which counts the node for it), so that the two never disagree.
 
 use crate::api::{LoopbackPolicy, NodeSelector, SelectorOperator};
+use kube::core::{Expression, Selector, SelectorExt};
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
-/// Whether `selector` selects a node with `labels`. Requirements are ANDed; empty selects all.
+/// Whether `selector` selects a node with `labels`. Requirements are ANDed; empty selects all. The
+/// matching is kube-core's `Selector` (the API server's semantics: `NotIn` matches a node without
+/// the key).
 pub fn selector_matches(selector: &NodeSelector, labels: &BTreeMap<String, String>) -> bool {
-    selector
+    to_selector(selector).matches(labels)
+}
+
+/// Our selector as kube-core's.
+fn to_selector(selector: &NodeSelector) -> Selector {
+    let mut out: Selector = selector
         .match_labels
         .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
-        && selector.match_expressions.iter().all(|req| {
-            let value = labels.get(&req.key);
-            match req.operator {
-                SelectorOperator::In => value.is_some_and(|v| req.values.contains(v)),
-                SelectorOperator::NotIn => !value.is_some_and(|v| req.values.contains(v)),
-                SelectorOperator::Exists => value.is_some(),
-                SelectorOperator::DoesNotExist => value.is_none(),
-            }
-        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    out.extend(selector.match_expressions.iter().map(|req| {
+        let key = req.key.clone();
+        let values = || req.values.iter().cloned().collect();
+        match req.operator {
+            SelectorOperator::In => Expression::In(key, values()),
+            SelectorOperator::NotIn => Expression::NotIn(key, values()),
+            SelectorOperator::Exists => Expression::Exists(key),
+            SelectorOperator::DoesNotExist => Expression::DoesNotExist(key),
+        }
+    }));
+    out
 }
 
 /// Why no loopguard agent can run on a node with `labels`, if none can: the label that tells.

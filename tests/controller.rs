@@ -705,6 +705,58 @@ async fn policy_reports_follow_the_nodes_and_touch_nothing_else() {
     w.clean(&[&name]).await;
 }
 
+/// A leader whose API server hangs (SIGSTOP: no answer, no refusal) stops leading on its own clock
+/// at the renew deadline (2/3 of the lease), before the lease may pass to another replica, and
+/// leads again once the API server answers. (kube-lease-manager's leader would stay leader until
+/// its hung renewal returned: the README says why loopguard keeps its own.)
+#[tokio::test]
+async fn a_leader_that_cannot_renew_stops_at_its_renew_deadline() {
+    let _serial = lock().await;
+    let Some(cluster) = support::cluster::private("lease-hang") else {
+        return;
+    };
+    let client = cluster.client().await;
+    let namespace = cluster.namespace(&client, "lease").await;
+    let lease = Duration::from_secs(6);
+    let elector = loopguard::controller::lease::LeaderElector::new(
+        Api::namespaced(client.clone(), &namespace),
+        loopguard::api::LEASE_NAME,
+        "replica-a",
+        lease,
+    );
+    let leadership = elector.leadership();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(elector.run(stopped));
+    eventually("leading", Duration::from_secs(20), || async {
+        leadership.is_leader().then_some(())
+    })
+    .await;
+    // Just after a renewal, so that the deadline is as far as it gets.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    cluster.pause_apiserver();
+    let paused = Instant::now();
+    while leadership.is_leader() {
+        assert!(
+            paused.elapsed() < lease,
+            "still leading when the lease may pass to another replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lost = paused.elapsed();
+    cluster.resume_apiserver();
+    println!("API server hung: leadership ended {lost:?} after the hang began");
+    assert!(
+        lost <= lease * 2 / 3 + Duration::from_millis(300),
+        "leadership ended {lost:?} after the last possible renewal, past the renew deadline"
+    );
+    eventually("leading again", Duration::from_secs(30), || async {
+        leadership.is_leader().then_some(())
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn overlapping_policies_resolve_by_priority() {
     let _serial = lock().await;
