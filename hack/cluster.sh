@@ -215,7 +215,7 @@ egressSelections:
 EOF
     extra+=(--egress-selector-config-file="$dir/egress-selector.yaml")
   fi
-  start kube-apiserver "$BIN/kube-apiserver" \
+  start kube-apiserver "$KUBE_APISERVER" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 --advertise-address="$ADVERTISE_ADDRESS" --secure-port="$APISERVER_PORT" \
     "${extra[@]}" --cert-dir="$pki" \
@@ -256,7 +256,8 @@ load_env() {
   # shellcheck source=/dev/null
   source "$dir/cluster.env"
   # Clusters started before these settings existed.
-  : "${ADVERTISE_ADDRESS:=127.0.0.1}" "${SERVICE_CIDR:=10.96.0.0/12}" "${EGRESS_UDS:=}"
+  : "${ADVERTISE_ADDRESS:=127.0.0.1}" "${SERVICE_CIDR:=10.96.0.0/12}" "${EGRESS_UDS:=}" \
+    "${KUBE_APISERVER:=$BIN/kube-apiserver}"
 }
 
 running() { [[ -f "$dir/cluster.env" ]] && pid_of kube-apiserver >/dev/null && pid_of etcd >/dev/null; }
@@ -282,13 +283,17 @@ cmd_up() {
   else
     [[ -e "$dir" ]] && cmd_down # leftovers of a crashed run
     BIN="$("$repo/hack/build-control-plane.sh")"
+    # LOOPGUARD_KUBE_APISERVER: another kube-apiserver binary (the oldest version loopguard claims,
+    # hack/build-oldest-apiserver.sh); the other components stay the pinned ones.
+    KUBE_APISERVER="${LOOPGUARD_KUBE_APISERVER:-$BIN/kube-apiserver}"
+    [[ -x "$KUBE_APISERVER" ]] || die "LOOPGUARD_KUBE_APISERVER=$KUBE_APISERVER is not an executable: build it with hack/build-oldest-apiserver.sh"
     local ports
     ports="$(choose_ports 5)" || exit 1
     read -r ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CONTROLLER_MANAGER_PORT SCHEDULER_PORT <<<"$ports"
     mkdir -p "$dir/logs" "$dir/pids"
     touch "$marker"
     trap up_failed EXIT
-    declare -p BIN ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CONTROLLER_MANAGER_PORT SCHEDULER_PORT \
+    declare -p BIN KUBE_APISERVER ETCD_PORT ETCD_PEER_PORT APISERVER_PORT CONTROLLER_MANAGER_PORT SCHEDULER_PORT \
       ADVERTISE_ADDRESS SERVICE_CIDR EGRESS_UDS |
       sed 's/^declare -- //' >"$dir/cluster.env"
     ln -sfn "$BIN" "$dir/bin"

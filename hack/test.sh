@@ -78,6 +78,12 @@ echo "ufw root step: $((SECONDS - started))s" >&2
 log "compliance-trestle, the OSCAL models the report's OSCAL output is validated with (reused)"
 hack/build-trestle.sh >/dev/null
 
+log "the previous release (hack/release/previous) for the upgrade test, and the oldest kube-apiserver claimed (reused)"
+started=$SECONDS
+hack/build-previous.sh >/dev/null
+oldest_apiserver="$(hack/build-oldest-apiserver.sh)"
+echo "previous release and oldest API server step: $((SECONDS - started))s" >&2
+
 log "the image, from the Dockerfile, with buildah (reused while its inputs are unchanged)"
 started=$SECONDS
 hack/build-image.sh >/dev/null
@@ -85,6 +91,16 @@ echo "image step: $((SECONDS - started))s" >&2
 
 log "tests"
 LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+
+log "the API-server tests again, on the oldest Kubernetes loopguard claims ($("$oldest_apiserver" --version))"
+started=$SECONDS
+LOOPGUARD_KUBE_APISERVER="$oldest_apiserver" LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --locked \
+  --test chart --test controller --test access -- --test-threads="${TEST_THREADS:-4}" \
+  the_api_server_is_the_version_asked_for the_rendered_chart_is_accepted_by_the_api_server \
+  the_admission_policy_confines_each_agent_to_its_own_node the_openshift_rendering \
+  invalid_specs_are_refused_with_their_messages an_exception_exempts_a_failing_node \
+  policy_reports_follow_the_nodes roles_and_protection_hold_for_each_user
+echo "oldest API server step: $((SECONDS - started))s" >&2
 
 log "mutants: the CI subset of hack/mutants.sh (each defect must turn its tests red)"
 started=$SECONDS

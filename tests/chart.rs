@@ -1236,6 +1236,35 @@ async fn the_openshift_rendering_fits_its_scc_schema_and_the_agent() {
     delete_namespace(&client, &namespace).await;
 }
 
+/// The API server the tests run against is the one asked for: the pinned one, or the oldest
+/// version loopguard claims when hack/test.sh sets LOOPGUARD_KUBE_APISERVER (the API-server tests
+/// run a second time against it).
+#[tokio::test]
+async fn the_api_server_is_the_version_asked_for() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    let bin = std::env::var("LOOPGUARD_KUBE_APISERVER")
+        .unwrap_or_else(|_| cluster.dir.join("bin/kube-apiserver").display().to_string());
+    let want = run(
+        {
+            let mut c = Command::new(&bin);
+            c.arg("--version");
+            c
+        },
+        None,
+    );
+    let want = want.trim().trim_start_matches("Kubernetes ").to_string();
+    let version: Value =
+        serde_json::from_str(&cluster.kubectl_ok(&["version", "-o", "json"], None)).unwrap();
+    assert_eq!(
+        version["serverVersion"]["gitVersion"],
+        want.as_str(),
+        "{bin}"
+    );
+    println!("API server {want}");
+}
+
 /// The agent's identity may write only its own node's LoopbackNodeState: a token bound to a Pod on
 /// node A is refused for node B, allowed for A; a token bound to no Pod is refused. The policy's CEL
 /// compiles and type-checks on the real API server.

@@ -3,11 +3,12 @@
 # k8s.io/kubernetes version that module requires. Upstream replaces every k8s.io/* staging module with a
 # local path (./staging/src/k8s.io/...), which a module of ours cannot use, so each one is replaced with its
 # published v0.<minor>.<patch> release instead. To bump Kubernetes:
+#   (the oldest: ../gen-replaces.sh kubernetes-oldest)
 #   cd hack/control-plane/kubernetes && go mod edit -require=k8s.io/kubernetes@v1.X.Y \
 #     && ../gen-replaces.sh && go mod tidy
 set -euo pipefail
 
-module_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/kubernetes" && pwd)"
+module_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/${1:-kubernetes}" && pwd)"
 cd "$module_dir"
 
 k8s_version="$(go mod edit -json | jq -r '.Require[] | select(.Path == "k8s.io/kubernetes") | .Version')"

@@ -2,7 +2,6 @@
 //! of a host, and loopguard's own lock beside its state file.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,8 +18,8 @@ pub fn flock_within(file: File, wait: Duration) -> Option<FileLock> {
     let deadline = Instant::now().checked_add(wait);
     let mut pause = Duration::from_millis(1);
     loop {
-        // SAFETY: flock on a file descriptor we own; LOCK_NB never blocks.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        // LOCK_NB never blocks.
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
             return Some(FileLock { _file: file });
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {

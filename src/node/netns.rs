@@ -1,7 +1,6 @@
 //! Entering a named network namespace (`/run/netns/NAME`, as made by `ip netns add`).
 
 use crate::{Error, Result};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 /// Moves the calling thread into the network namespace `name`. Call it before any other thread
@@ -28,12 +27,14 @@ pub fn enter(name: &str) -> Result<()> {
             source: e,
         },
     })?;
-    // SAFETY: setns on a file descriptor we own; it only changes this thread's namespace.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(Error::NetnsEnter {
-            name: name.to_string(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    // Only this thread's network namespace changes.
+    use std::os::fd::AsFd;
+    rustix::thread::move_into_link_name_space(
+        file.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .map_err(|e| Error::NetnsEnter {
+        name: name.to_string(),
+        source: e.into(),
+    })
 }
