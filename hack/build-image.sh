@@ -103,11 +103,14 @@ make_rust() {
   "$toolchain/bin/rustc" --version | grep -q "^rustc $rust_version " ||
     die "the $rust_version toolchain here is $("$toolchain/bin/rustc" --version)"
   work="$tmp/rust"
-  mkdir -p "$work/rustup/toolchains/$rust_version-x86_64-unknown-linux-gnu" "$work/cargo/bin"
+  # The toolchain of this machine's architecture (the image is built for the machine's own).
+  local host
+  host="$("$toolchain/bin/rustc" -vV | sed -n 's/^host: //p')"
+  mkdir -p "$work/rustup/toolchains/$rust_version-$host" "$work/cargo/bin"
   tar -C "$toolchain" --exclude=./share/doc -cf - . |
-    tar -C "$work/rustup/toolchains/$rust_version-x86_64-unknown-linux-gnu" -xf -
-  printf 'version = "12"\ndefault_toolchain = "%s-x86_64-unknown-linux-gnu"\nprofile = "minimal"\n' \
-    "$rust_version" >"$work/rustup/settings.toml"
+    tar -C "$work/rustup/toolchains/$rust_version-$host" -xf -
+  printf 'version = "12"\ndefault_toolchain = "%s-%s"\nprofile = "minimal"\n' \
+    "$rust_version" "$host" >"$work/rustup/settings.toml"
   mkdir -p "$work/ca"
   cp /usr/local/share/ca-certificates/*.crt "$work/ca/" 2>/dev/null || true
   cp "$(command -v rustup)" "$work/cargo/bin/rustup"
