@@ -94,7 +94,8 @@ LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --workspace --locked -- --test-threads="$
 
 log "the API-server tests again, on the oldest Kubernetes loopguard claims ($("$oldest_apiserver" --version))"
 started=$SECONDS
-LOOPGUARD_KUBE_APISERVER="$oldest_apiserver" LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --locked \
+# Clusters of their own (not the one KUBECONFIG names), each running that kube-apiserver.
+env -u KUBECONFIG LOOPGUARD_KUBE_APISERVER="$oldest_apiserver" LOOPGUARD_REQUIRE_CLUSTER=1 cargo test --locked \
   --test chart --test controller --test access -- --test-threads="${TEST_THREADS:-4}" \
   the_api_server_is_the_version_asked_for the_rendered_chart_is_accepted_by_the_api_server \
   the_admission_policy_confines_each_agent_to_its_own_node the_openshift_rendering \

@@ -52,6 +52,11 @@ pub fn shared() -> Option<&'static Cluster> {
     static SHARED: OnceLock<Option<Cluster>> = OnceLock::new();
     let cluster = SHARED
         .get_or_init(|| {
+            // A cluster that runs another kube-apiserver (LOOPGUARD_KUBE_APISERVER: the oldest
+            // version claimed) is always one of this binary's own, never the one KUBECONFIG names.
+            if std::env::var_os("LOOPGUARD_KUBE_APISERVER").is_some() {
+                return start("shared", &[]);
+            }
             if let Some(dir) = running_cluster_from_kubeconfig() {
                 return Some(Cluster {
                     dir,
