@@ -8,6 +8,7 @@
 #   hack/build-oldest-apiserver.sh --check   print the path; fail when it is not built
 set -euo pipefail
 export PATH="$PATH:/usr/local/go/bin"
+command -v go >/dev/null || { echo "build-oldest-apiserver: go not found: install Go 1.26 into /usr/local/go" >&2; exit 2; }
 pins="$(cd "$(dirname "${BASH_SOURCE[0]}")/control-plane/kubernetes-oldest" && pwd)"
 version="$(cd "$pins" && go list -m -f '{{.Version}}' k8s.io/kubernetes)"
 hash="$( (cat "$pins/go.mod" "$pins/go.sum"; go version) | sha256sum | cut -c1-12)"

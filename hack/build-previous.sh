@@ -11,6 +11,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf 'build-previous: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 export PATH="$HOME/.cargo/bin:$PATH"
+for tool in cargo git tar; do
+  command -v "$tool" >/dev/null || die "$tool not found: install it (Rust with rustup), then run this again"
+done
 
 commit="$(sed -e 's/#.*//' -e '/^\s*$/d' "$repo/hack/release/previous" | head -n1 | tr -d '[:space:]')"
 [[ -n "$commit" ]] || die "hack/release/previous names no commit"

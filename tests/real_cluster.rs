@@ -26,7 +26,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const NS: &str = "loopguard-system";
 const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/component=controller";
-const PAIR: [&str; 2] = ["-A INPUT -i lo -j ACCEPT", "-A INPUT -s ::1/128 -j DROP"];
 
 /// The default example policy (every node, each the loopback rule that applies to it), with a
 /// node selector, approved by the test's admin (`protection.approvers`: a selector change needs it).
@@ -109,7 +108,7 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
     assert_eq!(on_legacy.backend.as_deref(), Some("iptables-legacy"));
     let input = chain(legacy, "legacy", "INPUT");
     assert!(
-        PAIR.iter().all(|r| input.contains(&r.to_string())),
+        deploy::PAIR.iter().all(|r| input.contains(&r.to_string())),
         "{input:#?}"
     );
     assert!(
@@ -148,7 +147,7 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
     );
     let input = chain(nft, "nft", "INPUT");
     assert!(
-        !PAIR.iter().any(|r| input.contains(&r.to_string())),
+        !deploy::PAIR.iter().any(|r| input.contains(&r.to_string())),
         "the seed's rule does not apply where ufw is installed: {input:#?}"
     );
     let policies: Api<LoopbackPolicy> = Api::all(client.clone());
@@ -266,7 +265,7 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
     println!("helm uninstall --wait: {:?}", uninstalled.elapsed());
     let input = chain(legacy, "legacy", "INPUT");
     assert!(
-        !PAIR.iter().any(|r| input.contains(&r.to_string())),
+        !deploy::PAIR.iter().any(|r| input.contains(&r.to_string())),
         "loopguard's rules left on {legacy}: {input:#?}"
     );
     assert!(

@@ -11,8 +11,6 @@ use kube::{Client, ResourceExt};
 use loopguard::api::{LoopbackNodeState, LoopbackPolicy};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, eventually};
 use support::deploy::{self, chain, delete_and_time_repair};
@@ -22,7 +20,6 @@ const NS: &str = "loopguard-system";
 const NODE: &str = "lg-real-0";
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/loopguard");
 const STATE_DIR: &str = "/var/lib/loopguard-real-node-test";
-const PAIR: [&str; 2] = ["-A INPUT -i lo -j ACCEPT", "-A INPUT -s ::1/128 -j DROP"];
 
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -111,46 +108,6 @@ fn status_field(pid: u32, field: &str) -> String {
 fn inode(path: &str) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).unwrap().ino()
-}
-
-/// The pair in the real node's INPUT chain, sampled every few milliseconds on a thread until
-/// stopped: (samples, samples without the pair).
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    counts: Arc<(AtomicUsize, AtomicUsize)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sampler {
-    fn start() -> Sampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
-        let (s, c) = (stop.clone(), counts.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                let input = chain(NODE, "nft", "INPUT");
-                c.0.fetch_add(1, Ordering::SeqCst);
-                if !input.windows(2).any(|w| w == PAIR) {
-                    c.1.fetch_add(1, Ordering::SeqCst);
-                }
-                std::thread::sleep(Duration::from_millis(3));
-            }
-        });
-        Sampler {
-            stop,
-            counts,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> (usize, usize) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
-        (
-            self.counts.0.load(Ordering::SeqCst),
-            self.counts.1.load(Ordering::SeqCst),
-        )
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +254,7 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
 
     // helm upgrade with a changed value: the DaemonSet rolls, and the rules never go away.
     let old = pod.name_any();
-    let sampler = Sampler::start();
+    let sampler = deploy::PairSampler::start(vec![NODE.to_string()], Duration::from_millis(3));
     let upgraded = Instant::now();
     deploy::helm(
         &cluster,

@@ -12,16 +12,13 @@ use loopguard::api::{LoopbackException, LoopbackNodeState, LoopbackPolicy};
 use loopguard_hollow::ImageMapping;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use support::cluster::{Cluster, eventually};
-use support::deploy::{self, chain};
+use support::deploy;
 
 const NS: &str = "loopguard-system";
 const PREVIOUS_IMAGE: &str = "ghcr.io/loopguard/loopguard-previous";
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/loopguard");
-const PAIR: [&str; 2] = ["-A INPUT -i lo -j ACCEPT", "-A INPUT -s ::1/128 -j DROP"];
 
 /// The previous release's folder: `bin/loopguard` and `src/charts/loopguard`.
 fn previous_release() -> PathBuf {
@@ -33,47 +30,6 @@ fn previous_release() -> PathBuf {
         None,
     );
     PathBuf::from(out.lines().last().expect("the folder").trim())
-}
-
-/// Reads every node's INPUT chain over and over, counting the reads without loopguard's pair.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    counts: Arc<(AtomicUsize, AtomicUsize)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sampler {
-    fn start(nodes: Vec<String>) -> Sampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
-        let (s, c) = (stop.clone(), counts.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                for node in &nodes {
-                    let input = chain(node, "nft", "INPUT");
-                    c.0.fetch_add(1, Ordering::SeqCst);
-                    if !input.windows(2).any(|w| w == PAIR) {
-                        c.1.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        Sampler {
-            stop,
-            counts,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> (usize, usize) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
-        (
-            self.counts.0.load(Ordering::SeqCst),
-            self.counts.1.load(Ordering::SeqCst),
-        )
-    }
 }
 
 fn crd_revision(cluster: &Cluster, crd: &str) -> Option<String> {
@@ -191,7 +147,7 @@ async fn an_upgrade_from_the_previous_release_and_a_rollback() {
 
     // helm upgrade to this version: the controller brings the CRDs forward; no moment without
     // the rules on any node.
-    let sampler = Sampler::start(nodes.clone());
+    let sampler = deploy::PairSampler::start(nodes.clone(), Duration::from_millis(5));
     let mut upgrade = vec!["upgrade", deploy::RELEASE, CHART, "--reset-values"];
     upgrade.extend(common);
     deploy::helm(&cluster, &upgrade);

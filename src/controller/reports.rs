@@ -37,8 +37,8 @@ pub struct Round {
 
 impl PolicyReports {
     pub fn new(client: Client) -> PolicyReports {
-        let gvk = GroupVersionKind::gvk("wgpolicyk8s.io", "v1alpha2", KIND);
-        debug_assert_eq!(API_VERSION, "wgpolicyk8s.io/v1alpha2");
+        let (group, version) = API_VERSION.split_once('/').expect("group/version");
+        let gvk = GroupVersionKind::gvk(group, version, KIND);
         let resource = ApiResource::from_gvk_with_plural(&gvk, "clusterpolicyreports");
         PolicyReports {
             api: Api::all_with(client, &resource),

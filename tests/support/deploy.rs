@@ -10,6 +10,8 @@ use kube::api::{Api, ListParams};
 use loopguard_hollow::{HollowOptions, ImageMapping};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub const IMAGE: &str = "ghcr.io/loopguard/loopguard";
@@ -351,4 +353,51 @@ pub fn node_ipv4(node: &str) -> String {
         .and_then(|a| a.split('/').next())
         .unwrap_or_else(|| panic!("no global IPv4 address in {node}: {out}"))
         .to_string()
+}
+
+/// loopguard's two INPUT rules, adjacent, as `ip6tables -S` prints them.
+pub const PAIR: [&str; 2] = ["-A INPUT -i lo -j ACCEPT", "-A INPUT -s ::1/128 -j DROP"];
+
+/// Reads the INPUT chain (nft backend) of each of `nodes` over and over, `pause` apart, counting
+/// the reads and those without loopguard's adjacent pair: an upgrade or a rollback leaves none.
+pub struct PairSampler {
+    stop: Arc<AtomicBool>,
+    /// Reads, and reads without the pair.
+    counts: Arc<[AtomicUsize; 2]>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PairSampler {
+    pub fn start(nodes: Vec<String>, pause: Duration) -> PairSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Arc<[AtomicUsize; 2]> = Arc::default();
+        let (s, c) = (stop.clone(), counts.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                for node in &nodes {
+                    let input = chain(node, "nft", "INPUT");
+                    c[0].fetch_add(1, Ordering::SeqCst);
+                    if !input.windows(2).any(|w| w == PAIR) {
+                        c[1].fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                std::thread::sleep(pause);
+            }
+        });
+        PairSampler {
+            stop,
+            counts,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops reading: (reads, reads without the pair).
+    pub fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+        (
+            self.counts[0].load(Ordering::SeqCst),
+            self.counts[1].load(Ordering::SeqCst),
+        )
+    }
 }
