@@ -44,6 +44,40 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/loopguard/target}"
 mkdir -p "$CARGO_TARGET_DIR"
 
+# Incremental compilation state is only of use to an edit-compile loop: in a fresh clone it is many
+# GiB of disk for nothing.
+export CARGO_INCREMENTAL=0
+
+log "disk"
+# The tests unpack the image into three real nodes per cluster and build into the cache: on a disk shared
+# with other work, too little room fails them half-way with "no space left on device". Free what is ours
+# and can be rebuilt, then refuse to start with a message saying so, rather than fail late.
+need_gib="${LOOPGUARD_MIN_FREE_GIB:-12}"
+free_gib() { df -P --block-size=1G "$1" | awk 'NR == 2 { print $4 }'; }
+short_of_room() {
+  local where
+  for where in "$CARGO_TARGET_DIR" "${TMPDIR:-/tmp}"; do
+    (($(free_gib "$where") >= need_gib)) || return 0
+  done
+  return 1
+}
+if short_of_room; then
+  echo "less than $need_gib GiB free; removing what loopguard's caches can rebuild" >&2
+  rm -rf "$CARGO_TARGET_DIR"/*/incremental
+fi
+if short_of_room; then
+  echo "still less than $need_gib GiB free; removing the Rust build cache $CARGO_TARGET_DIR (rebuilt next)" >&2
+  cargo clean --quiet --target-dir "$CARGO_TARGET_DIR" 2>/dev/null || rm -rf "${CARGO_TARGET_DIR:?}"/*
+  mkdir -p "$CARGO_TARGET_DIR"
+fi
+if short_of_room; then
+  df -h "$CARGO_TARGET_DIR" "${TMPDIR:-/tmp}" >&2
+  echo "the tests need $need_gib GiB free on the file systems of $CARGO_TARGET_DIR and ${TMPDIR:-/tmp}" \
+    "(LOOPGUARD_MIN_FREE_GIB); free some and run this again" >&2
+  exit 2
+fi
+df -h "$CARGO_TARGET_DIR" "${TMPDIR:-/tmp}" | sed 's/^/  /' >&2
+
 # Leftovers of an interrupted earlier run (namespaces of the node engine tests and the demo).
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^(lgt-|loopguard-demo-)' || true); do
   ip netns del "$ns" || true
@@ -83,6 +117,11 @@ started=$SECONDS
 hack/build-previous.sh >/dev/null
 oldest_apiserver="$(hack/build-oldest-apiserver.sh)"
 echo "previous release and oldest API server step: $((SECONDS - started))s" >&2
+
+log "the release tools: crane (the tests' OCI registry) and cosign, from their Go modules (reused)"
+started=$SECONDS
+hack/build-release-tools.sh >/dev/null
+echo "release tools step: $((SECONDS - started))s" >&2
 
 log "the image, from the Dockerfile, with buildah (reused while its inputs are unchanged)"
 started=$SECONDS

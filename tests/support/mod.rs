@@ -31,15 +31,18 @@ pub fn output(mut command: Command, stdin: Option<&str>) -> Output {
     let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
+    // Written from a thread of its own: a command that prints as it reads would otherwise fill its
+    // stdout pipe while we are still writing, and both would wait forever.
+    let writer = stdin.map(|input| {
+        let mut pipe = child.stdin.take().expect("stdin");
+        let input = input.to_owned();
+        std::thread::spawn(move || pipe.write_all(input.as_bytes()))
+    });
+    let out = child.wait_with_output().expect("wait");
+    if let Some(writer) = writer {
+        writer.join().expect("stdin writer").expect("write stdin");
     }
-    child.wait_with_output().expect("wait")
+    out
 }
 
 /// Runs `command` and returns its stdout; panics with its output when it fails.
