@@ -5,12 +5,13 @@
 #
 #   docker build -t ghcr.io/loopguard/loopguard:0.1.0 .
 #
-# Base images are pinned by exact tag, not yet by digest: this project's machines reach no container
-# registry, so the digests could not be looked up and checked here. Where one is reachable, add them:
-#   docker buildx imagetools inspect debian:12.11-slim        (the index digest)
+# Base images are pinned by exact tag, not by digest: this project's machines reach no registry that
+# serves them, so hack/build-image.sh builds both here, reproducibly, from the Debian packages pinned in
+# hack/image/bookworm.lock, and records their digests in hack/release/base-images.lock (which a
+# release's provenance names). Where the upstream images are used, pin them by their index digest:
+#   docker buildx imagetools inspect debian:12.11-slim
 #   FROM debian:12.11-slim@sha256:<digest>
-# CI cannot build this image (no container engine there); it runs the build stage's script,
-# hack/build-release.sh, instead, which is the same release build and the same checks.
+# CI builds this Dockerfile with buildah (hack/build-image.sh) and runs the image on real nodes.
 
 FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src
