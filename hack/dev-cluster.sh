@@ -129,22 +129,19 @@ apply_policy() {
   kubectl get lbp,lbns
 }
 
-# Three real nodes (hack/real-cluster.sh), the image from the Dockerfile on each, the chart, the
-# example policy.
+# Three real nodes (hack/real-cluster.sh) pulling the image from the Dockerfile from the cluster's
+# registry by digest, the chart, the example policy.
 up_real() {
   log "the image from the Dockerfile (hack/build-image.sh)"
   local archive
   archive="$(hack/build-image.sh --path)"
   if [[ -f "$dir/real-cluster/pids/relay-router.pid" ]] && hack/real-cluster.sh status >/dev/null 2>&1; then
-    log "real cluster already up in $dir: importing the image again"
-    local node
-    for node in $(hack/real-cluster.sh env | sed -n 's/^export LOOPGUARD_REAL_NODES="\(.*\)"$/\1/p'); do
-      hack/real-node.sh import "$node" "$archive"
-    done
-  else
-    log "real cluster ($dir): control plane, three real nodes with kube-proxy"
-    hack/real-cluster.sh up --image "$archive"
+    # Its registry holds the image it was started with: start it again with this one.
+    log "real cluster already up in $dir: taking it down to start it again with this image"
+    hack/real-cluster.sh down
   fi
+  log "real cluster ($dir): control plane, three real nodes with kube-proxy, the image in its registry"
+  hack/real-cluster.sh up --image "$archive"
   eval "$(hack/real-cluster.sh env)"
   hack/real-cluster.sh status
 
@@ -153,7 +150,8 @@ up_real() {
   # folder (agent.perNodeHostRoots, a test-only value), and takes the cluster's xtables lock.
   helm upgrade --install loopguard charts/loopguard --namespace "$namespace" --create-namespace \
     --wait --timeout 5m --set "agent.perNodeHostRoots=$LOOPGUARD_NODE_ROOTS" \
-    --set "agent.xtablesLock=$LOOPGUARD_XTABLES_LOCK"
+    --set "agent.xtablesLock=$LOOPGUARD_XTABLES_LOCK" \
+    --set "image.registry=${LOOPGUARD_REAL_IMAGE_0%%/*}" --set "image.digest=${LOOPGUARD_REAL_IMAGE_0#*@}"
   # Every node reports; the ufw node cannot be Compliant (below).
   apply_policy condition=Progressing=False
   local legacy nft nftables

@@ -7,8 +7,9 @@
 # sockets.
 #
 #   hack/real-cluster.sh up [--image ARCHIVE]... [--owner-pid PID]
-#                                 start it (ARCHIVE: OCI archives imported on every node; PID: take
-#                                 everything down once that process exits, as hack/cluster.sh does)
+#                                 start it (ARCHIVE: OCI archives pushed to the cluster's registry, which
+#                                 the nodes pull from; PID: take everything down once that process exits,
+#                                 as hack/cluster.sh does)
 #   hack/real-cluster.sh env      print the exports for kubectl/helm and the nodes' names
 #   hack/real-cluster.sh status   nodes, their kube-proxy mode and iptables backend
 #   hack/real-cluster.sh down     take the nodes, the network and the control plane down
@@ -23,6 +24,10 @@
 # 10.254.10.1 and fd00:254:10::1, the address the API server advertises for the `kubernetes`
 # Service: a relay there carries it to the API server, and an HTTP CONNECT proxy there carries what
 # the API server dials itself (kubectl logs and exec) to the nodes.
+# The cluster's OCI registry (go-containerregistry's, hack/build-release-tools.sh) listens on the
+# machine's 127.0.0.1 and is relayed to 10.254.10.1:5000 in the router namespace, where the nodes'
+# containerd pulls from it over plain HTTP (each node's certs.d/10.254.10.1:5000/hosts.toml says so).
+# `env` prints each pushed image as LOOPGUARD_REAL_IMAGE_<n>=10.254.10.1:5000/REPOSITORY@DIGEST.
 set -Eeuo pipefail
 trap 'echo "real-cluster: line $LINENO: \`$BASH_COMMAND\` failed" >&2' ERR
 
@@ -119,11 +124,43 @@ router_up() {
   wait_for "the API server relay's socket" test -S "$rc/apiserver.sock"
   start relay-router nsenter "--net=/run/netns/$router" \
     socat "TCP-LISTEN:$APISERVER_PORT,bind=$router_ip,fork,reuseaddr" "UNIX-CONNECT:$rc/apiserver.sock"
+  if ((${#images[@]})); then registry_up; fi
   start egress-proxy nsenter "--net=/run/netns/$router" python3 "$repo/hack/real-node/connect-proxy.py" \
     "$rc/egress.sock" 10.254.10.0/24 fd00:254:10::/64 10.244.0.0/16 fd00:10:244::/56
   wait_for "the API server through the router" in_router curl -fsS --cacert "$dir/pki/ca.crt" \
     --cert "$dir/pki/admin.crt" --key "$dir/pki/admin.key" "https://$router_ip:$APISERVER_PORT/readyz"
   wait_for "the egress proxy's socket" test -S "$rc/egress.sock"
+}
+
+# The cluster's registry, relayed into the router namespace, with every --image archive pushed to
+# it under its own repository and tag; $rc/images lists them as pulled from the nodes, by digest.
+registry_up() {
+  local tools port archive layout name reference digest n=0
+  tools="$("$repo/hack/build-release-tools.sh")"
+  mkdir -p "$rc/registry"
+  start registry "$tools/crane" registry serve --address 127.0.0.1:0 --disk "$rc/registry"
+  wait_for "the registry's port" grep -q 'serving on port' "$rc/logs/registry.log"
+  port="$(sed -n 's/.*serving on port \([0-9]*\).*/\1/p' "$rc/logs/registry.log" | head -1)"
+  start relay-registry-host socat "UNIX-LISTEN:$rc/registry.sock,fork,unlink-early" "TCP:127.0.0.1:$port"
+  wait_for "the registry relay's socket" test -S "$rc/registry.sock"
+  start relay-registry-router nsenter "--net=/run/netns/$router" \
+    socat "TCP-LISTEN:5000,bind=$router_ip,fork,reuseaddr" "UNIX-CONNECT:$rc/registry.sock"
+  wait_for "the registry through the router" in_router curl -fsS "http://$router_ip:5000/v2/"
+  : >"$rc/images"
+  for archive in "${images[@]}"; do
+    layout="$(mktemp -d "$rc/layout.XXXXXX")"
+    tar -xf "$archive" -C "$layout"
+    # The name the archive was written under (hack/build-image.sh: REGISTRY/REPOSITORY:TAG).
+    name="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"])' "$layout/index.json")" ||
+      die "$archive names no image (org.opencontainers.image.ref.name in its index.json)"
+    reference="${name#*/}" # without the registry
+    "$tools/crane" push --insecure "$layout" "127.0.0.1:$port/$reference" >/dev/null 2>"$rc/logs/push.log" ||
+      die "pushing $archive to the cluster's registry failed: $(cat "$rc/logs/push.log")"
+    rm -rf "$layout"
+    digest="$("$tools/crane" digest --insecure "127.0.0.1:$port/$reference")"
+    echo "LOOPGUARD_REAL_IMAGE_$n=$router_ip:5000/${reference%:*}@$digest" >>"$rc/images"
+    n=$((n + 1))
+  done
 }
 
 # host_root NAME PACKAGES: a Debian 12 host's facts as the agent reads them: os-release, a dpkg
@@ -169,6 +206,7 @@ POD_CIDR=10.244.$n.0/24
 POD_CIDR6=$(pod_cidr6 "$n")
 CLUSTER_CIDR=$cluster_cidrs
 ROUTER_NETNS=$router
+REGISTRY=$router_ip:5000
 ROUTER_IP=$router_ip
 ROUTER_IP6=$router_ip6
 PEER=$prefix-v$n
@@ -229,9 +267,6 @@ cmd_up() {
     "$repo/hack/real-node.sh" up "$name"
     kubectl patch node "$name" --type merge \
       -p "{\"spec\":{\"podCIDR\":\"10.244.$n.0/24\",\"podCIDRs\":[\"10.244.$n.0/24\",\"$(pod_cidr6 "$n")\"]}}" >/dev/null
-    for archive in "${images[@]}"; do
-      "$repo/hack/real-node.sh" import "$name" "$archive"
-    done
     n=$((n + 1))
   done
   kubectl wait --for=condition=Ready node $(node_names) --timeout=120s >/dev/null ||
@@ -260,7 +295,7 @@ cmd_down_network() {
     fi
   done
   local pid
-  for name in relay-host relay-router egress-proxy; do
+  for name in relay-host relay-router egress-proxy registry relay-registry-host relay-registry-router; do
     if pid="$(pid_of "$name")"; then kill -KILL "$pid" 2>/dev/null || true; fi
   done
   if [[ -e "/run/netns/$router" ]]; then
@@ -281,6 +316,8 @@ cmd_env() {
   # For the chart: --set agent.perNodeHostRoots=$LOOPGUARD_NODE_ROOTS,agent.xtablesLock=$LOOPGUARD_XTABLES_LOCK
   echo "export LOOPGUARD_NODE_ROOTS=$rc/hosts"
   echo "export LOOPGUARD_XTABLES_LOCK=$rc/xtables.lock"
+  # The pushed images, as the nodes pull them (--set image.registry=...,image.digest=...).
+  if [[ -f "$rc/images" ]]; then sed 's/^/export /' "$rc/images"; fi
 }
 
 cmd_status() {

@@ -188,7 +188,18 @@ state = "$dir/containerd/state"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
     # runc's state per node: its default, /run/containerd/runc/k8s.io, would be shared by all nodes.
     Root = "$dir/runc"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$dir/containerd/certs.d"
 EOF
+  # The cluster's registry (hack/real-cluster.sh), over plain HTTP.
+  if [[ -n "${REGISTRY:-}" ]]; then
+    mkdir -p "$dir/containerd/certs.d/$REGISTRY"
+    cat >"$dir/containerd/certs.d/$REGISTRY/hosts.toml" <<EOF
+server = "http://$REGISTRY"
+[host."http://$REGISTRY"]
+  capabilities = ["pull", "resolve"]
+EOF
+  fi
   local pki="$cluster/pki"
   cat >"$dir/kubeconfig" <<EOF
 apiVersion: v1

@@ -129,7 +129,8 @@ fn running_cluster_from_kubeconfig() -> Option<PathBuf> {
 }
 
 /// A real cluster of this test binary's own (hack/real-cluster.sh: three real nodes with a pod
-/// network and kube-proxy), the OCI `images` imported on every node; taken down on drop, and by
+/// network and kube-proxy), the OCI `images` pushed to the cluster's registry, which the nodes pull
+/// them from by digest (`RealCluster::images`); taken down on drop, and by
 /// the watchdog when the test binary dies. `None` (after a message) as for `private`.
 pub fn real(tag: &str, images: &[&Path]) -> Option<RealCluster> {
     let mut args = vec!["--owner-pid".to_string(), std::process::id().to_string()];
@@ -161,7 +162,11 @@ pub fn real(tag: &str, images: &[&Path]) -> Option<RealCluster> {
         .map(String::from)
         .collect();
     assert_eq!(nodes.len(), 3, "{env}");
+    let images: Vec<String> = (0..images.len())
+        .map(|n| value(&format!("LOOPGUARD_REAL_IMAGE_{n}")))
+        .collect();
     Some(RealCluster {
+        images,
         node_roots: PathBuf::from(value("LOOPGUARD_NODE_ROOTS")),
         xtables_lock: PathBuf::from(value("LOOPGUARD_XTABLES_LOCK")),
         nodes,
@@ -178,6 +183,9 @@ pub struct RealCluster {
     pub node_roots: PathBuf,
     /// The nodes' xtables lock (the chart's `agent.xtablesLock`).
     pub xtables_lock: PathBuf,
+    /// The images given to `real`, in that order, as the nodes pull them from the cluster's
+    /// registry: `10.254.10.1:5000/REPOSITORY@sha256:...`.
+    pub images: Vec<String>,
 }
 
 impl RealCluster {
@@ -196,13 +204,20 @@ impl RealCluster {
         format!("https://10.254.10.1:{}", port.trim_matches('"'))
     }
 
-    /// The chart's values that put each agent on its own node's host facts and lock.
+    /// The chart's values that put each agent on its own node's host facts and lock, and pull the
+    /// first image from the cluster's registry by digest.
     pub fn chart_values(&self) -> String {
-        format!(
+        let mut values = format!(
             "agent.perNodeHostRoots={},agent.xtablesLock={}",
             self.node_roots.display(),
             self.xtables_lock.display()
-        )
+        );
+        if let Some(image) = self.images.first() {
+            let (name, digest) = image.split_once('@').expect("REPOSITORY@DIGEST");
+            let (registry, _repository) = name.split_once('/').expect("REGISTRY/REPOSITORY");
+            values.push_str(&format!(",image.registry={registry},image.digest={digest}"));
+        }
+        values
     }
 }
 
