@@ -8,6 +8,7 @@ use crate::api::{LoopbackNodeState, LoopbackNodeStateStatus, LoopbackPolicy};
 use crate::{Error, Result};
 
 pub mod archive;
+mod html;
 mod oscal;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, ListParams};
@@ -599,7 +600,7 @@ pub fn render(e: &Evidence, format: Format) -> String {
         Format::Json => serde_json::to_string_pretty(e).expect("serializes") + "\n",
         Format::Table => table(e),
         Format::Csv => csv(e),
-        Format::Html => html(e),
+        Format::Html => html::render(e),
         Format::Oscal => oscal::render(e),
     }
 }
@@ -737,210 +738,6 @@ fn csv(e: &Evidence) -> String {
         w.write_record(&fields).expect("writes to memory");
     }
     String::from_utf8(w.into_inner().expect("flushes to memory")).expect("UTF-8 in, UTF-8 out")
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn html(e: &Evidence) -> String {
-    let s = &e.summary;
-    let failing = s.failing();
-    let overall = if failing == 0 && s.compliant > 0 {
-        ("pass", "Every managed node carries the baseline")
-    } else if failing == 0 {
-        ("none", "No node is verified compliant")
-    } else {
-        ("fail", "Some nodes do not carry the baseline")
-    };
-    let mut h = String::new();
-    let _ = write!(
-        h,
-        r#"<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>loopguard evidence: {title}</title>
-<style>
-body {{ font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem; color: #1d2433; padding: 0 1.5rem; }}
-h1 {{ font-size: 1.6rem; margin: 0 0 .2rem; }} h2 {{ font-size: 1.15rem; margin: 2rem 0 .6rem; }}
-.meta {{ color: #5b6478; font-size: .9rem; }} code {{ font: .85rem ui-monospace, monospace; background: #f1f3f7; padding: .05rem .3rem; border-radius: 3px; }}
-.banner {{ margin: 1.2rem 0; padding: .9rem 1.1rem; border-radius: 8px; font-weight: 600; }}
-.banner.pass {{ background: #e4f6ea; color: #14632f; }} .banner.fail {{ background: #fde8e8; color: #8a1c1c; }} .banner.none {{ background: #fff4dc; color: #7a5200; }}
-.cards {{ display: grid; grid-template-columns: repeat(auto-fit, minmax(9rem, 1fr)); gap: .8rem; }}
-.card {{ border: 1px solid #e1e5ee; border-radius: 8px; padding: .8rem 1rem; }}
-.card .n {{ font-size: 1.8rem; font-weight: 700; display: block; }} .card .l {{ color: #5b6478; font-size: .85rem; }}
-table {{ border-collapse: collapse; width: 100%; font-size: .88rem; }}
-th, td {{ text-align: left; padding: .45rem .55rem; border-bottom: 1px solid #e8ebf2; vertical-align: top; }}
-th {{ background: #f6f7fa; font-weight: 600; }}
-.v {{ font-weight: 600; padding: .1rem .45rem; border-radius: 4px; white-space: nowrap; }}
-.v-Compliant {{ background: #e4f6ea; color: #14632f; }} .v-NonCompliant, .v-Error, .v-Unknown, .v-Missing {{ background: #fde8e8; color: #8a1c1c; }}
-.v-NotApplicable, .v-Unmanaged, .v-Exempted {{ background: #eef0f5; color: #454d60; }}
-ul.rules {{ margin: 0; padding-left: 1rem; }} .small {{ color: #5b6478; font-size: .8rem; }}
-</style></head><body>
-<h1>IPv6 loopback baseline: compliance evidence</h1>
-<div class="meta">Rule <code>{id}</code>, {title}<br>{refs}<br>Generated {at} from <code>{cluster}</code>{uid} by loopguard {version}</div>
-<div class="banner {class}" id="overall">{overall}</div>
-<div class="cards">
-"#,
-        title = escape(&e.rule.title),
-        id = escape(&e.rule.id),
-        refs = e
-            .rule
-            .references
-            .iter()
-            .map(|r| escape(r))
-            .collect::<Vec<_>>()
-            .join("; "),
-        at = escape(&e.generated_at),
-        cluster = escape(&e.cluster),
-        uid = e
-            .cluster_uid
-            .as_ref()
-            .map(|u| format!(" (cluster {})", escape(u)))
-            .unwrap_or_default(),
-        version = escape(&e.loopguard_version),
-        class = overall.0,
-        overall = overall.1,
-    );
-    for (id, label, n) in [
-        ("nodes", "nodes", s.nodes),
-        ("compliant", "compliant", s.compliant),
-        ("non-compliant", "not compliant", s.non_compliant),
-        ("exempted", "exempted (LoopbackException)", s.exempted),
-        ("not-applicable", "not applicable", s.not_applicable),
-        ("errored", "errors", s.errored),
-        ("unknown", "unknown (no live agent)", s.unknown),
-        ("unmanaged", "unmanaged", s.unmanaged),
-        ("missing", "missing (no agent report)", s.missing),
-    ] {
-        let _ = writeln!(
-            h,
-            r#"<div class="card"><span class="n" id="count-{id}">{n}</span><span class="l">{label}</span></div>"#
-        );
-    }
-    h.push_str("</div>\n<h2>Baseline</h2>\n<ul class=\"rules\">");
-    for rule in &e.rule.baseline {
-        let _ = write!(h, "<li><code>{}</code></li>", escape(rule));
-    }
-    h.push_str("</ul>\n<h2>Policies</h2>\n<table><tr><th>Policy</th><th>Mode</th><th>Compliant</th><th>Nodes</th><th>Why</th><th>Last approved change</th></tr>\n");
-    for p in &e.policies {
-        let approval = p.last_approval.as_ref().map_or("-".to_string(), |a| {
-            format!(
-                "{} <span class=\"small\">{}{}</span>",
-                escape(&a.by),
-                escape(&a.reason),
-                a.generation
-                    .map(|g| format!(" (generation {g})"))
-                    .unwrap_or_default()
-            )
-        });
-        let _ = writeln!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}/{} ({} not applicable)</td><td>{} <span class=\"small\">{}</span></td><td>{approval}</td></tr>",
-            escape(&p.name),
-            escape(&p.mode),
-            escape(&p.compliant),
-            p.compliant_nodes,
-            p.targeted_nodes - p.not_applicable_nodes,
-            p.not_applicable_nodes,
-            escape(&p.reason),
-            escape(&p.message)
-        );
-    }
-    if !e.exceptions.is_empty() {
-        h.push_str("</table>\n<h2>Exceptions</h2>\n<table id=\"exceptions\"><tr><th>Exception</th><th>State</th><th>Rules</th><th>Nodes exempted</th><th>Approved</th><th>Ticket</th><th>Expires</th><th>Justification</th></tr>\n");
-        for x in &e.exceptions {
-            let _ = writeln!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} <span class=\"small\">{}</span></td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&x.name),
-                escape(&x.state),
-                escape(&x.rule_ids.join(", ")),
-                escape(&x.exempted_nodes.join(", ")),
-                escape(&x.approved_by),
-                escape(&x.approved_at),
-                escape(&x.ticket),
-                escape(&x.expires),
-                escape(&x.justification),
-            );
-        }
-    }
-    h.push_str("</table>\n<h2>Loopback rules</h2>\n<table id=\"rules\"><tr><th>Rule (ComplianceAsCode)</th><th>Pass</th><th>Fail</th><th>Not applicable</th><th>Ignored</th><th>Unknown</th></tr>\n");
-    for r in &e.rules {
-        let _ = writeln!(
-            h,
-            "<tr id=\"rule-{id}\"><td><code>{id}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            r.pass,
-            r.fail,
-            r.not_applicable,
-            r.ignored,
-            r.unknown,
-            id = escape(&r.id),
-        );
-    }
-    h.push_str("</table>\n<h2>Nodes</h2>\n<table id=\"nodes\"><tr><th>Node</th><th>Verdict</th><th>Rules</th><th>Backend</th><th>Last verified</th><th>Repairs</th><th>Agent</th></tr>\n");
-    for n in &e.nodes {
-        let rules: String = n
-            .rules
-            .iter()
-            .map(|r| {
-                format!(
-                    "<li><code>{}</code> {}{}</li>",
-                    escape(&r.rule),
-                    escape(&r.state),
-                    if r.owned {
-                        ", inserted by loopguard"
-                    } else {
-                        ""
-                    }
-                )
-            })
-            .chain(
-                n.checks
-                    .iter()
-                    .filter(|c| c.applies != Some(false))
-                    .map(|c| {
-                        format!(
-                            "<li><code>{}</code> {}<span class=\"small\"> {}</span></li>",
-                            escape(&c.id),
-                            escape(&c.verdict),
-                            escape(&c.reason)
-                        )
-                    }),
-            )
-            .collect();
-        let _ = writeln!(
-            h,
-            "<tr><td>{node}<div class=\"small\">{policy}</div></td><td><span class=\"v v-{v}\">{v}</span><div class=\"small\">{reason}: {message}{since}</div></td><td><ul class=\"rules\">{rules}</ul></td><td>{backend}</td><td>{verified}</td><td>{repairs}<div class=\"small\">{last}</div></td><td>{agent}</td></tr>",
-            node = escape(&n.node),
-            policy = escape(n.policy.as_deref().unwrap_or("no policy")),
-            v = escape(&n.verdict),
-            reason = escape(&n.reason),
-            message = escape(&n.message),
-            since = since(n),
-            backend = escape(n.backend.as_deref().unwrap_or("-")),
-            verified = escape(n.last_verified_time.as_deref().unwrap_or("never")),
-            repairs = n.repairs,
-            last = escape(n.last_repair_time.as_deref().unwrap_or("")),
-            agent = escape(n.agent_version.as_deref().unwrap_or("-")),
-        );
-    }
-    h.push_str("</table>\n</body></html>\n");
-    h
-}
-
-/// When the node's verdict began, and since when it is not compliant, for the HTML page.
-fn since(n: &NodeEvidence) -> String {
-    let mut out = String::new();
-    if let Some(t) = &n.verdict_since {
-        let _ = write!(out, "<br>verdict since {}", escape(t));
-    }
-    if let Some(t) = &n.non_compliant_since {
-        let _ = write!(out, "<br><b>not compliant since {}</b>", escape(t));
-    }
-    out
 }
 
 /// `loopguard report`: exit 0 when every managed node is compliant or not applicable, 1 when one
@@ -1331,7 +1128,11 @@ mod tests {
             "no external assets"
         );
         assert!(page.contains(r#"id="count-unknown">1<"#));
-        assert!(page.contains("&quot;quoted&quot; &lt;message&gt;"));
+        // askama's HTML escaping: numeric character references.
+        assert!(
+            page.contains("&#34;quoted&#34; &#60;message&#62;"),
+            "{page}"
+        );
         assert!(!page.contains("<message>"));
     }
 
@@ -1612,7 +1413,7 @@ mod tests {
         );
         let page = render(&e, Format::Html);
         assert!(
-            page.contains("dave <span class=\"small\">CHG-9 &lt;audit&gt; (generation 3)</span>"),
+            page.contains("dave <span class=\"small\">CHG-9 &#60;audit&#62; (generation 3)</span>"),
             "{page}"
         );
     }
