@@ -73,18 +73,6 @@ async fn wait_state(
 }
 
 /// What a user runs: `kubectl wait --for=condition=Compliant lbp/baseline`.
-fn wait_compliant(cluster: &Cluster) {
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Compliant",
-            "lbp/baseline",
-            "--timeout=60s",
-        ],
-        None,
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loopguard_end_to_end_on_hollow_nodes() {
     // A control plane of its own: this test stops the API server.
@@ -166,7 +154,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         .create(&PostParams::default(), &policy)
         .await
         .unwrap();
-    wait_compliant(&cluster);
+    cluster.wait_compliant("baseline", "60s");
     println!(
         "kubectl apply → Compliant=True on 4 nodes: {:?}",
         applied.elapsed()
@@ -459,7 +447,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         .unwrap();
     assert_eq!(compliant.reason, "AgentsUnavailable", "{compliant:?}");
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-    wait_compliant(&cluster);
+    cluster.wait_compliant("baseline", "60s");
 
     // A broken node says so: with a corrupt state file its agent stays up, writes nothing, and
     // reports Error with what to do; once the file is back it enforces again.
@@ -536,7 +524,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     })
     .await;
     assert!(scanner_passes(&n.legacy, "legacy"));
-    wait_compliant(&cluster);
+    cluster.wait_compliant("baseline", "60s");
 
     // At steady state an agent writes only its heartbeat: 3600/heartbeat writes per hour.
     let writes = || -> f64 {
@@ -685,7 +673,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
         "only loopguard's rules went"
     );
     assert!(chain(&n.legacy, "legacy", "OUTPUT").is_empty());
-    wait_compliant(&cluster);
+    cluster.wait_compliant("baseline", "60s");
 
     // Deleting the policy removes what loopguard inserted and keeps what it adopted. The nft
     // node's xtables lock is held meanwhile: its cleanup fails, says so, and is retried until it

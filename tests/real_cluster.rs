@@ -795,7 +795,7 @@ async fn the_kubelet_runs_the_chart_as_it_says() {
     let [legacy, nft, nftables] = [&real.nodes[0], &real.nodes[1], &real.nodes[2]];
     deploy::install_on_real(&real, &["agent.resync=5"]);
     cluster.kubectl_ok(&["apply", "-f", "-"], Some(EVERY_NODE));
-    wait_compliant(cluster, "every-node");
+    cluster.wait_compliant("every-node", "180s");
 
     // The legacy node's agent under the runtime's default seccomp profile (mode 2: filter),
     // enforcing through the kernel's table interface.
@@ -889,7 +889,7 @@ async fn the_kubelet_runs_the_chart_as_it_says() {
         restarts(&before),
         "{before:?} → {after:?}"
     );
-    wait_compliant(cluster, "every-node");
+    cluster.wait_compliant("every-node", "180s");
 
     // Passes over a big table: 50,000 rules of the test's own (in a chain nothing jumps to) in
     // every node's ip6tables filter table, while kube-proxy syncs through it too, for a minute (twice
@@ -923,7 +923,7 @@ async fn the_kubelet_runs_the_chart_as_it_says() {
             (sum1 - sum0) / (n1 - n0) * 1000.0
         );
     }
-    wait_compliant(cluster, "every-node");
+    cluster.wait_compliant("every-node", "180s");
 
     // Wedged agents (SIGSTOP: they answer no probe) are restarted by the liveness probe.
     let wedged = Instant::now();
@@ -974,7 +974,7 @@ async fn the_kubelet_runs_the_chart_as_it_says() {
         },
     )
     .await;
-    wait_compliant(cluster, "every-node");
+    cluster.wait_compliant("every-node", "180s");
     println!(
         "three nodes rebooted: Compliant again after {:?}",
         rebooted.elapsed()
@@ -1035,18 +1035,6 @@ async fn the_kubelet_runs_the_chart_as_it_says() {
 
     // Taken down with the chart running: its pods' containers go with the nodes.
     taken_down_completely(real, true);
-}
-
-fn wait_compliant(cluster: &support::cluster::Cluster, policy: &str) {
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Compliant",
-            &format!("lbp/{policy}"),
-            "--timeout=180s",
-        ],
-        None,
-    );
 }
 
 fn cluster_sh(cluster: &support::cluster::Cluster, command: &str) {

@@ -172,6 +172,23 @@ fn verify(tools: &Path, key: &Path, subject: &str) -> std::process::Output {
     )
 }
 
+/// `cosign verify-attestation` of the attestations of `kind` on `subject`, with `key`.
+fn verify_attestation(tools: &Path, key: &Path, kind: &str, subject: &str) -> std::process::Output {
+    cosign(
+        tools,
+        &[
+            "verify-attestation",
+            "--key",
+            key.to_str().unwrap(),
+            "--insecure-ignore-tlog",
+            "--allow-http-registry",
+            "--type",
+            kind,
+            subject,
+        ],
+    )
+}
+
 fn generate_key_pair(tools: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
     let mut c = Command::new(tools.join("cosign"));
@@ -317,19 +334,7 @@ async fn a_release_is_pushed_signed_verified_and_installed_from_the_registry() {
     assert!(verify(&tools, &public, &image).status.success());
 
     // The SBOM, as a user gets it: the verified attestation's predicate.
-    let attested = cosign(
-        &tools,
-        &[
-            "verify-attestation",
-            "--key",
-            public.to_str().unwrap(),
-            "--insecure-ignore-tlog",
-            "--allow-http-registry",
-            "--type",
-            "spdxjson",
-            &image,
-        ],
-    );
+    let attested = verify_attestation(&tools, &public, "spdxjson", &image);
     assert!(
         attested.status.success(),
         "cosign verify-attestation:\n{}",
@@ -379,19 +384,7 @@ async fn a_release_is_pushed_signed_verified_and_installed_from_the_registry() {
             "{deb} missing from the SBOM"
         );
     }
-    let provenance = cosign(
-        &tools,
-        &[
-            "verify-attestation",
-            "--key",
-            public.to_str().unwrap(),
-            "--insecure-ignore-tlog",
-            "--allow-http-registry",
-            "--type",
-            "slsaprovenance1",
-            &image,
-        ],
-    );
+    let provenance = verify_attestation(&tools, &public, "slsaprovenance1", &image);
     assert!(provenance.status.success(), "the provenance verifies");
 
     // helm install oci://, the image by digest (hollow nodes run it as the local binary).
@@ -456,15 +449,7 @@ async fn install_from_registry(cluster: &Cluster, reg: &str, version: &str, imag
         images.split_whitespace().all(|i| i == image),
         "every Pod runs {image}: {images}"
     );
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Compliant",
-            "lbp/default",
-            "--timeout=180s",
-        ],
-        None,
-    );
+    cluster.wait_compliant("default", "180s");
 }
 
 /// The base images are reproducible: rebuilt from hack/image/bookworm.lock in a buildah storage of

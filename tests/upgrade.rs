@@ -44,18 +44,6 @@ fn crd_revision(cluster: &Cluster, crd: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn wait_compliant(cluster: &Cluster) {
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Compliant",
-            "lbp/default",
-            "--timeout=180s",
-        ],
-        None,
-    );
-}
-
 /// The agent Pods' images, once every agent Pod runs `image` and is Ready.
 async fn agents_run(client: &kube::Client, image: &str, nodes: usize) {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), NS);
@@ -132,7 +120,7 @@ async fn an_upgrade_from_the_previous_release_and_a_rollback() {
     install.push(&repository);
     install.extend(common);
     deploy::helm(&cluster, &install);
-    wait_compliant(&cluster);
+    cluster.wait_compliant("default", "180s");
     agents_run(&client, PREVIOUS_IMAGE, nodes.len()).await;
     assert_eq!(
         crd_revision(&cluster, "loopbackexceptions.loopguard.dev"),
@@ -174,7 +162,7 @@ async fn an_upgrade_from_the_previous_release_and_a_rollback() {
         ],
         None,
     );
-    wait_compliant(&cluster);
+    cluster.wait_compliant("default", "180s");
     // Every object readable by this version; the agents write the new fields (verdict history).
     let states: Api<LoopbackNodeState> = Api::all(client.clone());
     eventually(
@@ -250,7 +238,7 @@ async fn an_upgrade_from_the_previous_release_and_a_rollback() {
         },
     )
     .await;
-    wait_compliant(&cluster);
+    cluster.wait_compliant("default", "180s");
     assert_eq!(
         crd_revision(&cluster, "loopbackexceptions.loopguard.dev").as_deref(),
         Some(revision.as_str()),

@@ -28,6 +28,23 @@ def spdx_id(kind, name, version):
     return "SPDXRef-" + re.sub(r"[^A-Za-z0-9.-]", "-", f"{kind}-{name}-{version}")
 
 
+def package(spdxid, name, version, purl):
+    """An SPDX package known by name, version and purl only (no files analysed, licenses not asserted)."""
+    return {
+        "name": name,
+        "SPDXID": spdxid,
+        "versionInfo": version,
+        "downloadLocation": "NOASSERTION",
+        "filesAnalyzed": False,
+        "licenseConcluded": "NOASSERTION",
+        "licenseDeclared": "NOASSERTION",
+        "copyrightText": "NOASSERTION",
+        "externalRefs": [
+            {"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl", "referenceLocator": purl}
+        ],
+    }
+
+
 def crates(lock_path):
     try:
         with open(lock_path, "rb") as f:
@@ -39,23 +56,8 @@ def crates(lock_path):
     for p in packages:
         name, version = p["name"], p["version"]
         # Where a crate came from is its purl (pkg:cargo names the default registry) and checksum.
-        entry = {
-            "name": name,
-            "SPDXID": spdx_id("crate", name, version),
-            "versionInfo": version,
-            "downloadLocation": "NOASSERTION",
-            "filesAnalyzed": False,
-            "licenseConcluded": "NOASSERTION",
-            "licenseDeclared": "NOASSERTION",
-            "copyrightText": "NOASSERTION",
-            "externalRefs": [
-                {
-                    "referenceCategory": "PACKAGE-MANAGER",
-                    "referenceType": "purl",
-                    "referenceLocator": f"pkg:cargo/{quote(name)}@{quote(version)}",
-                }
-            ],
-        }
+        entry = package(spdx_id("crate", name, version), name, version,
+                        f"pkg:cargo/{quote(name)}@{quote(version)}")
         if p.get("checksum"):
             entry["checksums"] = [{"algorithm": "SHA256", "checksumValue": p["checksum"]}]
         out.append(entry)
@@ -79,27 +81,10 @@ def debian_packages(status_path):
         if not fields.get("Status", "").endswith(" installed"):
             continue
         name, version, arch = fields["Package"], fields["Version"], fields.get("Architecture", "")
-        out.append(
-            {
-                "name": name,
-                "SPDXID": spdx_id("deb", name, version),
-                "versionInfo": version,
-                "supplier": "Organization: Debian",
-                "downloadLocation": "NOASSERTION",
-                "filesAnalyzed": False,
-                "licenseConcluded": "NOASSERTION",
-                "licenseDeclared": "NOASSERTION",
-                "copyrightText": "NOASSERTION",
-                "externalRefs": [
-                    {
-                        "referenceCategory": "PACKAGE-MANAGER",
-                        "referenceType": "purl",
-                        "referenceLocator": f"pkg:deb/debian/{quote(name)}@{quote(version)}"
-                        + (f"?arch={arch}" if arch else ""),
-                    }
-                ],
-            }
-        )
+        purl = f"pkg:deb/debian/{quote(name)}@{quote(version)}" + (f"?arch={arch}" if arch else "")
+        entry = package(spdx_id("deb", name, version), name, version, purl)
+        entry["supplier"] = "Organization: Debian"
+        out.append(entry)
     if not out:
         fail(f"{status_path} lists no installed package: is it an image's var/lib/dpkg/status?")
     return sorted(out, key=lambda p: p["name"])

@@ -304,6 +304,20 @@ impl Cluster {
     }
 
     /// Runs `kubectl ARGS` (with `stdin`, if any) and returns its stdout; panics when it fails.
+    /// `kubectl wait --for=condition=Compliant lbp/POLICY --timeout=TIMEOUT`, insisting that it
+    /// succeeds: what a user runs after applying a policy.
+    pub fn wait_compliant(&self, policy: &str, timeout: &str) {
+        self.kubectl_ok(
+            &[
+                "wait",
+                "--for=condition=Compliant",
+                &format!("lbp/{policy}"),
+                &format!("--timeout={timeout}"),
+            ],
+            None,
+        );
+    }
+
     pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
         let mut kubectl = self.kubectl();
         kubectl.args(args);
