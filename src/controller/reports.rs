@@ -35,6 +35,38 @@ pub struct Round {
     pub failed: usize,
 }
 
+/// A report to write: its name, the object, and its content (what is compared between rounds).
+type Write<'a> = (&'a String, &'a Value, Value);
+
+/// What one round does (pure): write each desired report whose content differs from what loopguard
+/// last wrote and from what another manager refused it, then delete reports loopguard wrote that are
+/// no longer desired; at most `budget` writes and deletions together, writes first, the rest left
+/// to the next rounds.
+fn plan<'a>(
+    desired: &'a BTreeMap<String, Value>,
+    written: &HashMap<String, Value>,
+    refused: &HashMap<String, Value>,
+    budget: usize,
+) -> (Vec<Write<'a>>, Vec<String>) {
+    let writes: Vec<Write<'a>> = desired
+        .iter()
+        .filter_map(|(name, report)| {
+            let content = policy_report::content(report);
+            let current =
+                written.get(name) == Some(&content) || refused.get(name) == Some(&content);
+            (!current).then_some((name, report, content))
+        })
+        .take(budget)
+        .collect();
+    let gone = written
+        .keys()
+        .filter(|name| !desired.contains_key(*name))
+        .take(budget - writes.len())
+        .cloned()
+        .collect();
+    (writes, gone)
+}
+
 impl PolicyReports {
     pub fn new(client: Client) -> PolicyReports {
         let (group, version) = API_VERSION.split_once('/').expect("group/version");
@@ -75,16 +107,8 @@ impl PolicyReports {
             }
         }
         let written = self.written.as_mut().expect("loaded");
-        let mut budget = MAX_WRITES;
-        for (name, report) in desired {
-            if budget == 0 {
-                break;
-            }
-            let content = policy_report::content(report);
-            if written.get(name) == Some(&content) || self.refused.get(name) == Some(&content) {
-                continue;
-            }
-            budget -= 1;
+        let (writes, gone) = plan(desired, written, &self.refused, MAX_WRITES);
+        for (name, report, content) in writes {
             // Never forced: a report of the same name that another manager wrote stays its own
             // (a conflict, logged), loopguard's own earlier writes apply without one.
             let params = PatchParams::apply(crate::api::CONTROLLER_MANAGER);
@@ -105,12 +129,6 @@ impl PolicyReports {
                 }
             }
         }
-        let gone: Vec<String> = written
-            .keys()
-            .filter(|name| !desired.contains_key(*name))
-            .take(budget)
-            .cloned()
-            .collect();
         for name in gone {
             match self.api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {
@@ -144,5 +162,72 @@ impl PolicyReports {
                 (o.name_any(), content)
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn report(result: &str) -> Value {
+        json!({ "scope": {}, "summary": {}, "results": [{ "result": result }] })
+    }
+
+    fn named(range: std::ops::Range<usize>, result: &str) -> BTreeMap<String, Value> {
+        range
+            .map(|i| (format!("r{i:04}"), report(result)))
+            .collect()
+    }
+
+    fn contents(reports: &BTreeMap<String, Value>) -> HashMap<String, Value> {
+        reports
+            .iter()
+            .map(|(n, r)| (n.clone(), policy_report::content(r)))
+            .collect()
+    }
+
+    #[test]
+    fn a_round_writes_at_most_its_budget_and_the_rest_follow() {
+        let desired = named(0..250, "pass");
+        let mut written = HashMap::new();
+        for round in 0..3 {
+            let (writes, gone) = plan(&desired, &written, &HashMap::new(), MAX_WRITES);
+            assert_eq!(writes.len(), (250 - round * 100).min(100), "round {round}");
+            assert!(gone.is_empty());
+            for (name, _, content) in writes {
+                written.insert(name.clone(), content);
+            }
+        }
+        assert_eq!(written, contents(&desired));
+        let (writes, gone) = plan(&desired, &written, &HashMap::new(), MAX_WRITES);
+        assert!(writes.is_empty() && gone.is_empty(), "nothing left to do");
+    }
+
+    #[test]
+    fn deletions_share_the_budget_after_the_writes() {
+        let before = named(0..200, "pass");
+        let written = contents(&before);
+        // 30 changed, 150 no longer desired (nodes gone), 20 unchanged.
+        let mut desired = named(0..30, "fail");
+        desired.extend(named(180..200, "pass"));
+        let (writes, gone) = plan(&desired, &written, &HashMap::new(), MAX_WRITES);
+        assert_eq!(writes.len(), 30);
+        assert_eq!(gone.len(), 70);
+        assert!(gone.iter().all(|n| !desired.contains_key(n)));
+    }
+
+    #[test]
+    fn a_refused_report_is_tried_again_only_when_its_content_changes() {
+        let desired = named(0..1, "fail");
+        let refused = contents(&desired);
+        let (writes, _) = plan(&desired, &HashMap::new(), &refused, MAX_WRITES);
+        assert!(writes.is_empty(), "the same content is not retried");
+        let changed = named(0..1, "pass");
+        let (writes, _) = plan(&changed, &HashMap::new(), &refused, MAX_WRITES);
+        assert_eq!(writes.len(), 1);
+        // Only reports loopguard wrote are ever deleted: a refused one is not in `written`.
+        let (_, gone) = plan(&BTreeMap::new(), &HashMap::new(), &refused, MAX_WRITES);
+        assert!(gone.is_empty());
     }
 }
