@@ -1111,15 +1111,7 @@ async fn the_openshift_rendering_fits_its_scc_schema_and_the_agent() {
     };
     let crd = format!("{REPO}/tests/fixtures/openshift/securitycontextconstraints.crd.yaml");
     cluster.kubectl_ok(&["apply", "--server-side", "-f", &crd], None);
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/securitycontextconstraints.security.openshift.io",
-            "--timeout=60s",
-        ],
-        None,
-    );
+    cluster.wait_established(&["securitycontextconstraints.security.openshift.io"]);
     let client = cluster.client().await;
     let namespace = cluster.namespace(&client, "chart-ocp").await;
     let release = unique_name("lgocp");

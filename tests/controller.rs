@@ -548,15 +548,8 @@ async fn policy_reports_follow_the_nodes_and_touch_nothing_else() {
     );
     w.cluster
         .kubectl_ok(&["apply", "--server-side", "-f", crd], None);
-    w.cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/clusterpolicyreports.wgpolicyk8s.io",
-            "--timeout=60s",
-        ],
-        None,
-    );
+    w.cluster
+        .wait_established(&["clusterpolicyreports.wgpolicyk8s.io"]);
     let resource = kube::api::ApiResource::from_gvk_with_plural(
         &kube::api::GroupVersionKind::gvk("wgpolicyk8s.io", "v1alpha2", "ClusterPolicyReport"),
         "clusterpolicyreports",

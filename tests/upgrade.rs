@@ -153,15 +153,7 @@ async fn an_upgrade_from_the_previous_release_and_a_rollback() {
         )
         .await;
     }
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/loopbackexceptions.loopguard.dev",
-            "--timeout=60s",
-        ],
-        None,
-    );
+    cluster.wait_established(&["loopbackexceptions.loopguard.dev"]);
     cluster.wait_compliant("default", "180s");
     // Every object readable by this version; the agents write the new fields (verdict history).
     let states: Api<LoopbackNodeState> = Api::all(client.clone());

@@ -338,17 +338,36 @@ impl Cluster {
                 ],
                 None,
             );
-            self.kubectl_ok(
-                &[
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=60s",
-                    "crd/loopbackpolicies.loopguard.dev",
-                    "crd/loopbacknodestates.loopguard.dev",
-                ],
-                None,
-            );
+            self.wait_established(&[
+                "loopbackpolicies.loopguard.dev",
+                "loopbacknodestates.loopguard.dev",
+            ]);
         });
+    }
+
+    /// Waits (60 s at most) until every one of `crds` is Established. `kubectl wait` fails at once,
+    /// instead of waiting, while a new CRD has no conditions yet (".status.conditions accessor
+    /// error: <nil>"), so it is run again until it succeeds.
+    pub fn wait_established(&self, crds: &[&str]) {
+        let mut args = vec![
+            "wait".to_string(),
+            "--for=condition=Established".to_string(),
+            "--timeout=60s".to_string(),
+        ];
+        args.extend(crds.iter().map(|c| format!("crd/{c}")));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = self.kubectl().args(&args).output().unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "kubectl {args:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
     }
 
     /// Restarts kube-apiserver on the same port; etcd and its data stay.
