@@ -260,8 +260,10 @@ record_digests() {
 }
 
 if [[ $mode == refresh ]]; then
+  # No recorded digest, so that nothing in storage (an image still in use cannot be removed) or in
+  # the cache counts as already built.
   buildah rmi "$debian" "$rust" >/dev/null 2>&1 || true
-  : >"$digests.new" && mv "$digests.new" "$digests"
+  : >"$digests"
   bases
   write_locks
   rm -f "$cache"/*-refresh.tar
@@ -284,7 +286,6 @@ if [[ $mode == verify ]]; then
   buildah() { command buildah --root "$store/root" --runroot "$store/run" "$@"; }
   cache="$store/cache"
   mkdir -p "$cache"
-  mode=verify
   bases
   failed=0
   for pair in "debian:12.11-slim=$debian" "rust:$rust_version-slim-bookworm=$rust"; do

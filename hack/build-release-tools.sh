@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the release tools pinned in hack/release/tools/go.mod (go-containerregistry's crane, whose
-# `crane registry serve` is the local OCI registry, and cosign) into a cache folder outside the checkout and prints its bin/ path. The folder's name
-# carries cosign's version and a hash of go.mod, go.sum and the Go version: a changed pin builds afresh.
+# `crane registry serve` is the local OCI registry, and cosign) into a cache folder outside the
+# checkout and prints its bin/ path. The folder's name carries cosign's version and a hash of go.mod,
+# go.sum and the Go version: a changed pin builds afresh.
 #
 #   hack/build-release-tools.sh        build what is missing (cold: about 5 minutes), print the bin dir
 #   LOOPGUARD_BIN_CACHE=/x hack/...    cache root (default ~/.cache/loopguard)

@@ -20,6 +20,8 @@ die() {
   exit 2
 }
 
+command -v curl >/dev/null || die "curl not found: install it (apt-get install curl), then run this again"
+
 # The registry's pid, only while that process still runs with our state dir in its command line.
 running() {
   local pid

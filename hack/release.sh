@@ -33,6 +33,9 @@ die() {
   exit 2
 }
 
+for tool in git curl python3 tar; do
+  command -v "$tool" >/dev/null || die "$tool not found: install it (apt-get install $tool), then run this again"
+done
 [[ $# -eq 1 && "$1" != -* ]] || die "usage: LOOPGUARD_REGISTRY=HOST:PORT COSIGN_KEY=FILE hack/release.sh VERSION"
 version="$1"
 [[ "$version" =~ ^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z.-]+)?$ ]] ||
@@ -79,6 +82,16 @@ cosign() {
   "$tools/cosign" "$1" "${http[@]}" "${@:2}"
 }
 helm_bin="$(hack/build-control-plane.sh)/helm"
+# logged WHAT COMMAND...: runs COMMAND with its output kept aside; shown, and the release stopped,
+# when it fails.
+logged() {
+  local what="$1"
+  shift
+  "$@" >"$tmp/step.log" 2>&1 || {
+    cat "$tmp/step.log" >&2
+    die "$what failed"
+  }
+}
 
 curl -fsS -o /dev/null --max-time 10 "$scheme://$host/v2/" ||
   die "the registry $host does not answer on $scheme://$host/v2/: start it (hack/registry.sh up) or fix LOOPGUARD_REGISTRY"
@@ -97,7 +110,7 @@ out="${LOOPGUARD_RELEASE_DIR:-$HOME/.cache/loopguard/releases/$version}"
 mkdir -p "$out"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-# The commit's time, not the clock: the same commit gives the same SBOM and chart metadata.
+# The commit's time, not the clock: the same commit and image give the same SBOM.
 created="$(TZ=UTC git log -1 --format=%cd --date=format-local:%Y-%m-%dT%H:%M:%SZ)"
 started_on="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
@@ -106,10 +119,7 @@ log "building the image (hack/build-image.sh)"
 archive="$(hack/build-image.sh --path)"
 mkdir "$tmp/layout"
 tar -xf "$archive" -C "$tmp/layout"
-crane push "$tmp/layout" "$image_repo:$version" >/dev/null 2>"$tmp/push.log" || {
-  cat "$tmp/push.log" >&2
-  die "pushing the image to $image_repo:$version failed"
-}
+logged "pushing the image to $image_repo:$version" crane push "$tmp/layout" "$image_repo:$version"
 image_digest="$(crane digest "$image_repo:$version")"
 image="$image_repo@$image_digest"
 log "image: $image"
@@ -118,10 +128,8 @@ log "image: $image"
 chart_archive="$tmp/loopguard-$version.tgz"
 plain_http=()
 ((${#insecure[@]})) && plain_http=(--plain-http)
-"$helm_bin" push "$chart_archive" "oci://${chart_repo%/loopguard}" "${plain_http[@]}" >/dev/null 2>"$tmp/helm.log" || {
-  cat "$tmp/helm.log" >&2
-  die "pushing the chart to oci://$chart_repo failed"
-}
+logged "pushing the chart to oci://$chart_repo" \
+  "$helm_bin" push "$chart_archive" "oci://${chart_repo%/loopguard}" "${plain_http[@]}"
 chart_digest="$(crane digest "$chart_repo:$version")"
 chart="$chart_repo@$chart_digest"
 log "chart: $chart"
@@ -138,32 +146,21 @@ python3 hack/release/provenance.py --image "$image" --chart "$chart" --commit "$
 # --- sign and attest (offline: the key pair is the trust root, nothing goes to a transparency log) --
 offline=(--key "$key" --use-signing-config=false --tlog-upload=false --yes)
 for subject in "$image" "$chart"; do
-  cosign sign "${offline[@]}" "$subject" 2>"$tmp/sign.log" >/dev/null || {
-    cat "$tmp/sign.log" >&2
-    die "signing $subject failed"
-  }
+  logged "signing $subject" cosign sign "${offline[@]}" "$subject"
 done
-cosign attest "${offline[@]}" --type spdxjson --predicate "$out/sbom.spdx.json" "$image" 2>"$tmp/sign.log" >/dev/null || {
-  cat "$tmp/sign.log" >&2
-  die "attaching the SBOM to $image failed"
-}
-cosign attest "${offline[@]}" --type slsaprovenance1 --predicate "$out/provenance.json" "$image" 2>"$tmp/sign.log" >/dev/null || {
-  cat "$tmp/sign.log" >&2
-  die "attaching the provenance to $image failed"
-}
+logged "attaching the SBOM to $image" \
+  cosign attest "${offline[@]}" --type spdxjson --predicate "$out/sbom.spdx.json" "$image"
+logged "attaching the provenance to $image" \
+  cosign attest "${offline[@]}" --type slsaprovenance1 --predicate "$out/provenance.json" "$image"
 
 # --- verify what was pushed, as a user would ---------------------------------------------------------
 for subject in "$image" "$chart"; do
-  cosign verify --key "$public_key" --insecure-ignore-tlog "$subject" >/dev/null 2>"$tmp/verify.log" || {
-    cat "$tmp/verify.log" >&2
-    die "the signature of $subject does not verify with $public_key"
-  }
+  logged "verifying the signature of $subject with $public_key" \
+    cosign verify --key "$public_key" --insecure-ignore-tlog "$subject"
 done
 for type in spdxjson slsaprovenance1; do
-  cosign verify-attestation --key "$public_key" --insecure-ignore-tlog --type "$type" "$image" >/dev/null 2>"$tmp/verify.log" || {
-    cat "$tmp/verify.log" >&2
-    die "the $type attestation of $image does not verify with $public_key"
-  }
+  logged "verifying the $type attestation of $image with $public_key" \
+    cosign verify-attestation --key "$public_key" --insecure-ignore-tlog --type "$type" "$image"
 done
 
 cp "$chart_archive" "$out/"

@@ -228,22 +228,7 @@ async fn conditions_and_counts_follow_node_reports() {
         .await;
     w.report(&nodes[3], &name, g, Compliance::Compliant, 0)
         .await;
-    let wait = w
-        .cluster
-        .kubectl()
-        .args([
-            "wait",
-            "--for=condition=Compliant",
-            &format!("lbp/{name}"),
-            "--timeout=30s",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        wait.status.success(),
-        "{}",
-        String::from_utf8_lossy(&wait.stderr)
-    );
+    w.cluster.wait_compliant(&name, "30s");
     let s = w
         .wait_status(&name, "degraded cleared", |s| {
             cond(s, "Degraded").0 == "False"
@@ -1056,15 +1041,8 @@ async fn a_node_without_a_live_agent_is_never_counted_compliant() {
         cond(s, "Compliant").0 == "True" && cond(s, "Ready").0 == "True"
     })
     .await;
-    w.cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            &format!("lbp/{name}"),
-            "--timeout=30s",
-        ],
-        None,
-    );
+    w.cluster
+        .wait_condition("Ready", &[format!("lbp/{name}")], "30s");
 
     // The agent stops answering its readiness probe (stopped, wedged, crash-looping).
     w.set_agent_ready(&nodes[0], false).await;

@@ -78,15 +78,7 @@ async fn one_policy_makes_every_node_pass_the_rule_that_applies_to_it() {
         .create(&PostParams::default(), &policy)
         .await
         .unwrap();
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Compliant",
-            "lbp/fleet",
-            "--timeout=60s",
-        ],
-        None,
-    );
+    cluster.wait_compliant("fleet", "60s");
     // A Windows node the policy selects: no agent can run there; it is named, never waited for.
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     let windows: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({

@@ -163,15 +163,7 @@ async fn the_chart_on_three_real_nodes_beside_kube_proxy() {
         "{{matchExpressions: [{{key: kubernetes.io/hostname, operator: NotIn, values: [{nft}]}}]}}"
     );
     cluster.kubectl_ok(&["apply", "-f", "-"], Some(&policy(&selector)));
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Compliant",
-            "lbp/baseline",
-            "--timeout=120s",
-        ],
-        None,
-    );
+    cluster.wait_compliant("baseline", "120s");
 
     prometheus_finds_every_target_as_the_monitors_say(&real);
     // The agent's metrics answer on the node's own address (what Prometheus and the probes use),

@@ -155,15 +155,7 @@ async fn the_image_on_a_real_node_installed_upgraded_and_uninstalled_with_helm()
             "defaultPolicy.spec.applicability=Always",
         ],
     );
-    cluster.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Compliant",
-            "lbp/default",
-            "--timeout=120s",
-        ],
-        None,
-    );
+    cluster.wait_compliant("default", "120s");
     println!(
         "helm install --wait → Compliant on the real and the hollow node: {:?}",
         installed.elapsed()

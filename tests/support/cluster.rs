@@ -304,18 +304,10 @@ impl Cluster {
     }
 
     /// Runs `kubectl ARGS` (with `stdin`, if any) and returns its stdout; panics when it fails.
-    /// `kubectl wait --for=condition=Compliant lbp/POLICY --timeout=TIMEOUT`, insisting that it
-    /// succeeds: what a user runs after applying a policy.
+    /// `kubectl wait --for=condition=Compliant lbp/POLICY`, insisting that it succeeds within
+    /// `timeout` (such as "180s"): what a user runs after applying a policy.
     pub fn wait_compliant(&self, policy: &str, timeout: &str) {
-        self.kubectl_ok(
-            &[
-                "wait",
-                "--for=condition=Compliant",
-                &format!("lbp/{policy}"),
-                &format!("--timeout={timeout}"),
-            ],
-            None,
-        );
+        self.wait_condition("Compliant", &[format!("lbp/{policy}")], timeout);
     }
 
     pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
@@ -345,18 +337,31 @@ impl Cluster {
         });
     }
 
-    /// Waits (60 s at most) until every one of `crds` is Established. `kubectl wait` fails at once,
-    /// instead of waiting, while a new CRD has no conditions yet (".status.conditions accessor
-    /// error: <nil>"), so it is run again until it succeeds.
+    /// Waits (60 s at most) until every one of `crds` is Established.
     pub fn wait_established(&self, crds: &[&str]) {
-        let mut args = vec![
-            "wait".to_string(),
-            "--for=condition=Established".to_string(),
-            "--timeout=60s".to_string(),
-        ];
-        args.extend(crds.iter().map(|c| format!("crd/{c}")));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let crds: Vec<String> = crds.iter().map(|c| format!("crd/{c}")).collect();
+        self.wait_condition("Established", &crds, "60s");
+    }
+
+    /// `kubectl wait --for=condition=CONDITION OBJECTS...` until it succeeds, `timeout` (such as
+    /// "60s") at most. kubectl fails at once, instead of waiting, while an object has no conditions
+    /// yet (".status.conditions accessor error: <nil>": a CRD just created, a policy the controller
+    /// has not written a status for), so it is run again until the deadline.
+    pub fn wait_condition(&self, condition: &str, objects: &[String], timeout: &str) {
+        let seconds: u64 = timeout
+            .strip_suffix('s')
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("timeout {timeout:?} is not like \"60s\""));
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
         loop {
+            // Each try waits only for what is left of the whole timeout.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut args = vec![
+                "wait".to_string(),
+                format!("--for=condition={condition}"),
+                format!("--timeout={}s", left.as_secs().max(1)),
+            ];
+            args.extend(objects.iter().cloned());
             let out = self.kubectl().args(&args).output().unwrap();
             if out.status.success() {
                 return;
@@ -366,7 +371,7 @@ impl Cluster {
                 "kubectl {args:?}:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
