@@ -10,12 +10,12 @@ pub mod ip6tables;
 pub mod nft;
 pub mod ufw;
 
-pub use ip6tables::blob;
 pub use ip6tables::{
     ChainListing, Edit, EditKind, Evaluation, Finding, LOOK_ALIKE, OPAQUE, OwnedRule, Ownership,
     RulePlan, RuleState, Shape, Tables, compliant_pair, evaluate, plan_cleanup, plan_enforce,
     scanner_counts_as, split_args,
 };
+pub use ip6tables::{blob, decode};
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -33,8 +33,8 @@ pub fn hook(chain: Chain) -> usize {
 pub struct Layout {
     /// Size of the header; matches start here.
     pub header: usize,
-    target_offset: usize,
-    next_offset: usize,
+    pub(super) target_offset: usize,
+    pub(super) next_offset: usize,
     comefrom: usize,
     counters: usize,
 }
@@ -61,7 +61,7 @@ impl Layout {
 }
 
 /// `struct xt_entry_target`: u16 size, 29-byte name, u8 revision; the data follows.
-const TARGET_HEADER: usize = 32;
+pub(super) const TARGET_HEADER: usize = 32;
 /// The standard target's name is empty; its data is an i32 verdict.
 const STANDARD_TARGET_SIZE: usize = TARGET_HEADER + 4;
 
@@ -164,6 +164,27 @@ pub struct TableInfo {
     pub size: u32,
 }
 
+/// Whether a table of this shape must hold rules: a table without any has one policy entry per
+/// built-in chain, a head and a `RETURN` per user chain and an end, all of known sizes, so a
+/// count or a size that no number of user chains gives proves rules. `false`: the shape alone
+/// cannot tell (read the table).
+pub fn holds_rules_by_shape(family: Family, info: &TableInfo) -> bool {
+    let layout = Layout::of(family);
+    let (standard, error) = (
+        (layout.header + STANDARD_TARGET_SIZE.next_multiple_of(8)) as u64,
+        (layout.header + 2 * TARGET_HEADER) as u64,
+    );
+    let hooks = u64::from(info.valid_hooks.count_ones());
+    let Some(chains) = u64::from(info.num_entries).checked_sub(hooks + 1) else {
+        return false;
+    };
+    if chains % 2 == 1 {
+        return true;
+    }
+    let user = chains / 2;
+    u64::from(info.size) != hooks * standard + user * (error + standard) + error
+}
+
 /// What is wrong with a blob (or an edit of it): the caller falls back to the iptables binaries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlobError(pub String);
@@ -201,7 +222,16 @@ pub struct Table {
     entries: Vec<Entry>,
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+/// Writes `value` into the reference `r` of a table's `info` and `blob`.
+fn set_ref(info: &mut TableInfo, blob: &mut [u8], r: Ref, value: u32) {
+    match r {
+        Ref::HookEntry(h) => info.hook_entry[h] = value,
+        Ref::Underflow(h) => info.underflow[h] = value,
+        Ref::Jump(at) => blob[at..at + 4].copy_from_slice(&(value as i32).to_ne_bytes()),
+    }
+}
+
+pub(super) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_ne_bytes([b[at], b[at + 1]])
 }
 
@@ -209,7 +239,7 @@ fn i32_at(b: &[u8], at: usize) -> i32 {
     i32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn name_at(b: &[u8], at: usize, len: usize) -> &[u8] {
+pub(super) fn name_at(b: &[u8], at: usize, len: usize) -> &[u8] {
     let field = &b[at..at + len];
     let end = field.iter().position(|&c| c == 0).unwrap_or(len);
     &field[..end]
@@ -309,12 +339,12 @@ impl Table {
             .ok()
     }
 
-    fn bytes(&self, e: Entry) -> &[u8] {
+    pub(super) fn bytes(&self, e: Entry) -> &[u8] {
         &self.blob[e.offset as usize..(e.offset + e.len) as usize]
     }
 
     /// The verdict of a standard target (`None` for any other target).
-    fn verdict(&self, e: Entry) -> Option<(usize, i32)> {
+    pub(super) fn verdict(&self, e: Entry) -> Option<(usize, i32)> {
         (e.verdict_at != 0).then(|| {
             let at = e.verdict_at as usize;
             (at, i32_at(&self.blob, at))
@@ -322,7 +352,7 @@ impl Table {
     }
 
     /// Whether `e` is a rule without a target: a standard verdict that leads to the next entry.
-    fn falls_through(&self, e: Entry) -> bool {
+    pub(super) fn falls_through(&self, e: Entry) -> bool {
         self.verdict(e)
             .is_some_and(|(_, v)| v >= 0 && v as u32 == e.offset + e.len)
     }
@@ -339,6 +369,25 @@ impl Table {
             }
         }
         starts
+    }
+
+    /// How many rules `*-save` prints for the table: every entry but the policies, the user
+    /// chains' heads and their closing `RETURN`s, and the end.
+    pub fn rule_count(&self) -> usize {
+        let errors = self.entries.iter().filter(|e| e.error).count();
+        let policies = self.hooks().count();
+        self.entries
+            .len()
+            .saturating_sub(policies + (2 * errors).saturating_sub(1))
+    }
+
+    /// The user chains' names.
+    pub fn user_chains(&self) -> Vec<String> {
+        self.chain_starts()
+            .into_values()
+            .filter(|name| name.as_slice() != b"ERROR")
+            .map(|name| String::from_utf8_lossy(&name).into_owned())
+            .collect()
     }
 
     /// The rules of a built-in chain, in order (its policy entry not included).
@@ -440,18 +489,23 @@ impl Table {
         }
     }
 
-    fn set_ref(&mut self, r: Ref, value: u32) {
-        match r {
-            Ref::HookEntry(h) => self.info.hook_entry[h] = value,
-            Ref::Underflow(h) => self.info.underflow[h] = value,
-            Ref::Jump(at) => self.blob[at..at + 4].copy_from_slice(&(value as i32).to_ne_bytes()),
-        }
-    }
-
     /// Inserts `entry` (from [`Table::portable`]) as rule `position` (0-based; the number of rules
     /// appends) of `chain`. Returns the edited table and, per new entry, the index of the old
     /// entry it is (for carrying the counters over).
     pub fn insert(
+        &self,
+        chain: Chain,
+        position: usize,
+        entry: &[u8],
+    ) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        let (edited, map) = self.insert_unchecked(chain, position, entry)?;
+        self.check_edit(&edited, &map)?;
+        Ok((edited, map))
+    }
+
+    /// [`Table::insert`] without the check afterwards: for a series of edits checked once, as
+    /// a whole, with [`Table::check_edit`] against the table they started from.
+    pub fn insert_unchecked(
         &self,
         chain: Chain,
         position: usize,
@@ -482,29 +536,32 @@ impl Table {
         if check.verdict(check.entries[0]).is_some_and(|(_, v)| v >= 0) {
             return Err(bad("an inserted entry may not jump"));
         }
-        let mut edited = self.clone();
+        let mut blob = Vec::with_capacity(self.blob.len() + entry.len());
+        blob.extend_from_slice(&self.blob[..at as usize]);
+        blob.extend_from_slice(entry);
+        blob.extend_from_slice(&self.blob[at as usize..]);
+        let mut info = self.info;
+        info.num_entries += 1;
+        info.size += len;
         // Shift every reference at or behind the insertion point, except the chain's own start
-        // when the new entry becomes its first rule.
-        let refs = self.references();
-        for (r, value) in &refs {
-            let stays = *value < at || (*value == at && *r == Ref::HookEntry(h));
+        // when the new entry becomes its first rule; a jump field behind the insertion point
+        // moved with its entry.
+        for (r, value) in self.references() {
+            let stays = value < at || (value == at && r == Ref::HookEntry(h));
             if let Ref::Jump(_) = r
-                && *value == at
+                && value == at
             {
                 return Err(bad("a jump points into a built-in chain"));
             }
             if !stays {
-                edited.set_ref(*r, value + len);
+                let r = match r {
+                    Ref::Jump(field) if field >= at as usize => Ref::Jump(field + len as usize),
+                    r => r,
+                };
+                set_ref(&mut info, &mut blob, r, value + len);
             }
         }
-        // Jump fields behind the insertion point moved with their entries: rewrite them there.
-        let mut blob = Vec::with_capacity(self.blob.len() + entry.len());
-        blob.extend_from_slice(&edited.blob[..at as usize]);
-        blob.extend_from_slice(entry);
-        blob.extend_from_slice(&edited.blob[at as usize..]);
-        edited.info.num_entries += 1;
-        edited.info.size += len;
-        let mut edited = Table::parse(self.family, edited.info, blob)?;
+        let mut edited = Table::parse(self.family, info, blob)?;
         let index = self.index_at(at).expect("insertion point is an entry") as u32;
         let map: Vec<Option<u32>> = (0..edited.entries.len() as u32)
             .map(|i| match i.cmp(&index) {
@@ -514,13 +571,23 @@ impl Table {
             })
             .collect();
         self.fix_fall_throughs(&mut edited, &map);
-        self.check_edit(&edited, &map)?;
         Ok((edited, map))
     }
 
     /// Deletes rule `position` (0-based) of `chain`. Returns the table and the counter map, as
     /// [`Table::insert`] does.
     pub fn delete(
+        &self,
+        chain: Chain,
+        position: usize,
+    ) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        let (edited, map) = self.delete_unchecked(chain, position)?;
+        self.check_edit(&edited, &map)?;
+        Ok((edited, map))
+    }
+
+    /// [`Table::delete`] without the check afterwards (see [`Table::insert_unchecked`]).
+    pub fn delete_unchecked(
         &self,
         chain: Chain,
         position: usize,
@@ -534,7 +601,12 @@ impl Table {
         };
         let h = hook(chain);
         let (at, len) = (gone.offset, gone.len);
-        let mut edited = self.clone();
+        let mut blob = Vec::with_capacity(self.blob.len() - len as usize);
+        blob.extend_from_slice(&self.blob[..at as usize]);
+        blob.extend_from_slice(&self.blob[(at + len) as usize..]);
+        let mut info = self.info;
+        info.num_entries -= 1;
+        info.size -= len;
         for (r, value) in self.references() {
             if value == at && r != Ref::HookEntry(h) {
                 return Err(bad("something points at the entry to delete"));
@@ -546,28 +618,28 @@ impl Table {
                 return Err(bad("the entry to delete jumps"));
             }
             if value > at {
-                edited.set_ref(r, value - len);
+                let r = match r {
+                    Ref::Jump(field) if field >= (at + len) as usize => {
+                        Ref::Jump(field - len as usize)
+                    }
+                    r => r,
+                };
+                set_ref(&mut info, &mut blob, r, value - len);
             }
         }
-        let mut blob = Vec::with_capacity(self.blob.len() - len as usize);
-        blob.extend_from_slice(&edited.blob[..at as usize]);
-        blob.extend_from_slice(&edited.blob[(at + len) as usize..]);
-        edited.info.num_entries -= 1;
-        edited.info.size -= len;
-        let mut edited = Table::parse(self.family, edited.info, blob)?;
+        let mut edited = Table::parse(self.family, info, blob)?;
         let index = self.index_at(at).expect("deleted entry") as u32;
         let map: Vec<Option<u32>> = (0..edited.entries.len() as u32)
             .map(|i| Some(if i < index { i } else { i + 1 }))
             .collect();
         self.fix_fall_throughs(&mut edited, &map);
-        self.check_edit(&edited, &map)?;
         Ok((edited, map))
     }
 
     /// Every entry the edit kept is the same rule as before (the same bytes, counters and
     /// `comefrom` aside, and every jump to the same chain), and every hook's policy is the entry
     /// it was.
-    fn check_edit(&self, edited: &Table, map: &[Option<u32>]) -> Result<(), BlobError> {
+    pub fn check_edit(&self, edited: &Table, map: &[Option<u32>]) -> Result<(), BlobError> {
         if map.len() != edited.entries.len() {
             return Err(bad("counter map does not cover the table"));
         }
@@ -617,24 +689,27 @@ impl Table {
                 .map(|(at, v)| (at - e.offset as usize, v as u32, t.falls_through(e)))
         };
         let (va, vb) = (skip_verdict(self, a), skip_verdict(other, b));
-        let mut holes = vec![
+        // comefrom, the counters and (for a jump or fall-through) the verdict; no verdict: an
+        // empty hole at the end.
+        let mut holes = [
             (layout.comefrom, layout.comefrom + 4),
             (layout.counters, layout.counters + 16),
+            (x.len(), x.len()),
         ];
         match (va, vb) {
             (None, None) => {}
             (Some((at, _, true)), Some((at_b, _, true))) if at == at_b => {
-                holes.push((at, at + 4));
+                holes[2] = (at, at + 4);
             }
             (Some((at, to_a, false)), Some((at_b, to_b, false))) if at == at_b => {
                 if a_starts.get(&to_a).is_none() || a_starts.get(&to_a) != b_starts.get(&to_b) {
                     return false;
                 }
-                holes.push((at, at + 4));
+                holes[2] = (at, at + 4);
             }
             _ => return false,
         }
-        holes.sort();
+        holes.sort_unstable();
         let mut from = 0;
         for (start, end) in holes {
             if x[from..start] != y[from..start] {
@@ -737,6 +812,29 @@ mod tests {
             size: blob.len() as u32,
         };
         Table::parse(Family::Ipv6, info, blob).unwrap()
+    }
+
+    #[test]
+    fn rules_are_counted_as_save_prints_them_and_shapes_tell_some() {
+        let t = sample();
+        // a, the jump, b, c; not the policies, MY's head and return, or the end.
+        assert_eq!(t.rule_count(), 4);
+        assert_eq!(t.user_chains(), vec!["MY".to_string()]);
+        assert!(holds_rules_by_shape(Family::Ipv6, &t.info));
+        // Three policies, one user chain (head and RETURN), the end: no rules.
+        let empty = TableInfo {
+            valid_hooks: 0b1110,
+            num_entries: 6,
+            size: 3 * 208 + 232 + 208 + 232,
+            ..TableInfo::default()
+        };
+        assert!(!holds_rules_by_shape(Family::Ipv6, &empty));
+        let one_more = TableInfo {
+            num_entries: 7,
+            size: empty.size + 208,
+            ..empty
+        };
+        assert!(holds_rules_by_shape(Family::Ipv6, &one_more));
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The iptables family (the seed's ip6tables rules and their IPv4 sibling), pure: `-S` listings
 //! parsed with every rule counted (`parse`), evaluated as the CIS scanner reads them (`evaluate`,
 //! the one definition of compliant), the smallest plan (`plan`, deletes by specification), what
-//! loopguard owns (`ownership`, counts with pending inserts), and the legacy kernel table's
-//! entries (`blob`). `node::iptables` and `node::legacy` are its effects.
+//! loopguard owns (`ownership`, counts with pending inserts), the legacy kernel table's
+//! entries (`blob`) and the `-S` line of the common ones (`decode`). `node::iptables` and `node::legacy` are its effects.
 
 pub mod blob;
+pub mod decode;
 mod evaluate;
 mod ownership;
 mod parse;
