@@ -275,7 +275,8 @@ impl NodeCommand {
 
 /// Runs a node command (after `--netns` was entered) and returns its exit code.
 pub fn run_node(command: NodeCommand) -> Result<ExitCode> {
-    let engine = Engine::new(command.config()?)?;
+    let mut engine = Engine::new(command.config()?)?;
+    engine.keep_legacy_tables();
     let output = command.target().output;
     match &command {
         NodeCommand::Check(_) => {

@@ -9,7 +9,8 @@ use super::legacy::{Applied, Held, Legacy};
 use super::state_file::{State, StateFile};
 use crate::rules::catalog::{self, FamilyMode, RuleId, RuleResult, Verdict};
 use crate::rules::{
-    self, Edit, EditKind, Family, Finding, Ownership, Placement, Rule, RulePlan, RuleState, Tables,
+    self, ChainListing, Edit, EditKind, Family, Finding, Ownership, Placement, Rule, RulePlan,
+    RuleState, Tables,
 };
 use crate::{Error, Result};
 use serde::Serialize;
@@ -192,9 +193,11 @@ impl Engine {
         }
     }
 
-    /// Lets a long-running watch read and write legacy tables in process once it has learnt their
-    /// entries (one-shot commands keep to the binaries: learning costs two extra reads). The
-    /// returned handle is what the drift watch's probe compares against.
+    /// Reads and writes legacy tables in process (see `node::legacy`): INPUT and OUTPUT are
+    /// decoded from the kernel's entries where `rules::decode` covers them, learnt from the
+    /// binaries otherwise, and a plan is written as one table replace. The commands and the watch
+    /// use it; without it (the differential tests' reference) every read and write goes through
+    /// the binaries. The returned handle is what the drift watch's probe compares against.
     pub fn keep_legacy_tables(&mut self) -> Arc<Mutex<Legacy>> {
         self.legacy
             .get_or_insert_with(|| Arc::new(Mutex::new(Legacy::default())))
@@ -422,8 +425,18 @@ impl Engine {
     ) -> Result<Report> {
         ownership.expect(&plan, tables);
         self.store(&ownership)?;
-        let applied = self.apply(&plan, held, &mut ownership);
-        let after = self.read(families);
+        let applied = self.apply(&plan, held, &mut ownership, tables);
+        // Written in process, the chains are known as the kernel took them (see
+        // `legacy::Applied::Done`); written with the binaries, they are read again.
+        let (applied, written) = match applied {
+            Ok((at, Some(written))) => (Ok(at), Some(written)),
+            Ok((at, None)) => (Ok(at), None),
+            Err(e) => (Err(e), None),
+        };
+        let after = match written {
+            Some(written) => Ok(written),
+            None => self.read(families),
+        };
         if let Ok(after) = &after {
             ownership.reconcile(after, families);
         }
@@ -520,13 +533,17 @@ impl Engine {
     /// Applies a plan family by family, one transaction each: in process where `held` has the
     /// family's table (read under the xtables lock it still holds), else one restore. A
     /// transaction that fails changed nothing, so its family's pending inserts are dropped.
+    /// When every family was written in process, also returns `tables` (what the plan was made
+    /// from) with the written chains as the kernel took them.
     fn apply(
         &self,
         plan: &RulePlan,
         held: Option<Held>,
         ownership: &mut Ownership,
-    ) -> Result<Instant> {
+        tables: &Tables,
+    ) -> Result<(Instant, Option<Tables>)> {
         let mut rest = Vec::new();
+        let mut written = tables.clone();
         for family in plan.families() {
             // Every write, as the restore input it amounts to: what an admin (or the real-cluster
             // soak) checks names nothing but loopguard's own rules.
@@ -546,7 +563,11 @@ impl Engine {
                 .expect("legacy cache lock")
                 .apply(family, plan, held)
             {
-                Ok(Applied::Done(_)) => {}
+                Ok(Applied::Done(_, listings)) => {
+                    for (chain, rules) in listings {
+                        written.insert(family, chain, ChainListing { rules });
+                    }
+                }
                 Ok(Applied::NotHere(why)) => {
                     tracing::debug!(%family, why, "applying with the restore binary");
                     rest.push(family);
@@ -559,6 +580,9 @@ impl Engine {
         }
         // The binaries take the xtables lock themselves.
         drop(held);
+        if rest.is_empty() {
+            return Ok((Instant::now(), Some(written)));
+        }
         for family in rest {
             let script = plan
                 .restore_script(family)
@@ -568,7 +592,7 @@ impl Engine {
                 return Err(e);
             }
         }
-        Ok(Instant::now())
+        Ok((Instant::now(), None))
     }
 
     fn read_families(&self, ownership: &Ownership) -> Vec<Family> {

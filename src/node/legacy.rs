@@ -2,18 +2,22 @@
 //! through the same socket options `iptables-legacy` uses (`*_SO_GET_INFO`, `*_SO_GET_ENTRIES`,
 //! `*_SO_SET_REPLACE`, `*_SO_SET_ADD_COUNTERS`), in the calling thread's network namespace.
 //!
-//! The rule text loopguard reasons about still comes from `ip6tables-legacy -S`: [`Legacy`] learns
-//! which entry is which line by reading both while the table stands still, and afterwards turns the
-//! kernel's entries into those lines itself. Whatever it has not seen (a new foreign rule, a rule it
-//! never inserted) sends it back to the binaries. Edits happen in process only when every entry
-//! involved is known and the chains are exactly what the plan was made from; the edit is checked
-//! entry by entry before it is written (see `rules::blob`).
+//! The rule text loopguard reasons about is what `ip6tables-legacy -S` prints. [`Legacy`] writes
+//! it itself for the entries of INPUT and OUTPUT whose form `rules::decode` covers (loopguard's own,
+//! addresses, interfaces, tcp/udp ports, the standard verdicts, jumps, REJECT); for any other
+//! entry it reads the chains with the binaries once and learns which entry is which line, reading
+//! the kernel's table before and after while it stands still. Edits happen in process only when
+//! every entry involved is known and the chains are exactly what the plan was made from; the
+//! edits are checked, as a whole, entry by entry against the table read before they are written
+//! (see `rules::blob`), and written under the xtables lock as one `SET_REPLACE` (which the
+//! kernel refuses when the table no longer has the entry count that was read).
 //!
 //! `GET_INFO` costs microseconds whatever the table's size: it is the change probe the drift watch
 //! polls between full checks.
 
 use super::lock::FileLock;
 use crate::rules::blob::{self, HOOKS, Table, TableInfo};
+use crate::rules::decode;
 use crate::rules::{Chain, ChainListing, EditKind, Family, LOOK_ALIKE, Rule, RulePlan, Tables};
 use std::collections::HashMap;
 use std::io;
@@ -235,7 +239,7 @@ impl XtSocket {
 }
 
 /// The lines of INPUT and OUTPUT, as `-S` prints them, for the entries of one table.
-type Listings = [(Chain, Vec<String>); 2];
+pub type Listings = [(Chain, Vec<String>); 2];
 
 /// What loopguard knows about the legacy tables of the namespace it runs in: which kernel entry
 /// is which `-S` line, and the shape of each table when it last read it.
@@ -246,13 +250,11 @@ pub struct Legacy {
     lines: HashMap<(Family, Chain, Vec<u8>), String>,
     /// The filter table's shape when loopguard last read it, per family.
     pub seen: HashMap<Family, TableInfo>,
-    /// Counts the reads that set `seen`.
+    /// Counts the reads (and in-process writes) that set `seen`.
     pub generation: u64,
     /// Reads and edits done in process (for tests and benchmarks: which path ran).
     pub reads: u64,
     pub writes: u64,
-    /// Buffers of earlier reads, for the next ones.
-    spare: Vec<Vec<u8>>,
     /// How many times this process opened the xtables lock file (counted before each open): the
     /// drift watch tells the lock's other users from loopguard by it (see `node::watch`).
     pub own_lock_opens: Arc<AtomicU64>,
@@ -261,8 +263,10 @@ pub struct Legacy {
 /// How an in-process edit ended.
 #[derive(Debug)]
 pub enum Applied {
-    /// Written at this moment.
-    Done(Instant),
+    /// Written at this moment; INPUT and OUTPUT of the family as the kernel took them: the table
+    /// replaced whole, under the xtables lock, and only if it was still the one read (else
+    /// `EAGAIN`), so these are the chains as written, with no read after.
+    Done(Instant, Listings),
     /// Not possible in process (something unknown, or the chains changed since the plan was made):
     /// use the binaries.
     NotHere(String),
@@ -288,14 +292,40 @@ impl Legacy {
         ])
     }
 
+    /// Learns the lines of the entries of INPUT and OUTPUT it has not seen that [`decode::line`]
+    /// covers (loopguard's own entries among them). An entry that prints as one of loopguard's
+    /// rules without being its entry is marked [`LOOK_ALIKE`], as [`Legacy::learn`] does.
+    fn decode(&mut self, table: &Table) {
+        let starts = table.chain_starts();
+        for chain in Chain::ALL {
+            for &e in table.chain(chain) {
+                let key = (table.family, chain, table.fingerprint_in(e, &starts));
+                if self.lines.contains_key(&key) {
+                    continue;
+                }
+                let Some(mut line) = decode::line(table, e, &starts) else {
+                    continue;
+                };
+                if look_alike(table, e, table.family, chain, &line) {
+                    line.insert_str(0, LOOK_ALIKE);
+                }
+                self.lines.insert(key, line);
+            }
+        }
+        self.bound();
+    }
+
+    /// Bounded: a node whose foreign rules keep changing must not grow the lines forever.
+    fn bound(&mut self) {
+        if self.lines.len() > 100_000 {
+            self.lines.clear();
+        }
+    }
+
     /// Reads INPUT and OUTPUT of `families` from the kernel, without a process, if every entry is
-    /// one it has learnt. `Ok(None)`: read them with the binaries (and [`Legacy::learn`]).
+    /// one it has learnt or can decode. `Ok(None)`: read them with the binaries (and [`Legacy::learn`]).
     pub fn read(&mut self, families: &[Family]) -> io::Result<Option<Tables>> {
-        let Some((tables, read)) = self.read_tables(families)? else {
-            return Ok(None);
-        };
-        self.spare.extend(read.into_iter().map(|t| t.blob));
-        Ok(Some(tables))
+        Ok(self.read_tables(families)?.map(|(tables, _read)| tables))
     }
 
     /// [`Legacy::read`] for a change: the xtables lock is taken first and kept in the returned
@@ -331,9 +361,11 @@ impl Legacy {
             if !table_exists(family, FILTER) {
                 return Ok(None);
             }
-            let buf = self.spare.pop().unwrap_or_default();
-            let table = XtSocket::open(family)?.read_into(FILTER, buf)?;
-            let Some(listings) = self.lines_of(&table) else {
+            let table = XtSocket::open(family)?.read_into(FILTER, Vec::new())?;
+            let Some(listings) = self.lines_of(&table).or_else(|| {
+                self.decode(&table);
+                self.lines_of(&table)
+            }) else {
                 return Ok(None);
             };
             for (chain, rules) in listings {
@@ -409,10 +441,7 @@ impl Legacy {
             self.seen.insert(family, after.info);
         }
         self.generation += 1;
-        // Bounded: a node whose foreign rules keep changing must not grow this forever.
-        if self.lines.len() > 100_000 {
-            self.lines.clear();
-        }
+        self.bound();
         learnt
     }
 
@@ -447,7 +476,7 @@ impl Legacy {
                     self.lines
                         .insert((family, edit.chain, bytes.clone()), spec.clone());
                     chain_lines.insert(position, spec);
-                    current.insert(edit.chain, position, &bytes)
+                    current.insert_unchecked(edit.chain, position, &bytes)
                 }
                 EditKind::Delete => {
                     // As `ip6tables -D` does: the first entry that is the rule's, whatever
@@ -463,7 +492,7 @@ impl Legacy {
                         )));
                     }
                     chain_lines.remove(position);
-                    current.delete(edit.chain, position)
+                    current.delete_unchecked(edit.chain, position)
                 }
             };
             let (next, step) = match result {
@@ -479,6 +508,10 @@ impl Legacy {
         let Some(edited) = edited else {
             return Ok(Applied::NotHere(format!("no {family} edits")));
         };
+        // The edits as a whole: every entry kept is the rule it was, every jump to its chain.
+        if let Err(e) = table.check_edit(&edited, &map) {
+            return Ok(Applied::NotHere(e.0));
+        }
         let socket = XtSocket::open(family)?;
         let old_counters = match socket.replace(FILTER, &edited, table.info.num_entries) {
             Ok(counters) => counters,
@@ -491,11 +524,29 @@ impl Legacy {
         };
         let applied = Instant::now();
         self.writes += 1;
+        // What the probe compares with is the table as written (there is no read after it).
+        self.seen.insert(family, edited.info);
+        self.generation += 1;
         let counters = Table::carried_counters(&map, &old_counters);
         if let Err(e) = socket.add_counters(FILTER, &counters) {
             tracing::warn!(error = %e, "rules written; carrying the packet counters over failed");
         }
-        Ok(Applied::Done(applied))
+        let listings = [Chain::Input, Chain::Output].map(|chain| {
+            let rules = lines.remove(&chain).expect("both chains");
+            (chain, rules)
+        });
+        Ok(Applied::Done(applied, listings))
+    }
+}
+
+/// Returns the heap's free memory to the system. A pass over a large legacy table allocates and
+/// frees copies of it (10 MB at 50,000 rules); glibc keeps freed memory of that size for reuse,
+/// which would leave an idle watcher holding it between passes.
+pub fn release_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

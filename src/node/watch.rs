@@ -661,6 +661,8 @@ pub async fn run_pass(
         } else {
             worker.enforce()
         };
+        // A pass on a large legacy table held copies of it: give them back between passes.
+        super::legacy::release_memory();
         (worker, report)
     })
     .await
