@@ -4,7 +4,7 @@
 use super::iptables::{Backend, Xtables};
 use super::legacy::XtSocket;
 use crate::rules::Family;
-use crate::rules::blob::TableInfo;
+use crate::rules::blob::{self, TableInfo};
 use crate::rules::catalog::{self, Host, RuleId};
 use serde::Serialize;
 use std::fmt;
@@ -166,8 +166,10 @@ const KUBELET_HINT_CHAINS: [&str; 2] = ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANA
 pub struct LegacyEvidence {
     /// A kubelet hint chain found there: (chain, family).
     pub hint: Option<(String, Family)>,
-    /// Rules in all legacy tables.
+    /// Rules counted in the legacy tables that were read.
     pub rules: usize,
+    /// The tables that hold rules (`ipv6 filter`), read or told by their shape.
+    pub tables_with_rules: Vec<String>,
 }
 
 /// Decides the backend like kubernetes-sigs/iptables-wrappers (pure): kubelet's hint chains in
@@ -188,12 +190,12 @@ pub fn decide_backend(
             format!("kubelet's {chain} chain is in the legacy {family} tables"),
         );
     }
-    if legacy.rules > 0 {
+    if !legacy.tables_with_rules.is_empty() {
         return (
             Backend::Legacy,
             format!(
-                "no kubelet hint chains; the legacy tables hold {} rules",
-                legacy.rules
+                "no kubelet hint chains; legacy tables hold rules ({})",
+                legacy.tables_with_rules.join(", ")
             ),
         );
     }
@@ -208,8 +210,24 @@ pub fn detect_backend() -> (Backend, String) {
     decide_backend(nft_hint(), &legacy_evidence())
 }
 
-/// Kubelet's hint chains in the nft mangle tables.
+/// Kubelet's hint chains in the nft mangle tables (`ip mangle`, `ip6 mangle`): one chain dump
+/// over netlink, or `*-nft -S` of each where that cannot be read.
 fn nft_hint() -> Option<(String, Family)> {
+    use crate::rules::nft::wire::{NFPROTO_IPV4, NFPROTO_IPV6};
+    if let Ok(chains) = super::nft::all_chains() {
+        return [(Family::Ipv4, NFPROTO_IPV4), (Family::Ipv6, NFPROTO_IPV6)]
+            .into_iter()
+            .find_map(|(family, nfproto)| {
+                KUBELET_HINT_CHAINS
+                    .iter()
+                    .find(|hint| {
+                        chains
+                            .iter()
+                            .any(|c| c.family == nfproto && c.table == "mangle" && c.name == **hint)
+                    })
+                    .map(|hint| (hint.to_string(), family))
+            });
+    }
     let nft = Xtables::probe(Backend::Nft);
     for family in [Family::Ipv4, Family::Ipv6] {
         for chain in KUBELET_HINT_CHAINS {
@@ -221,32 +239,44 @@ fn nft_hint() -> Option<(String, Family)> {
     None
 }
 
-/// Hint chains and rules in the legacy tables. The legacy tables are read only when the kernel
+/// Hint chains and rules in the legacy tables, read in process. The mangle table (where the
+/// hint chains are) and every table whose shape cannot tell are read whole; a table whose shape
+/// proves rules (see `blob::holds_rules_by_shape`) is not read at all: at 50,000 rules that read
+/// is most of a one-shot command's time. The legacy tables are read only when the kernel
 /// already has them, so probing never loads legacy modules or creates tables.
 fn legacy_evidence() -> LegacyEvidence {
-    let legacy = Xtables::probe(Backend::Legacy);
     let mut evidence = LegacyEvidence::default();
     for family in [Family::Ipv4, Family::Ipv6] {
-        if legacy_tables(family).is_empty() {
+        let tables = legacy_tables(family);
+        if tables.is_empty() {
             continue;
         }
-        let Ok(save) = legacy.save(family) else {
+        let Ok(socket) = XtSocket::open(family) else {
             continue;
         };
-        // A chain is declared by a `:NAME POLICY [counters]` line.
-        let declares = |chain: &str| {
-            save.lines().any(|l| {
-                l.strip_prefix(':')
-                    .and_then(|rest| rest.strip_prefix(chain))
-                    .is_some_and(|rest| rest.starts_with(' '))
-            })
-        };
-        if evidence.hint.is_none()
-            && let Some(chain) = KUBELET_HINT_CHAINS.iter().find(|c| declares(c))
-        {
-            evidence.hint = Some((chain.to_string(), family));
+        for name in tables {
+            let Ok(info) = socket.info(&name) else {
+                continue;
+            };
+            if name != "mangle" && blob::holds_rules_by_shape(family, &info) {
+                evidence.tables_with_rules.push(format!("{family} {name}"));
+                continue;
+            }
+            let Ok(table) = socket.read(&name) else {
+                continue;
+            };
+            if evidence.hint.is_none()
+                && let Some(chain) = KUBELET_HINT_CHAINS
+                    .iter()
+                    .find(|c| table.user_chains().iter().any(|u| u == *c))
+            {
+                evidence.hint = Some((chain.to_string(), family));
+            }
+            if table.rule_count() > 0 {
+                evidence.rules += table.rule_count();
+                evidence.tables_with_rules.push(format!("{family} {name}"));
+            }
         }
-        evidence.rules += save.lines().filter(|l| l.starts_with('-')).count();
     }
     evidence
 }

@@ -274,6 +274,13 @@ fn read_own(socket: &mut Socket) -> io::Result<OwnTable> {
 /// Every base chain on an input hook, in every family (what `nft list ruleset` prints with
 /// `hook input`).
 pub fn input_hook_chains() -> io::Result<Vec<ChainInfo>> {
+    let mut chains = all_chains()?;
+    chains.retain(ChainInfo::hooks_input);
+    Ok(chains)
+}
+
+/// Every chain of every table and family, in one dump (rules not included).
+pub fn all_chains() -> io::Result<Vec<ChainInfo>> {
     let mut chains = Vec::new();
     let seq = next_seq(1);
     with_socket(|socket| {
@@ -282,10 +289,7 @@ pub fn input_hook_chains() -> io::Result<Vec<ChainInfo>> {
             seq,
             |family, kind, body| {
                 if kind == wire::NFT_MSG_NEWCHAIN {
-                    let chain = wire::parse_chain(family, body);
-                    if chain.hooks_input() {
-                        chains.push(chain);
-                    }
+                    chains.push(wire::parse_chain(family, body));
                 }
             },
         )
