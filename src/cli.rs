@@ -276,7 +276,7 @@ impl NodeCommand {
 /// Runs a node command (after `--netns` was entered) and returns its exit code.
 pub fn run_node(command: NodeCommand) -> Result<ExitCode> {
     let mut engine = Engine::new(command.config()?)?;
-    engine.keep_legacy_tables();
+    engine.in_process();
     let output = command.target().output;
     match &command {
         NodeCommand::Check(_) => {

@@ -51,7 +51,8 @@ both_backends!(
 /// the path the restore shim can hold, swallow or kill.
 const UNDECODED: &str = "-A INPUT -p tcp --dport 22 -m comment --comment ssh -j ACCEPT";
 
-/// How many restores a write of `per_nft` transactions runs: as many on nft, none on legacy,
+/// How many restores a write of `per_nft` transactions runs: as many on nft (the namespace starts
+/// without iptables-nft's chains, and creating them is left to the binaries), none on legacy,
 /// where the commands write the table in process.
 fn restores_for(backend: &str, per_nft: usize) -> usize {
     if backend == "legacy" { 0 } else { per_nft }

@@ -6,6 +6,7 @@ use super::facts::{
 use super::families::{self, Action, FamilyOutcome};
 use super::iptables::{Backend, Xtables};
 use super::legacy::{Applied, Held, Legacy};
+use super::nft_rules::{NftApplied, NftHeld, NftRules};
 use super::state_file::{State, StateFile};
 use crate::rules::catalog::{self, FamilyMode, RuleId, RuleResult, Verdict};
 use crate::rules::{
@@ -154,6 +155,14 @@ impl Report {
     }
 }
 
+/// What a read for a change holds until the plan is applied (see [`Engine::read_for_change`]).
+enum Hold {
+    /// The xtables lock and the legacy tables read under it.
+    Legacy(Held),
+    /// The nft ruleset generation and the chains read in it.
+    Nft(NftHeld),
+}
+
 /// The engine for one node.
 #[derive(Clone, Debug)]
 pub struct Engine {
@@ -164,6 +173,8 @@ pub struct Engine {
     /// table interface once it knows the entries (see `node::legacy`). Shared by the engine's
     /// clones, so that what one pass learns the next one uses.
     legacy: Option<Arc<Mutex<Legacy>>>,
+    /// The same for the nft backend: iptables-nft's chains over netlink (see `node::nft_rules`).
+    nft_rules: Option<Arc<Mutex<NftRules>>>,
     /// Backend detection, re-run at each resync only where its inputs changed (shared too).
     detector: Arc<Mutex<facts::Detector>>,
 }
@@ -189,6 +200,7 @@ impl Engine {
             facts,
             state_file,
             legacy: None,
+            nft_rules: None,
             detector: Arc::new(Mutex::new(detector)),
         }
     }
@@ -202,6 +214,28 @@ impl Engine {
         self.legacy
             .get_or_insert_with(|| Arc::new(Mutex::new(Legacy::default())))
             .clone()
+    }
+
+    /// Reads iptables-nft's chains over netlink and writes a plan's inserts as one netlink
+    /// transaction (see `node::nft_rules`), on the nft backend; without it every read and write
+    /// goes through the binaries (the differential tests' reference).
+    pub fn keep_nft_rules(&mut self) -> Arc<Mutex<NftRules>> {
+        self.nft_rules
+            .get_or_insert_with(|| Arc::new(Mutex::new(NftRules::default())))
+            .clone()
+    }
+
+    /// Both in-process paths: [`Engine::keep_legacy_tables`] and [`Engine::keep_nft_rules`].
+    pub fn in_process(&mut self) {
+        self.keep_legacy_tables();
+        self.keep_nft_rules();
+    }
+
+    /// The nft rules cache, when this engine keeps one and the node is on the nft backend.
+    fn nft_cache(&self) -> Option<&Arc<Mutex<NftRules>>> {
+        self.nft_rules
+            .as_ref()
+            .filter(|_| self.facts.backend == Backend::Nft)
     }
 
     /// The families whose chains a pass reads.
@@ -419,7 +453,7 @@ impl Engine {
         &self,
         plan: RulePlan,
         tables: &Tables,
-        held: Option<Held>,
+        held: Option<Hold>,
         mut ownership: Ownership,
         families: &[Family],
     ) -> Result<Report> {
@@ -456,6 +490,15 @@ impl Engine {
     /// command pays two table reads for that, a watch learns once.
     fn read(&self, families: &[Family]) -> Result<Tables> {
         if self.facts.backend != Backend::Legacy {
+            if let Some(cache) = self.nft_cache() {
+                let read = cache
+                    .lock()
+                    .expect("nft rules lock")
+                    .read(families, &self.xtables())?;
+                if let Some((tables, _)) = read {
+                    return Ok(tables);
+                }
+            }
             return self.xtables().read(families);
         }
         let mut once = Legacy::default();
@@ -506,7 +549,16 @@ impl Engine {
         &self,
         families: &[Family],
         dry_run: bool,
-    ) -> Result<(Tables, Option<Held>)> {
+    ) -> Result<(Tables, Option<Hold>)> {
+        if let (Some(cache), false) = (self.nft_cache(), dry_run) {
+            let read = cache
+                .lock()
+                .expect("nft rules lock")
+                .read(families, &self.xtables())?;
+            if let Some((tables, held)) = read {
+                return Ok((tables, Some(Hold::Nft(held))));
+            }
+        }
         if let (Some(legacy), false) = (self.legacy_cache(), dry_run) {
             let read = legacy.lock().expect("legacy cache lock").read_for_change(
                 families,
@@ -514,7 +566,7 @@ impl Engine {
                 self.config.wait,
             );
             match read {
-                Ok(Some((tables, held))) => return Ok((tables, Some(held))),
+                Ok(Some((tables, held))) => return Ok((tables, Some(Hold::Legacy(held)))),
                 Ok(None) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     return Err(Error::LockTimeout {
@@ -538,13 +590,52 @@ impl Engine {
     fn apply(
         &self,
         plan: &RulePlan,
-        held: Option<Held>,
+        held: Option<Hold>,
         ownership: &mut Ownership,
         tables: &Tables,
     ) -> Result<(Instant, Option<Tables>)> {
         let mut rest = Vec::new();
         let mut written = tables.clone();
+        let mut nft_fell_back = false;
+        if let (Some(Hold::Nft(held)), Some(cache)) = (held.as_ref(), self.nft_cache()) {
+            for family in plan.families() {
+                let edits: Vec<String> = plan
+                    .edits
+                    .iter()
+                    .filter(|e| e.family == family)
+                    .map(|e| e.restore_line())
+                    .collect();
+                tracing::info!(%family, ?edits, "writing");
+            }
+            // One netlink transaction for every family, as the restores would be one each.
+            let applied = super::watch::own_write(1, || {
+                cache.lock().expect("nft rules lock").apply(plan, held)
+            });
+            match applied {
+                Ok(NftApplied::Done(chains)) => {
+                    for (family, chain, rules) in chains {
+                        written.insert(family, chain, ChainListing { rules });
+                    }
+                    return Ok((Instant::now(), Some(written)));
+                }
+                Ok(NftApplied::NotHere(why)) => {
+                    tracing::debug!(why, "applying with the restore binary");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "writing the nft rules in process failed (nothing changed); applying with the restore binary");
+                }
+            }
+            nft_fell_back = true;
+        }
+        let legacy_held = match held {
+            Some(Hold::Legacy(held)) => Some(held),
+            _ => None,
+        };
         for family in plan.families() {
+            if nft_fell_back {
+                rest.push(family);
+                continue;
+            }
             // Every write, as the restore input it amounts to: what an admin (or the real-cluster
             // soak) checks names nothing but loopguard's own rules.
             let edits: Vec<String> = plan
@@ -554,7 +645,7 @@ impl Engine {
                 .map(|e| e.restore_line())
                 .collect();
             tracing::info!(%family, ?edits, "writing");
-            let (Some(held), Some(legacy)) = (held.as_ref(), self.legacy_cache()) else {
+            let (Some(held), Some(legacy)) = (legacy_held.as_ref(), self.legacy_cache()) else {
                 rest.push(family);
                 continue;
             };
@@ -579,7 +670,7 @@ impl Engine {
             }
         }
         // The binaries take the xtables lock themselves.
-        drop(held);
+        drop(legacy_held);
         if rest.is_empty() {
             return Ok((Instant::now(), Some(written)));
         }

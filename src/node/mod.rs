@@ -10,6 +10,7 @@ pub mod lock;
 pub mod lock_events;
 pub mod netns;
 pub mod nft;
+pub mod nft_rules;
 pub mod nftables;
 pub mod packages;
 pub mod state_file;

@@ -8,7 +8,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::rules::nft::wire::{self as wire, Batch, ChainInfo, NLMSG_DONE, RuleInfo, TableInfo};
-use crate::rules::nft::{self, OwnTable};
+use crate::rules::nft::{self, OwnTable, xt};
+use crate::rules::{Chain, Family};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWGEN: u16 = 15;
@@ -372,6 +373,38 @@ fn parse_generation(reply: &[u8]) -> io::Result<u32> {
         at += (attr_len + 3) & !3;
     }
     Err(io::Error::other("no generation in the netlink reply"))
+}
+
+/// The rules of a built-in chain of iptables-nft's table (`ip6 filter`, `ip filter`) in order,
+/// with their handles and identities; `None` when the table or the chain does not exist.
+pub fn iptables_chain(family: Family, chain: Chain) -> io::Result<Option<Vec<xt::Listed>>> {
+    let seq = next_seq(1);
+    let mut rules = Vec::new();
+    let mut malformed = false;
+    let read = with_socket(|socket| {
+        socket.dump(&xt::dump_rules(seq, family, chain), seq, |_, kind, body| {
+            if kind == wire::NFT_MSG_NEWRULE {
+                match xt::parse_listed(body) {
+                    Some(rule) => rules.push(rule),
+                    None => malformed = true,
+                }
+            }
+        })
+    });
+    match read {
+        Ok(()) if malformed => Err(io::Error::other("a rule without a handle")),
+        Ok(()) => Ok(Some(rules)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Adds rules to iptables-nft's chains in one transaction, if the ruleset is still at
+/// `generation` (else [`is_stale`], and nothing is written).
+pub fn add_iptables_rules(generation: u32, adds: &[(Family, Chain, xt::Add)]) -> io::Result<()> {
+    // Batch begin, one message per rule, batch end.
+    let seq = next_seq(adds.len() as u32 + 2);
+    with_socket(|socket| socket.transact(&xt::add_batch(seq, generation, adds), seq))
 }
 
 #[cfg(test)]

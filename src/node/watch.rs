@@ -461,6 +461,7 @@ impl DriftWatch {
     /// engine keep the tables and probes their shape. Re-checks every `resync` in any case.
     pub fn new(engine: &mut Engine, resync: Duration) -> DriftWatch {
         let backend = engine.facts().backend;
+        engine.keep_nft_rules();
         let (events, legacy) = match backend {
             Backend::Legacy => {
                 let cache = engine.keep_legacy_tables();

@@ -21,6 +21,7 @@
 //! because ComplianceAsCode greps the listing for `iif "lo" accept`.
 
 pub mod wire;
+pub mod xt;
 
 use wire::{ChainInfo, Expr, HOOK_INPUT, NF_ACCEPT, RuleInfo, TableInfo, own_rules};
 

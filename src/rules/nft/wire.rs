@@ -35,10 +35,10 @@ pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
 
 const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_APPEND: u16 = 0x800;
+pub(super) const NLM_F_ACK: u16 = 0x4;
+pub(super) const NLM_F_DUMP: u16 = 0x300;
+pub(super) const NLM_F_CREATE: u16 = 0x400;
+pub(super) const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
@@ -59,12 +59,12 @@ const NFTA_CHAIN_POLICY: u16 = 5;
 const NFTA_CHAIN_TYPE: u16 = 7;
 const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_PRIORITY: u16 = 2;
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_LIST_ELEM: u16 = 1;
-const NFTA_EXPR_NAME: u16 = 1;
-const NFTA_EXPR_DATA: u16 = 2;
+pub(super) const NFTA_RULE_TABLE: u16 = 1;
+pub(super) const NFTA_RULE_CHAIN: u16 = 2;
+pub(super) const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub(super) const NFTA_LIST_ELEM: u16 = 1;
+pub(super) const NFTA_EXPR_NAME: u16 = 1;
+pub(super) const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -77,10 +77,10 @@ pub const NF_DROP: u32 = 0;
 pub const NF_ACCEPT: u32 = 1;
 const NFT_META_IIF: u32 = 4;
 const NFT_META_NFPROTO: u32 = 15;
-const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
-const NFT_CMP_EQ: u32 = 0;
-const NFT_REG_VERDICT: u32 = 0;
-const NFT_REG_1: u32 = 1;
+pub(super) const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+pub(super) const NFT_CMP_EQ: u32 = 0;
+pub(super) const NFT_REG_VERDICT: u32 = 0;
+pub(super) const NFT_REG_1: u32 = 1;
 
 /// One expression of a rule, for the kinds loopguard's rules use; anything else is `Other`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +104,8 @@ pub enum Expr {
         dreg: u32,
         code: u32,
     },
+    /// A counter starting at zero (iptables-nft puts one in every rule).
+    Counter,
     /// An expression (or attribute) loopguard does not write: its name.
     Other(String),
 }
@@ -174,12 +176,12 @@ pub fn own_rules(lo_index: u32) -> [Vec<Expr>; 3] {
 }
 
 /// One netlink message under construction (header and `nfgenmsg` written, attributes appended).
-struct Msg {
+pub(super) struct Msg {
     buf: Vec<u8>,
 }
 
 impl Msg {
-    fn new(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Msg {
+    pub(super) fn new(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Msg {
         let mut buf = Vec::with_capacity(256);
         buf.extend(0u32.to_ne_bytes()); // length, set by `finish`
         buf.extend(kind.to_ne_bytes());
@@ -191,7 +193,7 @@ impl Msg {
         Msg { buf }
     }
 
-    fn nft(msg: u16, flags: u16, seq: u32, family: u8) -> Msg {
+    pub(super) fn nft(msg: u16, flags: u16, seq: u32, family: u8) -> Msg {
         Msg::new(
             (NFNL_SUBSYS_NFTABLES << 8) | msg,
             NLM_F_REQUEST | flags,
@@ -201,7 +203,7 @@ impl Msg {
         )
     }
 
-    fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Msg {
+    pub(super) fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Msg {
         self.buf.extend(((4 + data.len()) as u16).to_ne_bytes());
         self.buf.extend(kind.to_ne_bytes());
         self.buf.extend(data);
@@ -209,7 +211,7 @@ impl Msg {
         self
     }
 
-    fn str(&mut self, kind: u16, value: &str) -> &mut Msg {
+    pub(super) fn str(&mut self, kind: u16, value: &str) -> &mut Msg {
         let mut data = value.as_bytes().to_vec();
         data.push(0);
         self.attr(kind, &data)
@@ -219,7 +221,7 @@ impl Msg {
         self.attr(kind, &value.to_be_bytes())
     }
 
-    fn nest(&mut self, kind: u16, inner: impl FnOnce(&mut Msg)) -> &mut Msg {
+    pub(super) fn nest(&mut self, kind: u16, inner: impl FnOnce(&mut Msg)) -> &mut Msg {
         let at = self.buf.len();
         self.buf.extend([0, 0]);
         self.buf.extend((kind | NLA_F_NESTED).to_ne_bytes());
@@ -235,19 +237,20 @@ impl Msg {
         }
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(super) fn finish(mut self) -> Vec<u8> {
         let len = self.buf.len() as u32;
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
         self.buf
     }
 }
 
-fn encode_expr(m: &mut Msg, expr: &Expr) {
+pub(super) fn encode_expr(m: &mut Msg, expr: &Expr) {
     let name = match expr {
         Expr::Meta { .. } => "meta",
         Expr::Cmp { .. } => "cmp",
         Expr::Payload { .. } => "payload",
         Expr::Verdict { .. } => "immediate",
+        Expr::Counter => "counter",
         Expr::Other(name) => unreachable!("loopguard never writes a {name} expression"),
     };
     m.nest(NFTA_LIST_ELEM, |m| {
@@ -276,6 +279,10 @@ fn encode_expr(m: &mut Msg, expr: &Expr) {
                         });
                     });
                 }
+                Expr::Counter => {
+                    // NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS, as libnftnl puts them.
+                    m.attr(1, &0u64.to_be_bytes()).attr(2, &0u64.to_be_bytes());
+                }
                 Expr::Other(_) => {}
             });
     });
@@ -287,7 +294,11 @@ pub struct Batch {
     pub acks: usize,
 }
 
-fn batch(seq: u32, generation: u32, build: impl FnOnce(&mut Vec<Vec<u8>>, &mut u32)) -> Batch {
+pub(super) fn batch(
+    seq: u32,
+    generation: u32,
+    build: impl FnOnce(&mut Vec<Vec<u8>>, &mut u32),
+) -> Batch {
     let mut messages = Vec::new();
     let mut next = seq + 1;
     build(&mut messages, &mut next);
@@ -447,7 +458,7 @@ pub fn messages(buf: &[u8]) -> Vec<Message<'_>> {
 }
 
 /// The attributes in `buf`: (type without flags, payload).
-fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
+pub(super) fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = Vec::new();
     while buf.len() >= 4 {
         let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
@@ -467,7 +478,7 @@ fn be32(data: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(data.get(..4)?.try_into().ok()?))
 }
 
-fn string(data: &[u8]) -> String {
+pub(super) fn string(data: &[u8]) -> String {
     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
     String::from_utf8_lossy(&data[..end]).into_owned()
 }

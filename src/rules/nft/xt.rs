@@ -1,0 +1,343 @@
+//! The seed's rules in iptables-nft's tables (`ip6 filter`, `ip filter`), pure: the expressions
+//! `ip6tables-nft` (1.8.9) writes for each of loopguard's rules, the request that lists a built-in
+//! chain's rules with their handles, a rule's identity (what `-S` prints depends on), and a plan's
+//! inserts as one netlink transaction bound to the ruleset generation the plan was made in.
+//!
+//! ```text
+//! -A INPUT -i lo -j ACCEPT       [ meta load iifname => reg 1 ] [ cmp eq reg 1 "lo\0" ] [ counter ] [ immediate reg 0 accept ]
+//! -A INPUT -s ::1/128 -j DROP    [ payload load 16b @ network header + 8 => reg 1 ] [ cmp eq reg 1 ::1 ] [ counter ] [ immediate reg 0 drop ]
+//! -A INPUT -s 127.0.0.0/8 -j DROP [ payload load 1b @ network header + 12 => reg 1 ] [ cmp eq reg 1 0x7f ] [ counter ] [ immediate reg 0 drop ]
+//! -A OUTPUT -o lo -j ACCEPT      [ meta load oifname => reg 1 ] [ cmp eq reg 1 "lo\0" ] [ counter ] [ immediate reg 0 accept ]
+//! ```
+//!
+//! `tests/nft_inprocess.rs` holds a write from here against `ip6tables-nft`'s own, through
+//! `nft -j list ruleset`.
+
+use super::wire::{
+    self, Batch, Expr, Msg, NF_ACCEPT, NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6, NFT_CMP_EQ,
+    NFT_MSG_GETRULE, NFT_MSG_NEWRULE, NFT_PAYLOAD_NETWORK_HEADER, NFT_REG_1, NFT_REG_VERDICT,
+    NFTA_EXPR_NAME, NFTA_LIST_ELEM, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE,
+    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
+};
+use crate::rules::{Chain, EditKind, Family, Rule, RuleKind, RulePlan};
+
+/// iptables-nft's table (in the `ip6` and `ip` families).
+pub const TABLE: &str = "filter";
+const NFTA_RULE_HANDLE: u16 = 3;
+const NFTA_RULE_COMPAT: u16 = 5;
+const NFTA_RULE_POSITION: u16 = 6;
+const NFTA_RULE_USERDATA: u16 = 7;
+const NFT_META_IIFNAME: u32 = 6;
+const NFT_META_OIFNAME: u32 = 7;
+
+/// The nf_tables family of an iptables family.
+pub fn nfproto(family: Family) -> u8 {
+    match family {
+        Family::Ipv6 => NFPROTO_IPV6,
+        Family::Ipv4 => NFPROTO_IPV4,
+    }
+}
+
+/// The expressions `ip6tables-nft` (or `iptables-nft`) writes for one of loopguard's rules.
+pub fn rule_exprs(rule: Rule) -> Vec<Expr> {
+    let interface = |key: u32| {
+        vec![
+            Expr::Meta {
+                key,
+                dreg: NFT_REG_1,
+            },
+            // The name up to and including its NUL: an exact match, as for `-i lo`.
+            Expr::Cmp {
+                sreg: NFT_REG_1,
+                op: NFT_CMP_EQ,
+                data: b"lo\0".to_vec(),
+            },
+        ]
+    };
+    let verdict = |code| Expr::Verdict {
+        dreg: NFT_REG_VERDICT,
+        code,
+    };
+    let (mut exprs, code) = match rule.kind {
+        RuleKind::AcceptLoopbackIn => (interface(NFT_META_IIFNAME), NF_ACCEPT),
+        RuleKind::AcceptLoopbackOut => (interface(NFT_META_OIFNAME), NF_ACCEPT),
+        RuleKind::DropLoopbackSource => {
+            // ::1/128 in full; 127.0.0.0/8 as its first byte (a whole-byte prefix).
+            let (offset, value) = match rule.family {
+                Family::Ipv6 => {
+                    let mut one = vec![0u8; 16];
+                    one[15] = 1;
+                    (8, one)
+                }
+                Family::Ipv4 => (12, vec![127]),
+            };
+            (
+                vec![
+                    Expr::Payload {
+                        dreg: NFT_REG_1,
+                        base: NFT_PAYLOAD_NETWORK_HEADER,
+                        offset,
+                        len: value.len() as u32,
+                    },
+                    Expr::Cmp {
+                        sreg: NFT_REG_1,
+                        op: NFT_CMP_EQ,
+                        data: value,
+                    },
+                ],
+                NF_DROP,
+            )
+        }
+    };
+    exprs.push(Expr::Counter);
+    exprs.push(verdict(code));
+    exprs
+}
+
+/// Asks for the rules of one built-in chain of iptables-nft's table (filtered by the kernel).
+pub fn dump_rules(seq: u32, family: Family, chain: Chain) -> Vec<u8> {
+    let mut m = Msg::nft(NFT_MSG_GETRULE, NLM_F_DUMP, seq, nfproto(family));
+    m.str(NFTA_RULE_TABLE, TABLE)
+        .str(NFTA_RULE_CHAIN, chain.name());
+    m.finish()
+}
+
+/// A rule as listed: its handle, and what identifies it (its expressions with the counters'
+/// values left out, its user data such as a comment, its compat attribute): two rules with the
+/// same identity print the same `-S` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub handle: u64,
+    pub identity: Vec<u8>,
+}
+
+/// Reads a `NEWRULE` answer; `None` without a handle.
+pub fn parse_listed(body: &[u8]) -> Option<Listed> {
+    let mut handle = None;
+    let mut identity = Vec::new();
+    for (kind, data) in wire::attrs(body) {
+        match kind {
+            NFTA_RULE_HANDLE => {
+                handle = Some(u64::from_be_bytes(data.get(..8)?.try_into().ok()?));
+            }
+            NFTA_RULE_EXPRESSIONS => {
+                for (k, elem) in wire::attrs(data) {
+                    if k != NFTA_LIST_ELEM {
+                        continue;
+                    }
+                    let name = wire::attrs(elem)
+                        .into_iter()
+                        .find(|(k, _)| *k == NFTA_EXPR_NAME)
+                        .map(|(_, d)| wire::string(d))
+                        .unwrap_or_default();
+                    identity.extend_from_slice(b"|");
+                    if name == "counter" {
+                        identity.extend_from_slice(b"counter");
+                    } else {
+                        identity.extend_from_slice(elem);
+                    }
+                }
+            }
+            NFTA_RULE_USERDATA | NFTA_RULE_COMPAT => {
+                identity.extend_from_slice(&[b'#', kind as u8]);
+                identity.extend_from_slice(data);
+            }
+            _ => {}
+        }
+    }
+    Some(Listed {
+        handle: handle?,
+        identity,
+    })
+}
+
+/// One rule to add: before the rule with handle `before`, or at the end of the chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Add {
+    pub rule: Rule,
+    pub before: Option<u64>,
+}
+
+/// A built-in chain after a plan: the rules that were there (by handle) and those it adds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Kept(u64),
+    Added(Rule),
+}
+
+/// A plan's edits of `chain` in `family` as inserts relative to the rules already there
+/// (`handles`, in order), and the chain as it will be. `Err`: an edit this does not write (a
+/// delete, a position past the end): the binaries do it.
+pub fn adds_for(
+    plan: &RulePlan,
+    family: Family,
+    chain: Chain,
+    handles: &[u64],
+) -> Result<(Vec<Add>, Vec<Slot>), String> {
+    let mut slots: Vec<Slot> = handles.iter().map(|&h| Slot::Kept(h)).collect();
+    for edit in plan
+        .edits
+        .iter()
+        .filter(|e| e.family == family && e.chain == chain)
+    {
+        match edit.kind {
+            EditKind::Insert(n) => {
+                let at = n.saturating_sub(1);
+                if at > slots.len() {
+                    return Err(format!("{chain} has {} rules, not {n}", slots.len()));
+                }
+                slots.insert(at, Slot::Added(edit.target));
+            }
+            EditKind::Append => slots.push(Slot::Added(edit.target)),
+            EditKind::Delete => return Err(format!("{} is a delete", edit.rule)),
+        }
+    }
+    let adds = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, slot)| match slot {
+            Slot::Added(rule) => Some(Add {
+                rule: *rule,
+                before: slots[i + 1..].iter().find_map(|s| match s {
+                    Slot::Kept(h) => Some(*h),
+                    Slot::Added(_) => None,
+                }),
+            }),
+            Slot::Kept(_) => None,
+        })
+        .collect();
+    Ok((adds, slots))
+}
+
+/// One transaction adding `adds` (per family and chain, in order), committed only if the ruleset
+/// is still at `generation`.
+pub fn add_batch(seq: u32, generation: u32, adds: &[(Family, Chain, Add)]) -> Batch {
+    wire::batch(seq, generation, |out, next| {
+        for (family, chain, add) in adds {
+            // Before a rule: insert at its position; no rule after it: append.
+            let flags = NLM_F_ACK
+                | NLM_F_CREATE
+                | if add.before.is_none() {
+                    NLM_F_APPEND
+                } else {
+                    0
+                };
+            let mut m = Msg::nft(NFT_MSG_NEWRULE, flags, *next, nfproto(*family));
+            m.str(NFTA_RULE_TABLE, TABLE)
+                .str(NFTA_RULE_CHAIN, chain.name());
+            if let Some(handle) = add.before {
+                m.attr(NFTA_RULE_POSITION, &handle.to_be_bytes());
+            }
+            m.nest(NFTA_RULE_EXPRESSIONS, |m| {
+                for expr in rule_exprs(add.rule) {
+                    wire::encode_expr(m, &expr);
+                }
+            });
+            out.push(m.finish());
+            *next += 1;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{Edit, Placement, Tables, plan_enforce};
+
+    fn plan(input: &[&str], output: &[&str], placement: Placement) -> RulePlan {
+        let mut tables = Tables::default();
+        for (chain, rules) in [(Chain::Input, input), (Chain::Output, output)] {
+            tables.insert(
+                Family::Ipv6,
+                chain,
+                crate::rules::ChainListing {
+                    rules: rules.iter().map(|r| r.to_string()).collect(),
+                },
+            );
+        }
+        plan_enforce(
+            &tables,
+            &crate::rules::Ownership::default(),
+            &[Family::Ipv6],
+            placement,
+        )
+    }
+
+    #[test]
+    fn inserts_at_the_top_go_before_the_first_rule_in_order() {
+        let p = plan(&["-p tcp -j ACCEPT"], &[], Placement::Insert);
+        let (adds, slots) = adds_for(&p, Family::Ipv6, Chain::Input, &[7]).unwrap();
+        let [accept, drop, _] = Rule::baseline(Family::Ipv6);
+        assert_eq!(
+            adds,
+            vec![
+                Add {
+                    rule: accept,
+                    before: Some(7)
+                },
+                Add {
+                    rule: drop,
+                    before: Some(7)
+                }
+            ]
+        );
+        assert_eq!(
+            slots,
+            vec![Slot::Added(accept), Slot::Added(drop), Slot::Kept(7)]
+        );
+        // An empty chain: appended, in order.
+        let (adds, _) = adds_for(&p, Family::Ipv6, Chain::Output, &[]).unwrap();
+        assert_eq!(adds.len(), 1);
+        assert_eq!(adds[0].before, None);
+    }
+
+    #[test]
+    fn appends_and_deletes() {
+        let p = plan(&["-p tcp -j ACCEPT"], &["-j ACCEPT"], Placement::Append);
+        let (adds, slots) = adds_for(&p, Family::Ipv6, Chain::Input, &[3]).unwrap();
+        assert!(adds.iter().all(|a| a.before.is_none()));
+        assert_eq!(slots[0], Slot::Kept(3));
+        let [accept, ..] = Rule::baseline(Family::Ipv6);
+        let delete = RulePlan {
+            edits: vec![Edit {
+                family: Family::Ipv6,
+                chain: Chain::Input,
+                kind: EditKind::Delete,
+                rule: accept.save_syntax(),
+                target: accept,
+            }],
+        };
+        assert!(adds_for(&delete, Family::Ipv6, Chain::Input, &[1]).is_err());
+    }
+
+    #[test]
+    fn a_rules_identity_leaves_the_counters_out() {
+        let encode = |packets: u64| {
+            let mut m = Msg::nft(NFT_MSG_NEWRULE, 0, 1, NFPROTO_IPV6);
+            m.attr(NFTA_RULE_HANDLE, &9u64.to_be_bytes());
+            m.nest(NFTA_RULE_EXPRESSIONS, |m| {
+                for expr in rule_exprs(Rule::baseline(Family::Ipv6)[0]) {
+                    match expr {
+                        Expr::Counter => {
+                            m.nest(NFTA_LIST_ELEM, |m| {
+                                m.str(NFTA_EXPR_NAME, "counter").nest(2, |m| {
+                                    m.attr(2, &packets.to_be_bytes());
+                                });
+                            });
+                        }
+                        e => wire::encode_expr(m, &e),
+                    }
+                }
+            });
+            m.finish()
+        };
+        let (a, b) = (encode(0), encode(42));
+        // After the nlmsghdr (16) and nfgenmsg (4).
+        let (a, b) = (
+            parse_listed(&a[20..]).unwrap(),
+            parse_listed(&b[20..]).unwrap(),
+        );
+        assert_eq!(a.handle, 9);
+        assert_eq!(a.identity, b.identity);
+    }
+}
