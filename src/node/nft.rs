@@ -384,7 +384,7 @@ pub fn iptables_chain(family: Family, chain: Chain) -> io::Result<Option<Vec<xt:
     let read = with_socket(|socket| {
         socket.dump(&xt::dump_rules(seq, family, chain), seq, |_, kind, body| {
             if kind == wire::NFT_MSG_NEWRULE {
-                match xt::parse_listed(body) {
+                match xt::parse_listed(body, family) {
                     Some(rule) => rules.push(rule),
                     None => malformed = true,
                 }

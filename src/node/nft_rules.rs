@@ -60,6 +60,7 @@ impl NftRules {
             let Some((generation, dump)) = list_chains(families) else {
                 return Ok(None);
             };
+            self.decoded(&dump);
             if let Some(found) = self.known(generation, &dump) {
                 self.reads += 1;
                 return Ok(Some(found));
@@ -92,6 +93,19 @@ impl NftRules {
             }
         }
         Ok(None)
+    }
+
+    /// Learns the lines of the rules of `dump` it has not seen that `xt::line` covers.
+    fn decoded(&mut self, dump: &Dump) {
+        for ((family, chain), rules) in dump {
+            for rule in rules {
+                if let Some(line) = &rule.line {
+                    self.lines
+                        .entry((*family, *chain, rule.identity.clone()))
+                        .or_insert_with(|| line.clone());
+                }
+            }
+        }
     }
 
     /// The chains of `dump` as lines, if every rule is known.

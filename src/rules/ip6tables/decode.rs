@@ -154,7 +154,7 @@ pub fn line(table: &Table, e: Entry, starts: &BTreeMap<u32, Vec<u8>>) -> Option<
 
 /// `ADDRESS/PREFIX`, `Some(None)` when the mask is empty (nothing printed), `None` for a mask
 /// that is no prefix or an address libc would print otherwise than Rust does.
-fn address(family: Family, addr: &[u8], mask: &[u8]) -> Option<Option<String>> {
+pub(crate) fn address(family: Family, addr: &[u8], mask: &[u8]) -> Option<Option<String>> {
     let ones: u32 = mask.iter().map(|m| m.count_ones()).sum();
     let prefix = mask
         .iter()
@@ -266,6 +266,12 @@ fn reject(family: Family, target: &[u8]) -> Option<String> {
         return None;
     }
     let with = u32::from_ne_bytes(target[TARGET_HEADER..TARGET_HEADER + 4].try_into().ok()?);
+    reject_with(family, with)
+}
+
+/// `-j REJECT --reject-with ANSWER` for the default answer of `family` (`ip6t_reject_info` /
+/// `ipt_reject_info`'s `with`), `None` for any other.
+pub(crate) fn reject_with(family: Family, with: u32) -> Option<String> {
     let answer = match (family, with) {
         // IP6T_ICMP6_PORT_UNREACH
         (Family::Ipv6, 4) => "icmp6-port-unreachable",

@@ -104,23 +104,27 @@ pub fn dump_rules(seq: u32, family: Family, chain: Chain) -> Vec<u8> {
 
 /// A rule as listed: its handle, and what identifies it (its expressions with the counters'
 /// values left out, its user data such as a comment, its compat attribute): two rules with the
-/// same identity print the same `-S` line.
+/// same identity print the same `-S` line. `line`: that line, where [`line`] covers the form.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listed {
     pub handle: u64,
     pub identity: Vec<u8>,
+    pub line: Option<String>,
 }
 
 /// Reads a `NEWRULE` answer; `None` without a handle.
-pub fn parse_listed(body: &[u8]) -> Option<Listed> {
+pub fn parse_listed(body: &[u8], family: Family) -> Option<Listed> {
     let mut handle = None;
     let mut identity = Vec::new();
+    let mut line = None;
+    let mut userdata = false;
     for (kind, data) in wire::attrs(body) {
         match kind {
             NFTA_RULE_HANDLE => {
                 handle = Some(u64::from_be_bytes(data.get(..8)?.try_into().ok()?));
             }
             NFTA_RULE_EXPRESSIONS => {
+                line = self::line(family, data);
                 for (k, elem) in wire::attrs(data) {
                     if k != NFTA_LIST_ELEM {
                         continue;
@@ -139,6 +143,8 @@ pub fn parse_listed(body: &[u8]) -> Option<Listed> {
                 }
             }
             NFTA_RULE_USERDATA | NFTA_RULE_COMPAT => {
+                // A comment lives in the user data: printed by the binaries only.
+                userdata |= kind == NFTA_RULE_USERDATA;
                 identity.extend_from_slice(&[b'#', kind as u8]);
                 identity.extend_from_slice(data);
             }
@@ -148,6 +154,223 @@ pub fn parse_listed(body: &[u8]) -> Option<Listed> {
     Some(Listed {
         handle: handle?,
         identity,
+        line: line.filter(|_| !userdata),
+    })
+}
+
+/// One expression as listed: its name and its attributes.
+struct Raw<'a> {
+    name: String,
+    data: Vec<(u16, &'a [u8])>,
+}
+
+impl Raw<'_> {
+    fn get(&self, kind: u16) -> Option<&[u8]> {
+        self.data.iter().find(|(k, _)| *k == kind).map(|(_, d)| *d)
+    }
+
+    fn be32(&self, kind: u16) -> Option<u32> {
+        Some(u32::from_be_bytes(
+            self.get(kind)?.get(..4)?.try_into().ok()?,
+        ))
+    }
+
+    /// The value of a `cmp eq` on register 1.
+    fn compared(&self) -> Option<&[u8]> {
+        if self.name != "cmp" || self.be32(1)? != NFT_REG_1 || self.be32(2)? != NFT_CMP_EQ {
+            return None;
+        }
+        let value = wire::attrs(self.get(3)?);
+        value.into_iter().find(|(k, _)| *k == 1).map(|(_, d)| d)
+    }
+}
+
+const NFT_META_L4PROTO: u32 = 16;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFT_JUMP: i32 = -3;
+const NFT_GOTO: i32 = -4;
+const NFT_RETURN: i32 = -5;
+
+/// The `-S` line (after `-A CHAIN`) `ip6tables-nft` prints for a rule of these expressions
+/// (`NFTA_RULE_EXPRESSIONS`), for the forms iptables-nft writes natively for addresses with a
+/// whole-byte prefix, interfaces, `-p tcp`/`-p udp` with single ports, the standard verdicts,
+/// jumps and gotos, and `REJECT` with its default answer; `None` for anything else (the line is
+/// then learnt from the binaries). Printed as `rules::decode` prints the same rule's legacy entry.
+pub fn line(family: Family, expressions: &[u8]) -> Option<String> {
+    let exprs: Vec<Raw> = wire::attrs(expressions)
+        .into_iter()
+        .filter(|(k, _)| *k == NFTA_LIST_ELEM)
+        .map(|(_, elem)| {
+            let outer = wire::attrs(elem);
+            let name = outer
+                .iter()
+                .find(|(k, _)| *k == NFTA_EXPR_NAME)
+                .map(|(_, d)| wire::string(d))
+                .unwrap_or_default();
+            let data = outer
+                .iter()
+                .find(|(k, _)| *k == 2)
+                .map(|(_, d)| wire::attrs(d))
+                .unwrap_or_default();
+            Raw { name, data }
+        })
+        .collect();
+    let addr_len = match family {
+        Family::Ipv6 => 16,
+        Family::Ipv4 => 4,
+    };
+    let (src_at, dst_at) = match family {
+        Family::Ipv6 => (8, 24),
+        Family::Ipv4 => (12, 16),
+    };
+    let mut src = None;
+    let mut dst = None;
+    let mut iif = None;
+    let mut oif = None;
+    let mut proto: Option<u8> = None;
+    let mut sport: Option<u16> = None;
+    let mut dport: Option<u16> = None;
+    let mut target: Option<String> = None;
+    let once = |slot: &mut Option<String>, value: String| -> Option<()> {
+        slot.is_none().then(|| *slot = Some(value))
+    };
+    let mut i = 0;
+    while i < exprs.len() {
+        let e = &exprs[i];
+        if target.is_some() {
+            return None;
+        }
+        match e.name.as_str() {
+            "counter" => {
+                i += 1;
+                continue;
+            }
+            "meta" | "payload" => {
+                if e.be32(1)? != NFT_REG_1 {
+                    return None;
+                }
+                let value = exprs.get(i + 1)?.compared()?;
+                i += 2;
+                if e.name == "meta" {
+                    match e.be32(2)? {
+                        NFT_META_IIFNAME => once(&mut iif, interface(value)?)?,
+                        NFT_META_OIFNAME => once(&mut oif, interface(value)?)?,
+                        NFT_META_L4PROTO if proto.is_none() && value.len() == 1 => {
+                            proto = Some(value[0]);
+                        }
+                        _ => return None,
+                    }
+                    continue;
+                }
+                let (base, offset, len) = (e.be32(2)?, e.be32(3)?, e.be32(4)? as usize);
+                if value.len() != len {
+                    return None;
+                }
+                match (base, offset) {
+                    (NFT_PAYLOAD_NETWORK_HEADER, at) if at == src_at || at == dst_at => {
+                        if len == 0 || len > addr_len {
+                            return None;
+                        }
+                        let mut addr = vec![0u8; addr_len];
+                        addr[..len].copy_from_slice(value);
+                        let mut mask = vec![0u8; addr_len];
+                        mask[..len].fill(0xff);
+                        let text = crate::rules::decode::address(family, &addr, &mask)??;
+                        once(if at == src_at { &mut src } else { &mut dst }, text)?;
+                    }
+                    (NFT_PAYLOAD_TRANSPORT_HEADER, 0 | 2) if len == 2 => {
+                        let port = u16::from_be_bytes([value[0], value[1]]);
+                        let slot = if offset == 0 { &mut sport } else { &mut dport };
+                        if slot.is_some() || !matches!(proto, Some(6 | 17)) {
+                            return None;
+                        }
+                        *slot = Some(port);
+                    }
+                    _ => return None,
+                }
+            }
+            "immediate" => {
+                if e.be32(1)? != NFT_REG_VERDICT {
+                    return None;
+                }
+                let data = wire::attrs(e.get(2)?);
+                let verdict = wire::attrs(data.iter().find(|(k, _)| *k == 2)?.1);
+                let code = verdict.iter().find(|(k, _)| *k == 1)?.1;
+                let code = i32::from_be_bytes(code.get(..4)?.try_into().ok()?);
+                let chain = verdict
+                    .iter()
+                    .find(|(k, _)| *k == 2)
+                    .map(|(_, d)| wire::string(d));
+                target = Some(match (code, chain) {
+                    (c, None) if c == NF_ACCEPT as i32 => "-j ACCEPT".into(),
+                    (c, None) if c == NF_DROP as i32 => "-j DROP".into(),
+                    (NFT_RETURN, None) => "-j RETURN".into(),
+                    (NFT_JUMP, Some(chain)) if !chain.is_empty() => format!("-j {chain}"),
+                    (NFT_GOTO, Some(chain)) if !chain.is_empty() => format!("-g {chain}"),
+                    _ => return None,
+                });
+                i += 1;
+            }
+            "target" => {
+                let info = e.get(3)?;
+                if e.get(1).map(wire::string).as_deref() != Some("REJECT")
+                    || e.be32(2)? != 0
+                    || info.len() < 4
+                    || info[4..].iter().any(|&b| b != 0)
+                {
+                    return None;
+                }
+                let with = u32::from_ne_bytes(info[..4].try_into().ok()?);
+                target = Some(crate::rules::decode::reject_with(family, with)?);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    let mut parts: Vec<String> = Vec::new();
+    for (flag, value) in [("-s", src), ("-d", dst), ("-i", iif), ("-o", oif)] {
+        if let Some(value) = value {
+            parts.push(format!("{flag} {value}"));
+        }
+    }
+    let word = match proto {
+        None => None,
+        Some(6) => Some("tcp"),
+        Some(17) => Some("udp"),
+        // Other names come from /etc/protocols: the binaries know.
+        Some(_) => return None,
+    };
+    if let Some(word) = word {
+        parts.push(format!("-p {word}"));
+        if sport.is_some() || dport.is_some() {
+            let mut m = format!("-m {word}");
+            for (flag, port) in [("--sport", sport), ("--dport", dport)] {
+                if let Some(port) = port {
+                    m.push_str(&format!(" {flag} {port}"));
+                }
+            }
+            parts.push(m);
+        }
+    }
+    parts.push(target?);
+    Some(parts.join(" "))
+}
+
+/// An interface as iptables-nft compares it: the name and its NUL for an exact match, the name
+/// alone for a `+` wildcard.
+fn interface(value: &[u8]) -> Option<String> {
+    let (name, wildcard) = match value.split_last()? {
+        (0, name) => (name, false),
+        _ => (value, true),
+    };
+    if name.is_empty() || !name.iter().all(u8::is_ascii_graphic) {
+        return None;
+    }
+    let name = std::str::from_utf8(name).ok()?;
+    Some(if wildcard {
+        format!("{name}+")
+    } else {
+        name.to_string()
     })
 }
 
@@ -334,10 +557,12 @@ mod tests {
         let (a, b) = (encode(0), encode(42));
         // After the nlmsghdr (16) and nfgenmsg (4).
         let (a, b) = (
-            parse_listed(&a[20..]).unwrap(),
-            parse_listed(&b[20..]).unwrap(),
+            parse_listed(&a[20..], Family::Ipv6).unwrap(),
+            parse_listed(&b[20..], Family::Ipv6).unwrap(),
         );
         assert_eq!(a.handle, 9);
         assert_eq!(a.identity, b.identity);
+        // The rule loopguard writes decodes to its line.
+        assert_eq!(a.line.as_deref(), Some("-i lo -j ACCEPT"));
     }
 }
