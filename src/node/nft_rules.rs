@@ -23,7 +23,7 @@ type Dump = Vec<((Family, Chain), Vec<Listed>)>;
 /// `-S` line.
 #[derive(Debug, Default)]
 pub struct NftRules {
-    lines: HashMap<(Family, Chain, Vec<u8>), String>,
+    lines: HashMap<(Family, Chain), HashMap<Vec<u8>, String>>,
     /// Reads and writes done in process (for tests and benchmarks: which path ran).
     pub reads: u64,
     pub writes: u64,
@@ -79,12 +79,13 @@ impl NftRules {
                     tracing::debug!(%family, %chain, rules = rules.len(), lines = lines.len(), "nft rules and -S lines differ in number; not learning");
                     return Ok(None);
                 }
+                let known = self.lines.entry((*family, *chain)).or_default();
                 for (rule, line) in rules.iter().zip(lines) {
-                    self.lines
-                        .insert((*family, *chain, rule.identity.clone()), line.clone());
+                    known.insert(rule.identity.clone(), line.clone());
                 }
             }
-            if self.lines.len() > 100_000 {
+            // Bounded: a node whose foreign rules keep changing must not grow this forever.
+            if self.lines.values().map(HashMap::len).sum::<usize>() > 100_000 {
                 self.lines.clear();
             }
             if let Some(found) = self.known(generation, &dump) {
@@ -98,11 +99,12 @@ impl NftRules {
     /// Learns the lines of the rules of `dump` it has not seen that `xt::line` covers.
     fn decoded(&mut self, dump: &Dump) {
         for ((family, chain), rules) in dump {
+            let known = self.lines.entry((*family, *chain)).or_default();
             for rule in rules {
-                if let Some(line) = &rule.line {
-                    self.lines
-                        .entry((*family, *chain, rule.identity.clone()))
-                        .or_insert_with(|| line.clone());
+                if let Some(line) = &rule.line
+                    && !known.contains_key(&rule.identity)
+                {
+                    known.insert(rule.identity.clone(), line.clone());
                 }
             }
         }
@@ -113,11 +115,12 @@ impl NftRules {
         let mut tables = Tables::default();
         let mut chains = HashMap::new();
         for ((family, chain), rules) in dump {
+            let known = self.lines.get(&(*family, *chain));
             let listed: Vec<(u64, String)> = rules
                 .iter()
                 .map(|r| {
-                    self.lines
-                        .get(&(*family, *chain, r.identity.clone()))
+                    known
+                        .and_then(|k| k.get(&r.identity))
                         .map(|line| (r.handle, line.clone()))
                 })
                 .collect::<Option<_>>()?;

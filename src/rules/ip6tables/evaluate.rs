@@ -104,10 +104,11 @@ pub fn evaluate(tables: &Tables, families: &[Family]) -> Evaluation {
 /// as `-i lo -j ACCEPT` to them, and they only read the DROP and OUTPUT rules up to the
 /// addresses, so a comment or match after those does not count against them.
 pub fn scanner_counts_as(rule: Rule, spec: &str) -> bool {
-    if spec == rule.spec() {
-        return true;
-    }
-    let shape = Shape::of(spec);
+    spec == rule.spec() || counts_as(rule, &Shape::of(spec))
+}
+
+/// [`scanner_counts_as`] for a rule whose shape is known (and whose text is not the rule's own).
+fn counts_as(rule: Rule, shape: &Shape) -> bool {
     match rule.kind {
         RuleKind::AcceptLoopbackIn => shape.accepts_loopback_in(),
         RuleKind::DropLoopbackSource => shape.drops_loopback_source(rule.family),
@@ -115,28 +116,72 @@ pub fn scanner_counts_as(rule: Rule, spec: &str) -> bool {
     }
 }
 
+/// A chain's rules with their shapes, each parsed once (a long chain is read many times over),
+/// and only where it may matter: a rule that surely is neither about loopback nor a catch-all
+/// (`Shape::surely_not_loopback`, `Shape::surely_not_catch_all`) has none.
+struct Shaped<'a> {
+    rules: &'a [String],
+    shapes: Vec<Option<Shape>>,
+}
+
+impl<'a> Shaped<'a> {
+    fn of(listing: &'a ChainListing, family: Family) -> Shaped<'a> {
+        Shaped {
+            rules: &listing.rules,
+            shapes: listing
+                .rules
+                .iter()
+                .map(|r| {
+                    let skip =
+                        Shape::surely_not_loopback(r, family) && Shape::surely_not_catch_all(r);
+                    (!skip).then(|| Shape::of(r))
+                })
+                .collect(),
+        }
+    }
+
+    fn counts(&self, rule: Rule, i: usize) -> bool {
+        self.rules[i] == rule.spec()
+            || self.shapes[i]
+                .as_ref()
+                .is_some_and(|shape| counts_as(rule, shape))
+    }
+
+    fn copies(&self, rule: Rule) -> usize {
+        (0..self.rules.len())
+            .filter(|&i| self.counts(rule, i))
+            .count()
+    }
+
+    fn pair(&self, family: Family) -> Option<usize> {
+        let [accept, drop, _] = Rule::baseline(family);
+        (1..self.rules.len())
+            .find_map(|i| (self.counts(accept, i - 1) && self.counts(drop, i)).then_some(i - 1))
+    }
+
+    fn first_catch_all(&self) -> Option<usize> {
+        self.shapes
+            .iter()
+            .position(|s| s.as_ref().is_some_and(Shape::catch_all))
+    }
+}
+
 /// Index of the first rule the scanners read as the loopback ACCEPT that is immediately followed
 /// by one they read as the loopback DROP: the one test of compliance in INPUT.
 pub fn compliant_pair(input: &ChainListing, family: Family) -> Option<usize> {
-    let [accept, drop, _] = Rule::baseline(family);
-    input
-        .rules
-        .windows(2)
-        .position(|pair| scanner_counts_as(accept, &pair[0]) && scanner_counts_as(drop, &pair[1]))
+    Shaped::of(input, family).pair(family)
 }
 
 fn evaluate_family(tables: &Tables, family: Family) -> Evaluation {
     let input = tables.chain(family, Chain::Input);
-    let pair = compliant_pair(input, family);
+    let shaped_input = Shaped::of(input, family);
+    let shaped_output = Shaped::of(tables.chain(family, Chain::Output), family);
+    let pair = shaped_input.pair(family);
     // The earliest pair is shadowed only when a catch-all comes before it; later pairs then are too.
-    let shadow = pair.and_then(|p| input.first_catch_all().filter(|&c| c < p));
-    let copies = |rule: Rule| {
-        tables
-            .chain(family, rule.chain())
-            .rules
-            .iter()
-            .filter(|spec| scanner_counts_as(rule, spec))
-            .count()
+    let shadow = pair.and_then(|p| shaped_input.first_catch_all().filter(|&c| c < p));
+    let copies = |rule: Rule| match rule.chain() {
+        Chain::Input => shaped_input.copies(rule),
+        Chain::Output => shaped_output.copies(rule),
     };
     let [accept, _, _] = Rule::baseline(family);
     let findings: Vec<Finding> = Rule::baseline(family)

@@ -54,7 +54,9 @@ impl ChainListing {
 
     /// The 0-based position of the first catch-all rule (see [`Shape::catch_all`]), if any.
     pub fn first_catch_all(&self) -> Option<usize> {
-        self.rules.iter().position(|r| Shape::of(r).catch_all())
+        self.rules
+            .iter()
+            .position(|r| !Shape::surely_not_catch_all(r) && Shape::of(r).catch_all())
     }
 
     /// The listing as `-S` prints it, for tests and messages.
@@ -218,6 +220,36 @@ impl Shape {
         shape
     }
 
+    /// Whether `spec`, without being parsed, is surely not a catch-all: it has no quote or
+    /// escape (so its words are its arguments) and an address, interface or protocol argument, or
+    /// a match other than a comment. A long chain of such rules is read without a parse each.
+    pub fn surely_not_catch_all(spec: &str) -> bool {
+        if spec.contains(['"', '\\', '\'']) || spec.starts_with('#') {
+            return false;
+        }
+        let words: Vec<&str> = spec.split_whitespace().collect();
+        words.iter().enumerate().any(|(i, w)| {
+            matches!(
+                *w,
+                "-p" | "--protocol"
+                    | "-i"
+                    | "--in-interface"
+                    | "-o"
+                    | "--out-interface"
+                    | "-s"
+                    | "--source"
+                    | "-d"
+                    | "--destination"
+            ) || (matches!(*w, "-m" | "--match") && words.get(i + 1) != Some(&"comment"))
+        })
+    }
+
+    /// Whether `spec`, without being parsed, surely neither names the loopback interface nor
+    /// `family`'s loopback source: then no scanner counts it as one of the baseline rules.
+    pub fn surely_not_loopback(spec: &str, family: Family) -> bool {
+        !spec.contains("lo") && !spec.contains(family.loopback_source())
+    }
+
     fn is(arg: &Option<Arg>, value: &str) -> bool {
         arg.as_ref().is_some_and(|a| !a.negated && a.value == value)
     }
@@ -288,6 +320,52 @@ impl Shape {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shortcuts never skip a rule whose shape matters.
+    #[test]
+    fn shortcuts_agree_with_the_parse() {
+        use crate::rules::{Rule, scanner_counts_as};
+        let specs = [
+            "-i lo -j ACCEPT",
+            "-s ::1/128 -j DROP",
+            "-o lo -j ACCEPT",
+            "-j DROP",
+            "-j REJECT --reject-with icmp6-port-unreachable",
+            "-m comment --comment x -j DROP",
+            "-m comment --comment \"-s a\" -j DROP",
+            "-p tcp -m tcp --dport 22 -j ACCEPT",
+            "-s 2001:db8::1/128 -p tcp -m tcp --dport 1000 -j ACCEPT",
+            "-d 2001:db8::1/128 -j REJECT --reject-with icmp6-port-unreachable",
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            "-i eth0 -j DROP",
+            "--in-interface lo -j ACCEPT",
+            "-s 127.0.0.0/8 -j DROP",
+            "# look-alike: -i lo -j ACCEPT",
+            "-j LOG --log-prefix \"lo: \"",
+            "",
+        ];
+        for spec in specs {
+            let shape = Shape::of(spec);
+            if Shape::surely_not_catch_all(spec) {
+                assert!(!shape.catch_all(), "{spec}");
+            }
+            for family in [Family::Ipv6, Family::Ipv4] {
+                if Shape::surely_not_loopback(spec, family) {
+                    for rule in Rule::baseline(family) {
+                        assert!(!scanner_counts_as(rule, spec), "{spec} {rule}");
+                    }
+                }
+            }
+        }
+        assert!(Shape::surely_not_catch_all("-p tcp -j DROP"));
+        assert!(!Shape::surely_not_catch_all(
+            "-m comment --comment \"-p\" -j DROP"
+        ));
+        assert!(Shape::surely_not_loopback(
+            "-d 2001:db8::2/128 -j REJECT",
+            Family::Ipv6
+        ));
+    }
 
     #[test]
     fn every_rule_line_counts_even_empty_and_multi_line_ones() {
