@@ -6,7 +6,8 @@
 //! the network namespace with `nsenter --net=/run/netns/NAME` (loopguard without `--netns`), from
 //! this process, with the same PATH (`ip6tables` there is the backend's binary). The namespace
 //! holds N foreign rules: ten each in INPUT and OUTPUT, the rest over twenty other chains; the
-//! largest N is measured once more with all of its rules in INPUT and OUTPUT (half each).
+//! largest N is measured once more with 5,000 of its rules in INPUT and 5,000 in OUTPUT (where the
+//! plan and the position search are on the hot path).
 //! - One-shot: `loopguard node check|enforce` with backend auto-detection (what the chart runs)
 //!   and with `--backend` forced, the seed's shell script, the seed's Ansible playbook (ansible-core
 //!   from PyPI, in a cached virtualenv), and a full `ip6tables-save -t filter`.
@@ -63,7 +64,7 @@ fn main() {
         machine: report::machine(),
     };
     // Every size spread over twenty chains of their own (ten rules each in INPUT and OUTPUT), and
-    // the largest once more with all of them in INPUT and OUTPUT, where loopguard's rules sit.
+    // the largest once more with 5,000 each in INPUT and OUTPUT, where loopguard's rules sit.
     let largest = *sizes.last().unwrap();
     let layouts: Vec<Foreign> = sizes
         .iter()
@@ -349,38 +350,63 @@ fn bench_repair(backend: &'static str, foreign: Foreign) -> render::Repair {
     };
     let mut rng = Rng::new();
     let mut latency = Samples::default();
+    let mut latency_open = Samples::default();
     let mut deletions = 0;
     let mut others = Vec::new();
-    while latency.len() < reps() {
+    // nft: every other delete by a writer that keeps its netlink socket open (`nft -i`), as for
+    // the nftables rule below: a closing writer's socket holds up every write for a while.
+    let open_wanted = if backend == "nft" { reps() } else { 0 };
+    while latency.len() < reps() || latency_open.len() < open_wanted {
         assert!(
-            deletions < reps() * 3,
+            deletions < (reps() + open_wanted) * 3,
             "too few repairs by {expected}: {others:?}"
         );
         // 3.5-4.5 s apart: loopguard takes more than three writes within 10 s for a fight and
         // backs off, which would measure the back-off, not the event path.
         std::thread::sleep(Duration::from_millis(3_500 + rng.below(1_000)));
-        observer.arm();
-        let out = fx.ns.exec(&[
-            &format!("ip6tables-{backend}"),
-            "-D",
-            "INPUT",
-            "-s",
-            "::1/128",
-            "-j",
-            "DROP",
-        ]);
-        assert!(out.status.success(), "delete: {out:?}");
+        let open =
+            latency_open.len() < open_wanted && (latency.len() >= reps() || deletions % 2 == 1);
+        let (deleted, back) = if open {
+            let handle = iptables_nft_drop_handle(&fx);
+            observer.arm();
+            let mut nft = Command::new("ip")
+                .args(["netns", "exec", &fx.ns.name, "nft", "-i"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("nft -i");
+            let mut stdin = nft.stdin.take().expect("piped");
+            writeln!(stdin, "delete rule ip6 filter INPUT handle {handle}").expect("to nft -i");
+            let seen = observer.back(&fx);
+            drop(stdin);
+            assert!(nft.wait().expect("nft -i").success(), "nft -i delete");
+            seen
+        } else {
+            observer.arm();
+            let out = fx.ns.exec(&[
+                &format!("ip6tables-{backend}"),
+                "-D",
+                "INPUT",
+                "-s",
+                "::1/128",
+                "-j",
+                "DROP",
+            ]);
+            assert!(out.status.success(), "delete: {out:?}");
+            observer.back(&fx)
+        };
         deletions += 1;
-        let (deleted, back) = observer.back(&fx);
         let line = wait_log("repaired drift");
         let trigger = serde_json::from_str::<serde_json::Value>(&line).unwrap()["trigger"]
             .as_str()
             .unwrap_or_default()
             .to_string();
-        if trigger == expected {
-            latency.push(back.saturating_duration_since(deleted));
-        } else {
+        if trigger != expected {
             others.push(trigger);
+        } else if open {
+            latency_open.push(back.saturating_duration_since(deleted));
+        } else {
+            latency.push(back.saturating_duration_since(deleted));
         }
     }
     // Idle: nothing changes for a while; the watcher's CPU time and memory.
@@ -407,11 +433,25 @@ fn bench_repair(backend: &'static str, foreign: Foreign) -> render::Repair {
         backend: backend.to_string(),
         foreign,
         latency,
+        latency_open,
         deletions,
         others,
         idle_cpu,
         rss_kib,
     }
+}
+
+/// The handle of the seed's DROP in iptables-nft's `ip6 filter` INPUT (`nft -a`).
+fn iptables_nft_drop_handle(fx: &Fx) -> String {
+    let listed = fx
+        .ns
+        .run(&["nft", "-a", "list", "chain", "ip6", "filter", "INPUT"]);
+    listed
+        .lines()
+        .find(|l| l.contains("ip6 saddr ::1 ") && l.contains(" drop "))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|| panic!("no DROP in ip6 filter INPUT: {listed}"))
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -578,19 +618,15 @@ fn drop_listed_here(backend: &str) -> bool {
 }
 
 /// `total` foreign rules: ten each in INPUT and OUTPUT (some at the top), the rest spread over
-/// twenty other chains, as kube-proxy or Calico would have them; or, `long`, half of them in INPUT
-/// and half in OUTPUT (a host firewall of per-address rules), ahead of loopguard's.
+/// twenty other chains, as kube-proxy or Calico would have them; or, `long`, 5,000 each in INPUT and
+/// OUTPUT (a host firewall of per-address rules, ahead of loopguard's) and the rest spread.
 fn foreign_rules(foreign: Foreign) -> String {
     let total = foreign.total;
     let mut s = String::from("*filter\n");
     for c in 0..20 {
         s.push_str(&format!(":FOREIGN-{c} - [0:0]\n"));
     }
-    let builtin = if foreign.long {
-        total / 2
-    } else {
-        10.min(total / 2)
-    };
+    let builtin = foreign.builtin();
     for i in 0..builtin {
         s.push_str(&format!(
             "-A INPUT -s 2001:db8:1::{:x}/128 -p tcp --dport {} -j ACCEPT\n",

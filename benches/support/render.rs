@@ -141,9 +141,20 @@ fn mib(kib: u64) -> f64 {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Foreign {
     pub total: usize,
-    /// All of them in INPUT and OUTPUT (half each), the chains loopguard's rules are in; else ten
-    /// each there and the rest over twenty chains of their own.
+    /// [`LONG_CHAIN`] each in INPUT and OUTPUT, the chains loopguard's rules are in, and the rest
+    /// over twenty chains of their own; else ten each there.
     pub long: bool,
+}
+
+/// How many foreign rules INPUT and OUTPUT each hold in a long-chain layout.
+pub const LONG_CHAIN: usize = 5_000;
+
+impl Foreign {
+    /// The foreign rules in INPUT and in OUTPUT each.
+    pub fn builtin(&self) -> usize {
+        let each = if self.long { LONG_CHAIN } else { 10 };
+        each.min(self.total / 2)
+    }
 }
 
 impl Foreign {
@@ -159,7 +170,12 @@ impl Foreign {
 impl std::fmt::Display for Foreign {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.long {
-            write!(f, "{} (in INPUT and OUTPUT)", self.total)
+            write!(
+                f,
+                "{} ({} each in INPUT and OUTPUT)",
+                self.total,
+                self.builtin()
+            )
         } else {
             write!(f, "{}", self.total)
         }
@@ -194,6 +210,11 @@ pub struct Repair {
     pub foreign: Foreign,
     /// Delete reaching the kernel → rule back, for the repairs the expected trigger made.
     pub latency: Samples,
+    /// nft: the same, when the deleting process keeps its netlink socket open (`nft -i`): the
+    /// kernel holds every write while a closing writer's socket is released, so this is
+    /// loopguard's own part.
+    #[serde(default)]
+    pub latency_open: Samples,
     /// Deletions made.
     pub deletions: usize,
     /// The triggers the watcher logged for the repairs left out.
@@ -283,12 +304,18 @@ pub fn render_node(run: &NodeRun) -> (String, String) {
         }
         if Some(o.foreign.total) == largest {
             let s = &o.samples;
+            let seed = s[6].median().as_secs_f64();
+            let of_seed = |d: std::time::Duration| d.as_secs_f64() / seed;
             headline.line(format!(
-                "- {} backend, {} foreign rules, median: `loopguard node enforce` writing the three rules {:.0} ms (nothing to do: {:.0} ms), the seed's shell script {:.0} ms, its Ansible playbook {:.0} ms.",
+                "- {} backend, {} foreign rules, median: `loopguard node enforce` writing the three rules {:.0} ms ({:.2}x the seed's shell script; nothing to do: {:.0} ms, {:.2}x; `check` {:.0} ms, {:.2}x), the seed's shell script {:.0} ms, its Ansible playbook {:.0} ms.",
                 o.backend,
                 o.foreign,
                 ms(s[4].median()),
+                of_seed(s[4].median()),
                 ms(s[2].median()),
+                of_seed(s[2].median()),
+                ms(s[0].median()),
+                of_seed(s[0].median()),
                 ms(s[6].median()),
                 ms(s[7].median()),
             ));
@@ -315,6 +342,16 @@ pub fn render_node(run: &NodeRun) -> (String, String) {
             format!("{} of {}", r.latency.len(), r.deletions),
             r.latency.ms(),
         ]);
+        if r.latency_open.len() > 0 {
+            repairs.push(vec![
+                r.backend.clone(),
+                r.foreign.to_string(),
+                "the same, deleted by a writer that keeps its netlink socket open (`nft -i`)"
+                    .into(),
+                format!("{}", r.latency_open.len()),
+                r.latency_open.ms(),
+            ]);
+        }
         idle.push(vec![
             r.backend.clone(),
             r.foreign.to_string(),
@@ -322,8 +359,16 @@ pub fn render_node(run: &NodeRun) -> (String, String) {
             format!("{:.1} MiB", mib(r.rss_kib)),
         ]);
         if Some(r.foreign.total) == largest {
+            let open = if r.latency_open.len() > 0 {
+                format!(
+                    " ({:.1} ms median when the deleting process keeps its netlink socket open: the rest is the kernel holding writes while a closing writer's socket is released)",
+                    ms(r.latency_open.median())
+                )
+            } else {
+                String::new()
+            };
             headline.line(format!(
-                "- Drift repair, {} backend, {} foreign rules: median {:.1} ms, p90 {:.1} ms from the delete reaching the kernel to the rule back, seen from outside ({} of {} deletions, those repaired on the {}); idle watcher {:.2} % of a core, {:.1} MiB.",
+                "- Drift repair, {} backend, {} foreign rules: median {:.1} ms, p90 {:.1} ms from the delete reaching the kernel to the rule back, seen from outside ({} of {} deletions, those repaired on the {}){open}; idle watcher {:.2} % of a core, {:.1} MiB.",
                 r.backend,
                 r.foreign,
                 ms(r.latency.median()),
@@ -668,6 +713,13 @@ pub fn node_medians(run: &NodeRun) -> Vec<(String, Duration)> {
         if r.latency.len() > 0 {
             let key = format!("{} | {} | drift repair", r.backend, r.foreign);
             rows.push((key, r.latency.median()));
+        }
+        if r.latency_open.len() > 0 {
+            let key = format!(
+                "{} | {} | drift repair, deleter's socket open",
+                r.backend, r.foreign
+            );
+            rows.push((key, r.latency_open.median()));
         }
     }
     let t = &run.nft_table;
