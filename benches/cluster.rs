@@ -11,6 +11,9 @@
 //! 2. 5,000 simulated nodes (Nodes, Ready agent Pods and node reports written by the bench as the
 //!    kubelet and the agents would) rolled up by the real `loopguard controller`: policy change →
 //!    converged status, the controller's status writes, CPU and memory.
+//! 3. Scale: one simulated cluster grown to 5,000, 10,000 and 15,000 nodes, five policy changes at
+//!    each size (`-- --part scale` runs only this part and merges it into the committed record,
+//!    with its own date and commit).
 
 #[path = "support/render.rs"]
 mod render;
@@ -52,16 +55,39 @@ async fn main() {
     } else {
         (Vec::new(), None)
     };
+    if part.as_deref() == Some("scale") {
+        // The scale part alone, merged into the committed record with a date of its own.
+        let scale = scaled().await;
+        let mut run: ClusterRun = report::committed("cluster")
+            .expect("a committed cluster record (BENCHMARKS.json) to add the scale part to");
+        run.scale = scale;
+        run.scale_meta = Some(meta);
+        let run = report::kept(&run);
+        let (section, headline) = render::render_cluster(&run);
+        if report::quick() {
+            println!("{section}\nheadline:\n{headline}\n(quick run: nothing written)");
+            return;
+        }
+        report::publish("cluster", &run, &section, &headline);
+        return;
+    }
     let simulated = if part.as_deref() != Some("agents") {
         Some(simulated().await)
     } else {
         None
+    };
+    let scale = if part.is_none() {
+        scaled().await
+    } else {
+        Vec::new()
     };
     let run = report::kept(&ClusterRun {
         meta,
         applies,
         steady,
         simulated,
+        scale,
+        scale_meta: None,
     });
     let (section, headline) = render::render_cluster(&run);
     if report::quick() {
@@ -446,6 +472,23 @@ async fn simulated() -> Simulated {
         started.elapsed()
     );
 
+    measure(&w, &ctl, &policies, name, &names, changes, 0).await
+}
+
+/// Policy changes on `names` (all compliant at the start) through the running controller: per
+/// change, the simulated agents' reports, the controller's lag after the last one and the status
+/// writes; the controller's CPU and memory over all of them.
+async fn measure(
+    w: &World<'_>,
+    ctl: &Controller,
+    policies: &Api<LoopbackPolicy>,
+    name: &str,
+    names: &[String],
+    changes: usize,
+    // Changes made before: each change flips the priority, so that each one is a change.
+    before: usize,
+) -> Simulated {
+    let nodes = names.len();
     let pid = ctl.child.id();
     let meter = report::CpuMeter::start(&[pid], Duration::from_secs(1));
     let run_started = Instant::now();
@@ -459,7 +502,7 @@ async fn simulated() -> Simulated {
             .patch(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(&json!({"spec": {"priority": change % 2}})),
+                &Patch::Merge(&json!({"spec": {"priority": (before + change) % 2}})),
             )
             .await
             .unwrap();
@@ -470,7 +513,7 @@ async fn simulated() -> Simulated {
             .collect::<Vec<_>>()
             .await;
         let reported = started.elapsed();
-        wait_converged(&policies, name, generation, nodes, Duration::from_secs(120)).await;
+        wait_converged(policies, name, generation, nodes, Duration::from_secs(120)).await;
         let converged = started.elapsed();
         written.push(reported);
         lag.push(converged - reported);
@@ -486,7 +529,6 @@ async fn simulated() -> Simulated {
     let cpu = CpuUse::new(meter.stop()[0], run_started.elapsed());
     let kib = |key: &str| status_kib(pid, key) as u64;
     let (rss_kib, peak_kib) = (kib("VmRSS:"), kib("VmHWM:"));
-    drop(ctl);
     Simulated {
         nodes,
         written,
@@ -497,4 +539,53 @@ async fn simulated() -> Simulated {
         rss_kib,
         peak_kib,
     }
+}
+
+/// The simulated cluster grown past 5,000 nodes: 5,000, 10,000 and 15,000 Nodes in one control
+/// plane, a few policy changes at each size (`-- --part scale`; merged into the committed record
+/// with a date and commit of its own).
+async fn scaled() -> Vec<Simulated> {
+    let (sizes, changes): (&[usize], usize) = if report::quick() {
+        (&[100, 200], 2)
+    } else {
+        (&[5_000, 10_000, 15_000], 5)
+    };
+    let cluster = control_plane("bench-scale", "*,-node-lifecycle-controller");
+    let w = World::on(&cluster, "scale").await;
+    let ctl = Controller::start(&cluster, &w.lease_ns, "bench", &["--coalesce-ms", "500"]);
+    let name = "bench-scale";
+    let policies = w.policies();
+    w.policy(name, json!({})).await;
+    let mut names: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    for &size in sizes {
+        let started = Instant::now();
+        let added: Vec<String> = futures::stream::iter(names.len()..size)
+            .map(|n| w.node(n, &[], None))
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        let generation = policies
+            .get(name)
+            .await
+            .unwrap()
+            .metadata
+            .generation
+            .unwrap();
+        futures::stream::iter(added.iter())
+            .map(|node| w.report(node, name, generation, Compliance::Compliant, 0))
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await;
+        names.extend(added);
+        wait_converged(&policies, name, generation, size, Duration::from_secs(600)).await;
+        eprintln!(
+            "{size} nodes written and converged in {:.1?}",
+            started.elapsed()
+        );
+        let before = out.len() * changes;
+        out.push(measure(&w, &ctl, &policies, name, &names, changes, before).await);
+    }
+    drop(ctl);
+    out
 }

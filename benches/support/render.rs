@@ -513,6 +513,12 @@ pub struct ClusterRun {
     pub applies: Vec<Applies>,
     pub steady: Option<Steady>,
     pub simulated: Option<Simulated>,
+    /// The simulated cluster grown past 5,000 nodes, size by size.
+    #[serde(default)]
+    pub scale: Vec<Simulated>,
+    /// When the scale part was measured, if in a run of its own (`-- --part scale`).
+    #[serde(default)]
+    pub scale_meta: Option<Meta>,
 }
 
 /// The cluster's section of BENCHMARKS.md and its headline lines.
@@ -528,6 +534,9 @@ pub fn render_cluster(run: &ClusterRun) -> (String, String) {
     }
     if let Some(sim) = &run.simulated {
         render_simulated(sim, &mut section, &mut headline);
+    }
+    if !run.scale.is_empty() {
+        render_scale(run, &mut section, &mut headline);
     }
     (section.0, headline.0)
 }
@@ -688,6 +697,70 @@ fn render_simulated(s: &Simulated, section: &mut Section, headline: &mut Section
         s.lag.median().as_secs_f64(),
         s.lag.p90().as_secs_f64(),
         s.total.median().as_secs_f64(),
+    ));
+}
+
+/// The simulated cluster size by size, what limits it on this machine, and the projection.
+fn render_scale(run: &ClusterRun, section: &mut Section, headline: &mut Section) {
+    section.line("### Scale: the simulated cluster grown to 15,000 nodes\n");
+    if let Some(meta) = &run.scale_meta {
+        section.line(format!(
+            "Measured {} at commit `{}` on {}, in a run of its own (`cargo bench --bench cluster -- --part scale`).\n",
+            meta.date, meta.commit, meta.machine
+        ));
+    }
+    let rows: Vec<Vec<String>> = run
+        .scale
+        .iter()
+        .map(|s| {
+            let writes = s.writes.iter().sum::<f64>() / s.writes.len().max(1) as f64;
+            vec![
+                s.nodes.to_string(),
+                s.writes.len().to_string(),
+                format!("{:.1}", s.written.median().as_secs_f64()),
+                s.lag.secs(),
+                format!("{:.1}", s.total.median().as_secs_f64()),
+                format!("{writes:.1}"),
+                format!("{:.1}", mib(s.peak_kib)),
+            ]
+        })
+        .collect();
+    section.table(
+        &[
+            "nodes",
+            "changes",
+            "reports written, median (s)",
+            "last report → converged, median / p90 / max (s)",
+            "change → converged, median (s)",
+            "status writes per change",
+            "controller peak memory (MiB)",
+        ],
+        &rows,
+    );
+    let largest = run.scale.last().expect("not empty");
+    let rate = largest.nodes as f64 / largest.written.median().as_secs_f64().max(1e-9);
+    let first = &run.scale[0];
+    section.line(format!(
+        "- What limits it here: one machine of 2 cores runs etcd, kube-apiserver, the simulated agents and the controller, and takes the agents' reports at about {rate:.0} per second, so at {} nodes the last report of a change is written {:.1} s after it; the controller's own part, last report → converged, went from {:.1} s at {} nodes to {:.1} s at {}, and its memory from {:.1} to {:.1} MiB.",
+        largest.nodes,
+        largest.written.median().as_secs_f64(),
+        first.lag.median().as_secs_f64(),
+        first.nodes,
+        largest.lag.median().as_secs_f64(),
+        largest.nodes,
+        mib(first.peak_kib),
+        mib(largest.peak_kib),
+    ));
+    section.line(
+        "- Projection: in a real cluster every agent writes its own report, so a change converges when the API server has taken one report per node plus the controller's part above; the API server's write throughput, not loopguard, sets the first term.\n",
+    );
+    headline.line(format!(
+        "- {} simulated nodes: a policy change converges {:.1} s after the last node reports ({:.1} s after the change, {rate:.0} reports/s being this machine's API server); {:.1} status writes per change; controller memory {:.1} MiB at its peak.",
+        largest.nodes,
+        largest.lag.median().as_secs_f64(),
+        largest.total.median().as_secs_f64(),
+        largest.writes.iter().sum::<f64>() / largest.writes.len().max(1) as f64,
+        mib(largest.peak_kib),
     ));
 }
 
