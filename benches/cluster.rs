@@ -44,17 +44,13 @@ async fn main() {
         commit: report::commit(),
         machine: report::machine(),
     };
-    // `-- --part agents` or `-- --part sim` runs one part, and only prints.
+    // `-- --part agents` or `-- --part sim` runs one part, and only prints; `-- --part scale` runs
+    // the scale part and merges it into the committed record.
     let args: Vec<String> = std::env::args().collect();
     let part = args
         .iter()
         .position(|a| a == "--part")
         .and_then(|i| args.get(i + 1).cloned());
-    let (applies, steady) = if part.as_deref() != Some("sim") {
-        real_agents().await
-    } else {
-        (Vec::new(), None)
-    };
     if part.as_deref() == Some("scale") {
         // The scale part alone, merged into the committed record with a date of its own.
         let scale = scaled().await;
@@ -71,6 +67,11 @@ async fn main() {
         report::publish("cluster", &run, &section, &headline);
         return;
     }
+    let (applies, steady) = if part.is_none() || part.as_deref() == Some("agents") {
+        real_agents().await
+    } else {
+        (Vec::new(), None)
+    };
     let simulated = if part.as_deref() != Some("agents") {
         Some(simulated().await)
     } else {

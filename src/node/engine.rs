@@ -463,8 +463,7 @@ impl Engine {
         // Written in process, the chains are known as the kernel took them (see
         // `legacy::Applied::Done`); written with the binaries, they are read again.
         let (applied, written) = match applied {
-            Ok((at, Some(written))) => (Ok(at), Some(written)),
-            Ok((at, None)) => (Ok(at), None),
+            Ok((at, written)) => (Ok(at), written),
             Err(e) => (Err(e), None),
         };
         let after = match written {
@@ -482,12 +481,12 @@ impl Engine {
         Ok(report)
     }
 
-    /// Reads INPUT and OUTPUT of `families`: with the binaries, or for a legacy watch from the
-    /// kernel's table directly once its entries are known (learning them from a binary read).
+    /// Reads INPUT and OUTPUT of `families`: in process where the engine keeps the tables
+    /// (`node::legacy`, `node::nft_rules`: the lines decoded from the kernel's entries or rules, or
+    /// learnt from one listing with the binaries), else with the binaries.
     ///
     /// On the legacy backend every read is held against the kernel's entries, so that a rule that
-    /// only prints like one of loopguard's is marked as such (see `rules::LOOK_ALIKE`): a one-shot
-    /// command pays two table reads for that, a watch learns once.
+    /// only prints like one of loopguard's is marked as such (see `rules::LOOK_ALIKE`).
     fn read(&self, families: &[Family]) -> Result<Tables> {
         if self.facts.backend != Backend::Legacy {
             if let Some(cache) = self.nft_cache() {
@@ -542,9 +541,10 @@ impl Engine {
             .filter(|_| self.facts.backend == Backend::Legacy)
     }
 
-    /// Reads for an enforce or cleanup. A legacy watch that knows the entries reads in process
-    /// and keeps the xtables lock and the tables it read in the returned [`Held`] until the plan
-    /// is applied; otherwise as [`Engine::read`].
+    /// Reads for an enforce or cleanup. In process, the returned [`Hold`] keeps what the plan is
+    /// made from until it is applied: on legacy the xtables lock and the tables read under it, on
+    /// nft the ruleset generation (a write bound to it fails if anything changed since);
+    /// otherwise as [`Engine::read`].
     fn read_for_change(
         &self,
         families: &[Family],
