@@ -364,7 +364,7 @@ fn flushed_ruleset_comes_back(backend: &str) {
         .arg(host_root(dir.path()))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let child = watch.spawn().unwrap();
+    let child = Watcher(Some(watch.spawn().unwrap()));
     let has_table = || {
         tables(&ns)
             .iter()
@@ -409,8 +409,7 @@ fn flushed_ruleset_comes_back(backend: &str) {
         );
         assert!(oracle_passes(&ns));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    let out = child.stop();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     // On legacy the iptables probe may look first (a pass of loopguard's own runs the legacy
@@ -427,6 +426,28 @@ fn flushed_ruleset_comes_back(backend: &str) {
             >= 3,
         "the three repairs came from nftables events: {log}"
     );
+}
+
+/// A `loopguard node watch` process of a test: stopped with SIGTERM by [`Watcher::stop`], killed
+/// if the test fails before that (a failing assertion must not leave it running).
+struct Watcher(Option<std::process::Child>);
+
+impl Watcher {
+    fn stop(mut self) -> std::process::Output {
+        let child = self.0.take().expect("running");
+        // SAFETY: a signal to the child this test started and has not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// A drift repair puts back loopguard's table only where it holds loopguard's rules and nothing
@@ -448,7 +469,7 @@ fn a_foreign_rule_in_loopguards_table_stops_its_repair() {
             .arg(host_root(dir.path()))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
-        let child = watch.spawn().unwrap();
+        let child = Watcher(Some(watch.spawn().unwrap()));
         let listing = || ns.run(&["nft", "list", "table", "inet", "loopguard"]);
         let started = std::time::Instant::now();
         while !tables(&ns)
@@ -479,8 +500,7 @@ fn a_foreign_rule_in_loopguards_table_stops_its_repair() {
             expected,
             "loopguard touched a table holding a foreign rule (together: {together})"
         );
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let out = child.wait_with_output().unwrap();
+        let out = child.stop();
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{log}");
         assert!(!log.contains("repaired drift"), "{log}");
