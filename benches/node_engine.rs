@@ -369,18 +369,11 @@ fn bench_repair(backend: &'static str, foreign: Foreign) -> render::Repair {
         let (deleted, back) = if open {
             let handle = iptables_nft_drop_handle(&fx);
             observer.arm();
-            let mut nft = Command::new("ip")
-                .args(["netns", "exec", &fx.ns.name, "nft", "-i"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("nft -i");
-            let mut stdin = nft.stdin.take().expect("piped");
-            writeln!(stdin, "delete rule ip6 filter INPUT handle {handle}").expect("to nft -i");
-            let seen = observer.back(&fx);
-            drop(stdin);
-            assert!(nft.wait().expect("nft -i").success(), "nft -i delete");
-            seen
+            with_socket_open(
+                &fx,
+                &format!("delete rule ip6 filter INPUT handle {handle}"),
+                || observer.back(&fx),
+            )
         } else {
             observer.arm();
             let out = fx.ns.exec(&[
@@ -439,6 +432,23 @@ fn bench_repair(backend: &'static str, foreign: Foreign) -> render::Repair {
         idle_cpu,
         rss_kib,
     }
+}
+
+/// Runs `command` with `nft -i` in the namespace, a writer that keeps its netlink socket open,
+/// and returns what `seen` observes before that writer exits.
+fn with_socket_open<T>(fx: &Fx, command: &str, seen: impl FnOnce() -> T) -> T {
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &fx.ns.name, "nft", "-i"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("nft -i");
+    let mut stdin = nft.stdin.take().expect("piped");
+    writeln!(stdin, "{command}").expect("to nft -i");
+    let out = seen();
+    drop(stdin);
+    assert!(nft.wait().expect("nft -i").success(), "nft -i {command}");
+    out
 }
 
 /// The handle of the seed's DROP in iptables-nft's `ip6 filter` INPUT (`nft -a`).
@@ -860,18 +870,7 @@ fn bench_nft_table(size: usize) -> render::NftTable {
         observer.arm();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (changed, back) = if which == 2 {
-            let mut nft = Command::new("ip")
-                .args(["netns", "exec", &fx.ns.name, "nft", "-i"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("nft -i");
-            let mut stdin = nft.stdin.take().expect("piped");
-            writeln!(stdin, "{}", args[1..].join(" ")).expect("to nft -i");
-            let seen = observer.back();
-            drop(stdin);
-            assert!(nft.wait().expect("nft -i").success(), "nft -i {args:?}");
-            seen
+            with_socket_open(&fx, &args[1..].join(" "), || observer.back())
         } else {
             let out = fx.ns.exec(&args);
             assert!(out.status.success(), "{args:?}: {out:?}");

@@ -12,17 +12,18 @@
 
 #[path = "support/chains.rs"]
 mod chains;
+#[path = "support/engines.rs"]
+mod engines;
 #[path = "support/netns.rs"]
 mod netns;
 
 use chains::Chains;
-use loopguard::node::facts::{ApplicabilityMode, BackendChoice};
-use loopguard::node::{Engine, EngineConfig, Report};
-use loopguard::rules::{Family, Placement};
+use engines::{engine, forms_script, in_netns, step};
+use loopguard::node::facts::BackendChoice;
+use loopguard::rules::Family;
 use netns::TestNetns;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use std::path::Path;
 
 /// The IPv6 script: the generated INPUT and OUTPUT, user chains that jump and go to each other,
 /// FORWARD rules, and a counter on every rule (`[packets:bytes]`, as `-save -c` prints them).
@@ -75,60 +76,6 @@ fn saved(ns: &TestNetns) -> String {
         .join("\n")
 }
 
-/// Runs `f` on an engine in `ns` (in a thread of its own, which enters the namespace).
-fn in_netns<T: Send + 'static>(
-    ns: &TestNetns,
-    engine: Engine,
-    f: impl FnOnce(&mut Engine) -> T + Send + 'static,
-) -> (Engine, T) {
-    let name = ns.name.clone();
-    std::thread::spawn(move || {
-        loopguard::node::netns::enter(&name).expect("enter the namespace");
-        let mut engine = engine;
-        let out = f(&mut engine);
-        (engine, out)
-    })
-    .join()
-    .expect("engine thread")
-}
-
-/// One enforce or cleanup on `engine` in `ns`; an error fails the case. Returns the engine and
-/// the report.
-fn step(
-    ns: &TestNetns,
-    engine: Engine,
-    f: impl FnOnce(&mut Engine) -> loopguard::Result<Report> + Send + 'static,
-) -> Result<(Engine, Report), TestCaseError> {
-    let (engine, report) = in_netns(ns, engine, f);
-    let report = report.map_err(|e| TestCaseError::fail(e.to_string()))?;
-    Ok((engine, report))
-}
-
-fn engine(dir: &Path, ns: &TestNetns, families: Vec<Family>, append: bool) -> Engine {
-    let config = EngineConfig {
-        families,
-        applicability: ApplicabilityMode::Always,
-        placement: if append {
-            Placement::Append
-        } else {
-            Placement::Insert
-        },
-        state_file: dir.join(format!("{}.json", ns.name)),
-        host_root: dir.to_path_buf(),
-        backend: BackendChoice::Legacy,
-        wait: std::time::Duration::from_secs(5),
-        lock_path: dir.join("xtables.lock"),
-        ..EngineConfig::default()
-    };
-    let name = ns.name.clone();
-    std::thread::spawn(move || {
-        loopguard::node::netns::enter(&name).unwrap();
-        Engine::new(config).expect("engine")
-    })
-    .join()
-    .unwrap()
-}
-
 fn one_case(
     c: &Chains,
     append: bool,
@@ -149,9 +96,21 @@ fn one_case(
     } else {
         vec![Family::Ipv6]
     };
-    let mut fast = engine(dir.path(), &kept, families.clone(), append);
+    let mut fast = engine(
+        dir.path(),
+        &kept,
+        families.clone(),
+        append,
+        BackendChoice::Legacy,
+    );
     let cache = fast.keep_legacy_tables();
-    let slow = engine(dir.path(), &plain, families.clone(), append);
+    let slow = engine(
+        dir.path(),
+        &plain,
+        families.clone(),
+        append,
+        BackendChoice::Legacy,
+    );
     // `-save -c` shows rules, jumps and counters; the kernel's tables also show what `-save`
     // cannot (a look-alike such as `-i lo -p all -j ACCEPT` saves like loopguard's rule).
     let same = |step: &str| -> Result<(), TestCaseError> {
@@ -393,27 +352,14 @@ fn decoded_lines_are_what_iptables_legacy_prints() {
         Ok(())
     };
     let fixed = TestNetns::new("dec");
-    let mut v6 = String::from("*filter\n:LG-USER-0 - [0:0]\n:LG-USER-1 - [0:0]\n");
-    // Interfaces only where the kernel allows them: -i in INPUT, -o in OUTPUT.
-    let each = |s: &mut String, spec: &str| {
-        if !spec.contains("-o ") {
-            s.push_str(&format!("-A INPUT {spec}\n"));
-        }
-        if !spec.contains("-i ") {
-            s.push_str(&format!("-A OUTPUT {spec}\n"));
-        }
-    };
-    for spec in IPV6_FORMS {
-        each(&mut v6, spec);
-    }
-    v6.push_str("-A INPUT\nCOMMIT\n");
-    fixed.restore("ip6tables", "legacy", &v6);
-    let mut v4 = String::from("*filter\n");
-    for spec in IPV4_FORMS {
-        each(&mut v4, spec);
-    }
-    v4.push_str("COMMIT\n");
-    fixed.restore("iptables", "legacy", &v4);
+    let users = ":LG-USER-0 - [0:0]\n:LG-USER-1 - [0:0]\n";
+    // An empty rule too: a fall-through, which the decoder leaves to the binaries.
+    fixed.restore(
+        "ip6tables",
+        "legacy",
+        &forms_script(users, IPV6_FORMS, "-A INPUT\n"),
+    );
+    fixed.restore("iptables", "legacy", &forms_script("", IPV4_FORMS, ""));
     check(&fixed, Family::Ipv6).unwrap();
     check(&fixed, Family::Ipv4).unwrap();
     let fixed_left = left.load(std::sync::atomic::Ordering::Relaxed);

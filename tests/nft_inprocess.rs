@@ -12,17 +12,18 @@
 
 #[path = "support/chains.rs"]
 mod chains;
+#[path = "support/engines.rs"]
+mod engines;
 #[path = "support/netns.rs"]
 mod netns;
 
 use chains::Chains;
-use loopguard::node::facts::{ApplicabilityMode, BackendChoice};
-use loopguard::node::{Engine, EngineConfig, Report};
-use loopguard::rules::{Family, Placement};
+use engines::{engine, forms_script, in_netns, step};
+use loopguard::node::facts::BackendChoice;
+use loopguard::rules::Family;
 use netns::TestNetns;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use std::path::Path;
 
 const IPV4_SCRIPT: &str = "*filter\n:V4 - [0:0]\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n\
 -A INPUT -j V4\n-A OUTPUT -j V4\n-A V4 -p udp -j RETURN\nCOMMIT\n";
@@ -44,58 +45,6 @@ fn ruleset(ns: &TestNetns) -> serde_json::Value {
     }
     strip(&mut json);
     json
-}
-
-/// Runs `f` on an engine in `ns` (in a thread of its own, which enters the namespace).
-fn in_netns<T: Send + 'static>(
-    ns: &TestNetns,
-    engine: Engine,
-    f: impl FnOnce(&mut Engine) -> T + Send + 'static,
-) -> (Engine, T) {
-    let name = ns.name.clone();
-    std::thread::spawn(move || {
-        loopguard::node::netns::enter(&name).expect("enter the namespace");
-        let mut engine = engine;
-        let out = f(&mut engine);
-        (engine, out)
-    })
-    .join()
-    .expect("engine thread")
-}
-
-fn step(
-    ns: &TestNetns,
-    engine: Engine,
-    f: impl FnOnce(&mut Engine) -> loopguard::Result<Report> + Send + 'static,
-) -> Result<(Engine, Report), TestCaseError> {
-    let (engine, report) = in_netns(ns, engine, f);
-    let report = report.map_err(|e| TestCaseError::fail(e.to_string()))?;
-    Ok((engine, report))
-}
-
-fn engine(dir: &Path, ns: &TestNetns, families: Vec<Family>, append: bool) -> Engine {
-    let config = EngineConfig {
-        families,
-        applicability: ApplicabilityMode::Always,
-        placement: if append {
-            Placement::Append
-        } else {
-            Placement::Insert
-        },
-        state_file: dir.join(format!("{}.json", ns.name)),
-        host_root: dir.to_path_buf(),
-        backend: BackendChoice::Nft,
-        wait: std::time::Duration::from_secs(5),
-        lock_path: dir.join("xtables.lock"),
-        ..EngineConfig::default()
-    };
-    let name = ns.name.clone();
-    std::thread::spawn(move || {
-        loopguard::node::netns::enter(&name).unwrap();
-        Engine::new(config).expect("engine")
-    })
-    .join()
-    .unwrap()
 }
 
 fn one_case(
@@ -124,9 +73,21 @@ fn one_case(
     } else {
         vec![Family::Ipv6]
     };
-    let mut fast = engine(dir.path(), &kept, families.clone(), append);
+    let mut fast = engine(
+        dir.path(),
+        &kept,
+        families.clone(),
+        append,
+        BackendChoice::Nft,
+    );
     let cache = fast.keep_nft_rules();
-    let slow = engine(dir.path(), &plain, families.clone(), append);
+    let slow = engine(
+        dir.path(),
+        &plain,
+        families.clone(),
+        append,
+        BackendChoice::Nft,
+    );
     let same = |step: &str| -> Result<(), TestCaseError> {
         prop_assert_eq!(ruleset(&kept), ruleset(&plain), "after {}", step);
         Ok(())
@@ -276,7 +237,13 @@ fn loopguard_writes_the_rules_ip6tables_nft_writes() {
             theirs.run(&args);
         }
     }
-    let mut engine = engine(dir.path(), &ours, vec![Family::Ipv6, Family::Ipv4], false);
+    let mut engine = engine(
+        dir.path(),
+        &ours,
+        vec![Family::Ipv6, Family::Ipv4],
+        false,
+        BackendChoice::Nft,
+    );
     let cache = engine.keep_nft_rules();
     let (_, report) = in_netns(&ours, engine, |e| e.enforce());
     let report = report.expect("enforce");
@@ -379,26 +346,9 @@ fn decoded_lines_are_what_iptables_nft_prints() {
         Ok(())
     };
     let fixed = TestNetns::new("ndec");
-    let each = |s: &mut String, spec: &str| {
-        if !spec.contains("-o ") {
-            s.push_str(&format!("-A INPUT {spec}\n"));
-        }
-        if !spec.contains("-i ") {
-            s.push_str(&format!("-A OUTPUT {spec}\n"));
-        }
-    };
-    let mut v6 = String::from("*filter\n:LG-USER-0 - [0:0]\n:LG-USER-1 - [0:0]\n");
-    for spec in IPV6_FORMS {
-        each(&mut v6, spec);
-    }
-    v6.push_str("COMMIT\n");
-    fixed.restore("ip6tables", "nft", &v6);
-    let mut v4 = String::from("*filter\n");
-    for spec in IPV4_FORMS {
-        each(&mut v4, spec);
-    }
-    v4.push_str("COMMIT\n");
-    fixed.restore("iptables", "nft", &v4);
+    let users = ":LG-USER-0 - [0:0]\n:LG-USER-1 - [0:0]\n";
+    fixed.restore("ip6tables", "nft", &forms_script(users, IPV6_FORMS, ""));
+    fixed.restore("iptables", "nft", &forms_script("", IPV4_FORMS, ""));
     check(&fixed, Family::Ipv6).unwrap();
     check(&fixed, Family::Ipv4).unwrap();
     let fixed_left = left.load(Ordering::Relaxed);

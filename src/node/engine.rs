@@ -594,50 +594,9 @@ impl Engine {
         ownership: &mut Ownership,
         tables: &Tables,
     ) -> Result<(Instant, Option<Tables>)> {
-        let mut rest = Vec::new();
-        let mut written = tables.clone();
-        let mut nft_fell_back = false;
-        if let (Some(Hold::Nft(held)), Some(cache)) = (held.as_ref(), self.nft_cache()) {
-            for family in plan.families() {
-                let edits: Vec<String> = plan
-                    .edits
-                    .iter()
-                    .filter(|e| e.family == family)
-                    .map(|e| e.restore_line())
-                    .collect();
-                tracing::info!(%family, ?edits, "writing");
-            }
-            // One netlink transaction for every family, as the restores would be one each.
-            let applied = super::watch::own_write(1, || {
-                cache.lock().expect("nft rules lock").apply(plan, held)
-            });
-            match applied {
-                Ok(NftApplied::Done(chains)) => {
-                    for (family, chain, rules) in chains {
-                        written.insert(family, chain, ChainListing { rules });
-                    }
-                    return Ok((Instant::now(), Some(written)));
-                }
-                Ok(NftApplied::NotHere(why)) => {
-                    tracing::debug!(why, "applying with the restore binary");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "writing the nft rules in process failed (nothing changed); applying with the restore binary");
-                }
-            }
-            nft_fell_back = true;
-        }
-        let legacy_held = match held {
-            Some(Hold::Legacy(held)) => Some(held),
-            _ => None,
-        };
+        // Every write, as the restore input it amounts to: what an admin (or the real-cluster
+        // soak) checks names nothing but loopguard's own rules.
         for family in plan.families() {
-            if nft_fell_back {
-                rest.push(family);
-                continue;
-            }
-            // Every write, as the restore input it amounts to: what an admin (or the real-cluster
-            // soak) checks names nothing but loopguard's own rules.
             let edits: Vec<String> = plan
                 .edits
                 .iter()
@@ -645,10 +604,60 @@ impl Engine {
                 .map(|e| e.restore_line())
                 .collect();
             tracing::info!(%family, ?edits, "writing");
-            let (Some(held), Some(legacy)) = (legacy_held.as_ref(), self.legacy_cache()) else {
-                rest.push(family);
-                continue;
-            };
+        }
+        let mut written = tables.clone();
+        let rest = match held {
+            Some(Hold::Nft(held)) => {
+                if let Some(cache) = self.nft_cache() {
+                    // One netlink transaction for every family, as the restores would be one each.
+                    let applied = super::watch::own_write(1, || {
+                        cache.lock().expect("nft rules lock").apply(plan, &held)
+                    });
+                    match applied {
+                        Ok(NftApplied::Done(chains)) => {
+                            for (family, chain, rules) in chains {
+                                written.insert(family, chain, ChainListing { rules });
+                            }
+                            return Ok((Instant::now(), Some(written)));
+                        }
+                        Ok(NftApplied::NotHere(why)) => {
+                            tracing::debug!(why, "applying with the restore binary");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "writing the nft rules in process failed (nothing changed); applying with the restore binary");
+                        }
+                    }
+                }
+                plan.families()
+            }
+            // The binaries (for what is left) take the xtables lock themselves: `held` goes
+            // with this arm.
+            Some(Hold::Legacy(held)) => self.apply_legacy(plan, &held, &mut written),
+            None => plan.families(),
+        };
+        if rest.is_empty() {
+            return Ok((Instant::now(), Some(written)));
+        }
+        for family in rest {
+            let script = plan
+                .restore_script(family)
+                .expect("plan has edits for family");
+            if let Err(e) = super::watch::own_write(1, || self.xtables().restore(family, &script)) {
+                ownership.abandon(family);
+                return Err(e);
+            }
+        }
+        Ok((Instant::now(), None))
+    }
+
+    /// Writes `plan` family by family through the legacy tables `held` read, into `written`;
+    /// returns the families left to the binaries.
+    fn apply_legacy(&self, plan: &RulePlan, held: &Held, written: &mut Tables) -> Vec<Family> {
+        let Some(legacy) = self.legacy_cache() else {
+            return plan.families();
+        };
+        let mut rest = Vec::new();
+        for family in plan.families() {
             match legacy
                 .lock()
                 .expect("legacy cache lock")
@@ -669,21 +678,7 @@ impl Engine {
                 }
             }
         }
-        // The binaries take the xtables lock themselves.
-        drop(legacy_held);
-        if rest.is_empty() {
-            return Ok((Instant::now(), Some(written)));
-        }
-        for family in rest {
-            let script = plan
-                .restore_script(family)
-                .expect("plan has edits for family");
-            if let Err(e) = super::watch::own_write(1, || self.xtables().restore(family, &script)) {
-                ownership.abandon(family);
-                return Err(e);
-            }
-        }
-        Ok((Instant::now(), None))
+        rest
     }
 
     fn read_families(&self, ownership: &Ownership) -> Vec<Family> {
