@@ -100,9 +100,11 @@ wait_for() {
 }
 
 # choose_ports N: N distinct TCP ports from LOOPGUARD_PORT_RANGE (FIRST-LAST, default 20000-39999)
-# that no socket of this machine's network namespace uses, in random order, on one line.
+# that no socket of this machine's network namespace uses, in random order, on one line. Ports of the
+# kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by default) only when too few
+# others are free: any outgoing connection may take one of those between choosing and binding.
 choose_ports() {
-  local want="$1" range="${LOOPGUARD_PORT_RANGE:-20000-39999}" first last free
+  local want="$1" range="${LOOPGUARD_PORT_RANGE:-20000-39999}" first last free eph_first=0 eph_last=-1 fixed
   if [[ ! "$range" =~ ^([0-9]+)-([0-9]+)$ ]] || ((BASH_REMATCH[1] < 1024 || BASH_REMATCH[1] > BASH_REMATCH[2] ||
     BASH_REMATCH[2] > 65535)); then
     die "LOOPGUARD_PORT_RANGE=$range: expected FIRST-LAST, two ports from 1024 to 65535 (for example 20000-39999)"
@@ -111,6 +113,11 @@ choose_ports() {
   free="$(comm -23 <(seq "$first" "$last" | sort) <(ss -Htan | awk '{print $4}' | sed 's/.*://' | sort -u))"
   if (($(grep -c . <<<"$free") < want)); then
     die "$(grep -c . <<<"$free") of the ports $range are free on this machine and up needs $want (etcd's client and peer ports, kube-apiserver, kube-controller-manager, kube-scheduler); nothing was started. See who holds them with: ss -Htanp 'sport >= :$first and sport <= :$last'; free some, or set LOOPGUARD_PORT_RANGE to a range with $want free ports"
+  fi
+  read -r eph_first eph_last </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  fixed="$(awk -v a="$eph_first" -v b="$eph_last" '$1 < a || $1 > b' <<<"$free")"
+  if (($(grep -c . <<<"$fixed") >= want)); then
+    free="$fixed"
   fi
   shuf -n "$want" <<<"$free" | tr '\n' ' '
 }
@@ -186,7 +193,7 @@ start_etcd() {
     --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster="loopguard=http://127.0.0.1:$ETCD_PEER_PORT" \
     --unsafe-no-fsync --log-level=warn
-  wait_for etcd etcd curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+  wait_for etcd etcd curl -fsS --max-time 5 "http://127.0.0.1:$ETCD_PORT/health"
 }
 
 # By default the endpoint reconciler is off: Endpoints may not hold a loopback address, and workloads
@@ -226,7 +233,7 @@ EOF
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
     --allow-privileged=true --profiling=false
-  wait_for "kube-apiserver /readyz" kube-apiserver curl -fsS --cacert "$pki/ca.crt" \
+  wait_for "kube-apiserver /readyz" kube-apiserver curl -fsS --max-time 5 --cacert "$pki/ca.crt" \
     --cert "$pki/admin.crt" --key "$pki/admin.key" "https://127.0.0.1:$APISERVER_PORT/readyz"
 }
 
@@ -266,6 +273,7 @@ running() { [[ -f "$dir/cluster.env" ]] && pid_of kube-apiserver >/dev/null && p
 
 cmd_up() {
   local owner_pid=""
+  up_args=("$@") # a start that lost a port to another process starts again with these
   controllers="*"
   ADVERTISE_ADDRESS=127.0.0.1 SERVICE_CIDR=10.96.0.0/12 EGRESS_UDS=""
   while [[ $# -gt 0 ]]; do
@@ -318,7 +326,13 @@ up_failed() {
   log "start-up failed; the last lines of each log:"
   tail -n 20 "$dir"/logs/*.log >&2 2>/dev/null || true
   if grep -qs "address already in use" "$dir"/logs/*.log; then
-    log "a port was taken by another process between choosing it and binding it; run up again (it chooses other free ports)"
+    local attempt="${LOOPGUARD_UP_ATTEMPT:-1}"
+    if ((attempt < 3)); then
+      log "a port was taken by another process between choosing it and binding it; starting again on other free ports (attempt $((attempt + 1)) of 3)"
+      cmd_down
+      LOOPGUARD_UP_ATTEMPT=$((attempt + 1)) exec "$repo/hack/cluster.sh" up "${up_args[@]}"
+    fi
+    log "a port was taken by another process between choosing it and binding it, $attempt times; run up again (it chooses other free ports), or set LOOPGUARD_PORT_RANGE to ports nothing else on this machine uses"
   fi
   cmd_down
 }
@@ -328,8 +342,8 @@ up_failed() {
 wait_ready() {
   local kubectl=("$BIN/kubectl" --kubeconfig="$dir/kubeconfig")
   wait_for "kube-controller-manager /healthz" kube-controller-manager \
-    curl -fsSk "https://127.0.0.1:$CONTROLLER_MANAGER_PORT/healthz"
-  wait_for "kube-scheduler /healthz" kube-scheduler curl -fsSk "https://127.0.0.1:$SCHEDULER_PORT/healthz"
+    curl -fsSk --max-time 5 "https://127.0.0.1:$CONTROLLER_MANAGER_PORT/healthz"
+  wait_for "kube-scheduler /healthz" kube-scheduler curl -fsSk --max-time 5 "https://127.0.0.1:$SCHEDULER_PORT/healthz"
   wait_for "the default ServiceAccount" kube-controller-manager "${kubectl[@]}" get serviceaccount default
   wait_for "the kube-root-ca.crt ConfigMap" kube-controller-manager "${kubectl[@]}" get configmap kube-root-ca.crt
 }

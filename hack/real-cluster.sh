@@ -127,7 +127,7 @@ router_up() {
   if ((${#images[@]})); then registry_up; fi
   start egress-proxy nsenter "--net=/run/netns/$router" python3 "$repo/hack/real-node/connect-proxy.py" \
     "$rc/egress.sock" 10.254.10.0/24 fd00:254:10::/64 10.244.0.0/16 fd00:10:244::/56
-  wait_for "the API server through the router" in_router curl -fsS --cacert "$dir/pki/ca.crt" \
+  wait_for "the API server through the router" in_router curl -fsS --max-time 5 --cacert "$dir/pki/ca.crt" \
     --cert "$dir/pki/admin.crt" --key "$dir/pki/admin.key" "https://$router_ip:$APISERVER_PORT/readyz"
   wait_for "the egress proxy's socket" test -S "$rc/egress.sock"
 }
@@ -145,7 +145,7 @@ registry_up() {
   wait_for "the registry relay's socket" test -S "$rc/registry.sock"
   start relay-registry-router nsenter "--net=/run/netns/$router" \
     socat "TCP-LISTEN:5000,bind=$router_ip,fork,reuseaddr" "UNIX-CONNECT:$rc/registry.sock"
-  wait_for "the registry through the router" in_router curl -fsS "http://$router_ip:5000/v2/"
+  wait_for "the registry through the router" in_router curl -fsS --max-time 5 "http://$router_ip:5000/v2/"
   : >"$rc/images"
   for archive in "${images[@]}"; do
     layout="$(mktemp -d "$rc/layout.XXXXXX")"

@@ -386,7 +386,7 @@ $sync: {minSyncPeriod: 1s}
 EOF
   start kube-proxy "${node_env[@]}" nsenter "--net=/run/netns/$node" "$BIN/kube-proxy" \
     --config="$dir/kube-proxy.yaml" --v=1
-  wait_for "kube-proxy's /healthz" nsenter "--net=/run/netns/$node" curl -fsS http://127.0.0.1:10256/healthz
+  wait_for "kube-proxy's /healthz" nsenter "--net=/run/netns/$node" curl -fsS --max-time 5 http://127.0.0.1:10256/healthz
 }
 
 

@@ -674,6 +674,58 @@ async fn the_control_plane_survives_an_apiserver_restart() {
     drop(cluster);
 }
 
+/// A port taken by another process between `up` choosing it and a component binding it (an outgoing
+/// connection, another cluster starting) makes `up` start again on other free ports, not fail.
+#[tokio::test]
+async fn up_starts_again_when_a_port_is_taken_while_it_starts() {
+    // Six ports of its own (outside the kernel's ephemeral range), so the second start has exactly
+    // the five that the taken one leaves.
+    let first = 24000 + (std::process::id() % 1000) * 6;
+    let range = format!("{first}-{}", first + 5);
+    let dir = std::env::temp_dir().join(format!("loopguard-{}", unique_name("port-race")));
+    let env_file = dir.join("cluster.env");
+    // Takes the controller manager's port as soon as `up` has written it down, before it starts.
+    let taker = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while std::time::Instant::now() < deadline {
+            let port = std::fs::read_to_string(&env_file).ok().and_then(|env| {
+                env.lines()
+                    .find_map(|l| l.strip_prefix("CONTROLLER_MANAGER_PORT="))
+                    .and_then(|p| p.trim_matches('"').parse::<u16>().ok())
+            });
+            if let Some(port) = port {
+                let held = std::net::TcpListener::bind(("127.0.0.1", port))
+                    .unwrap_or_else(|e| panic!("taking port {port}: {e}"));
+                return (port, held);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("up never wrote {}", env_file.display());
+    });
+    let Some((cluster, stderr)) =
+        cluster::private_in(dir, &[("LOOPGUARD_PORT_RANGE", range.as_str())])
+    else {
+        return;
+    };
+    let (port, _held) = taker.join().expect("the port taker");
+    assert!(
+        stderr.contains("starting again on other free ports (attempt 2 of 3)"),
+        "{stderr}"
+    );
+    let env = std::fs::read_to_string(cluster.dir.join("cluster.env")).expect("cluster.env");
+    assert!(
+        !env.contains(&format!("={port}\n")) && !env.contains(&format!("=\"{port}\"")),
+        "the second start chose the taken port {port} again:\n{env}"
+    );
+    let client = cluster.client().await;
+    let nodes: Api<Node> = Api::all(client);
+    nodes
+        .list(&ListParams::default())
+        .await
+        .expect("the API server of the second start answers");
+    drop(cluster);
+}
+
 fn pod_is_running_and_ready(pod: &Pod) -> bool {
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     running && deploy::is_ready(pod)

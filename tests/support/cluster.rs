@@ -226,6 +226,16 @@ fn start(tag: &str, up_args: &[&str]) -> Option<Cluster> {
 }
 
 fn start_with(script: &str, tag: &str, up_args: &[&str]) -> Option<Cluster> {
+    if !may_start() {
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("loopguard-{}", unique_name(tag)));
+    Some(up_in(script, dir, up_args, &[]).0)
+}
+
+/// Whether a control plane can be started: its binaries are built, or the tests must not skip (then
+/// `up` builds them).
+fn may_start() -> bool {
     let binaries_built = Command::new(format!("{REPO}/hack/build-control-plane.sh"))
         .arg("--check")
         .output()
@@ -235,9 +245,22 @@ fn start_with(script: &str, tag: &str, up_args: &[&str]) -> Option<Cluster> {
             "SKIPPED: the control-plane binaries are not built (hack/build-control-plane.sh, about 15 \
              minutes the first time) and LOOPGUARD_REQUIRE_CLUSTER is unset",
         );
+        return false;
+    }
+    true
+}
+
+/// A control plane of its own in `dir`, hack/cluster.sh given `env` besides, and what its `up`
+/// printed; stopped on drop. For tests of the script's own start-up.
+pub fn private_in(dir: PathBuf, env: &[(&str, &str)]) -> Option<(Cluster, String)> {
+    if !may_start() {
+        skipped("no control plane");
         return None;
     }
-    let dir = std::env::temp_dir().join(format!("loopguard-{}", unique_name(tag)));
+    Some(up_in("cluster.sh", dir, &[], env))
+}
+
+fn up_in(script: &str, dir: PathBuf, up_args: &[&str], env: &[(&str, &str)]) -> (Cluster, String) {
     let owner = std::process::id().to_string();
     let args: Vec<&str> = if script == "cluster.sh" {
         [&["up", "--owner-pid", &owner], up_args].concat()
@@ -247,18 +270,20 @@ fn start_with(script: &str, tag: &str, up_args: &[&str]) -> Option<Cluster> {
     let output = Command::new(format!("{REPO}/hack/{script}"))
         .args(&args)
         .env("LOOPGUARD_CLUSTER_DIR", &dir)
+        .envs(env.iter().copied())
         .output()
         .expect("running the cluster script");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(
         output.status.success(),
-        "hack/{script} up failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        "hack/{script} up failed:\n{stderr}"
     );
-    Some(Cluster {
+    let cluster = Cluster {
         dir,
         owned: true,
         crds: OnceLock::new(),
-    })
+    };
+    (cluster, stderr)
 }
 
 fn cluster_sh(dir: &Path, args: &[&str]) -> Output {
