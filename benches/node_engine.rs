@@ -42,6 +42,13 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_loopguard");
 const ANSIBLE_CORE: &str = "2.19.14";
 
+/// The value after `flag` on the command line.
+fn flag_value(flag: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let at = args.iter().position(|a| a == flag)?;
+    args.get(at + 1).cloned()
+}
+
 fn reps() -> usize {
     if report::quick() { 2 } else { 15 }
 }
@@ -57,6 +64,20 @@ fn main() {
     } else {
         &[1_000, 50_000]
     };
+    // `-- --part repair [--backend B]`: the drift repairs alone, printed and not recorded (for
+    // working on the watch; the full run measures everything side by side).
+    if let Some(part) = flag_value("--part") {
+        assert_eq!(part, "repair", "--part: only `repair` is known");
+        let backend = flag_value("--backend");
+        for b in ["nft", "legacy"] {
+            if backend.as_deref().is_none_or(|wanted| wanted == b) {
+                for &total in repair_sizes {
+                    bench_repair(b, Foreign::spread(total));
+                }
+            }
+        }
+        return;
+    }
     let ansible = ansible_playbook();
     let meta = Meta {
         date: report::today(),

@@ -76,9 +76,9 @@ mutant event-path "nftables drift is repaired on the kernel's event, not at the 
     'let group: libc::c_int = libc::NFNLGRP_NFTABLES;' \
     'let group: libc::c_int = libc::NFNLGRP_NFTRACE;' \
     '--test node_engine nft::watch_repairs_a_deleted_rule' hand
-mutant legacy-probe "on the legacy backend the 25 ms probe sees a change the lock does not show" \
+mutant legacy-probe "on the legacy backend the shape probe sees a change the lock does not show" \
     src/node/watch.rs \
-    'if probe.changed() | used {' \
+    'if used | (due && probe.changed()) {' \
     'if used {' \
     '--test node_engine legacy_watch_repairs_a_change_right_after_its_own_write' hand
 mutant nft-bytes "loopguard's nftables table is the one nft -f writes for its rules" \

@@ -212,7 +212,7 @@ async fn loopguard_end_to_end_on_hollow_nodes() {
     repaired_on(&n.nft, "nft_event", nft_events + 1.0).await;
     let probed = repairs_on(&n.legacy, "legacy_probe");
     let took = delete_and_time_repair(&n.legacy, "legacy", Duration::from_secs(3));
-    println!("legacy node (25 ms probe): deleted rule back after {took:?}");
+    println!("legacy node (lock closes and the shape probe): deleted rule back after {took:?}");
     repaired_on(&n.legacy, "legacy_probe", probed + 1.0).await;
     let repaired = wait_state(&client, &n.nft, "repair counted", |s| s.repairs == 1).await;
     assert!(repaired.last_repair_time.is_some());

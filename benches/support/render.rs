@@ -269,7 +269,7 @@ fn repair_signal(backend: &str, others: &[String]) -> String {
     let signal = match backend {
         "nft" => "nftables event (watcher) / next ruleset event, then `-C` (bench)",
         _ => {
-            "the 25 ms GET_INFO probe (watcher) / entry count polled every 1 ms, then `-C` (bench)"
+            "the legacy probe: xtables lock closes, GET_INFO shapes (watcher) / entry count polled every 1 ms, then `-C` (bench)"
         }
     };
     if others.is_empty() {

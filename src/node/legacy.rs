@@ -615,16 +615,21 @@ impl Probe {
         Probe { sockets }
     }
 
-    /// The families probed.
-    pub fn families(&self) -> Vec<Family> {
-        self.sockets.iter().map(|(f, _)| *f).collect()
+    /// How many families are probed.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
     }
 
-    /// Each probed table's shape now (tables that cannot be asked are left out).
-    pub fn shapes(&self) -> Vec<(Family, TableInfo)> {
+    /// Whether no family is probed.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Each probed table's shape now (tables that cannot be asked are left out). No allocation:
+    /// the probe runs every few milliseconds for the life of the agent.
+    pub fn shapes(&self) -> impl Iterator<Item = (Family, TableInfo)> + '_ {
         self.sockets
             .iter()
             .filter_map(|(family, socket)| socket.info(FILTER).ok().map(|now| (*family, now)))
-            .collect()
     }
 }

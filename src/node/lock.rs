@@ -11,11 +11,13 @@ pub struct FileLock {
     _file: File,
 }
 
-/// Takes an exclusive `flock` on `file`, retrying for up to `wait` (after 1 ms, then twice as
-/// long each time up to 20 ms: a lock held for a moment costs a moment); `None` when another
-/// holder kept it that long.
+/// Takes an exclusive `flock` on `file`, retrying for up to `wait` (every millisecond for the
+/// first 50 ms, then twice as long each time up to 20 ms: a lock held for a moment, as an
+/// iptables command holds it, costs a moment; a try is a syscall); `None` when another holder
+/// kept it that long.
 pub fn flock_within(file: File, wait: Duration) -> Option<FileLock> {
-    let deadline = Instant::now().checked_add(wait);
+    let started = Instant::now();
+    let deadline = started.checked_add(wait);
     let mut pause = Duration::from_millis(1);
     loop {
         // LOCK_NB never blocks.
@@ -26,7 +28,9 @@ pub fn flock_within(file: File, wait: Duration) -> Option<FileLock> {
             return None;
         }
         std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(20));
+        if started.elapsed() >= Duration::from_millis(50) {
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
     }
 }
 

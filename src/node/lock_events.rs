@@ -19,6 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// An inotify watch on the xtables lock file.
 pub struct LockEvents {
@@ -80,6 +81,20 @@ impl LockEvents {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Waits up to `timeout` for a close of the file (anyone's); whether one is queued.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let mut fd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // Rounded up: a wait cut to 0 ms would spin until the deadline.
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: one pollfd we own, its count given.
+        let ready = unsafe { libc::poll(&mut fd, 1, ms) };
+        ready > 0 && fd.revents & libc::POLLIN != 0
     }
 
     /// Whether another program has used the lock since the last call that said so.
