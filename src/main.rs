@@ -4,6 +4,9 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Node(_) | Command::Agent(_)) {
+        loopguard::node::legacy::big_buffers_from_the_system();
+    }
     loopguard::telemetry::init(cli.log_format, "info");
     let result = match cli.command {
         Command::Node(node) => node

@@ -119,7 +119,7 @@ fn one_case(
         for family in [Family::Ipv6, Family::Ipv4] {
             let (a, b) = (kept.legacy_table(family), plain.legacy_table(family));
             prop_assert!(
-                a.as_ref().map(|t| &t.blob) == b.as_ref().map(|t| &t.blob),
+                a.as_ref().map(|t| t.blob()) == b.as_ref().map(|t| t.blob()),
                 "after {}: the {} tables differ in the kernel although they save alike",
                 step,
                 family

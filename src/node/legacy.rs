@@ -40,6 +40,7 @@ const GET_ENTRIES_HEADER: usize = 40;
 /// `ip6t_replace` before the entries: name, valid_hooks, num_entries, size, hook_entry[5],
 /// underflow[5], num_counters, the counters pointer.
 const REPLACE_HEADER: usize = 96;
+const _: () = assert!(REPLACE_HEADER == blob::REPLACE_ROOM);
 /// `xt_counters_info` before the counters: name, num_counters, padding to 8.
 const COUNTERS_HEADER: usize = 40;
 
@@ -171,18 +172,14 @@ impl XtSocket {
     }
 
     /// The whole table. Retries while it changes between the two calls (the kernel refuses a
-    /// size that is no longer the table's).
+    /// size that is no longer the table's). The entries stay where the kernel wrote them, behind
+    /// the request's header: a large table is megabytes, and every copy of it costs time.
     pub fn read(&self, table: &str) -> io::Result<Table> {
-        self.read_into(table, Vec::new())
-    }
-
-    /// [`XtSocket::read`] into `buf` (its allocation reused: a large table is megabytes, and a
-    /// fresh allocation costs page faults on every read).
-    pub fn read_into(&self, table: &str, mut buf: Vec<u8>) -> io::Result<Table> {
         for _ in 0..5 {
             let info = self.info(table)?;
-            buf.clear();
-            buf.resize(GET_ENTRIES_HEADER + info.size as usize, 0);
+            // Zeroed by the allocator (fresh pages from the system): no pass over the buffer
+            // before the kernel fills it.
+            let mut buf = vec![0u8; GET_ENTRIES_HEADER + info.size as usize];
             buf[..NAME_LEN].copy_from_slice(&name_field(table));
             buf[NAME_LEN..NAME_LEN + 4].copy_from_slice(&info.size.to_ne_bytes());
             match self.getsockopt(SO_GET_ENTRIES, &mut buf) {
@@ -195,8 +192,8 @@ impl XtSocket {
             if self.info(table)? != info {
                 continue;
             }
-            buf.drain(..GET_ENTRIES_HEADER);
-            return Table::parse(self.family, info, buf).map_err(|e| io::Error::other(e.0));
+            return Table::parse_behind(self.family, info, buf, GET_ENTRIES_HEADER)
+                .map_err(|e| io::Error::other(e.0));
         }
         Err(io::Error::other(format!(
             "the {table} table kept changing while being read"
@@ -205,12 +202,13 @@ impl XtSocket {
 
     /// Replaces the table with `new`, atomically; `old_entries` is the number of entries of the
     /// table it replaces (the kernel refuses with EAGAIN when that is no longer so). Returns the
-    /// old entries' counters.
-    pub fn replace(&self, table: &str, new: &Table, old_entries: u32) -> io::Result<Vec<u8>> {
+    /// old entries' counters. An edit made by [`Table::insert`] or [`Table::delete`] is written
+    /// from where it was made (its header goes into the room in front of the entries).
+    pub fn replace(&self, table: &str, new: &mut Table, old_entries: u32) -> io::Result<Vec<u8>> {
         let mut counters = vec![0u8; old_entries as usize * 16];
-        let mut buf = vec![0u8; REPLACE_HEADER + new.blob.len()];
-        buf[..NAME_LEN].copy_from_slice(&name_field(table));
         let info = new.info;
+        let mut header = [0u8; REPLACE_HEADER];
+        header[..NAME_LEN].copy_from_slice(&name_field(table));
         let mut at = NAME_LEN;
         for value in [info.valid_hooks, info.num_entries, info.size]
             .into_iter()
@@ -218,13 +216,21 @@ impl XtSocket {
             .chain(info.underflow)
             .chain([old_entries])
         {
-            buf[at..at + 4].copy_from_slice(&value.to_ne_bytes());
+            header[at..at + 4].copy_from_slice(&value.to_ne_bytes());
             at += 4;
         }
         let pointer = counters.as_mut_ptr() as u64;
-        buf[88..96].copy_from_slice(&pointer.to_ne_bytes());
-        buf[REPLACE_HEADER..].copy_from_slice(&new.blob);
-        self.setsockopt(SO_SET_REPLACE, &buf)?;
+        header[88..96].copy_from_slice(&pointer.to_ne_bytes());
+        match new.with_header_room(REPLACE_HEADER) {
+            Some(buf) => {
+                buf[..REPLACE_HEADER].copy_from_slice(&header);
+                self.setsockopt(SO_SET_REPLACE, buf)?;
+            }
+            None => {
+                let buf = [&header[..], new.blob()].concat();
+                self.setsockopt(SO_SET_REPLACE, &buf)?;
+            }
+        }
         Ok(counters)
     }
 
@@ -361,7 +367,7 @@ impl Legacy {
             if !table_exists(family, FILTER) {
                 return Ok(None);
             }
-            let table = XtSocket::open(family)?.read_into(FILTER, Vec::new())?;
+            let table = XtSocket::open(family)?.read(FILTER)?;
             let Some(listings) = self.lines_of(&table).or_else(|| {
                 self.decode(&table);
                 self.lines_of(&table)
@@ -505,7 +511,7 @@ impl Legacy {
                 .collect();
             edited = Some(next);
         }
-        let Some(edited) = edited else {
+        let Some(mut edited) = edited else {
             return Ok(Applied::NotHere(format!("no {family} edits")));
         };
         // The edits as a whole: every entry kept is the rule it was, every jump to its chain.
@@ -513,7 +519,7 @@ impl Legacy {
             return Ok(Applied::NotHere(e.0));
         }
         let socket = XtSocket::open(family)?;
-        let old_counters = match socket.replace(FILTER, &edited, table.info.num_entries) {
+        let old_counters = match socket.replace(FILTER, &mut edited, table.info.num_entries) {
             Ok(counters) => counters,
             // The table is not the one read (a writer that ignores the lock): the binaries,
             // and the verifying read after them, take it from here.
@@ -536,6 +542,19 @@ impl Legacy {
             (chain, rules)
         });
         Ok(Applied::Done(applied, listings))
+    }
+}
+
+/// Allocations of a megabyte or more (a legacy table's copies: 10 MB at 50,000 rules) come
+/// straight from the system and go back to it when freed: zeroed pages without a pass over them,
+/// and nothing of a table kept resident between passes. glibc's default moves that threshold up
+/// to the largest block freed, after which table buffers come from the heap: zeroed by hand on
+/// every read and held there after it. For the processes that read tables (node commands, agent).
+pub fn big_buffers_from_the_system() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any table is read.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 

@@ -213,12 +213,20 @@ pub struct Entry {
     error: bool,
 }
 
+/// Room an edited table keeps in front of its entries for the header of `*_SO_SET_REPLACE`
+/// (`ip6t_replace` / `ipt_replace`: name, hooks, counts, hook offsets, the counters pointer), so
+/// that the edit is written from where it was made, without a copy of a table of megabytes.
+pub const REPLACE_ROOM: usize = 96;
+
 /// A table as the kernel hands it over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Table {
     pub family: Family,
     pub info: TableInfo,
-    pub blob: Vec<u8>,
+    /// The entries, behind `head` bytes of room for a socket option's header (see
+    /// [`Table::parse_behind`]).
+    raw: Vec<u8>,
+    head: usize,
     entries: Vec<Entry>,
 }
 
@@ -249,7 +257,21 @@ impl Table {
     /// Checks the blob's structure (every entry inside it, offsets aligned, the counts and size
     /// `info` gives) and indexes its entries.
     pub fn parse(family: Family, info: TableInfo, blob: Vec<u8>) -> Result<Table, BlobError> {
+        Table::parse_behind(family, info, blob, 0)
+    }
+
+    /// [`Table::parse`] of the entries that start `head` bytes into `raw` (the bytes in front are
+    /// a socket option's header: the table is read, and written, in place).
+    pub fn parse_behind(
+        family: Family,
+        info: TableInfo,
+        raw: Vec<u8>,
+        head: usize,
+    ) -> Result<Table, BlobError> {
         let layout = Layout::of(family);
+        let Some(blob) = raw.get(head..) else {
+            return Err(bad(format!("no table behind {head} bytes of header")));
+        };
         if blob.len() != info.size as usize {
             return Err(bad(format!(
                 "table is {} bytes, its info says {}",
@@ -263,8 +285,8 @@ impl Table {
             if at + layout.header > blob.len() || at % 8 != 0 {
                 return Err(bad(format!("entry at {at} does not fit the table")));
             }
-            let target = u16_at(&blob, at + layout.target_offset) as usize;
-            let next = u16_at(&blob, at + layout.next_offset) as usize;
+            let target = u16_at(blob, at + layout.target_offset) as usize;
+            let next = u16_at(blob, at + layout.next_offset) as usize;
             if target < layout.header
                 || target + TARGET_HEADER > next
                 || next % 8 != 0
@@ -274,13 +296,13 @@ impl Table {
                     "entry at {at} has target offset {target} and next offset {next}"
                 )));
             }
-            let target_size = u16_at(&blob, at + target) as usize;
+            let target_size = u16_at(blob, at + target) as usize;
             if target_size < TARGET_HEADER || target + target_size > next {
                 return Err(bad(format!(
                     "entry at {at} has a target of {target_size} bytes"
                 )));
             }
-            let name = name_at(&blob, at + target + 2, 29);
+            let name = name_at(blob, at + target + 2, 29);
             let standard = name.is_empty() && target_size >= STANDARD_TARGET_SIZE;
             entries.push(Entry {
                 offset: at as u32,
@@ -304,7 +326,8 @@ impl Table {
         let table = Table {
             family,
             info,
-            blob,
+            raw,
+            head,
             entries,
         };
         for h in table.hooks() {
@@ -324,6 +347,23 @@ impl Table {
         Layout::of(self.family)
     }
 
+    /// The entries, as the kernel hands them over and takes them.
+    pub fn blob(&self) -> &[u8] {
+        &self.raw[self.head..]
+    }
+
+    fn blob_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.head..]
+    }
+
+    /// The whole buffer with `head` bytes of room in front of the entries, for a socket option
+    /// that takes a header and the entries in one piece; `None` when there is less room than
+    /// `head`.
+    pub fn with_header_room(&mut self, head: usize) -> Option<&mut [u8]> {
+        let start = self.head.checked_sub(head)?;
+        Some(&mut self.raw[start..])
+    }
+
     /// The hooks the table has (filter: INPUT, FORWARD, OUTPUT).
     fn hooks(&self) -> impl Iterator<Item = usize> + '_ {
         (0..HOOKS).filter(|h| self.info.valid_hooks & (1 << h) != 0)
@@ -340,14 +380,14 @@ impl Table {
     }
 
     pub(super) fn bytes(&self, e: Entry) -> &[u8] {
-        &self.blob[e.offset as usize..(e.offset + e.len) as usize]
+        &self.blob()[e.offset as usize..(e.offset + e.len) as usize]
     }
 
     /// The verdict of a standard target (`None` for any other target).
     pub(super) fn verdict(&self, e: Entry) -> Option<(usize, i32)> {
         (e.verdict_at != 0).then(|| {
             let at = e.verdict_at as usize;
-            (at, i32_at(&self.blob, at))
+            (at, i32_at(self.blob(), at))
         })
     }
 
@@ -363,8 +403,8 @@ impl Table {
         for &e in &self.entries {
             if e.error {
                 let target =
-                    u16_at(&self.blob, e.offset as usize + self.layout().target_offset) as usize;
-                let name = name_at(&self.blob, e.offset as usize + target + TARGET_HEADER, 32);
+                    u16_at(self.blob(), e.offset as usize + self.layout().target_offset) as usize;
+                let name = name_at(self.blob(), e.offset as usize + target + TARGET_HEADER, 32);
                 starts.insert(e.offset + e.len, name.to_vec());
             }
         }
@@ -484,7 +524,8 @@ impl Table {
             }
             let e = edited.entries[new];
             if let Some((at, _)) = edited.verdict(e) {
-                edited.blob[at..at + 4].copy_from_slice(&((e.offset + e.len) as i32).to_ne_bytes());
+                edited.blob_mut()[at..at + 4]
+                    .copy_from_slice(&((e.offset + e.len) as i32).to_ne_bytes());
             }
         }
     }
@@ -536,10 +577,12 @@ impl Table {
         if check.verdict(check.entries[0]).is_some_and(|(_, v)| v >= 0) {
             return Err(bad("an inserted entry may not jump"));
         }
-        let mut blob = Vec::with_capacity(self.blob.len() + entry.len());
-        blob.extend_from_slice(&self.blob[..at as usize]);
-        blob.extend_from_slice(entry);
-        blob.extend_from_slice(&self.blob[at as usize..]);
+        let mut raw = Vec::with_capacity(REPLACE_ROOM + self.blob().len() + entry.len());
+        raw.resize(REPLACE_ROOM, 0);
+        raw.extend_from_slice(&self.blob()[..at as usize]);
+        raw.extend_from_slice(entry);
+        raw.extend_from_slice(&self.blob()[at as usize..]);
+        let blob = &mut raw[REPLACE_ROOM..];
         let mut info = self.info;
         info.num_entries += 1;
         info.size += len;
@@ -558,10 +601,10 @@ impl Table {
                     Ref::Jump(field) if field >= at as usize => Ref::Jump(field + len as usize),
                     r => r,
                 };
-                set_ref(&mut info, &mut blob, r, value + len);
+                set_ref(&mut info, blob, r, value + len);
             }
         }
-        let mut edited = Table::parse(self.family, info, blob)?;
+        let mut edited = Table::parse_behind(self.family, info, raw, REPLACE_ROOM)?;
         let index = self.index_at(at).expect("insertion point is an entry") as u32;
         let map: Vec<Option<u32>> = (0..edited.entries.len() as u32)
             .map(|i| match i.cmp(&index) {
@@ -601,9 +644,11 @@ impl Table {
         };
         let h = hook(chain);
         let (at, len) = (gone.offset, gone.len);
-        let mut blob = Vec::with_capacity(self.blob.len() - len as usize);
-        blob.extend_from_slice(&self.blob[..at as usize]);
-        blob.extend_from_slice(&self.blob[(at + len) as usize..]);
+        let mut raw = Vec::with_capacity(REPLACE_ROOM + self.blob().len() - len as usize);
+        raw.resize(REPLACE_ROOM, 0);
+        raw.extend_from_slice(&self.blob()[..at as usize]);
+        raw.extend_from_slice(&self.blob()[(at + len) as usize..]);
+        let blob = &mut raw[REPLACE_ROOM..];
         let mut info = self.info;
         info.num_entries -= 1;
         info.size -= len;
@@ -624,10 +669,10 @@ impl Table {
                     }
                     r => r,
                 };
-                set_ref(&mut info, &mut blob, r, value - len);
+                set_ref(&mut info, blob, r, value - len);
             }
         }
-        let mut edited = Table::parse(self.family, info, blob)?;
+        let mut edited = Table::parse_behind(self.family, info, raw, REPLACE_ROOM)?;
         let index = self.index_at(at).expect("deleted entry") as u32;
         let map: Vec<Option<u32>> = (0..edited.entries.len() as u32)
             .map(|i| Some(if i < index { i } else { i + 1 }))
@@ -872,6 +917,21 @@ mod tests {
     }
 
     #[test]
+    fn an_edit_keeps_room_for_the_replace_header_in_front_of_its_entries() {
+        let mut t = sample();
+        assert!(t.with_header_room(REPLACE_ROOM).is_none(), "parsed: no room");
+        let rule = t.portable(t.chain(Chain::Output)[0]).unwrap();
+        let (mut inserted, _) = t.insert(Chain::Input, 0, &rule).unwrap();
+        let (mut deleted, _) = t.delete(Chain::Input, 0).unwrap();
+        for edited in [&mut inserted, &mut deleted] {
+            let entries = edited.blob().to_vec();
+            let room = edited.with_header_room(REPLACE_ROOM).expect("room for the header");
+            assert_eq!(room.len(), REPLACE_ROOM + entries.len());
+            assert_eq!(&room[REPLACE_ROOM..], &entries[..], "the entries follow the room");
+        }
+    }
+
+    #[test]
     fn other_chains_keep_their_bounds() {
         let t = sample();
         let rule = t.portable(t.chain(Chain::Input)[0]).unwrap();
@@ -932,11 +992,11 @@ mod tests {
         let t = sample();
         let mut info = t.info;
         info.size -= 8;
-        assert!(Table::parse(Family::Ipv6, info, t.blob[..t.blob.len() - 8].to_vec()).is_err());
+        assert!(Table::parse(Family::Ipv6, info, t.blob()[..t.blob().len() - 8].to_vec()).is_err());
         let mut info = t.info;
         info.hook_entry[1] = 4;
-        assert!(Table::parse(Family::Ipv6, info, t.blob.clone()).is_err());
-        let mut blob = t.blob.clone();
+        assert!(Table::parse(Family::Ipv6, info, t.blob().to_vec()).is_err());
+        let mut blob = t.blob().to_vec();
         blob[L.next_offset] = 0;
         blob[L.next_offset + 1] = 0;
         assert!(Table::parse(Family::Ipv6, t.info, blob).is_err());
