@@ -298,27 +298,37 @@ impl Legacy {
         ])
     }
 
-    /// Learns the lines of the entries of INPUT and OUTPUT it has not seen that [`decode::line`]
-    /// covers (loopguard's own entries among them). An entry that prints as one of loopguard's
-    /// rules without being its entry is marked [`LOOK_ALIKE`], as [`Legacy::learn`] does.
-    fn decode(&mut self, table: &Table) {
+    /// INPUT and OUTPUT of `table` as lines, learning on the way the lines of the entries it has
+    /// not seen that [`decode::line`] covers (loopguard's own entries among them); `None` when an
+    /// entry is neither known nor covered. An entry that prints as one of loopguard's rules
+    /// without being its entry is marked [`LOOK_ALIKE`], as [`Legacy::learn`] does. One
+    /// fingerprint and one look-up per entry: INPUT may hold thousands.
+    fn decode(&mut self, table: &Table) -> Option<Listings> {
+        use std::collections::hash_map::Entry as Slot;
         let starts = table.chain_starts();
-        for chain in Chain::ALL {
-            for &e in table.chain(chain) {
+        let mut complete = true;
+        let listings = Chain::ALL.map(|chain| {
+            let entries = table.chain(chain);
+            let mut rules = Vec::with_capacity(entries.len());
+            for &e in entries {
                 let key = (table.family, chain, table.fingerprint_in(e, &starts));
-                if self.lines.contains_key(&key) {
-                    continue;
+                match self.lines.entry(key) {
+                    Slot::Occupied(known) => rules.push(known.get().clone()),
+                    Slot::Vacant(slot) => match decode::line(table, e, &starts) {
+                        Some(mut line) => {
+                            if look_alike(table, e, table.family, chain, &line) {
+                                line.insert_str(0, LOOK_ALIKE);
+                            }
+                            rules.push(slot.insert(line).clone());
+                        }
+                        None => complete = false,
+                    },
                 }
-                let Some(mut line) = decode::line(table, e, &starts) else {
-                    continue;
-                };
-                if look_alike(table, e, table.family, chain, &line) {
-                    line.insert_str(0, LOOK_ALIKE);
-                }
-                self.lines.insert(key, line);
             }
-        }
+            (chain, rules)
+        });
         self.bound();
+        complete.then_some(listings)
     }
 
     /// Bounded: a node whose foreign rules keep changing must not grow the lines forever.
@@ -368,10 +378,7 @@ impl Legacy {
                 return Ok(None);
             }
             let table = XtSocket::open(family)?.read(FILTER)?;
-            let Some(listings) = self.lines_of(&table).or_else(|| {
-                self.decode(&table);
-                self.lines_of(&table)
-            }) else {
+            let Some(listings) = self.decode(&table) else {
                 return Ok(None);
             };
             for (chain, rules) in listings {
@@ -469,6 +476,7 @@ impl Legacy {
             let chain_lines = lines.get_mut(&edit.chain).expect("both chains");
             // Listings hold rules as `-S` prints them after `-A CHAIN`.
             let spec = edit.target.spec();
+            // The first edit copies the table read; the next ones edit that copy in place.
             let current = edited.as_ref().unwrap_or(table);
             let result = match edit.kind {
                 EditKind::Insert(_) | EditKind::Append => {
@@ -482,7 +490,10 @@ impl Legacy {
                     self.lines
                         .insert((family, edit.chain, bytes.clone()), spec.clone());
                     chain_lines.insert(position, spec);
-                    current.insert_unchecked(edit.chain, position, &bytes)
+                    match edited.take() {
+                        Some(previous) => previous.insert_in_place(edit.chain, position, &bytes),
+                        None => table.insert_unchecked(edit.chain, position, &bytes),
+                    }
                 }
                 EditKind::Delete => {
                     // As `ip6tables -D` does: the first entry that is the rule's, whatever
@@ -498,7 +509,10 @@ impl Legacy {
                         )));
                     }
                     chain_lines.remove(position);
-                    current.delete_unchecked(edit.chain, position)
+                    match edited.take() {
+                        Some(previous) => previous.delete_in_place(edit.chain, position),
+                        None => table.delete_unchecked(edit.chain, position),
+                    }
                 }
             };
             let (next, step) = match result {

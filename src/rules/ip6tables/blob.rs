@@ -514,20 +514,12 @@ impl Table {
         refs
     }
 
-    /// Points every fall-through of `edited` (an edit of this table, `map` as [`Table::insert`]
-    /// returns it) at its entry's new successor.
-    fn fix_fall_throughs(&self, edited: &mut Table, map: &[Option<u32>]) {
-        for (new, old) in map.iter().enumerate() {
-            let Some(old) = old else { continue };
-            if !self.falls_through(self.entries[*old as usize]) {
-                continue;
-            }
-            let e = edited.entries[new];
-            if let Some((at, _)) = edited.verdict(e) {
-                edited.blob_mut()[at..at + 4]
-                    .copy_from_slice(&((e.offset + e.len) as i32).to_ne_bytes());
-            }
-        }
+    /// The entries (by index) that are rules without a target: their verdict is the offset of
+    /// the entry after them, which an edit must follow.
+    fn fall_throughs(&self) -> Vec<u32> {
+        (0..self.entries.len() as u32)
+            .filter(|&i| self.falls_through(self.entries[i as usize]))
+            .collect()
     }
 
     /// Inserts `entry` (from [`Table::portable`]) as rule `position` (0-based; the number of rules
@@ -552,6 +544,22 @@ impl Table {
         position: usize,
         entry: &[u8],
     ) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        self.insertion(chain, position, entry)?.copied_from(self)
+    }
+
+    /// [`Table::insert_unchecked`] in this table's own buffer when it is an edit's (the next
+    /// edit of a series): the entries behind the insertion point move up in place instead of the
+    /// whole table being copied again.
+    pub fn insert_in_place(
+        self,
+        chain: Chain,
+        position: usize,
+        entry: &[u8],
+    ) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        self.insertion(chain, position, entry)?.in_place(self)
+    }
+
+    fn insertion(&self, chain: Chain, position: usize, entry: &[u8]) -> Result<Splice, BlobError> {
         let rules = self.chain(chain);
         if position > rules.len() {
             return Err(bad(format!(
@@ -577,18 +585,13 @@ impl Table {
         if check.verdict(check.entries[0]).is_some_and(|(_, v)| v >= 0) {
             return Err(bad("an inserted entry may not jump"));
         }
-        let mut raw = Vec::with_capacity(REPLACE_ROOM + self.blob().len() + entry.len());
-        raw.resize(REPLACE_ROOM, 0);
-        raw.extend_from_slice(&self.blob()[..at as usize]);
-        raw.extend_from_slice(entry);
-        raw.extend_from_slice(&self.blob()[at as usize..]);
-        let blob = &mut raw[REPLACE_ROOM..];
         let mut info = self.info;
         info.num_entries += 1;
         info.size += len;
         // Shift every reference at or behind the insertion point, except the chain's own start
         // when the new entry becomes its first rule; a jump field behind the insertion point
         // moved with its entry.
+        let mut refs = Vec::new();
         for (r, value) in self.references() {
             let stays = value < at || (value == at && r == Ref::HookEntry(h));
             if let Ref::Jump(_) = r
@@ -601,20 +604,27 @@ impl Table {
                     Ref::Jump(field) if field >= at as usize => Ref::Jump(field + len as usize),
                     r => r,
                 };
-                set_ref(&mut info, blob, r, value + len);
+                refs.push((r, value + len));
             }
         }
-        let mut edited = Table::parse_behind(self.family, info, raw, REPLACE_ROOM)?;
         let index = self.index_at(at).expect("insertion point is an entry") as u32;
-        let map: Vec<Option<u32>> = (0..edited.entries.len() as u32)
+        let map = (0..info.num_entries)
             .map(|i| match i.cmp(&index) {
                 std::cmp::Ordering::Less => Some(i),
                 std::cmp::Ordering::Equal => None,
                 std::cmp::Ordering::Greater => Some(i - 1),
             })
             .collect();
-        self.fix_fall_throughs(&mut edited, &map);
-        Ok((edited, map))
+        Ok(Splice {
+            family: self.family,
+            info,
+            at: at as usize,
+            removed: 0,
+            inserted: entry.to_vec(),
+            refs,
+            map,
+            fall_throughs: self.fall_throughs(),
+        })
     }
 
     /// Deletes rule `position` (0-based) of `chain`. Returns the table and the counter map, as
@@ -635,6 +645,19 @@ impl Table {
         chain: Chain,
         position: usize,
     ) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        self.deletion(chain, position)?.copied_from(self)
+    }
+
+    /// [`Table::delete_unchecked`] in this table's own buffer (see [`Table::insert_in_place`]).
+    pub fn delete_in_place(
+        self,
+        chain: Chain,
+        position: usize,
+    ) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        self.deletion(chain, position)?.in_place(self)
+    }
+
+    fn deletion(&self, chain: Chain, position: usize) -> Result<Splice, BlobError> {
         let rules = self.chain(chain);
         let Some(&gone) = rules.get(position) else {
             return Err(bad(format!(
@@ -644,14 +667,10 @@ impl Table {
         };
         let h = hook(chain);
         let (at, len) = (gone.offset, gone.len);
-        let mut raw = Vec::with_capacity(REPLACE_ROOM + self.blob().len() - len as usize);
-        raw.resize(REPLACE_ROOM, 0);
-        raw.extend_from_slice(&self.blob()[..at as usize]);
-        raw.extend_from_slice(&self.blob()[(at + len) as usize..]);
-        let blob = &mut raw[REPLACE_ROOM..];
         let mut info = self.info;
         info.num_entries -= 1;
         info.size -= len;
+        let mut refs = Vec::new();
         for (r, value) in self.references() {
             if value == at && r != Ref::HookEntry(h) {
                 return Err(bad("something points at the entry to delete"));
@@ -669,16 +688,23 @@ impl Table {
                     }
                     r => r,
                 };
-                set_ref(&mut info, blob, r, value - len);
+                refs.push((r, value - len));
             }
         }
-        let mut edited = Table::parse_behind(self.family, info, raw, REPLACE_ROOM)?;
         let index = self.index_at(at).expect("deleted entry") as u32;
-        let map: Vec<Option<u32>> = (0..edited.entries.len() as u32)
+        let map = (0..info.num_entries)
             .map(|i| Some(if i < index { i } else { i + 1 }))
             .collect();
-        self.fix_fall_throughs(&mut edited, &map);
-        Ok((edited, map))
+        Ok(Splice {
+            family: self.family,
+            info,
+            at: at as usize,
+            removed: len as usize,
+            inserted: Vec::new(),
+            refs,
+            map,
+            fall_throughs: self.fall_throughs(),
+        })
     }
 
     /// Every entry the edit kept is the same rule as before (the same bytes, counters and
@@ -778,6 +804,72 @@ impl Table {
             }
         }
         out
+    }
+}
+
+/// One edit of a table, worked out on the table before it: the bytes to cut out and put in at
+/// one offset, the references to set afterwards, and the counter map.
+struct Splice {
+    family: Family,
+    info: TableInfo,
+    at: usize,
+    removed: usize,
+    inserted: Vec<u8>,
+    /// (where, in the edited entries, its new value).
+    refs: Vec<(Ref, u32)>,
+    map: Vec<Option<u32>>,
+    /// The old table's rules without a target (see [`Table::fall_throughs`]).
+    fall_throughs: Vec<u32>,
+}
+
+/// Spare room an edit's buffer keeps behind its entries, so that the next inserts of a series
+/// (three rules at most) move entries in place instead of growing the buffer.
+const EDIT_SLACK: usize = 4096;
+
+impl Splice {
+    /// The edit in a copy of `old`'s entries, behind room for the replace header.
+    fn copied_from(self, old: &Table) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        let blob = old.blob();
+        let mut raw =
+            Vec::with_capacity(REPLACE_ROOM + blob.len() + self.inserted.len() + EDIT_SLACK);
+        raw.resize(REPLACE_ROOM, 0);
+        raw.extend_from_slice(&blob[..self.at]);
+        raw.extend_from_slice(&self.inserted);
+        raw.extend_from_slice(&blob[self.at + self.removed..]);
+        self.finish(raw)
+    }
+
+    /// The edit in `old`'s own buffer when it has the replace header's room (an edit's), else in
+    /// a copy.
+    fn in_place(self, mut old: Table) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        if old.head != REPLACE_ROOM {
+            return self.copied_from(&old);
+        }
+        let mut raw = std::mem::take(&mut old.raw);
+        let at = REPLACE_ROOM + self.at;
+        raw.splice(at..at + self.removed, self.inserted.iter().copied());
+        self.finish(raw)
+    }
+
+    fn finish(self, mut raw: Vec<u8>) -> Result<(Table, Vec<Option<u32>>), BlobError> {
+        let mut info = self.info;
+        for &(r, value) in &self.refs {
+            set_ref(&mut info, &mut raw[REPLACE_ROOM..], r, value);
+        }
+        let mut edited = Table::parse_behind(self.family, info, raw, REPLACE_ROOM)?;
+        // Every rule without a target points at its entry's new successor.
+        for (new, old) in self.map.iter().enumerate() {
+            let Some(old) = old else { continue };
+            if self.fall_throughs.binary_search(old).is_err() {
+                continue;
+            }
+            let e = edited.entries[new];
+            if let Some((at, _)) = edited.verdict(e) {
+                edited.blob_mut()[at..at + 4]
+                    .copy_from_slice(&((e.offset + e.len) as i32).to_ne_bytes());
+            }
+        }
+        Ok((edited, self.map))
     }
 }
 
@@ -919,16 +1011,48 @@ mod tests {
     #[test]
     fn an_edit_keeps_room_for_the_replace_header_in_front_of_its_entries() {
         let mut t = sample();
-        assert!(t.with_header_room(REPLACE_ROOM).is_none(), "parsed: no room");
+        assert!(
+            t.with_header_room(REPLACE_ROOM).is_none(),
+            "parsed: no room"
+        );
         let rule = t.portable(t.chain(Chain::Output)[0]).unwrap();
         let (mut inserted, _) = t.insert(Chain::Input, 0, &rule).unwrap();
         let (mut deleted, _) = t.delete(Chain::Input, 0).unwrap();
         for edited in [&mut inserted, &mut deleted] {
             let entries = edited.blob().to_vec();
-            let room = edited.with_header_room(REPLACE_ROOM).expect("room for the header");
+            let room = edited
+                .with_header_room(REPLACE_ROOM)
+                .expect("room for the header");
             assert_eq!(room.len(), REPLACE_ROOM + entries.len());
-            assert_eq!(&room[REPLACE_ROOM..], &entries[..], "the entries follow the room");
+            assert_eq!(
+                &room[REPLACE_ROOM..],
+                &entries[..],
+                "the entries follow the room"
+            );
         }
+    }
+
+    #[test]
+    fn edits_in_place_give_the_tables_the_copying_edits_give() {
+        let t = sample();
+        let a = t.portable(t.chain(Chain::Output)[0]).unwrap();
+        let b = t.portable(t.chain(Chain::Input)[0]).unwrap();
+        let (copied, _) = t.insert_unchecked(Chain::Input, 0, &a).unwrap();
+        let (copied, _) = copied.insert_unchecked(Chain::Output, 1, &b).unwrap();
+        let (copied, _) = copied.delete_unchecked(Chain::Input, 1).unwrap();
+        let (copied, _) = copied.insert_unchecked(Chain::Input, 2, &a).unwrap();
+        let (moved, _) = t.insert_unchecked(Chain::Input, 0, &a).unwrap();
+        let (moved, _) = moved.insert_in_place(Chain::Output, 1, &b).unwrap();
+        let (moved, _) = moved.delete_in_place(Chain::Input, 1).unwrap();
+        let (moved, _) = moved.insert_in_place(Chain::Input, 2, &a).unwrap();
+        assert_eq!(moved.info, copied.info);
+        assert_eq!(moved.blob(), copied.blob());
+        // A table as read (no room in front) is edited in a copy, the same way.
+        let (from_read, _) = t.clone().insert_in_place(Chain::Input, 0, &a).unwrap();
+        assert_eq!(
+            from_read,
+            t.insert_unchecked(Chain::Input, 0, &a).unwrap().0
+        );
     }
 
     #[test]
