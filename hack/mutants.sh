@@ -41,6 +41,11 @@ mutant lookalike-entry "the entry loopguard inserts is the one ip6tables-legacy 
     'interface(addresses.iniface, addresses.iniface_mask);' \
     'interface(addresses.iniface, addresses.iniface_mask); if rule.family == Family::Ipv6 { e[131] = 1; }' \
     '--test legacy_kernel' ci
+mutant nft-recheck "a re-check answers from the last read only while the ruleset's generation stands still" \
+    src/node/nft_rules.rs \
+    '&& held.generation == now' \
+    '&& held.generation <= now' \
+    '--test nft_inprocess a_check_in_an_unmoved_generation' ci
 mutant back-off "a fight backs off, doubling from 1 s to 30 s" \
     src/node/converge.rs \
     '.saturating_mul(1u32 << (self.level - 1).min(16))' \
@@ -183,5 +188,9 @@ for i in "${selected[@]}"; do
     fi
     cp "$repo/$file" "$tree/$file"
 done
+# The tree builds into the shared target directory under the same artefact names as the checkout,
+# and cargo judges freshness by the checkout's own files, which are older than the mutants' builds:
+# without this, the next `cargo test` in the checkout would run the last mutant's binaries.
+for i in "${selected[@]}"; do touch "$repo/${files[$i]}"; done
 echo "mutants: ${#selected[@]} run in $(( $(date +%s) - started )) s"
 exit $failed

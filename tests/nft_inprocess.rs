@@ -375,3 +375,61 @@ fn decoded_lines_are_what_iptables_nft_prints() {
         "the decoder covered most rules"
     );
 }
+
+/// A re-check while the ruleset's generation stands still answers from the last read (no dump);
+/// any change in the namespace, by any program and in any table, moves the generation and is
+/// read again, so that a deleted rule is seen at the next check.
+#[test]
+fn a_check_in_an_unmoved_generation_reuses_the_last_read_and_any_change_is_read() {
+    let ns = TestNetns::new("ngen");
+    ns.restore(
+        "ip6tables",
+        "nft",
+        &forms_script("", &["-s 2001:db8::1/128 -j DROP"], ""),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = engine(
+        dir.path(),
+        &ns,
+        vec![Family::Ipv6],
+        false,
+        BackendChoice::Nft,
+    );
+    let cache = engine.keep_nft_rules();
+    let counts = || {
+        let c = cache.lock().unwrap();
+        (c.reads, c.unchanged)
+    };
+    let (e, r) = step(&ns, engine, |e| e.enforce()).unwrap();
+    assert!(r.compliant && r.wrote(), "{r:?}");
+    let (e, r) = step(&ns, e, |e| e.check()).unwrap();
+    assert!(r.compliant);
+    let (reads, unchanged) = counts();
+    let (e, r) = step(&ns, e, |e| e.check()).unwrap();
+    assert!(r.compliant);
+    assert_eq!(
+        counts(),
+        (reads, unchanged + 1),
+        "answered from the last read"
+    );
+
+    // Another table changes: the generation moves, and the chains are listed again.
+    ns.run(&["nft", "add", "table", "inet", "somebody-else"]);
+    let (e, r) = step(&ns, e, |e| e.check()).unwrap();
+    assert!(r.compliant);
+    assert_eq!(counts(), (reads + 1, unchanged + 1), "listed again");
+
+    // loopguard's DROP deleted by another program: seen at once.
+    ns.run(&[
+        "ip6tables-nft",
+        "-D",
+        "INPUT",
+        "-s",
+        "::1/128",
+        "-j",
+        "DROP",
+    ]);
+    let (_, r) = step(&ns, e, |e| e.check()).unwrap();
+    assert!(!r.compliant, "the deleted DROP is seen: {r:?}");
+    assert_eq!(counts(), (reads + 2, unchanged + 1));
+}

@@ -29,10 +29,14 @@ pub struct NftRules {
     pub writes: u64,
     /// Listings taken with the binaries to learn rules.
     pub learnt: u64,
+    /// Reads answered from the last read because the ruleset's generation had not moved.
+    pub unchanged: u64,
+    /// The last read: its families, and what it found in which generation.
+    last: Option<(Vec<Family>, Tables, NftHeld)>,
 }
 
 /// A read for a change: the generation it was made in, and each chain's rules (handle, line).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct NftHeld {
     generation: u32,
     chains: HashMap<(Family, Chain), Vec<(u64, String)>>,
@@ -51,7 +55,31 @@ impl NftRules {
     /// INPUT and OUTPUT of `families`, read in process (learning what it does not know from one
     /// listing with the binaries). `Ok(None)`: not possible here (a table or chain missing, the
     /// ruleset changing all the time): read with the binaries.
+    ///
+    /// The kernel moves the ruleset's generation on every change to any table of the
+    /// namespace: while it stands where the last read was made, the chains are the ones that
+    /// read found, and are not listed again (a re-check of thousands of rules costs
+    /// microseconds instead of a dump of them all).
     pub fn read(
+        &mut self,
+        families: &[Family],
+        xtables: &Xtables,
+    ) -> Result<Option<(Tables, NftHeld)>> {
+        if let (Some((read, tables, held)), Ok(now)) = (&self.last, nft::generation())
+            && read == families
+            && held.generation == now
+        {
+            self.unchanged += 1;
+            return Ok(Some((tables.clone(), held.clone())));
+        }
+        let found = self.read_now(families, xtables)?;
+        self.last = found
+            .as_ref()
+            .map(|(tables, held)| (families.to_vec(), tables.clone(), held.clone()));
+        Ok(found)
+    }
+
+    fn read_now(
         &mut self,
         families: &[Family],
         xtables: &Xtables,
