@@ -15,15 +15,20 @@ use crate::rules::nft::xt::{self, Listed, Slot};
 use crate::rules::{Chain, ChainListing, Family, RulePlan, Tables};
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
+
+/// A rule's handle and its `-S` line.
+type Handled = (u64, Arc<str>);
 
 /// The chains of one read, per family: each rule's identity and handle, in order.
 type Dump = Vec<((Family, Chain), Vec<Listed>)>;
 
 /// What loopguard has learnt about iptables-nft's chains: which rule identity prints as which
-/// `-S` line.
+/// `-S` line, for the rules `xt::line` does not decode (the others are decoded at every read, and
+/// not kept: a chain of thousands of rules would hold megabytes of their expressions).
 #[derive(Debug, Default)]
 pub struct NftRules {
-    lines: HashMap<(Family, Chain), HashMap<Vec<u8>, String>>,
+    lines: HashMap<(Family, Chain), HashMap<Vec<u8>, Arc<str>>>,
     /// Reads and writes done in process (for tests and benchmarks: which path ran).
     pub reads: u64,
     pub writes: u64,
@@ -32,14 +37,26 @@ pub struct NftRules {
     /// Reads answered from the last read because the ruleset's generation had not moved.
     pub unchanged: u64,
     /// The last read: its families, and what it found in which generation.
-    last: Option<(Vec<Family>, Tables, NftHeld)>,
+    last: Option<(Vec<Family>, NftHeld)>,
 }
 
 /// A read for a change: the generation it was made in, and each chain's rules (handle, line).
 #[derive(Clone, Debug)]
 pub struct NftHeld {
     generation: u32,
-    chains: HashMap<(Family, Chain), Vec<(u64, String)>>,
+    chains: HashMap<(Family, Chain), Vec<Handled>>,
+}
+
+impl NftHeld {
+    /// The chains read, as lines.
+    fn tables(&self) -> Tables {
+        let mut tables = Tables::default();
+        for ((family, chain), listed) in &self.chains {
+            let rules = listed.iter().map(|(_, line)| line.to_string()).collect();
+            tables.insert(*family, *chain, ChainListing { rules });
+        }
+        tables
+    }
 }
 
 /// How an in-process write ended.
@@ -65,17 +82,17 @@ impl NftRules {
         families: &[Family],
         xtables: &Xtables,
     ) -> Result<Option<(Tables, NftHeld)>> {
-        if let (Some((read, tables, held)), Ok(now)) = (&self.last, nft::generation())
+        if let (Some((read, held)), Ok(now)) = (&self.last, nft::generation())
             && read == families
             && held.generation == now
         {
             self.unchanged += 1;
-            return Ok(Some((tables.clone(), held.clone())));
+            return Ok(Some((held.tables(), held.clone())));
         }
         let found = self.read_now(families, xtables)?;
         self.last = found
             .as_ref()
-            .map(|(tables, held)| (families.to_vec(), tables.clone(), held.clone()));
+            .map(|(_, held)| (families.to_vec(), held.clone()));
         Ok(found)
     }
 
@@ -88,7 +105,6 @@ impl NftRules {
             let Some((generation, dump)) = list_chains(families) else {
                 return Ok(None);
             };
-            self.decoded(&dump);
             if let Some(found) = self.known(generation, &dump) {
                 self.reads += 1;
                 return Ok(Some(found));
@@ -108,8 +124,11 @@ impl NftRules {
                     return Ok(None);
                 }
                 let known = self.lines.entry((*family, *chain)).or_default();
+                // Only what the decoder does not cover: the rest is decoded at every read.
                 for (rule, line) in rules.iter().zip(lines) {
-                    known.insert(rule.identity.clone(), line.clone());
+                    if rule.line.is_none() {
+                        known.insert(rule.identity.clone(), line.as_str().into());
+                    }
                 }
             }
             // Bounded: a node whose foreign rules keep changing must not grow this forever.
@@ -124,44 +143,24 @@ impl NftRules {
         Ok(None)
     }
 
-    /// Learns the lines of the rules of `dump` it has not seen that `xt::line` covers.
-    fn decoded(&mut self, dump: &Dump) {
-        for ((family, chain), rules) in dump {
-            let known = self.lines.entry((*family, *chain)).or_default();
-            for rule in rules {
-                if let Some(line) = &rule.line
-                    && !known.contains_key(&rule.identity)
-                {
-                    known.insert(rule.identity.clone(), line.clone());
-                }
-            }
-        }
-    }
-
-    /// The chains of `dump` as lines, if every rule is known.
+    /// The chains of `dump` as lines, if every rule is decoded (`xt::line`) or learnt.
     fn known(&self, generation: u32, dump: &Dump) -> Option<(Tables, NftHeld)> {
-        let mut tables = Tables::default();
         let mut chains = HashMap::new();
         for ((family, chain), rules) in dump {
             let known = self.lines.get(&(*family, *chain));
-            let listed: Vec<(u64, String)> = rules
+            let listed: Vec<Handled> = rules
                 .iter()
-                .map(|r| {
-                    known
+                .map(|r| match &r.line {
+                    Some(line) => Some((r.handle, Arc::from(line.as_str()))),
+                    None => known
                         .and_then(|k| k.get(&r.identity))
-                        .map(|line| (r.handle, line.clone()))
+                        .map(|line| (r.handle, line.clone())),
                 })
                 .collect::<Option<_>>()?;
-            tables.insert(
-                *family,
-                *chain,
-                ChainListing {
-                    rules: listed.iter().map(|(_, l)| l.clone()).collect(),
-                },
-            );
             chains.insert((*family, *chain), listed);
         }
-        Some((tables, NftHeld { generation, chains }))
+        let held = NftHeld { generation, chains };
+        Some((held.tables(), held))
     }
 
     /// Writes `plan`'s inserts in one transaction bound to the generation `held` was read in.
@@ -180,11 +179,11 @@ impl NftRules {
                     Ok(done) => done,
                     Err(why) => return Ok(NftApplied::NotHere(why)),
                 };
-                let lines: HashMap<u64, &String> = rules.iter().map(|(h, l)| (*h, l)).collect();
+                let lines: HashMap<u64, &Arc<str>> = rules.iter().map(|(h, l)| (*h, l)).collect();
                 let listing = slots
                     .iter()
                     .map(|slot| match slot {
-                        Slot::Kept(h) => lines[h].clone(),
+                        Slot::Kept(h) => lines[h].to_string(),
                         Slot::Added(rule) => rule.spec(),
                     })
                     .collect();
