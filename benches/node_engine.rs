@@ -69,11 +69,13 @@ fn main() {
     if let Some(part) = flag_value("--part") {
         assert_eq!(part, "repair", "--part: only `repair` is known");
         let backend = flag_value("--backend");
+        let largest = *repair_sizes.last().unwrap();
         for b in ["nft", "legacy"] {
             if backend.as_deref().is_none_or(|wanted| wanted == b) {
                 for &total in repair_sizes {
                     bench_repair(b, Foreign::spread(total));
                 }
+                bench_repair(b, Foreign::long(largest));
             }
         }
         return;

@@ -43,9 +43,14 @@ mutant lookalike-entry "the entry loopguard inserts is the one ip6tables-legacy 
     '--test legacy_kernel' ci
 mutant nft-recheck "a re-check answers from the last read only while the ruleset's generation stands still" \
     src/node/nft_rules.rs \
-    '&& held.generation == now' \
-    '&& held.generation <= now' \
+    'if held.generation == now {' \
+    'if held.generation <= now {' \
     '--test nft_inprocess a_check_in_an_unmoved_generation' ci
+mutant nft-journal "a changed read is taken from the notifications only when all they tell is rules deleted from INPUT or OUTPUT" \
+    src/rules/nft/journal.rs \
+    '_ => self.pending.touched.push(family),' \
+    '_ => {}' \
+    '--test nft_inprocess a_followed_read' ci
 mutant back-off "a fight backs off, doubling from 1 s to 30 s" \
     src/node/converge.rs \
     '.saturating_mul(1u32 << (self.level - 1).min(16))' \

@@ -81,6 +81,10 @@ fn one_case(
         BackendChoice::Nft,
     );
     let cache = fast.keep_nft_rules();
+    // The notifications followed, as the watch does: a read after deletions takes the last
+    // read without the deleted rules, and a write's new rules come back with their handles.
+    let following = cache.clone();
+    let (fast, ()) = in_netns(&kept, fast, move |_| following.lock().unwrap().follow());
     let slow = engine(
         dir.path(),
         &plain,
@@ -101,6 +105,7 @@ fn one_case(
     if r.wrote() {
         prop_assert!(cache.lock().unwrap().writes > 0, "written in process");
     }
+    let enforced_in_process = !r.wrote() || cache.lock().unwrap().writes > 0;
 
     // Drift: some of loopguard's rules deleted in both, another program's rule inserted.
     let specs = [
@@ -108,6 +113,8 @@ fn one_case(
         ("INPUT", chains::DROP_SRC, deletions.1),
         ("OUTPUT", chains::ACCEPT_OUT, deletions.2),
     ];
+    // Whether a rule was deleted in `kept` (one that is not there is not).
+    let mut deleted = false;
     for ns in [&kept, &plain] {
         for (chain, spec, delete) in specs {
             if delete {
@@ -118,6 +125,7 @@ fn one_case(
                 if ns.exec(&check).status.success() {
                     let args: Vec<&str> = args.iter().map(String::as_str).collect();
                     ns.run(&args);
+                    deleted |= ns.name == kept.name;
                 }
             }
         }
@@ -149,14 +157,32 @@ fn one_case(
                 "-j",
                 "DROP",
             ]);
+            deleted |= ns.name == kept.name;
         }
     }
-    let writes = cache.lock().unwrap().writes;
+    let (writes, replayed) = {
+        let c = cache.lock().unwrap();
+        (c.writes, c.replayed)
+    };
     let (fast, r) = step(&kept, fast, |e| e.enforce())?;
     let (slow, s) = step(&plain, slow, |e| e.enforce())?;
     prop_assert!(r.compliant && s.compliant);
     prop_assert_eq!(r.changes.clone(), s.changes.clone(), "the same repair");
     same("the repair")?;
+    if enforced_in_process && deleted && foreign_at.is_none() {
+        prop_assert_eq!(
+            cache.lock().unwrap().replayed,
+            replayed + 1,
+            "only deletions since the write: the repair's read is the last one without them"
+        );
+    }
+    if foreign_at.is_some() {
+        prop_assert_eq!(
+            cache.lock().unwrap().replayed,
+            replayed,
+            "a rule added to INPUT: listed again"
+        );
+    }
     let inserts_only = r
         .changes
         .iter()
@@ -432,4 +458,109 @@ fn a_check_in_an_unmoved_generation_reuses_the_last_read_and_any_change_is_read(
     let (_, r) = step(&ns, e, |e| e.check()).unwrap();
     assert!(!r.compliant, "the deleted DROP is seen: {r:?}");
     assert_eq!(counts(), (reads + 2, unchanged + 1));
+}
+
+/// With the notifications followed (as the watch does), a check after another program deleted
+/// one of loopguard's rules takes the last read without it (no dump), and sees it missing; the
+/// repair's new rule comes back with the handle the kernel gave it, so that the next deletion is
+/// taken from the notifications too. A rule added to INPUT, and notifications lost (a burst that
+/// overflows the socket's buffer), are listed again.
+#[test]
+fn a_followed_read_takes_deletions_from_the_notifications_and_lists_anything_else_again() {
+    let ns = TestNetns::new("nfol");
+    ns.restore(
+        "ip6tables",
+        "nft",
+        &forms_script("", &["-s 2001:db8::1/128 -j DROP"], ""),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(
+        dir.path(),
+        &ns,
+        vec![Family::Ipv6],
+        false,
+        BackendChoice::Nft,
+    );
+    let mut engine = engine;
+    let cache = engine.keep_nft_rules();
+    let following = cache.clone();
+    let (e, ()) = in_netns(&ns, engine, move |_| following.lock().unwrap().follow());
+    let counts = || {
+        let c = cache.lock().unwrap();
+        (c.reads, c.replayed)
+    };
+    let delete_drop = |ns: &TestNetns| {
+        ns.run(&[
+            "ip6tables-nft",
+            "-D",
+            "INPUT",
+            "-s",
+            "::1/128",
+            "-j",
+            "DROP",
+        ]);
+    };
+    let (e, r) = step(&ns, e, |e| e.enforce()).unwrap();
+    assert!(r.compliant && r.wrote(), "{r:?}");
+    let (reads, replayed) = counts();
+
+    delete_drop(&ns);
+    let (e, r) = step(&ns, e, |e| e.check()).unwrap();
+    assert!(!r.compliant, "the deleted DROP is seen: {r:?}");
+    assert_eq!(
+        counts(),
+        (reads, replayed + 1),
+        "taken from the notifications"
+    );
+    let (e, r) = step(&ns, e, |e| e.enforce()).unwrap();
+    assert!(r.compliant && r.wrote(), "{r:?}");
+    assert_eq!(
+        ns.run(&["ip6tables-nft", "-S", "INPUT"]),
+        "-P INPUT ACCEPT\n-A INPUT -i lo -j ACCEPT\n-A INPUT -s ::1/128 -j DROP\n-A INPUT -s 2001:db8::1/128 -j DROP\n"
+    );
+
+    // The repaired DROP deleted again: its handle came from the write's echo.
+    delete_drop(&ns);
+    let (e, r) = step(&ns, e, |e| e.check()).unwrap();
+    assert!(!r.compliant, "{r:?}");
+    assert_eq!(counts(), (reads, replayed + 2));
+
+    // A rule added to INPUT by another program: listed again.
+    ns.run(&["ip6tables-nft", "-I", "INPUT", "-p", "udp", "-j", "ACCEPT"]);
+    let (e, r) = step(&ns, e, |e| e.enforce()).unwrap();
+    assert!(r.compliant, "{r:?}");
+    assert_eq!(counts(), (reads + 1, replayed + 2), "listed again");
+    assert_eq!(
+        ns.run(&["ip6tables-nft", "-S", "INPUT"]),
+        "-P INPUT ACCEPT\n-A INPUT -p udp -j ACCEPT\n-A INPUT -i lo -j ACCEPT\n-A INPUT -s ::1/128 -j DROP\n-A INPUT -s 2001:db8::1/128 -j DROP\n"
+    );
+
+    // A chain made: listed again. Then rules added to it, which change nothing in INPUT: a
+    // deletion after them is taken from the notifications.
+    ns.run(&["ip6tables-nft", "-N", "BURST"]);
+    let (e, r) = step(&ns, e, |e| e.check()).unwrap();
+    assert!(r.compliant, "{r:?}");
+    assert_eq!(counts(), (reads + 2, replayed + 2), "listed again");
+    let burst = |n: usize| {
+        let mut script = String::from("*filter\n");
+        for i in 0..n {
+            script.push_str(&format!(
+                "-A BURST -s 2001:db8:9::{:x}/128 -j DROP\n",
+                i + 1
+            ));
+        }
+        script + "COMMIT\n"
+    };
+    ns.restore("ip6tables", "nft", &burst(10));
+    delete_drop(&ns);
+    let (e, r) = step(&ns, e, |e| e.enforce()).unwrap();
+    assert!(r.compliant && r.wrote(), "{r:?}");
+    assert_eq!(counts(), (reads + 2, replayed + 3));
+
+    // The same with a burst larger than the socket's buffer: notifications lost, listed again.
+    ns.restore("ip6tables", "nft", &burst(3000));
+    delete_drop(&ns);
+    let (_, r) = step(&ns, e, |e| e.check()).unwrap();
+    assert!(!r.compliant, "{r:?}");
+    assert_eq!(counts(), (reads + 3, replayed + 3), "lost: listed again");
 }

@@ -137,12 +137,32 @@ impl Socket {
     /// Sends one transaction and waits for every acknowledgement; the first error fails it (the
     /// kernel then applied none of it).
     fn transact(&mut self, batch: &Batch, first_seq: u32) -> io::Result<()> {
+        self.transact_echoed(batch, first_seq, |_, _, _| {})
+    }
+
+    /// [`Socket::transact`], handing each nf_tables message the kernel echoes back (messages
+    /// sent with `NLM_F_ECHO`: the object as committed, its handle included) to `echoed`, with
+    /// the sequence number of the message it answers. The kernel echoes after the commit and
+    /// before the acknowledgements.
+    fn transact_echoed(
+        &mut self,
+        batch: &Batch,
+        first_seq: u32,
+        mut echoed: impl FnMut(u32, u16, &[u8]),
+    ) -> io::Result<()> {
         self.send(&batch.bytes)?;
         let mut acked = 0;
         let mut failed = None;
         while acked < batch.acks {
             let datagram = self.recv()?;
             for m in wire::messages(datagram) {
+                if let Some(kind) = m.nft()
+                    && m.seq > first_seq
+                    && m.seq <= first_seq + batch.acks as u32
+                {
+                    echoed(m.seq, kind, m.body);
+                    continue;
+                }
                 let Some(errno) = m.error() else { continue };
                 // The batch as a whole refused (ERESTART: the ruleset is no longer at the
                 // generation the batch names) is answered on the batch-begin message.
@@ -400,11 +420,104 @@ pub fn iptables_chain(family: Family, chain: Chain) -> io::Result<Option<Vec<xt:
 }
 
 /// Adds rules to iptables-nft's chains in one transaction, if the ruleset is still at
-/// `generation` (else [`is_stale`], and nothing is written).
-pub fn add_iptables_rules(generation: u32, adds: &[(Family, Chain, xt::Add)]) -> io::Result<()> {
+/// `generation` (else [`is_stale`], and nothing is written). Returns each added rule as the kernel
+/// echoed it back after the commit (its handle and `-S` line), in the order of `adds`; `None`
+/// where no echo came.
+pub fn add_iptables_rules(
+    generation: u32,
+    adds: &[(Family, Chain, xt::Add)],
+) -> io::Result<Vec<Option<xt::Listed>>> {
     // Batch begin, one message per rule, batch end.
     let seq = next_seq(adds.len() as u32 + 2);
-    with_socket(|socket| socket.transact(&xt::add_batch(seq, generation, adds), seq))
+    let mut added: Vec<Option<xt::Listed>> = vec![None; adds.len()];
+    with_socket(|socket| {
+        socket.transact_echoed(
+            &xt::add_batch(seq, generation, adds),
+            seq,
+            |at, kind, body| {
+                let index = (at - seq - 1) as usize;
+                if kind == wire::NFT_MSG_NEWRULE
+                    && let Some((family, _, _)) = adds.get(index)
+                {
+                    added[index] = xt::parse_listed(body, *family);
+                }
+            },
+        )
+    })?;
+    Ok(added)
+}
+
+/// A subscription to the ruleset's change notifications (group `NFNLGRP_NFTABLES`) of the network
+/// namespace the calling thread is in, on a non-blocking socket.
+pub fn subscribe() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket syscalls on a descriptor we create and own; the structs passed are
+    // fully initialised and their sizes given.
+    unsafe {
+        let raw = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::NETLINK_NETFILTER,
+        );
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(raw);
+        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+        addr.nl_family = libc::AF_NETLINK as u16;
+        let len = std::mem::size_of::<libc::sockaddr_nl>() as u32;
+        if libc::bind(raw, &addr as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let group: libc::c_int = libc::NFNLGRP_NFTABLES;
+        let size = std::mem::size_of::<libc::c_int>() as u32;
+        if libc::setsockopt(
+            raw,
+            libc::SOL_NETLINK,
+            libc::NETLINK_ADD_MEMBERSHIP,
+            &group as *const _ as *const _,
+            size,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+}
+
+/// Hands every datagram queued on a [`subscribe`]d socket to `each`, without waiting. An overflow
+/// of its receive buffer (notifications lost) is `ENOBUFS`, and so is a datagram longer than
+/// `buf`.
+pub fn drain(fd: &OwnedFd, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> io::Result<usize> {
+    let mut datagrams = 0;
+    loop {
+        // SAFETY: recv into a buffer we own, with its length.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if n > 0 && n as usize > buf.len() {
+            // Cut to the buffer (MSG_TRUNC returns the datagram's real length): what it held
+            // is not all known.
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
+        if n > 0 {
+            datagrams += 1;
+            each(&buf[..n as usize]);
+            continue;
+        }
+        if n == 0 {
+            return Ok(datagrams);
+        }
+        let err = io::Error::last_os_error();
+        return match err.kind() {
+            io::ErrorKind::WouldBlock => Ok(datagrams),
+            _ => Err(err),
+        };
+    }
 }
 
 #[cfg(test)]

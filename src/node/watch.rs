@@ -12,7 +12,7 @@ use crate::Result;
 use crate::rules::Family;
 use crate::rules::blob::TableInfo;
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,40 +27,11 @@ pub struct NftEvents {
 
 impl NftEvents {
     pub fn subscribe() -> std::io::Result<NftEvents> {
-        // SAFETY: plain socket syscalls on a descriptor we create and own; the structs passed are
-        // fully initialised and their sizes given.
-        unsafe {
-            let raw = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_NETFILTER,
-            );
-            if raw < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(raw);
-            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as u16;
-            let len = std::mem::size_of::<libc::sockaddr_nl>() as u32;
-            if libc::bind(raw, &addr as *const _ as *const libc::sockaddr, len) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let group: libc::c_int = libc::NFNLGRP_NFTABLES;
-            let size = std::mem::size_of::<libc::c_int>() as u32;
-            if libc::setsockopt(
-                raw,
-                libc::SOL_NETLINK,
-                libc::NETLINK_ADD_MEMBERSHIP,
-                &group as *const _ as *const _,
-                size,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(NftEvents {
-                fd: AsyncFd::register(fd)?,
-            })
-        }
+        let fd = super::nft::subscribe()?;
+        // SAFETY: `fd` is a socket this process just opened and owns; the AsyncFd takes it and is
+        // the only one to use or close it.
+        let fd = unsafe { AsyncFd::register(fd)? };
+        Ok(NftEvents { fd })
     }
 
     /// Waits until at least one notification arrived, then drains what is queued, and says what
@@ -89,32 +60,14 @@ impl NftEvents {
     fn drain(&self) -> std::io::Result<Drained> {
         let mut buf = [0u8; 16 * 1024];
         let mut drained = Drained::default();
-        loop {
-            // SAFETY: recv into a buffer we own, with its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr() as *mut _,
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n > 0 {
-                drained.datagrams += 1;
-                if let Some(ends) = transaction_ends(&buf[..n as usize]) {
-                    drained.own |= ends.own;
-                    drained.foreign |= ends.foreign;
-                    drained.writer = ends.writer.or(drained.writer);
-                }
-                continue;
+        drained.datagrams = super::nft::drain(self.fd.get_ref(), &mut buf, |datagram| {
+            if let Some(ends) = transaction_ends(datagram) {
+                drained.own |= ends.own;
+                drained.foreign |= ends.foreign;
+                drained.writer = ends.writer.or(drained.writer);
             }
-            let err = std::io::Error::last_os_error();
-            return match err.kind() {
-                std::io::ErrorKind::WouldBlock => Ok(drained),
-                _ if n == 0 => Ok(drained),
-                _ => Err(err),
-            };
-        }
+        })?;
+        Ok(drained)
     }
 }
 
@@ -482,7 +435,12 @@ impl DriftWatch {
     /// engine keep the tables and probes their shape. Re-checks every `resync` in any case.
     pub fn new(engine: &mut Engine, resync: Duration) -> DriftWatch {
         let backend = engine.facts().backend;
-        engine.keep_nft_rules();
+        let nft_rules = engine.keep_nft_rules();
+        if backend == Backend::Nft {
+            // A read after a rule was deleted takes the last one without it (see
+            // `NftRules::follow`): no dump of long chains per repair.
+            nft_rules.lock().expect("nft rules lock").follow();
+        }
         let (events, legacy) = match backend {
             Backend::Legacy => {
                 let cache = engine.keep_legacy_tables();

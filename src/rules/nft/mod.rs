@@ -20,6 +20,7 @@
 //! through anything another table drops. `iif` (not `iifname`) and no counter on the accept,
 //! because ComplianceAsCode greps the listing for `iif "lo" accept`.
 
+pub mod journal;
 pub mod wire;
 pub mod xt;
 

@@ -36,6 +36,7 @@ pub const NLMSG_DONE: u16 = 3;
 
 const NLM_F_REQUEST: u16 = 0x1;
 pub(super) const NLM_F_ACK: u16 = 0x4;
+pub(super) const NLM_F_ECHO: u16 = 0x8;
 pub(super) const NLM_F_DUMP: u16 = 0x300;
 pub(super) const NLM_F_CREATE: u16 = 0x400;
 pub(super) const NLM_F_APPEND: u16 = 0x800;

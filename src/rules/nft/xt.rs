@@ -17,7 +17,7 @@ use super::wire::{
     self, Batch, Expr, Msg, NF_ACCEPT, NF_DROP, NFPROTO_IPV4, NFPROTO_IPV6, NFT_CMP_EQ,
     NFT_MSG_GETRULE, NFT_MSG_NEWRULE, NFT_PAYLOAD_NETWORK_HEADER, NFT_REG_1, NFT_REG_VERDICT,
     NFTA_EXPR_NAME, NFTA_LIST_ELEM, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE,
-    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO,
 };
 use crate::rules::{Chain, EditKind, Family, Rule, RuleKind, RulePlan};
 
@@ -437,8 +437,10 @@ pub fn adds_for(
 pub fn add_batch(seq: u32, generation: u32, adds: &[(Family, Chain, Add)]) -> Batch {
     wire::batch(seq, generation, |out, next| {
         for (family, chain, add) in adds {
-            // Before a rule: insert at its position; no rule after it: append.
+            // Before a rule: insert at its position; no rule after it: append. Echoed: the
+            // kernel answers with the rule as committed, its handle included.
             let flags = NLM_F_ACK
+                | NLM_F_ECHO
                 | NLM_F_CREATE
                 | if add.before.is_none() {
                     NLM_F_APPEND
