@@ -102,9 +102,8 @@ pub fn dump_rules(seq: u32, family: Family, chain: Chain) -> Vec<u8> {
     m.finish()
 }
 
-/// A rule as listed: its handle, and what identifies it (its expressions with the counters'
-/// values left out, its user data such as a comment, its compat attribute): two rules with the
-/// same identity print the same `-S` line. `line`: that line, where [`line`] covers the form.
+/// A rule as listed: its handle, its `-S` line where [`line`] covers the form, and otherwise what
+/// identifies it ([`identity`]; empty for a decoded rule, whose line says it all).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listed {
     pub handle: u64,
@@ -115,27 +114,50 @@ pub struct Listed {
 /// Reads a `NEWRULE` answer; `None` without a handle.
 pub fn parse_listed(body: &[u8], family: Family) -> Option<Listed> {
     let mut handle = None;
-    let mut identity = Vec::new();
-    let mut line = None;
+    let mut expressions = None;
     let mut userdata = false;
     for (kind, data) in wire::attrs(body) {
         match kind {
             NFTA_RULE_HANDLE => {
                 handle = Some(u64::from_be_bytes(data.get(..8)?.try_into().ok()?));
             }
+            NFTA_RULE_EXPRESSIONS => expressions = Some(data),
+            // A comment lives in the user data: printed by the binaries only.
+            NFTA_RULE_USERDATA => userdata = true,
+            _ => {}
+        }
+    }
+    let line = expressions
+        .filter(|_| !userdata)
+        .and_then(|e| self::line(family, e));
+    Some(Listed {
+        handle: handle?,
+        identity: if line.is_none() {
+            identity(body)
+        } else {
+            Vec::new()
+        },
+        line,
+    })
+}
+
+/// What identifies a listed rule (`NEWRULE` attributes): its expressions with the counters'
+/// values left out, its user data such as a comment, its compat attribute. Two rules with the
+/// same identity print the same `-S` line.
+pub fn identity(body: &[u8]) -> Vec<u8> {
+    let mut identity = Vec::new();
+    for (kind, data) in wire::attrs(body) {
+        match kind {
             NFTA_RULE_EXPRESSIONS => {
-                line = self::line(family, data);
                 for (k, elem) in wire::attrs(data) {
                     if k != NFTA_LIST_ELEM {
                         continue;
                     }
-                    let name = wire::attrs(elem)
+                    let counter = wire::attrs(elem)
                         .into_iter()
-                        .find(|(k, _)| *k == NFTA_EXPR_NAME)
-                        .map(|(_, d)| wire::string(d))
-                        .unwrap_or_default();
+                        .any(|(k, d)| k == NFTA_EXPR_NAME && d.starts_with(b"counter\0"));
                     identity.extend_from_slice(b"|");
-                    if name == "counter" {
+                    if counter {
                         identity.extend_from_slice(b"counter");
                     } else {
                         identity.extend_from_slice(elem);
@@ -143,19 +165,13 @@ pub fn parse_listed(body: &[u8], family: Family) -> Option<Listed> {
                 }
             }
             NFTA_RULE_USERDATA | NFTA_RULE_COMPAT => {
-                // A comment lives in the user data: printed by the binaries only.
-                userdata |= kind == NFTA_RULE_USERDATA;
                 identity.extend_from_slice(&[b'#', kind as u8]);
                 identity.extend_from_slice(data);
             }
             _ => {}
         }
     }
-    Some(Listed {
-        handle: handle?,
-        identity,
-        line: line.filter(|_| !userdata),
-    })
+    identity
 }
 
 /// One expression as listed: its name and its attributes.
@@ -537,11 +553,11 @@ mod tests {
 
     #[test]
     fn a_rules_identity_leaves_the_counters_out() {
-        let encode = |packets: u64| {
+        let encode_rule = |rule: usize, packets: u64| {
             let mut m = Msg::nft(NFT_MSG_NEWRULE, 0, 1, NFPROTO_IPV6);
             m.attr(NFTA_RULE_HANDLE, &9u64.to_be_bytes());
             m.nest(NFTA_RULE_EXPRESSIONS, |m| {
-                for expr in rule_exprs(Rule::baseline(Family::Ipv6)[0]) {
+                for expr in rule_exprs(Rule::baseline(Family::Ipv6)[rule]) {
                     match expr {
                         Expr::Counter => {
                             m.nest(NFTA_LIST_ELEM, |m| {
@@ -556,14 +572,17 @@ mod tests {
             });
             m.finish()
         };
-        let (a, b) = (encode(0), encode(42));
+        let (a, b) = (encode_rule(0, 0), encode_rule(0, 42));
         // After the nlmsghdr (16) and nfgenmsg (4).
+        assert_eq!(identity(&a[20..]), identity(&b[20..]));
+        assert_ne!(identity(&a[20..]), identity(&encode_rule(1, 0)[20..]));
         let (a, b) = (
             parse_listed(&a[20..], Family::Ipv6).unwrap(),
             parse_listed(&b[20..], Family::Ipv6).unwrap(),
         );
+        assert_eq!(a, Listed { handle: 9, ..b });
         assert_eq!(a.handle, 9);
-        assert_eq!(a.identity, b.identity);
+        assert!(a.identity.is_empty(), "decoded: the line says it all");
         // The rule loopguard writes decodes to its line.
         assert_eq!(a.line.as_deref(), Some("-i lo -j ACCEPT"));
     }
