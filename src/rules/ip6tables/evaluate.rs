@@ -104,6 +104,9 @@ pub fn evaluate(tables: &Tables, families: &[Family]) -> Evaluation {
 /// as `-i lo -j ACCEPT` to them, and they only read the DROP and OUTPUT rules up to the
 /// addresses, so a comment or match after those does not count against them.
 pub fn scanner_counts_as(rule: Rule, spec: &str) -> bool {
+    if Shape::surely_not_loopback(spec, rule.family) {
+        return false;
+    }
     spec == rule.spec() || counts_as(rule, &Shape::of(spec))
 }
 
@@ -118,44 +121,57 @@ fn counts_as(rule: Rule, shape: &Shape) -> bool {
 
 /// A chain's rules with their shapes, each parsed once (a long chain is read many times over),
 /// and only where it may matter: a rule that surely is neither about loopback nor a catch-all
-/// (`Shape::surely_not_loopback`, `Shape::surely_not_catch_all`) has none.
-struct Shaped<'a> {
-    rules: &'a [String],
+/// (`Shape::surely_not_loopback`, `Shape::surely_not_catch_all`) has none. Which of the family's
+/// baseline rules each counts as is worked out once too.
+struct Shaped {
     shapes: Vec<Option<Shape>>,
+    /// Per rule, a bit per baseline rule (in `Rule::baseline` order) it counts as.
+    counts: Vec<u8>,
 }
 
-impl<'a> Shaped<'a> {
-    fn of(listing: &'a ChainListing, family: Family) -> Shaped<'a> {
-        Shaped {
-            rules: &listing.rules,
-            shapes: listing
-                .rules
-                .iter()
-                .map(|r| {
-                    let skip =
-                        Shape::surely_not_loopback(r, family) && Shape::surely_not_catch_all(r);
-                    (!skip).then(|| Shape::of(r))
-                })
-                .collect(),
+/// The bit of a baseline rule in [`Shaped::counts`].
+fn bit(rule: Rule) -> u8 {
+    match rule.kind {
+        RuleKind::AcceptLoopbackIn => 1,
+        RuleKind::DropLoopbackSource => 2,
+        RuleKind::AcceptLoopbackOut => 4,
+    }
+}
+
+impl Shaped {
+    fn of(listing: &ChainListing, family: Family) -> Shaped {
+        let baseline = Rule::baseline(family);
+        let specs = baseline.map(Rule::spec);
+        let mut shapes = Vec::with_capacity(listing.rules.len());
+        let mut counts = Vec::with_capacity(listing.rules.len());
+        for r in &listing.rules {
+            let loopback = !Shape::surely_not_loopback(r, family);
+            let shape = (loopback || !Shape::surely_not_catch_all(r)).then(|| Shape::of(r));
+            let mut bits = 0;
+            if loopback {
+                for (rule, spec) in baseline.iter().zip(&specs) {
+                    if r == spec || shape.as_ref().is_some_and(|s| counts_as(*rule, s)) {
+                        bits |= bit(*rule);
+                    }
+                }
+            }
+            shapes.push(shape);
+            counts.push(bits);
         }
+        Shaped { shapes, counts }
     }
 
     fn counts(&self, rule: Rule, i: usize) -> bool {
-        self.rules[i] == rule.spec()
-            || self.shapes[i]
-                .as_ref()
-                .is_some_and(|shape| counts_as(rule, shape))
+        self.counts[i] & bit(rule) != 0
     }
 
     fn copies(&self, rule: Rule) -> usize {
-        (0..self.rules.len())
-            .filter(|&i| self.counts(rule, i))
-            .count()
+        self.counts.iter().filter(|&&c| c & bit(rule) != 0).count()
     }
 
     fn pair(&self, family: Family) -> Option<usize> {
         let [accept, drop, _] = Rule::baseline(family);
-        (1..self.rules.len())
+        (1..self.counts.len())
             .find_map(|i| (self.counts(accept, i - 1) && self.counts(drop, i)).then_some(i - 1))
     }
 

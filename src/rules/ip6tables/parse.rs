@@ -227,21 +227,16 @@ impl Shape {
         if spec.contains(['"', '\\', '\'']) || spec.starts_with('#') {
             return false;
         }
-        let words: Vec<&str> = spec.split_whitespace().collect();
-        words.iter().enumerate().any(|(i, w)| {
-            matches!(
-                *w,
-                "-p" | "--protocol"
-                    | "-i"
-                    | "--in-interface"
-                    | "-o"
-                    | "--out-interface"
-                    | "-s"
-                    | "--source"
-                    | "-d"
-                    | "--destination"
-            ) || (matches!(*w, "-m" | "--match") && words.get(i + 1) != Some(&"comment"))
-        })
+        let mut words = spec.split_whitespace().peekable();
+        while let Some(w) = words.next() {
+            match w {
+                "-p" | "--protocol" | "-i" | "--in-interface" | "-o" | "--out-interface" | "-s"
+                | "--source" | "-d" | "--destination" => return true,
+                "-m" | "--match" if words.peek() != Some(&"comment") => return true,
+                _ => {}
+            }
+        }
+        false
     }
 
     /// Whether `spec`, without being parsed, surely neither names the loopback interface nor
