@@ -119,14 +119,14 @@ fn counts_as(rule: Rule, shape: &Shape) -> bool {
     }
 }
 
-/// A chain's rules with their shapes, each parsed once (a long chain is read many times over),
-/// and only where it may matter: a rule that surely is neither about loopback nor a catch-all
-/// (`Shape::surely_not_loopback`, `Shape::surely_not_catch_all`) has none. Which of the family's
-/// baseline rules each counts as is worked out once too.
+/// What the evaluation asks of a chain's rules, worked out once per chain (a long chain is read
+/// many times over): which of the family's baseline rules each counts as, and where the first
+/// catch-all is. Each rule is parsed only where it may matter: one that surely is neither about
+/// loopback nor a catch-all (`Shape::surely_not_loopback`, `Shape::surely_not_catch_all`) is not.
 struct Shaped {
-    shapes: Vec<Option<Shape>>,
-    /// Per rule, a bit per baseline rule (in `Rule::baseline` order) it counts as.
+    /// Per rule, a bit per baseline rule it counts as ([`bit`]).
     counts: Vec<u8>,
+    first_catch_all: Option<usize>,
 }
 
 /// The bit of a baseline rule in [`Shaped::counts`].
@@ -142,23 +142,30 @@ impl Shaped {
     fn of(listing: &ChainListing, family: Family) -> Shaped {
         let baseline = Rule::baseline(family);
         let specs = baseline.map(Rule::spec);
-        let mut shapes = Vec::with_capacity(listing.rules.len());
         let mut counts = Vec::with_capacity(listing.rules.len());
-        for r in &listing.rules {
+        let mut first_catch_all = None;
+        for (i, r) in listing.rules.iter().enumerate() {
             let loopback = !Shape::surely_not_loopback(r, family);
             let shape = (loopback || !Shape::surely_not_catch_all(r)).then(|| Shape::of(r));
             let mut bits = 0;
-            if loopback {
-                for (rule, spec) in baseline.iter().zip(&specs) {
-                    if r == spec || shape.as_ref().is_some_and(|s| counts_as(*rule, s)) {
-                        bits |= bit(*rule);
+            if let Some(shape) = &shape {
+                if loopback {
+                    for (rule, spec) in baseline.iter().zip(&specs) {
+                        if r == spec || counts_as(*rule, shape) {
+                            bits |= bit(*rule);
+                        }
                     }
                 }
+                if first_catch_all.is_none() && shape.catch_all() {
+                    first_catch_all = Some(i);
+                }
             }
-            shapes.push(shape);
             counts.push(bits);
         }
-        Shaped { shapes, counts }
+        Shaped {
+            counts,
+            first_catch_all,
+        }
     }
 
     fn counts(&self, rule: Rule, i: usize) -> bool {
@@ -174,12 +181,6 @@ impl Shaped {
         (1..self.counts.len())
             .find_map(|i| (self.counts(accept, i - 1) && self.counts(drop, i)).then_some(i - 1))
     }
-
-    fn first_catch_all(&self) -> Option<usize> {
-        self.shapes
-            .iter()
-            .position(|s| s.as_ref().is_some_and(Shape::catch_all))
-    }
 }
 
 /// Index of the first rule the scanners read as the loopback ACCEPT that is immediately followed
@@ -194,7 +195,7 @@ fn evaluate_family(tables: &Tables, family: Family) -> Evaluation {
     let shaped_output = Shaped::of(tables.chain(family, Chain::Output), family);
     let pair = shaped_input.pair(family);
     // The earliest pair is shadowed only when a catch-all comes before it; later pairs then are too.
-    let shadow = pair.and_then(|p| shaped_input.first_catch_all().filter(|&c| c < p));
+    let shadow = pair.and_then(|p| shaped_input.first_catch_all.filter(|&c| c < p));
     let copies = |rule: Rule| match rule.chain() {
         Chain::Input => shaped_input.copies(rule),
         Chain::Output => shaped_output.copies(rule),
