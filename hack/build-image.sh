@@ -16,10 +16,10 @@
 #   rust:1.95.0-slim-bookworm  that base plus gcc and libc6-dev (the official image's), and the
 #                              Rust toolchain of this machine, which is the version the Dockerfile
 #                              pins (checked), laid out like the official image (/usr/local/rustup,
-#                              /usr/local/cargo); and this machine's extra CA certificates
-#                              (/usr/local/share/ca-certificates: its way to the package registries
-#                              inspects TLS), so that the build stage's cargo reaches crates.io.
-#                              Only this stand-in carries them; the loopguard image does not.
+#                              /usr/local/cargo). No machine's CA certificates: the loopguard
+#                              image's build lends this machine's /etc/ssl/certs to its RUN steps
+#                              (read-only, in no layer), so that the digest is the same on every
+#                              machine with the same toolchain (a machine's extra CA differs).
 # Both base images are reproducible: every Debian package is pinned in hack/image/bookworm.lock
 # (LOOPGUARD_BASE_LOCK overrides the path), which also holds the SOURCE_DATE_EPOCH their files and
 # metadata carry; a rebuild from the same lock gives the same image. Their digests (the image ID, the
@@ -186,8 +186,6 @@ make_rust() {
     tar -C "$work/rustup/toolchains/$rust_version-$host" -xf -
   printf 'version = "12"\ndefault_toolchain = "%s-%s"\nprofile = "minimal"\n' \
     "$rust_version" "$host" >"$work/rustup/settings.toml"
-  mkdir -p "$work/ca"
-  cp /usr/local/share/ca-certificates/*.crt "$work/ca/" 2>/dev/null || true
   cp "$(command -v rustup)" "$work/cargo/bin/rustup"
   for proxy in cargo rustc rustdoc; do ln -s rustup "$work/cargo/bin/$proxy"; done
   local packages="ca-certificates gcc libc6-dev"
@@ -203,8 +201,6 @@ ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo \\
     RUST_VERSION=$rust_version
 COPY rustup /usr/local/rustup
 COPY cargo /usr/local/cargo
-COPY ca /usr/local/share/ca-certificates
-RUN update-ca-certificates
 EOF
   buildah bud --quiet --network host --pull=never --timestamp "$epoch" -t "$rust" "$work" \
     >"$work/bud.log" 2>&1 || explain_apt_failure "$work/bud.log"
@@ -302,7 +298,10 @@ fi
 
 make_loopguard() {
   # The Dockerfile as a user with a registry runs it; only the base images come from here.
+  # This machine's CA certificates (its way to the package registries inspects TLS) are lent to
+  # the build's RUN steps, read-only, so that cargo reaches the crate registry: no layer keeps them.
   buildah bud --network host --pull=never --layers \
+    --volume /etc/ssl/certs:/etc/ssl/certs:ro \
     --build-arg "VERSION=$version" -t "$image" -f "$repo/Dockerfile" "$repo" >&2
 }
 
