@@ -10,8 +10,10 @@
 //! in a row: a commit missed (the socket's buffer overflowed, or it came before the subscription)
 //! leaves a gap in the generations or is marked unknown, and the read is made again.
 
-use super::wire::{self, NFPROTO_IPV4, NFPROTO_IPV6, NFT_MSG_DELRULE, NFT_MSG_NEWRULE};
-use super::xt::TABLE;
+use super::wire::{
+    self, NFPROTO_IPV4, NFPROTO_IPV6, NFT_MSG_DELRULE, NFT_MSG_NEWRULE, NFTA_RULE_CHAIN,
+};
+use super::xt::{NFTA_RULE_HANDLE, TABLE};
 use crate::rules::{Chain, Family};
 use std::collections::VecDeque;
 
@@ -19,8 +21,6 @@ const NFT_MSG_NEWGEN: u16 = 15;
 const NFTA_GEN_ID: u16 = 1;
 /// The table's name is attribute 1 of every nf_tables object (table, chain, rule, set, ...).
 const NFTA_TABLE: u16 = 1;
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_HANDLE: u16 = 3;
 /// Commits kept: a reader more than this far behind lists again.
 const KEPT: usize = 256;
 

@@ -23,7 +23,7 @@ use crate::rules::{Chain, EditKind, Family, Rule, RuleKind, RulePlan};
 
 /// iptables-nft's table (in the `ip6` and `ip` families).
 pub const TABLE: &str = "filter";
-const NFTA_RULE_HANDLE: u16 = 3;
+pub(super) const NFTA_RULE_HANDLE: u16 = 3;
 const NFTA_RULE_COMPAT: u16 = 5;
 const NFTA_RULE_POSITION: u16 = 6;
 const NFTA_RULE_USERDATA: u16 = 7;
