@@ -195,6 +195,8 @@ thread_local! {
     /// the kernel wait for its pending ruleset clean-up (an RCU grace period, 5-20 ms), which a
     /// socket per request would pay on every repair. A thread stays in one network namespace.
     static SOCKET: std::cell::RefCell<Option<Socket>> = const { std::cell::RefCell::new(None) };
+    /// This thread's second socket, for the listing read beside another ([`iptables_chains`]).
+    static SIDE: std::cell::RefCell<Option<Socket>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `f` on this thread's socket (opened on first use); a socket that failed is replaced next
@@ -398,22 +400,59 @@ fn parse_generation(reply: &[u8]) -> io::Result<u32> {
 /// The rules of a built-in chain of iptables-nft's table (`ip6 filter`, `ip filter`) in order,
 /// with their handles and identities; `None` when the table or the chain does not exist.
 pub fn iptables_chain(family: Family, chain: Chain) -> io::Result<Option<Vec<xt::Listed>>> {
+    absent_is_none(with_socket(|socket| list_chain(socket, family, chain)))
+}
+
+/// [`iptables_chain`] for INPUT and OUTPUT, listed side by side: the kernel writes a dump in the
+/// thread that reads it, so OUTPUT is read in a thread of its own, on a second socket of this
+/// thread (opened in this thread's network namespace and kept, like the first).
+pub fn iptables_chains(family: Family) -> [io::Result<Option<Vec<xt::Listed>>>; 2] {
+    let side = SIDE.with(|cell| cell.borrow_mut().take());
+    let (input, (output, side)) = std::thread::scope(|scope| {
+        let output = scope.spawn(move || {
+            let mut socket = match side {
+                Some(socket) => socket,
+                None => match Socket::open() {
+                    Ok(socket) => socket,
+                    Err(e) => return (Err(e), None),
+                },
+            };
+            let listed = list_chain(&mut socket, family, Chain::Output);
+            // A socket that failed is replaced next time.
+            let keep = listed.is_ok().then_some(socket);
+            (listed, keep)
+        });
+        let input = with_socket(|socket| list_chain(socket, family, Chain::Input));
+        (input, output.join().expect("the OUTPUT listing does not panic"))
+    });
+    if let Some(socket) = side {
+        SIDE.with(|cell| *cell.borrow_mut() = Some(socket));
+    }
+    [absent_is_none(input), absent_is_none(output)]
+}
+
+fn list_chain(socket: &mut Socket, family: Family, chain: Chain) -> io::Result<Vec<xt::Listed>> {
     let seq = next_seq(1);
     let mut rules = Vec::new();
     let mut malformed = false;
-    let read = with_socket(|socket| {
-        socket.dump(&xt::dump_rules(seq, family, chain), seq, |_, kind, body| {
-            if kind == wire::NFT_MSG_NEWRULE {
-                match xt::parse_listed(body, family) {
-                    Some(rule) => rules.push(rule),
-                    None => malformed = true,
-                }
+    socket.dump(&xt::dump_rules(seq, family, chain), seq, |_, kind, body| {
+        if kind == wire::NFT_MSG_NEWRULE {
+            match xt::parse_listed(body, family) {
+                Some(rule) => rules.push(rule),
+                None => malformed = true,
             }
-        })
-    });
+        }
+    })?;
+    if malformed {
+        return Err(io::Error::other("a rule without a handle"));
+    }
+    Ok(rules)
+}
+
+/// A listing, `None` where the kernel answered that the table or chain does not exist.
+fn absent_is_none<T>(read: io::Result<T>) -> io::Result<Option<T>> {
     match read {
-        Ok(()) if malformed => Err(io::Error::other("a rule without a handle")),
-        Ok(()) => Ok(Some(rules)),
+        Ok(found) => Ok(Some(found)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }

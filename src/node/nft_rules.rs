@@ -369,8 +369,8 @@ fn list_chains(families: &[Family]) -> Option<(u32, Dump)> {
         let before = nft::generation().ok()?;
         let mut dump = Vec::new();
         for &family in families {
-            for chain in Chain::ALL {
-                match nft::iptables_chain(family, chain) {
+            for (chain, listed) in Chain::ALL.into_iter().zip(nft::iptables_chains(family)) {
+                match listed {
                     Ok(Some(rules)) => dump.push(((family, chain), rules)),
                     Ok(None) => return None,
                     Err(e) => {

@@ -155,6 +155,16 @@ pub fn line(table: &Table, e: Entry, starts: &BTreeMap<u32, Vec<u8>>) -> Option<
 /// `ADDRESS/PREFIX`, `Some(None)` when the mask is empty (nothing printed), `None` for a mask
 /// that is no prefix or an address libc would print otherwise than Rust does.
 pub(crate) fn address(family: Family, addr: &[u8], mask: &[u8]) -> Option<Option<String>> {
+    Some(address_prefix(family, addr, mask)?.map(|ones| {
+        let mut text = String::new();
+        write_address(&mut text, addr, ones);
+        text
+    }))
+}
+
+/// The prefix length [`address`] prints with `addr`, `Some(None)` when it prints nothing, `None`
+/// when it cannot print the pair.
+pub(crate) fn address_prefix(family: Family, addr: &[u8], mask: &[u8]) -> Option<Option<u32>> {
     let ones: u32 = mask.iter().map(|m| m.count_ones()).sum();
     let prefix = mask
         .iter()
@@ -168,22 +178,33 @@ pub(crate) fn address(family: Family, addr: &[u8], mask: &[u8]) -> Option<Option
             if ones == 0 {
                 return Some(None);
             }
-            let ip = Ipv6Addr::from(<[u8; 16]>::try_from(addr).ok()?);
-            let w = ip.segments();
+            let w = Ipv6Addr::from(<[u8; 16]>::try_from(addr).ok()?).segments();
             // glibc prints ::a.b.c.d and ::ffff:a.b.c.d in dotted form.
             if w[..5] == [0; 5] && (w[5] == 0xffff || (w[5] == 0 && w[6] != 0)) {
                 return None;
             }
-            Some(Some(format!("{ip}/{ones}")))
+            Some(Some(ones))
         }
         Family::Ipv4 => {
             let ip = Ipv4Addr::from(<[u8; 4]>::try_from(addr).ok()?);
             if ones == 0 {
                 return ip.is_unspecified().then_some(None);
             }
-            Some(Some(format!("{ip}/{ones}")))
+            Some(Some(ones))
         }
     }
+}
+
+/// `ADDRESS/ONES` appended to `out`, for an address (16 or 4 bytes) [`address_prefix`] accepted.
+pub(crate) fn write_address(out: &mut String, addr: &[u8], ones: u32) {
+    use std::fmt::Write as _;
+    let _ = match <[u8; 16]>::try_from(addr) {
+        Ok(v6) => write!(out, "{}/{ones}", Ipv6Addr::from(v6)),
+        Err(_) => {
+            let v4: [u8; 4] = addr.try_into().expect("an IPv4 address is 4 bytes");
+            write!(out, "{}/{ones}", Ipv4Addr::from(v4))
+        }
+    };
 }
 
 /// Byte `i` of a prefix mask of `ones` bits.
@@ -272,14 +293,21 @@ fn reject(family: Family, target: &[u8]) -> Option<String> {
 /// `-j REJECT --reject-with ANSWER` for the default answer of `family` (`ip6t_reject_info` /
 /// `ipt_reject_info`'s `with`), `None` for any other.
 pub(crate) fn reject_with(family: Family, with: u32) -> Option<String> {
-    let answer = match (family, with) {
+    Some(format!(
+        "-j REJECT --reject-with {}",
+        reject_answer(family, with)?
+    ))
+}
+
+/// The name `--reject-with` prints for the default answer of `family`, `None` for any other.
+pub(crate) fn reject_answer(family: Family, with: u32) -> Option<&'static str> {
+    match (family, with) {
         // IP6T_ICMP6_PORT_UNREACH
-        (Family::Ipv6, 4) => "icmp6-port-unreachable",
+        (Family::Ipv6, 4) => Some("icmp6-port-unreachable"),
         // IPT_ICMP_PORT_UNREACHABLE
-        (Family::Ipv4, 3) => "icmp-port-unreachable",
-        _ => return None,
-    };
-    Some(format!("-j REJECT --reject-with {answer}"))
+        (Family::Ipv4, 3) => Some("icmp-port-unreachable"),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -459,20 +459,38 @@ pub fn messages(buf: &[u8]) -> Vec<Message<'_>> {
 }
 
 /// The attributes in `buf`: (type without flags, payload).
-pub(super) fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while buf.len() >= 4 {
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        if len < 4 || len > buf.len() {
-            break;
+pub(super) fn attrs(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    Attrs(buf).collect()
+}
+
+/// The attributes in `buf`, read in place: `(type, payload)`, nested ones not opened; stops at
+/// the first malformed one.
+#[derive(Clone, Copy)]
+pub(super) struct Attrs<'a>(pub(super) &'a [u8]);
+
+impl<'a> Attrs<'a> {
+    /// The payload of the first attribute of type `kind`.
+    pub(super) fn get(self, kind: u16) -> Option<&'a [u8]> {
+        self.into_iter().find(|(k, _)| *k == kind).map(|(_, d)| d)
+    }
+}
+
+impl<'a> Iterator for Attrs<'a> {
+    type Item = (u16, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let buf = self.0;
+        let len = u16::from_ne_bytes([*buf.first()?, *buf.get(1)?]) as usize;
+        if buf.len() < 4 || len < 4 || len > buf.len() {
+            self.0 = &[];
+            return None;
         }
-        out.push((
+        self.0 = &buf[((len + 3) & !3).min(buf.len())..];
+        Some((
             u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK,
             &buf[4..len],
-        ));
-        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        ))
     }
-    out
 }
 
 fn be32(data: &[u8]) -> Option<u32> {

@@ -116,7 +116,7 @@ pub fn parse_listed(body: &[u8], family: Family) -> Option<Listed> {
     let mut handle = None;
     let mut expressions = None;
     let mut userdata = false;
-    for (kind, data) in wire::attrs(body) {
+    for (kind, data) in wire::Attrs(body) {
         match kind {
             NFTA_RULE_HANDLE => {
                 handle = Some(u64::from_be_bytes(data.get(..8)?.try_into().ok()?));
@@ -146,15 +146,14 @@ pub fn parse_listed(body: &[u8], family: Family) -> Option<Listed> {
 /// same identity print the same `-S` line.
 pub fn identity(body: &[u8]) -> Vec<u8> {
     let mut identity = Vec::new();
-    for (kind, data) in wire::attrs(body) {
+    for (kind, data) in wire::Attrs(body) {
         match kind {
             NFTA_RULE_EXPRESSIONS => {
-                for (k, elem) in wire::attrs(data) {
+                for (k, elem) in wire::Attrs(data) {
                     if k != NFTA_LIST_ELEM {
                         continue;
                     }
-                    let counter = wire::attrs(elem)
-                        .into_iter()
+                    let counter = wire::Attrs(elem)
                         .any(|(k, d)| k == NFTA_EXPR_NAME && d.starts_with(b"counter\0"));
                     identity.extend_from_slice(b"|");
                     if counter {
@@ -174,15 +173,25 @@ pub fn identity(body: &[u8]) -> Vec<u8> {
     identity
 }
 
-/// One expression as listed: its name and its attributes.
+/// One expression as listed: its name (without the NUL) and its attributes, read in place.
+#[derive(Clone, Copy)]
 struct Raw<'a> {
-    name: String,
-    data: Vec<(u16, &'a [u8])>,
+    name: &'a [u8],
+    data: wire::Attrs<'a>,
 }
 
-impl Raw<'_> {
-    fn get(&self, kind: u16) -> Option<&[u8]> {
-        self.data.iter().find(|(k, _)| *k == kind).map(|(_, d)| *d)
+impl<'a> Raw<'a> {
+    fn of(elem: &'a [u8]) -> Raw<'a> {
+        let outer = wire::Attrs(elem);
+        let name = outer.get(NFTA_EXPR_NAME).unwrap_or_default();
+        Raw {
+            name: &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())],
+            data: wire::Attrs(outer.get(2).unwrap_or_default()),
+        }
+    }
+
+    fn get(&self, kind: u16) -> Option<&'a [u8]> {
+        self.data.get(kind)
     }
 
     fn be32(&self, kind: u16) -> Option<u32> {
@@ -192,12 +201,11 @@ impl Raw<'_> {
     }
 
     /// The value of a `cmp eq` on register 1.
-    fn compared(&self) -> Option<&[u8]> {
-        if self.name != "cmp" || self.be32(1)? != NFT_REG_1 || self.be32(2)? != NFT_CMP_EQ {
+    fn compared(&self) -> Option<&'a [u8]> {
+        if self.name != b"cmp" || self.be32(1)? != NFT_REG_1 || self.be32(2)? != NFT_CMP_EQ {
             return None;
         }
-        let value = wire::attrs(self.get(3)?);
-        value.into_iter().find(|(k, _)| *k == 1).map(|(_, d)| d)
+        wire::Attrs(self.get(3)?).get(1)
     }
 }
 
@@ -213,24 +221,7 @@ const NFT_RETURN: i32 = -5;
 /// jumps and gotos, and `REJECT` with its default answer; `None` for anything else (the line is
 /// then learnt from the binaries). Printed as `rules::decode` prints the same rule's legacy entry.
 pub fn line(family: Family, expressions: &[u8]) -> Option<String> {
-    let exprs: Vec<Raw> = wire::attrs(expressions)
-        .into_iter()
-        .filter(|(k, _)| *k == NFTA_LIST_ELEM)
-        .map(|(_, elem)| {
-            let outer = wire::attrs(elem);
-            let name = outer
-                .iter()
-                .find(|(k, _)| *k == NFTA_EXPR_NAME)
-                .map(|(_, d)| wire::string(d))
-                .unwrap_or_default();
-            let data = outer
-                .iter()
-                .find(|(k, _)| *k == 2)
-                .map(|(_, d)| wire::attrs(d))
-                .unwrap_or_default();
-            Raw { name, data }
-        })
-        .collect();
+    use std::fmt::Write as _;
     let addr_len = match family {
         Family::Ipv6 => 16,
         Family::Ipv4 => 4,
@@ -239,35 +230,33 @@ pub fn line(family: Family, expressions: &[u8]) -> Option<String> {
         Family::Ipv6 => (8, 24),
         Family::Ipv4 => (12, 16),
     };
-    let mut src = None;
-    let mut dst = None;
-    let mut iif = None;
-    let mut oif = None;
+    // Read in place and printed at the end, in `-S`'s order (an address as its bytes and prefix).
+    let mut src: Option<([u8; 16], u32)> = None;
+    let mut dst: Option<([u8; 16], u32)> = None;
+    let mut iif: Option<(&str, bool)> = None;
+    let mut oif: Option<(&str, bool)> = None;
     let mut proto: Option<u8> = None;
     let mut sport: Option<u16> = None;
     let mut dport: Option<u16> = None;
-    let mut target: Option<String> = None;
-    let once = |slot: &mut Option<String>, value: String| -> Option<()> {
+    let mut target: Option<Target> = None;
+    fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
         slot.is_none().then(|| *slot = Some(value))
-    };
-    let mut i = 0;
-    while i < exprs.len() {
-        let e = &exprs[i];
+    }
+    let mut exprs = wire::Attrs(expressions)
+        .filter(|(k, _)| *k == NFTA_LIST_ELEM)
+        .map(|(_, elem)| Raw::of(elem));
+    while let Some(e) = exprs.next() {
         if target.is_some() {
             return None;
         }
-        match e.name.as_str() {
-            "counter" => {
-                i += 1;
-                continue;
-            }
-            "meta" | "payload" => {
+        match e.name {
+            b"counter" => {}
+            b"meta" | b"payload" => {
                 if e.be32(1)? != NFT_REG_1 {
                     return None;
                 }
-                let value = exprs.get(i + 1)?.compared()?;
-                i += 2;
-                if e.name == "meta" {
+                let value = exprs.next()?.compared()?;
+                if e.name == b"meta" {
                     match e.be32(2)? {
                         NFT_META_IIFNAME => once(&mut iif, interface(value)?)?,
                         NFT_META_OIFNAME => once(&mut oif, interface(value)?)?,
@@ -287,12 +276,13 @@ pub fn line(family: Family, expressions: &[u8]) -> Option<String> {
                         if len == 0 || len > addr_len {
                             return None;
                         }
-                        let mut addr = vec![0u8; addr_len];
+                        let mut addr = [0u8; 16];
                         addr[..len].copy_from_slice(value);
-                        let mut mask = vec![0u8; addr_len];
+                        let mut mask = [0u8; 16];
                         mask[..len].fill(0xff);
-                        let text = crate::rules::decode::address(family, &addr, &mask)??;
-                        once(if at == src_at { &mut src } else { &mut dst }, text)?;
+                        let (addr_b, mask_b) = (&addr[..addr_len], &mask[..addr_len]);
+                        let ones = crate::rules::decode::address_prefix(family, addr_b, mask_b)??;
+                        once(if at == src_at { &mut src } else { &mut dst }, (addr, ones))?;
                     }
                     (NFT_PAYLOAD_TRANSPORT_HEADER, 0 | 2) if len == 2 => {
                         let port = u16::from_be_bytes([value[0], value[1]]);
@@ -305,31 +295,34 @@ pub fn line(family: Family, expressions: &[u8]) -> Option<String> {
                     _ => return None,
                 }
             }
-            "immediate" => {
+            b"immediate" => {
                 if e.be32(1)? != NFT_REG_VERDICT {
                     return None;
                 }
-                let data = wire::attrs(e.get(2)?);
-                let verdict = wire::attrs(data.iter().find(|(k, _)| *k == 2)?.1);
-                let code = verdict.iter().find(|(k, _)| *k == 1)?.1;
+                let verdict = wire::Attrs(wire::Attrs(e.get(2)?).get(2)?);
+                let code = verdict.get(1)?;
                 let code = i32::from_be_bytes(code.get(..4)?.try_into().ok()?);
-                let chain = verdict
-                    .iter()
-                    .find(|(k, _)| *k == 2)
-                    .map(|(_, d)| wire::string(d));
+                let chain = match verdict.get(2) {
+                    None => None,
+                    Some(d) => {
+                        let name = &d[..d.iter().position(|&b| b == 0).unwrap_or(d.len())];
+                        Some(std::str::from_utf8(name).ok()?)
+                    }
+                };
                 target = Some(match (code, chain) {
-                    (c, None) if c == NF_ACCEPT as i32 => "-j ACCEPT".into(),
-                    (c, None) if c == NF_DROP as i32 => "-j DROP".into(),
-                    (NFT_RETURN, None) => "-j RETURN".into(),
-                    (NFT_JUMP, Some(chain)) if !chain.is_empty() => format!("-j {chain}"),
-                    (NFT_GOTO, Some(chain)) if !chain.is_empty() => format!("-g {chain}"),
+                    (c, None) if c == NF_ACCEPT as i32 => Target::Word("ACCEPT"),
+                    (c, None) if c == NF_DROP as i32 => Target::Word("DROP"),
+                    (NFT_RETURN, None) => Target::Word("RETURN"),
+                    (NFT_JUMP, Some(chain)) if !chain.is_empty() => Target::Jump(chain),
+                    (NFT_GOTO, Some(chain)) if !chain.is_empty() => Target::Goto(chain),
                     _ => return None,
                 });
-                i += 1;
             }
-            "target" => {
+            b"target" => {
                 let info = e.get(3)?;
-                if e.get(1).map(wire::string).as_deref() != Some("REJECT")
+                if e.get(1)
+                    .map(|n| n.split(|&b| b == 0).next().unwrap_or_default())
+                    != Some(b"REJECT".as_slice())
                     || e.be32(2)? != 0
                     || info.len() < 4
                     || info[4..].iter().any(|&b| b != 0)
@@ -337,16 +330,11 @@ pub fn line(family: Family, expressions: &[u8]) -> Option<String> {
                     return None;
                 }
                 let with = u32::from_ne_bytes(info[..4].try_into().ok()?);
-                target = Some(crate::rules::decode::reject_with(family, with)?);
-                i += 1;
+                target = Some(Target::Reject(crate::rules::decode::reject_answer(
+                    family, with,
+                )?));
             }
             _ => return None,
-        }
-    }
-    let mut parts: Vec<String> = Vec::new();
-    for (flag, value) in [("-s", src), ("-d", dst), ("-i", iif), ("-o", oif)] {
-        if let Some(value) = value {
-            parts.push(format!("{flag} {value}"));
         }
     }
     let word = match proto {
@@ -356,25 +344,63 @@ pub fn line(family: Family, expressions: &[u8]) -> Option<String> {
         // Other names come from /etc/protocols: the binaries know.
         Some(_) => return None,
     };
-    if let Some(word) = word {
-        parts.push(format!("-p {word}"));
-        if sport.is_some() || dport.is_some() {
-            let mut m = format!("-m {word}");
-            for (flag, port) in [("--sport", sport), ("--dport", dport)] {
-                if let Some(port) = port {
-                    m.push_str(&format!(" {flag} {port}"));
-                }
-            }
-            parts.push(m);
+    let target = target?;
+    let mut out = String::with_capacity(96);
+    let sep = |out: &mut String| {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+    };
+    for (flag, value) in [("-s ", src), ("-d ", dst)] {
+        if let Some((addr, ones)) = value {
+            sep(&mut out);
+            out.push_str(flag);
+            crate::rules::decode::write_address(&mut out, &addr[..addr_len], ones);
         }
     }
-    parts.push(target?);
-    Some(parts.join(" "))
+    for (flag, value) in [("-i ", iif), ("-o ", oif)] {
+        if let Some((name, wildcard)) = value {
+            sep(&mut out);
+            out.push_str(flag);
+            out.push_str(name);
+            if wildcard {
+                out.push('+');
+            }
+        }
+    }
+    if let Some(word) = word {
+        sep(&mut out);
+        let _ = write!(out, "-p {word}");
+        if sport.is_some() || dport.is_some() {
+            let _ = write!(out, " -m {word}");
+            for (flag, port) in [("--sport", sport), ("--dport", dport)] {
+                if let Some(port) = port {
+                    let _ = write!(out, " {flag} {port}");
+                }
+            }
+        }
+    }
+    sep(&mut out);
+    let _ = match target {
+        Target::Word(word) => write!(out, "-j {word}"),
+        Target::Jump(chain) => write!(out, "-j {chain}"),
+        Target::Goto(chain) => write!(out, "-g {chain}"),
+        Target::Reject(answer) => write!(out, "-j REJECT --reject-with {answer}"),
+    };
+    Some(out)
+}
+
+/// A rule's verdict as [`line`] prints it.
+enum Target<'a> {
+    Word(&'static str),
+    Jump(&'a str),
+    Goto(&'a str),
+    Reject(&'static str),
 }
 
 /// An interface as iptables-nft compares it: the name and its NUL for an exact match, the name
-/// alone for a `+` wildcard.
-fn interface(value: &[u8]) -> Option<String> {
+/// alone for a `+` wildcard: the name, and whether it is a wildcard.
+fn interface(value: &[u8]) -> Option<(&str, bool)> {
     let (name, wildcard) = match value.split_last()? {
         (0, name) => (name, false),
         _ => (value, true),
@@ -382,12 +408,7 @@ fn interface(value: &[u8]) -> Option<String> {
     if name.is_empty() || !name.iter().all(u8::is_ascii_graphic) {
         return None;
     }
-    let name = std::str::from_utf8(name).ok()?;
-    Some(if wildcard {
-        format!("{name}+")
-    } else {
-        name.to_string()
-    })
+    Some((std::str::from_utf8(name).ok()?, wildcard))
 }
 
 /// One rule to add: before the rule with handle `before`, or at the end of the chain.
