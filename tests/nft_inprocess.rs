@@ -564,3 +564,67 @@ fn a_followed_read_takes_deletions_from_the_notifications_and_lists_anything_els
     assert!(!r.compliant, "{r:?}");
     assert_eq!(counts(), (reads + 3, replayed + 3), "lost: listed again");
 }
+
+/// INPUT and OUTPUT listed side by side (OUTPUT in a thread of its own, on a second socket) are
+/// the chains of the namespace the calling thread entered, exactly as listed one by one; listed
+/// again on the kept sockets after a change, the change is there.
+#[test]
+fn chains_listed_side_by_side_are_those_of_the_entered_namespace() {
+    use loopguard::node::nft::{iptables_chain, iptables_chains};
+    use loopguard::rules::Chain;
+    let ns = TestNetns::new("nside");
+    ns.restore(
+        "ip6tables",
+        "nft",
+        "*filter\n-A INPUT -s 2001:db8::1/128 -j DROP\n-A OUTPUT -d 2001:db8::2/128 -j ACCEPT\n\
+         -A OUTPUT -o eth0 -j DROP\nCOMMIT\n",
+    );
+    let name = ns.name.clone();
+    let lines = |listed: &[loopguard::rules::nft::xt::Listed]| -> Vec<String> {
+        listed
+            .iter()
+            .map(|r| r.line.clone().expect("decoded"))
+            .collect()
+    };
+    // Both listings in one thread (the second on the sockets the first kept), a rule appended to
+    // OUTPUT by another program in between.
+    let [(side, single), (side_after, single_after)] = std::thread::spawn(move || {
+        loopguard::node::netns::enter(&name).unwrap();
+        let list = || {
+            let side = iptables_chains(Family::Ipv6)
+                .map(|listed| listed.expect("listed").expect("the chain exists"));
+            let single = Chain::ALL.map(|chain| {
+                iptables_chain(Family::Ipv6, chain)
+                    .expect("listed")
+                    .expect("the chain exists")
+            });
+            (side, single)
+        };
+        let first = list();
+        let appended = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "ip6tables-nft", "-A", "OUTPUT"])
+            .args(["-o", "eth1", "-j", "ACCEPT"])
+            .status()
+            .expect("run ip6tables-nft");
+        assert!(appended.success(), "ip6tables-nft -A OUTPUT failed");
+        [first, list()]
+    })
+    .join()
+    .unwrap();
+    assert_eq!(side, single);
+    assert_eq!(lines(&side[0]), ["-s 2001:db8::1/128 -j DROP"]);
+    assert_eq!(
+        lines(&side[1]),
+        ["-d 2001:db8::2/128 -j ACCEPT", "-o eth0 -j DROP"]
+    );
+    assert_eq!(side_after, single_after);
+    assert_eq!(side_after[0], side[0]);
+    assert_eq!(
+        lines(&side_after[1]),
+        [
+            "-d 2001:db8::2/128 -j ACCEPT",
+            "-o eth0 -j DROP",
+            "-o eth1 -j ACCEPT"
+        ]
+    );
+}

@@ -423,7 +423,10 @@ pub fn iptables_chains(family: Family) -> [io::Result<Option<Vec<xt::Listed>>>; 
             (listed, keep)
         });
         let input = with_socket(|socket| list_chain(socket, family, Chain::Input));
-        (input, output.join().expect("the OUTPUT listing does not panic"))
+        (
+            input,
+            output.join().expect("the OUTPUT listing does not panic"),
+        )
     });
     if let Some(socket) = side {
         SIDE.with(|cell| *cell.borrow_mut() = Some(socket));
