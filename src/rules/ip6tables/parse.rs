@@ -220,11 +220,17 @@ impl Shape {
         shape
     }
 
-    /// Whether `spec`, without being parsed, is surely not a catch-all: it has no quote or
-    /// escape (so its words are its arguments) and an address, interface or protocol argument, or
-    /// a match other than a comment. A long chain of such rules is read without a parse each.
+    /// Whether `spec`, without being parsed, is surely not a catch-all: it starts with an address,
+    /// interface or protocol argument, or it has no quote or escape (so its words are its
+    /// arguments) and such an argument or a match other than a comment. A long chain of such
+    /// rules is read without a parse each.
     pub fn surely_not_catch_all(spec: &str) -> bool {
-        if spec.contains(['"', '\\', '\'']) || spec.starts_with('#') {
+        // The first word is an argument whatever quotes follow: most rules start with one.
+        let first = spec.split(' ').next().unwrap_or_default();
+        if matches!(first, "-p" | "-i" | "-o" | "-s" | "-d") && spec.len() > first.len() {
+            return true;
+        }
+        if spec.bytes().any(|b| matches!(b, b'"' | b'\\' | b'\'')) || spec.starts_with('#') {
             return false;
         }
         let mut words = spec.split_whitespace().peekable();
@@ -337,6 +343,8 @@ mod tests {
             "-s 127.0.0.0/8 -j DROP",
             "# look-alike: -i lo -j ACCEPT",
             "-j LOG --log-prefix \"lo: \"",
+            "-s 2001:db8::1/128 -m comment --comment \"a b\" -j DROP",
+            "-p",
             "",
         ];
         for spec in specs {
@@ -353,6 +361,9 @@ mod tests {
             }
         }
         assert!(Shape::surely_not_catch_all("-p tcp -j DROP"));
+        assert!(Shape::surely_not_catch_all(
+            "-s 2001:db8::1/128 -m comment --comment \"a b\" -j DROP"
+        ));
         assert!(!Shape::surely_not_catch_all(
             "-m comment --comment \"-p\" -j DROP"
         ));
