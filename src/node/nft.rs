@@ -407,26 +407,28 @@ pub fn iptables_chain(family: Family, chain: Chain) -> io::Result<Option<Vec<xt:
 /// thread that reads it, so OUTPUT is read in a thread of its own, on a second socket of this
 /// thread (opened in this thread's network namespace and kept, like the first).
 pub fn iptables_chains(family: Family) -> [io::Result<Option<Vec<xt::Listed>>>; 2] {
+    // OUTPUT on the side socket (opened on first use); a socket that failed is replaced next time.
+    let list_output = move |side: Option<Socket>| {
+        let mut socket = match side.map_or_else(Socket::open, Ok) {
+            Ok(socket) => socket,
+            Err(e) => return (Err(e), None),
+        };
+        let listed = list_chain(&mut socket, family, Chain::Output);
+        let keep = listed.is_ok().then_some(socket);
+        (listed, keep)
+    };
     let side = SIDE.with(|cell| cell.borrow_mut().take());
     let (input, (output, side)) = std::thread::scope(|scope| {
-        let output = scope.spawn(move || {
-            let mut socket = match side {
-                Some(socket) => socket,
-                None => match Socket::open() {
-                    Ok(socket) => socket,
-                    Err(e) => return (Err(e), None),
-                },
-            };
-            let listed = list_chain(&mut socket, family, Chain::Output);
-            // A socket that failed is replaced next time.
-            let keep = listed.is_ok().then_some(socket);
-            (listed, keep)
-        });
+        let beside = std::thread::Builder::new()
+            .name("nft-list".into())
+            .spawn_scoped(scope, move || list_output(side));
         let input = with_socket(|socket| list_chain(socket, family, Chain::Input));
-        (
-            input,
-            output.join().expect("the OUTPUT listing does not panic"),
-        )
+        let output = match beside {
+            Ok(thread) => thread.join().expect("the OUTPUT listing does not panic"),
+            // No thread to be had (a pids limit): one after the other, on a new socket.
+            Err(_) => list_output(None),
+        };
+        (input, output)
     });
     if let Some(socket) = side {
         SIDE.with(|cell| *cell.borrow_mut() = Some(socket));
