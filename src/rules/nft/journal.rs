@@ -186,15 +186,11 @@ fn after(generation: u32, from: u32) -> bool {
 }
 
 fn attr(body: &[u8], kind: u16) -> Option<&[u8]> {
-    wire::attrs(body)
-        .into_iter()
-        .find(|(k, _)| *k == kind)
-        .map(|(_, data)| data)
+    wire::Attrs(body).get(kind)
 }
 
 fn wire_str(data: &[u8]) -> &str {
-    let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-    std::str::from_utf8(&data[..end]).unwrap_or("")
+    std::str::from_utf8(wire::until_nul(data)).unwrap_or("")
 }
 
 fn be32(data: &[u8]) -> Option<u32> {

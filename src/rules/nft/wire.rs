@@ -498,8 +498,12 @@ fn be32(data: &[u8]) -> Option<u32> {
 }
 
 pub(super) fn string(data: &[u8]) -> String {
-    let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-    String::from_utf8_lossy(&data[..end]).into_owned()
+    String::from_utf8_lossy(until_nul(data)).into_owned()
+}
+
+/// A string attribute's bytes up to its NUL (all of them without one).
+pub(super) fn until_nul(data: &[u8]) -> &[u8] {
+    &data[..data.iter().position(|&b| b == 0).unwrap_or(data.len())]
 }
 
 /// A table as the kernel describes it.

@@ -185,7 +185,7 @@ impl<'a> Raw<'a> {
         let outer = wire::Attrs(elem);
         let name = outer.get(NFTA_EXPR_NAME).unwrap_or_default();
         Raw {
-            name: &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())],
+            name: wire::until_nul(name),
             data: wire::Attrs(outer.get(2).unwrap_or_default()),
         }
     }
@@ -304,10 +304,7 @@ pub fn line(family: Family, expressions: &[u8]) -> Option<String> {
                 let code = i32::from_be_bytes(code.get(..4)?.try_into().ok()?);
                 let chain = match verdict.get(2) {
                     None => None,
-                    Some(d) => {
-                        let name = &d[..d.iter().position(|&b| b == 0).unwrap_or(d.len())];
-                        Some(std::str::from_utf8(name).ok()?)
-                    }
+                    Some(d) => Some(std::str::from_utf8(wire::until_nul(d)).ok()?),
                 };
                 target = Some(match (code, chain) {
                     (c, None) if c == NF_ACCEPT as i32 => Target::Word("ACCEPT"),
@@ -320,9 +317,7 @@ pub fn line(family: Family, expressions: &[u8]) -> Option<String> {
             }
             b"target" => {
                 let info = e.get(3)?;
-                if e.get(1)
-                    .map(|n| n.split(|&b| b == 0).next().unwrap_or_default())
-                    != Some(b"REJECT".as_slice())
+                if e.get(1).map(wire::until_nul) != Some(b"REJECT".as_slice())
                     || e.be32(2)? != 0
                     || info.len() < 4
                     || info[4..].iter().any(|&b| b != 0)
