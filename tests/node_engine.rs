@@ -1309,6 +1309,90 @@ fn legacy_watch_repairs_a_change_right_after_its_own_write() {
     assert!(clean, "{log}");
 }
 
+/// CPU time (user and system, in clock ticks) `pid` has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process runs");
+    // The fields after the command name, which ends at the last ')': utime and stime are the
+    // 14th and 15th of the whole line.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Two legacy watches on one host, in two network namespaces (or side by side during a rolling
+/// update), share the host's xtables lock file. Each watch wakes on another program's use of the
+/// lock and reads its table under it: if loopguard's own read showed as a use, each watch would
+/// wake the other without end (with 20,000 rules, about half a core each). It does not: quiet
+/// tables leave both watches idle, and a real change is still repaired.
+#[test]
+fn two_legacy_watches_sharing_the_lock_do_not_wake_each_other() {
+    let nodes = [Node::new("pair-a", "legacy"), Node::new("pair-b", "legacy")];
+    let lock = nodes[0].dir.path().join("xtables.lock");
+    for node in &nodes {
+        // Reads long enough (tens of milliseconds) for the two watches' passes to chain.
+        let mut rules = String::from("*filter\n:FOREIGN - [0:0]\n");
+        for n in 0..20_000u32 {
+            rules.push_str(&format!(
+                "-A FOREIGN -s 2001:db8:{:x}::{:x}/128 -j ACCEPT\n",
+                n >> 16,
+                n & 0xffff
+            ));
+        }
+        rules.push_str("COMMIT\n");
+        let file = node.dir.path().join("foreign.rules");
+        std::fs::write(&file, rules).unwrap();
+        let restore = format!("ip6tables-legacy-restore --noflush < {}", file.display());
+        let out = node.ns.exec(&["sh", "-c", &restore]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let mut watches: Vec<Watch> = nodes
+        .iter()
+        .map(|node| {
+            let mut command =
+                node.loopguard_command("watch", &["--output", "json", "--resync", "600"]);
+            command.env("XTABLES_LOCKFILE", &lock);
+            Watch::start(command)
+        })
+        .collect();
+    for watch in &mut watches {
+        watch.wait_for("compliant", Duration::from_secs(20), |r| {
+            r["compliant"] == true
+        });
+    }
+    // Past the first passes, nothing changes for 4 s.
+    std::thread::sleep(Duration::from_secs(1));
+    let before: Vec<u64> = watches.iter().map(|w| cpu_ticks(w.pid())).collect();
+    std::thread::sleep(Duration::from_secs(4));
+    let used: Vec<u64> = watches
+        .iter()
+        .zip(&before)
+        .map(|(w, b)| cpu_ticks(w.pid()) - b)
+        .collect();
+    // A clock tick is 10 ms: 40 ticks in 4 s is a tenth of a core.
+    assert!(
+        used.iter().all(|&t| t < 40),
+        "CPU ticks of the two idle watches over 4 s: {used:?}; logs:\n{}\n{}",
+        watches[0].log(),
+        watches[1].log()
+    );
+    // The lock still wakes a watch for another program's change (the same size: only the lock
+    // shows it before the resync).
+    let replace = format!(
+        "XTABLES_LOCKFILE={} ip6tables-legacy -R INPUT 1 -i eth0 -j ACCEPT",
+        lock.display()
+    );
+    let out = nodes[1].ns.exec(&["sh", "-c", &replace]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for_input(
+        &nodes[1],
+        &["-A INPUT -i eth0 -j ACCEPT", ACCEPT_IN, DROP_SRC],
+        Duration::from_secs(2),
+    );
+    for watch in watches {
+        let (clean, log) = watch.stop();
+        assert!(clean, "{log}");
+    }
+}
+
 /// What the legacy watch cannot see cheaply: a same-size replacement by a writer that does not
 /// take loopguard's xtables lock (another lock file, or a program writing the table itself). The
 /// periodic re-check finds it: within the resync (here 2 s) and a second, never later.

@@ -23,8 +23,6 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const BASE_CTL: libc::c_int = 64;
@@ -261,9 +259,6 @@ pub struct Legacy {
     /// Reads and edits done in process (for tests and benchmarks: which path ran).
     pub reads: u64,
     pub writes: u64,
-    /// How many times this process opened the xtables lock file (counted before each open): the
-    /// drift watch tells the lock's other users from loopguard by it (see `node::watch`).
-    pub own_lock_opens: Arc<AtomicU64>,
 }
 
 /// How an in-process edit ended.
@@ -357,14 +352,9 @@ impl Legacy {
         if families.iter().any(|&f| !table_exists(f, FILTER)) {
             return Ok(None);
         }
-        self.own_lock_opens.fetch_add(1, Ordering::SeqCst);
         let Some(lock) = super::lock::xtables_lock(lock_path, wait) else {
             return Err(lock_timeout(lock_path, wait));
         };
-        if lock.is_none() {
-            // The file could not be opened: no open, no close for the watch to see.
-            self.own_lock_opens.fetch_sub(1, Ordering::SeqCst);
-        }
         Ok(self
             .read_tables(families)?
             .map(|(tables, read)| (tables, Held { _lock: lock, read })))

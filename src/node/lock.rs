@@ -2,13 +2,35 @@
 //! of a host, and loopguard's own lock beside its state file.
 
 use std::fs::File;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 /// An exclusive `flock` held until drop.
 #[derive(Debug)]
 pub struct FileLock {
-    _file: File,
+    held: Held,
+}
+
+#[derive(Debug)]
+enum Held {
+    /// A file of its own: closing it releases the lock.
+    File { _file: File },
+    /// The kept xtables lock file: unlocked on drop, and kept open.
+    Kept(MutexGuard<'static, Option<Kept>>),
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        if let Held::Kept(kept) = &mut self.held
+            && let Some(open) = kept.as_ref()
+            && rustix::fs::flock(&open.file, rustix::fs::FlockOperation::Unlock).is_err()
+        {
+            // Closing the file releases the lock in any case.
+            close_kept(kept);
+        }
+    }
 }
 
 /// Takes an exclusive `flock` on `file`, retrying for up to `wait` (every millisecond for the
@@ -16,16 +38,30 @@ pub struct FileLock {
 /// iptables command holds it, costs a moment; a try is a syscall); `None` when another holder
 /// kept it that long.
 pub fn flock_within(file: File, wait: Duration) -> Option<FileLock> {
-    let started = Instant::now();
+    flock_until(&file, Instant::now(), wait).then_some(FileLock {
+        held: Held::File { _file: file },
+    })
+}
+
+/// [`flock_within`] on a file that stays open, counting `wait` from `started`.
+fn flock_until(file: &File, started: Instant, wait: Duration) -> bool {
+    retry_until(started, wait, || {
+        // LOCK_NB never blocks.
+        rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+    })
+}
+
+/// Calls `attempt` until it succeeds or `wait` has passed since `started`, pausing as
+/// [`flock_within`] says.
+fn retry_until(started: Instant, wait: Duration, mut attempt: impl FnMut() -> bool) -> bool {
     let deadline = started.checked_add(wait);
     let mut pause = Duration::from_millis(1);
     loop {
-        // LOCK_NB never blocks.
-        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
-            return Some(FileLock { _file: file });
+        if attempt() {
+            return true;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return None;
+            return false;
         }
         std::thread::sleep(pause);
         if started.elapsed() >= Duration::from_millis(50) {
@@ -34,24 +70,103 @@ pub fn flock_within(file: File, wait: Duration) -> Option<FileLock> {
     }
 }
 
+/// The xtables lock file, opened once and kept open: loopguard takes and releases the lock with
+/// `flock` alone, so its own use of the lock closes nothing. Programs that watch the file for
+/// closes (`node::lock_events`: loopguard's legacy drift watch, which another loopguard runs in
+/// another network namespace of the same host, or beside this one during a rolling update) would
+/// otherwise wake on every read loopguard makes, and two such watches wake each other without end.
+#[derive(Debug)]
+struct Kept {
+    path: PathBuf,
+    file: File,
+}
+
+impl Kept {
+    /// Whether `path` still names the file kept open (it was not deleted or replaced).
+    fn is_current(&self, path: &Path) -> bool {
+        let (Ok(now), Ok(kept)) = (std::fs::metadata(path), self.file.metadata()) else {
+            return false;
+        };
+        self.path == path && now.dev() == kept.dev() && now.ino() == kept.ino()
+    }
+}
+
+static KEPT: Mutex<Option<Kept>> = Mutex::new(None);
+
+/// Closes of a lock file by this process, per path, counted before each close.
+static OWN_CLOSES: Mutex<Vec<(PathBuf, u64)>> = Mutex::new(Vec::new());
+
+/// How many times this process has closed the xtables lock file at `path` (counted before each
+/// close): the drift watch tells the lock's other users from loopguard by it (see
+/// `node::lock_events`).
+pub fn own_closes(path: &Path) -> u64 {
+    let counts = OWN_CLOSES.lock().unwrap_or_else(|p| p.into_inner());
+    counts
+        .iter()
+        .find(|(p, _)| p == path)
+        .map_or(0, |(_, n)| *n)
+}
+
+/// Closes the kept file, counted first.
+fn close_kept(kept: &mut Option<Kept>) {
+    if let Some(old) = kept.take() {
+        let mut counts = OWN_CLOSES.lock().unwrap_or_else(|p| p.into_inner());
+        match counts.iter_mut().find(|(p, _)| *p == old.path) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((old.path.clone(), 1)),
+        }
+        drop(counts);
+        drop(old);
+    }
+}
+
 /// The xtables lock as iptables takes it (the same file, created when missing): `Some(Some(_))`
 /// held, `None` when another holder kept it for `wait`, `Some(None)` when the file cannot be
 /// opened (a read-only /run without the host's lock mounted): there is no lock to take then, and
-/// iptables itself goes on without one.
+/// iptables itself goes on without one. The file stays open between uses (see [`Kept`]); one
+/// holder in the process at a time (`flock` does not keep two users of one open file apart).
 pub fn xtables_lock(path: &Path, wait: Duration) -> Option<Option<FileLock>> {
-    let file = match std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(e) => {
-            tracing::debug!(path = %path.display(), error = %e, "xtables lock not available");
-            return Some(None);
+    let started = Instant::now();
+    let mut guard = None;
+    let free = retry_until(started, wait, || match KEPT.try_lock() {
+        Ok(g) => {
+            guard = Some(g);
+            true
         }
-    };
-    flock_within(file, wait).map(Some)
+        Err(TryLockError::Poisoned(p)) => {
+            guard = Some(p.into_inner());
+            true
+        }
+        Err(TryLockError::WouldBlock) => false,
+    });
+    let mut kept = guard.filter(|_| free)?;
+    if !kept.as_ref().is_some_and(|k| k.is_current(path)) {
+        close_kept(&mut kept);
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+        {
+            Ok(file) => {
+                *kept = Some(Kept {
+                    path: path.to_path_buf(),
+                    file,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "xtables lock not available");
+                return Some(None);
+            }
+        }
+    }
+    let file = &kept.as_ref().expect("opened above").file;
+    if !flock_until(file, started, wait) {
+        return None;
+    }
+    Some(Some(FileLock {
+        held: Held::Kept(kept),
+    }))
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@
 //! "some program just used iptables" for the cost of a few syscalls, and the drift watch then reads
 //! the table once.
 //!
-//! loopguard opens the same file itself. It counts its own opens (before opening), and the watch
-//! counts closes: every close beyond loopguard's own count is another program's. The count is
-//! read after the events are drained, so loopguard's own closes never exceed it; another
-//! program's close can at worst be seen a moment late, while one of loopguard's opens is still
-//! unclosed. Writers that do not take the lock (a program writing the table directly, or one
+//! loopguard takes the same lock, on a file it keeps open (`node::lock`), so its own use closes
+//! nothing; it counts the few closes it does make (the file replaced, the process's last use),
+//! before each, and the watch counts closes: every close beyond loopguard's own count is another
+//! program's. The count is read after the events are drained, so loopguard's own closes never
+//! exceed it. Writers that do not take the lock (a program writing the table directly, or one
 //! with another lock file) are not seen here: the shape probe or the periodic re-check find them.
 
 use std::ffi::CString;
@@ -17,15 +17,15 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// An inotify watch on the xtables lock file.
 pub struct LockEvents {
     fd: OwnedFd,
     path: PathBuf,
-    own: Arc<AtomicU64>,
+    own: fn(&Path) -> u64,
+    /// `own` when the watch began: closes before it were never seen.
+    own_before: u64,
     /// Closes of the file seen so far (everyone's).
     closes: u64,
     /// Closes already reported as another program's.
@@ -38,8 +38,8 @@ const GONE: u32 = libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
 
 impl LockEvents {
     /// Watches `path`, creating it as iptables does when it is not there yet. `own` counts
-    /// loopguard's opens of the file.
-    pub fn watch(path: &Path, own: Arc<AtomicU64>) -> io::Result<LockEvents> {
+    /// loopguard's closes of a file ([`crate::node::lock::own_closes`]).
+    pub fn watch(path: &Path, own: fn(&Path) -> u64) -> io::Result<LockEvents> {
         // SAFETY: inotify_init1 takes flags only; the descriptor is owned at once.
         let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if raw < 0 {
@@ -51,6 +51,7 @@ impl LockEvents {
             fd,
             path: path.to_path_buf(),
             own,
+            own_before: own(path),
             closes: 0,
             reported: 0,
         };
@@ -104,7 +105,7 @@ impl LockEvents {
             tracing::debug!(path = %self.path.display(), error = %e, "cannot watch the xtables lock again");
         }
         // Read after draining: loopguard's own closes drained so far never exceed it.
-        let own = self.own.load(Ordering::SeqCst);
+        let own = (self.own)(&self.path) - self.own_before;
         let foreign = self.closes.saturating_sub(own);
         if foreign > self.reported {
             self.reported = foreign;
@@ -156,6 +157,7 @@ fn count_events(mut buf: &[u8]) -> (u64, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     fn close_of(path: &Path) {
         drop(std::fs::File::open(path).unwrap());
@@ -163,33 +165,55 @@ mod tests {
 
     #[test]
     fn only_other_programs_closes_count() {
+        static OWN: AtomicU64 = AtomicU64::new(3);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("xtables.lock");
-        let own = Arc::new(AtomicU64::new(0));
-        let mut events = LockEvents::watch(&path, own.clone()).unwrap();
+        let mut events = LockEvents::watch(&path, |_| OWN.load(Ordering::SeqCst)).unwrap();
         assert!(path.exists(), "created as iptables does");
         assert!(!events.foreign_use());
-        // loopguard's own use: counted before the open.
-        own.fetch_add(1, Ordering::SeqCst);
+        // Closes of loopguard's before the watch (3) hide nothing after it.
+        close_of(&path);
+        assert!(events.foreign_use(), "another program's close");
+        // loopguard's own close: counted before it.
+        OWN.fetch_add(1, Ordering::SeqCst);
         close_of(&path);
         assert!(!events.foreign_use(), "loopguard's own close");
         close_of(&path);
         assert!(events.foreign_use(), "another program's close");
         assert!(!events.foreign_use(), "reported once");
-        // An open of loopguard's still pending hides another's close until it closes.
-        own.fetch_add(1, Ordering::SeqCst);
+        // A close of loopguard's counted but not yet made hides another's until it is made.
+        OWN.fetch_add(1, Ordering::SeqCst);
         close_of(&path);
         assert!(!events.foreign_use());
         close_of(&path);
         assert!(events.foreign_use());
     }
 
+    /// loopguard's own use of the lock (`node::lock`, the file kept open) closes nothing: it
+    /// wakes no watch, its own or another loopguard's.
+    #[test]
+    fn taking_the_lock_wakes_no_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xtables.lock");
+        let mut events = LockEvents::watch(&path, crate::node::lock::own_closes).unwrap();
+        for _ in 0..3 {
+            let held = crate::node::lock::xtables_lock(&path, Duration::from_secs(1));
+            assert!(matches!(held, Some(Some(_))), "the lock is taken");
+        }
+        assert!(!events.wait(Duration::from_millis(50)), "no close queued");
+        assert!(!events.foreign_use());
+        close_of(&path);
+        assert!(
+            events.foreign_use(),
+            "another program's close is still seen"
+        );
+    }
+
     #[test]
     fn a_replaced_lock_file_is_watched_again() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("xtables.lock");
-        let own = Arc::new(AtomicU64::new(0));
-        let mut events = LockEvents::watch(&path, own).unwrap();
+        let mut events = LockEvents::watch(&path, |_| 0).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"").unwrap();
         assert!(events.foreign_use(), "the file was replaced: look again");

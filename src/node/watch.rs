@@ -321,12 +321,7 @@ impl LegacyWatch {
         let changed = Arc::new(tokio::sync::Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
         let (wake, stopped) = (changed.clone(), stop.clone());
-        let own = cache
-            .lock()
-            .expect("legacy cache lock")
-            .own_lock_opens
-            .clone();
-        let mut lock = match LockEvents::watch(lock_path, own) {
+        let mut lock = match LockEvents::watch(lock_path, super::lock::own_closes) {
             Ok(events) => Some(events),
             Err(e) => {
                 tracing::warn!(path = %lock_path.display(), error = %e, "cannot watch the xtables lock; a rule replaced by one of the same size is found at the periodic re-check");
