@@ -316,14 +316,33 @@ mod tests {
     fn lock_held_elsewhere_times_out_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("xtables.lock");
-        let holder = XtablesLock::acquire(&path, Duration::from_secs(1)).unwrap();
+        // Another process holds it, as an iptables command would.
+        let holder = std::fs::File::create(&path).unwrap();
+        // --no-fork: the lock is held by the process killed below, not by a child of it.
+        let mut child = std::process::Command::new("flock")
+            .args(["--exclusive", "--no-fork"])
+            .arg(&path)
+            .args(["sleep", "30"])
+            .spawn()
+            .expect("flock(1)");
+        let started = Instant::now();
+        while rustix::fs::flock(&holder, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok()
+        {
+            rustix::fs::flock(&holder, rustix::fs::FlockOperation::Unlock).unwrap();
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "flock(1) took the lock"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let started = Instant::now();
         let err = XtablesLock::acquire(&path, Duration::from_millis(200))
             .err()
             .unwrap();
         assert!(started.elapsed() >= Duration::from_millis(200));
         assert!(err.to_string().contains("xtables lock"), "{err}");
-        drop(holder);
+        child.kill().unwrap();
+        child.wait().unwrap();
         assert!(XtablesLock::acquire(&path, Duration::from_millis(200)).is_ok());
     }
 }

@@ -17,18 +17,21 @@ pub struct FileLock {
 enum Held {
     /// A file of its own: closing it releases the lock.
     File { _file: File },
-    /// The kept xtables lock file: unlocked on drop, and kept open.
-    Kept(MutexGuard<'static, Option<Kept>>),
+    /// The xtables lock file kept for `path`: unlocked on drop, and kept open.
+    Kept {
+        path: PathBuf,
+        file: MutexGuard<'static, Option<File>>,
+    },
 }
 
 impl Drop for FileLock {
     fn drop(&mut self) {
-        if let Held::Kept(kept) = &mut self.held
-            && let Some(open) = kept.as_ref()
-            && rustix::fs::flock(&open.file, rustix::fs::FlockOperation::Unlock).is_err()
+        if let Held::Kept { path, file } = &mut self.held
+            && let Some(open) = file.as_ref()
+            && rustix::fs::flock(open, rustix::fs::FlockOperation::Unlock).is_err()
         {
             // Closing the file releases the lock in any case.
-            close_kept(kept);
+            close_kept(path, file);
         }
     }
 }
@@ -70,28 +73,36 @@ fn retry_until(started: Instant, wait: Duration, mut attempt: impl FnMut() -> bo
     }
 }
 
-/// The xtables lock file, opened once and kept open: loopguard takes and releases the lock with
-/// `flock` alone, so its own use of the lock closes nothing. Programs that watch the file for
-/// closes (`node::lock_events`: loopguard's legacy drift watch, which another loopguard runs in
-/// another network namespace of the same host, or beside this one during a rolling update) would
-/// otherwise wake on every read loopguard makes, and two such watches wake each other without end.
-#[derive(Debug)]
-struct Kept {
-    path: PathBuf,
-    file: File,
-}
+/// The xtables lock file, opened once per path and kept open: loopguard takes and releases the
+/// lock with `flock` alone, so its own use of the lock closes nothing. Programs that watch the
+/// file for closes (`node::lock_events`: loopguard's legacy drift watch, which another loopguard
+/// runs in another network namespace of the same host, or beside this one during a rolling update)
+/// would otherwise wake on every read loopguard makes, and two such watches wake each other
+/// without end. One slot per path (one in practice: `/run/xtables.lock` or `XTABLES_LOCKFILE`),
+/// each made once and kept for the process's life.
+static KEPT: Mutex<Vec<(PathBuf, &'static Slot)>> = Mutex::new(Vec::new());
 
-impl Kept {
-    /// Whether `path` still names the file kept open (it was not deleted or replaced).
-    fn is_current(&self, path: &Path) -> bool {
-        let (Ok(now), Ok(kept)) = (std::fs::metadata(path), self.file.metadata()) else {
-            return false;
-        };
-        self.path == path && now.dev() == kept.dev() && now.ino() == kept.ino()
+/// The file kept open for one path, if it could be opened.
+type Slot = Mutex<Option<File>>;
+
+/// The slot of the file kept for `path`.
+fn slot(path: &Path) -> &'static Slot {
+    let mut slots = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, slot)) = slots.iter().find(|(p, _)| p == path) {
+        return slot;
     }
+    let slot: &'static Slot = Box::leak(Box::new(Mutex::new(None)));
+    slots.push((path.to_path_buf(), slot));
+    slot
 }
 
-static KEPT: Mutex<Option<Kept>> = Mutex::new(None);
+/// Whether `path` still names `file` (it was not deleted or replaced since it was opened).
+fn names(path: &Path, file: &File) -> bool {
+    let (Ok(now), Ok(kept)) = (std::fs::metadata(path), file.metadata()) else {
+        return false;
+    };
+    now.dev() == kept.dev() && now.ino() == kept.ino()
+}
 
 /// Closes of a lock file by this process, per path, counted before each close.
 static OWN_CLOSES: Mutex<Vec<(PathBuf, u64)>> = Mutex::new(Vec::new());
@@ -107,13 +118,13 @@ pub fn own_closes(path: &Path) -> u64 {
         .map_or(0, |(_, n)| *n)
 }
 
-/// Closes the kept file, counted first.
-fn close_kept(kept: &mut Option<Kept>) {
+/// Closes the file kept for `path`, counted first.
+fn close_kept(path: &Path, kept: &mut Option<File>) {
     if let Some(old) = kept.take() {
         let mut counts = OWN_CLOSES.lock().unwrap_or_else(|p| p.into_inner());
-        match counts.iter_mut().find(|(p, _)| *p == old.path) {
+        match counts.iter_mut().find(|(p, _)| p == path) {
             Some((_, n)) => *n += 1,
-            None => counts.push((old.path.clone(), 1)),
+            None => counts.push((path.to_path_buf(), 1)),
         }
         drop(counts);
         drop(old);
@@ -127,8 +138,9 @@ fn close_kept(kept: &mut Option<Kept>) {
 /// holder in the process at a time (`flock` does not keep two users of one open file apart).
 pub fn xtables_lock(path: &Path, wait: Duration) -> Option<Option<FileLock>> {
     let started = Instant::now();
+    let slot = slot(path);
     let mut guard = None;
-    let free = retry_until(started, wait, || match KEPT.try_lock() {
+    let free = retry_until(started, wait, || match slot.try_lock() {
         Ok(g) => {
             guard = Some(g);
             true
@@ -140,32 +152,29 @@ pub fn xtables_lock(path: &Path, wait: Duration) -> Option<Option<FileLock>> {
         Err(TryLockError::WouldBlock) => false,
     });
     let mut kept = guard.filter(|_| free)?;
-    if !kept.as_ref().is_some_and(|k| k.is_current(path)) {
-        close_kept(&mut kept);
+    if !kept.as_ref().is_some_and(|file| names(path, file)) {
+        close_kept(path, &mut kept);
         match std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
         {
-            Ok(file) => {
-                *kept = Some(Kept {
-                    path: path.to_path_buf(),
-                    file,
-                })
-            }
+            Ok(file) => *kept = Some(file),
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "xtables lock not available");
                 return Some(None);
             }
         }
     }
-    let file = &kept.as_ref().expect("opened above").file;
-    if !flock_until(file, started, wait) {
+    if !flock_until(kept.as_ref().expect("opened above"), started, wait) {
         return None;
     }
     Some(Some(FileLock {
-        held: Held::Kept(kept),
+        held: Held::Kept {
+            path: path.to_path_buf(),
+            file: kept,
+        },
     }))
 }
 
@@ -184,5 +193,37 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(200));
         drop(holder);
         assert!(flock_within(open(), Duration::ZERO).is_some());
+    }
+
+    /// The kept xtables lock file keeps threads of one process apart too (`flock` alone would
+    /// not: they share the open file), and is opened anew when the path names another file.
+    #[test]
+    fn the_kept_xtables_lock_is_one_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xtables.lock");
+        let holder = xtables_lock(&path, Duration::ZERO)
+            .expect("free")
+            .expect("a file");
+        let other = {
+            let path = path.clone();
+            std::thread::spawn(move || xtables_lock(&path, Duration::from_millis(100)).is_some())
+        };
+        assert!(
+            !other.join().unwrap(),
+            "another thread waited, then gave up"
+        );
+        drop(holder);
+        std::fs::remove_file(&path).unwrap();
+        let again = xtables_lock(&path, Duration::ZERO)
+            .expect("free")
+            .expect("a file");
+        assert!(path.exists(), "the lock file made again");
+        assert_eq!(own_closes(&path), 1, "the replaced file's close counted");
+        drop(again);
+        let other = {
+            let path = path.clone();
+            std::thread::spawn(move || xtables_lock(&path, Duration::ZERO).is_some())
+        };
+        assert!(other.join().unwrap(), "released");
     }
 }

@@ -6,9 +6,8 @@
 //! the table once.
 //!
 //! loopguard takes the same lock, on a file it keeps open (`node::lock`), so its own use closes
-//! nothing; it counts the few closes it does make (the file replaced, the process's last use),
-//! before each, and the watch counts closes: every close beyond loopguard's own count is another
-//! program's. The count is read after the events are drained, so loopguard's own closes never
+//! nothing; it counts the few closes it does make (when the file was replaced), before each, and
+//! the watch counts closes: every close beyond loopguard's own count is another program's. The count is read after the events are drained, so loopguard's own closes never
 //! exceed it. Writers that do not take the lock (a program writing the table directly, or one
 //! with another lock file) are not seen here: the shape probe or the periodic re-check find them.
 
@@ -26,6 +25,8 @@ pub struct LockEvents {
     own: fn(&Path) -> u64,
     /// `own` when the watch began: closes before it were never seen.
     own_before: u64,
+    /// The file watched (device, inode).
+    watched: Option<(u64, u64)>,
     /// Closes of the file seen so far (everyone's).
     closes: u64,
     /// Closes already reported as another program's.
@@ -35,6 +36,9 @@ pub struct LockEvents {
 const MASK: u32 = libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE;
 /// The watch is gone (the file was deleted or replaced): watch the new file.
 const GONE: u32 = libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
+/// The file's links changed. Its deletion shows only as this while a program (loopguard itself:
+/// `node::lock` keeps the file open) still holds it: `IN_DELETE_SELF` waits for the last close.
+const LINKS: u32 = libc::IN_ATTRIB;
 
 impl LockEvents {
     /// Watches `path`, creating it as iptables does when it is not there yet. `own` counts
@@ -47,19 +51,22 @@ impl LockEvents {
         }
         // SAFETY: `raw` is a new descriptor nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let events = LockEvents {
+        let mut events = LockEvents {
             fd,
             path: path.to_path_buf(),
             own,
-            own_before: own(path),
+            own_before: 0,
+            watched: None,
             closes: 0,
             reported: 0,
         };
         events.add_watch()?;
+        // After the watch exists: a close of loopguard's before it is never seen, one after it is.
+        events.own_before = own(path);
         Ok(events)
     }
 
-    fn add_watch(&self) -> io::Result<()> {
+    fn add_watch(&mut self) -> io::Result<()> {
         if !self.path.exists() {
             // Closed before the watch exists: not an event, so not counted either.
             std::fs::OpenOptions::new()
@@ -75,13 +82,22 @@ impl LockEvents {
             libc::inotify_add_watch(
                 self.fd.as_raw_fd(),
                 path.as_ptr(),
-                MASK | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF,
+                MASK | LINKS | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF,
             )
         };
         if wd < 0 {
             return Err(io::Error::last_os_error());
         }
+        self.watched = self.names();
         Ok(())
+    }
+
+    /// The file `path` names now (device, inode).
+    fn names(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
     }
 
     /// Waits up to `timeout` for a close of the file (anyone's); whether one is queued.
@@ -114,10 +130,12 @@ impl LockEvents {
         gone
     }
 
-    /// Counts the queued close events; returns whether the watch went away.
+    /// Counts the queued close events; returns whether the watch went away (or the path names
+    /// another file than the one watched).
     fn drain(&mut self) -> bool {
         let mut buf = [0u8; 4096];
         let mut gone = false;
+        let mut links = false;
         loop {
             // SAFETY: read into a buffer we own, with its length.
             let n = unsafe {
@@ -128,20 +146,21 @@ impl LockEvents {
                 )
             };
             if n <= 0 {
-                return gone;
+                return gone || (links && self.names() != self.watched);
             }
-            let (closes, went) = count_events(&buf[..n as usize]);
+            let (closes, went, linked) = count_events(&buf[..n as usize]);
             self.closes += closes;
             gone |= went;
+            links |= linked;
         }
     }
 }
 
 /// Walks `struct inotify_event`s (wd, mask, cookie, len, then `len` bytes of name): the number of
-/// closes, and whether the watch went away.
-fn count_events(mut buf: &[u8]) -> (u64, bool) {
+/// closes, whether the watch went away, and whether the file's links changed.
+fn count_events(mut buf: &[u8]) -> (u64, bool, bool) {
     const HEADER: usize = 16;
-    let (mut closes, mut gone) = (0, false);
+    let (mut closes, mut gone, mut links) = (0, false, false);
     while buf.len() >= HEADER {
         let mask = u32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes"));
         let len = u32::from_ne_bytes(buf[12..16].try_into().expect("4 bytes")) as usize;
@@ -149,9 +168,10 @@ fn count_events(mut buf: &[u8]) -> (u64, bool) {
             closes += 1;
         }
         gone |= mask & GONE != 0;
+        links |= mask & LINKS != 0;
         buf = &buf[(HEADER + len).min(buf.len())..];
     }
-    (closes, gone)
+    (closes, gone, links)
 }
 
 #[cfg(test)]
@@ -207,6 +227,25 @@ mod tests {
             events.foreign_use(),
             "another program's close is still seen"
         );
+    }
+
+    /// The lock file deleted and made again while loopguard keeps the old one open: the watch
+    /// moves to the new file at once (the old file's deletion event waits for the last close).
+    #[test]
+    fn a_lock_file_replaced_while_kept_open_is_watched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xtables.lock");
+        let mut events = LockEvents::watch(&path, crate::node::lock::own_closes).unwrap();
+        drop(crate::node::lock::xtables_lock(
+            &path,
+            Duration::from_secs(1),
+        ));
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert!(events.foreign_use(), "the file was replaced: look again");
+        close_of(&path);
+        assert!(events.foreign_use(), "the new file is watched");
+        assert!(!events.foreign_use());
     }
 
     #[test]

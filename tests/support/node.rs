@@ -418,12 +418,12 @@ impl Watch {
         }
     }
 
-    /// Whether the process is still running.
     /// The watch process's id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

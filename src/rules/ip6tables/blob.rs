@@ -325,7 +325,6 @@ fn walk(blob: &[u8], layout: Layout, expected: usize) -> Result<Vec<Entry>, Blob
 }
 
 impl Table {
-    /// Checks the blob's structureimpl Table {
     /// Checks the blob's structure (every entry inside it, offsets aligned, the counts and size
     /// `info` gives) and indexes its entries.
     pub fn parse(family: Family, info: TableInfo, blob: Vec<u8>) -> Result<Table, BlobError> {
