@@ -1338,11 +1338,7 @@ fn two_legacy_watches_sharing_the_lock_do_not_wake_each_other() {
             ));
         }
         rules.push_str("COMMIT\n");
-        let file = node.dir.path().join("foreign.rules");
-        std::fs::write(&file, rules).unwrap();
-        let restore = format!("ip6tables-legacy-restore --noflush < {}", file.display());
-        let out = node.ns.exec(&["sh", "-c", &restore]);
-        assert!(out.status.success(), "{out:?}");
+        node.ns.restore("ip6tables", "legacy", &rules);
     }
     let mut watches: Vec<Watch> = nodes
         .iter()

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -17,21 +18,21 @@ pub struct FileLock {
 enum Held {
     /// A file of its own: closing it releases the lock.
     File { _file: File },
-    /// The xtables lock file kept for `path`: unlocked on drop, and kept open.
+    /// The xtables lock file kept in `slot`: unlocked on drop, and kept open.
     Kept {
-        path: PathBuf,
+        slot: &'static Slot,
         file: MutexGuard<'static, Option<File>>,
     },
 }
 
 impl Drop for FileLock {
     fn drop(&mut self) {
-        if let Held::Kept { path, file } = &mut self.held
+        if let Held::Kept { slot, file } = &mut self.held
             && let Some(open) = file.as_ref()
             && rustix::fs::flock(open, rustix::fs::FlockOperation::Unlock).is_err()
         {
             // Closing the file releases the lock in any case.
-            close_kept(path, file);
+            slot.close(file);
         }
     }
 }
@@ -82,8 +83,23 @@ fn retry_until(started: Instant, wait: Duration, mut attempt: impl FnMut() -> bo
 /// each made once and kept for the process's life.
 static KEPT: Mutex<Vec<(PathBuf, &'static Slot)>> = Mutex::new(Vec::new());
 
-/// The file kept open for one path, if it could be opened.
-type Slot = Mutex<Option<File>>;
+/// What is kept for one path: the file, if it could be opened, and how many times this process
+/// has closed one (counted before each close).
+#[derive(Debug, Default)]
+struct Slot {
+    file: Mutex<Option<File>>,
+    closes: AtomicU64,
+}
+
+impl Slot {
+    /// Closes the file kept here, counted first.
+    fn close(&self, kept: &mut Option<File>) {
+        if let Some(old) = kept.take() {
+            self.closes.fetch_add(1, Ordering::SeqCst);
+            drop(old);
+        }
+    }
+}
 
 /// The slot of the file kept for `path`.
 fn slot(path: &Path) -> &'static Slot {
@@ -91,7 +107,7 @@ fn slot(path: &Path) -> &'static Slot {
     if let Some((_, slot)) = slots.iter().find(|(p, _)| p == path) {
         return slot;
     }
-    let slot: &'static Slot = Box::leak(Box::new(Mutex::new(None)));
+    let slot: &'static Slot = Box::leak(Box::default());
     slots.push((path.to_path_buf(), slot));
     slot
 }
@@ -104,43 +120,23 @@ fn names(path: &Path, file: &File) -> bool {
     now.dev() == kept.dev() && now.ino() == kept.ino()
 }
 
-/// Closes of a lock file by this process, per path, counted before each close.
-static OWN_CLOSES: Mutex<Vec<(PathBuf, u64)>> = Mutex::new(Vec::new());
-
 /// How many times this process has closed the xtables lock file at `path` (counted before each
 /// close): the drift watch tells the lock's other users from loopguard by it (see
 /// `node::lock_events`).
 pub fn own_closes(path: &Path) -> u64 {
-    let counts = OWN_CLOSES.lock().unwrap_or_else(|p| p.into_inner());
-    counts
-        .iter()
-        .find(|(p, _)| p == path)
-        .map_or(0, |(_, n)| *n)
-}
-
-/// Closes the file kept for `path`, counted first.
-fn close_kept(path: &Path, kept: &mut Option<File>) {
-    if let Some(old) = kept.take() {
-        let mut counts = OWN_CLOSES.lock().unwrap_or_else(|p| p.into_inner());
-        match counts.iter_mut().find(|(p, _)| p == path) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((path.to_path_buf(), 1)),
-        }
-        drop(counts);
-        drop(old);
-    }
+    slot(path).closes.load(Ordering::SeqCst)
 }
 
 /// The xtables lock as iptables takes it (the same file, created when missing): `Some(Some(_))`
 /// held, `None` when another holder kept it for `wait`, `Some(None)` when the file cannot be
 /// opened (a read-only /run without the host's lock mounted): there is no lock to take then, and
-/// iptables itself goes on without one. The file stays open between uses (see [`Kept`]); one
+/// iptables itself goes on without one. The file stays open between uses (see [`KEPT`]); one
 /// holder in the process at a time (`flock` does not keep two users of one open file apart).
 pub fn xtables_lock(path: &Path, wait: Duration) -> Option<Option<FileLock>> {
     let started = Instant::now();
     let slot = slot(path);
     let mut guard = None;
-    let free = retry_until(started, wait, || match slot.try_lock() {
+    retry_until(started, wait, || match slot.file.try_lock() {
         Ok(g) => {
             guard = Some(g);
             true
@@ -151,9 +147,10 @@ pub fn xtables_lock(path: &Path, wait: Duration) -> Option<Option<FileLock>> {
         }
         Err(TryLockError::WouldBlock) => false,
     });
-    let mut kept = guard.filter(|_| free)?;
+    // Set once a try succeeded.
+    let mut kept = guard?;
     if !kept.as_ref().is_some_and(|file| names(path, file)) {
-        close_kept(path, &mut kept);
+        slot.close(&mut kept);
         match std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -171,10 +168,7 @@ pub fn xtables_lock(path: &Path, wait: Duration) -> Option<Option<FileLock>> {
         return None;
     }
     Some(Some(FileLock {
-        held: Held::Kept {
-            path: path.to_path_buf(),
-            file: kept,
-        },
+        held: Held::Kept { slot, file: kept },
     }))
 }
 
